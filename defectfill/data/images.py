@@ -1,0 +1,96 @@
+"""Reading images and masks of any mode into RGB images and binary masks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from defectfill.errors import DefectFillError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+def _open(path: str | Path) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise DefectFillError(f"{path}: file not found.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DefectFillError(f"{path}: cannot read this file as an image ({exc}). Replace or remove it.") from None
+    return image
+
+
+def _to_uint8_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> HxW or HxWxC uint8, scaling 16-bit and float data to 0..255."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        if image.mode == "F" and arr.max(initial=0) <= 1.0:
+            top = 1.0
+        return np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.asarray(image)
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open any image (L, LA, P, RGB, RGBA, CMYK, 16-bit) as 8-bit RGB.
+
+    Transparency is composited on black, the usual background of inspection photos.
+    """
+    image = _open(path)
+    if image.mode in ("RGB",):
+        return image
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return Image.fromarray(_to_uint8_array(image)).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Open a mask as a boolean HxW array (True = defect).
+
+    Masks stored as 0/1, 0/255, anti-aliased 8-bit, 16-bit or colour all work:
+    the brightest channel is taken and binarised at half of the full range.
+    """
+    image = _open(path)
+    if image.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    arr = _to_uint8_array(image) if image.mode not in ("1",) else np.asarray(image).astype(np.uint8) * 255
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    if arr.max(initial=0) == 1:  # a 0/1 mask saved as 8-bit
+        arr = arr * 255
+    return arr >= 128
+
+
+def save_mask(mask: np.ndarray, path: str | Path) -> None:
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
+
+
+def image_to_tensor(image: Image.Image, size: int) -> "torch.Tensor":
+    """PIL RGB -> (3, size, size) float in [-1, 1], resized with antialiasing."""
+    import torch
+
+    image = image.resize((size, size), Image.Resampling.BICUBIC) if image.size != (size, size) else image
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def mask_to_tensor(mask: np.ndarray, size: int) -> "torch.Tensor":
+    """Boolean HxW -> (1, size, size) float in {0, 1} (area-resized, binarised at 0.5)."""
+    import torch
+
+    m = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    if m.size != (size, size):
+        m = m.resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy((np.asarray(m) >= 128).astype(np.float32))[None]

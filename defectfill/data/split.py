@@ -1,0 +1,129 @@
+"""The reference / held-out split of one defect type, and its checks.
+
+Per DESIGN.md: sorted by file name, the first third (at least one) trains, the
+rest is held out for evaluation and for the masks of generation. Samples whose
+mask is empty are skipped with a warning before splitting.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from defectfill.data.images import load_mask
+from defectfill.data.layouts import DefectSample, Layout
+from defectfill.errors import DefectFillError
+from defectfill.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    layout: str
+    data_root: Path
+    category: str
+    defect_type: str
+    reference: list[DefectSample]
+    held_out: list[DefectSample]
+    skipped_empty: list[DefectSample]
+
+    def to_json(self) -> dict:
+        def rel(p: Path | None) -> str | None:
+            if p is None:
+                return None
+            try:
+                return str(p.relative_to(self.data_root))
+            except ValueError:
+                return str(p)
+
+        def rows(samples: list[DefectSample]) -> list[dict]:
+            return [{"image": rel(s.image), "mask": rel(s.mask)} for s in samples]
+
+        return {
+            "layout": self.layout,
+            "data_root": str(self.data_root.resolve()),
+            "category": self.category,
+            "defect_type": self.defect_type,
+            "reference": rows(self.reference),
+            "held_out": rows(self.held_out),
+            "skipped_empty_masks": rows(self.skipped_empty),
+        }
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+
+def read_split(path: str | Path) -> Split:
+    """Read a ``split.json`` written by `Split.save`."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DefectFillError(f"{path}: split file not found; is this a defectfill run folder?")
+    try:
+        data = json.loads(path.read_text())
+        root = Path(data["data_root"])
+
+        def samples(rows: list[dict]) -> list[DefectSample]:
+            return [
+                DefectSample(root / r["image"], root / r["mask"] if r["mask"] else None, data["defect_type"])
+                for r in rows
+            ]
+
+        return Split(
+            data["layout"], root, data["category"], data["defect_type"],
+            samples(data["reference"]), samples(data["held_out"]), samples(data.get("skipped_empty_masks", [])),
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DefectFillError(f"{path}: not a valid split file ({exc}).") from None
+
+
+def check_sample(sample: DefectSample) -> bool:
+    """Raise a clear error for a missing or mis-sized mask; return False for an all-zero mask."""
+    if sample.mask is None:
+        raise DefectFillError(
+            f"{sample.image}: defect image has no mask. Add <stem>_mask.png to the mask folder "
+            "of this defect type, or remove the image."
+        )
+    with Image.open(sample.image) as im:
+        size = im.size
+    mask = load_mask(sample.mask)
+    if (mask.shape[1], mask.shape[0]) != size:
+        raise DefectFillError(
+            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} is "
+            f"{size[0]}x{size[1]}. Save the mask at the image's size."
+        )
+    return bool(np.any(mask))
+
+
+def make_split(layout: Layout, category: str, defect_type: str) -> Split:
+    """Validate every sample of the defect type and split it deterministically."""
+    samples = layout.defect_samples(category, defect_type)
+    if not samples:
+        raise DefectFillError(f"{layout.root}: no images of defect type {defect_type!r} in category {category!r}.")
+    kept, empty = [], []
+    for sample in samples:
+        try:
+            ok = check_sample(sample)
+        except DefectFillError:
+            raise
+        except OSError as exc:
+            raise DefectFillError(f"{sample.image}: cannot read this file as an image ({exc}).") from None
+        if ok:
+            kept.append(sample)
+        else:
+            log.warning("%s: mask is empty (no defect pixels); skipping this image.", sample.mask)
+            empty.append(sample)
+    if not kept:
+        raise DefectFillError(
+            f"{layout.root}: every mask of defect type {defect_type!r} in {category!r} is empty; "
+            "nothing to train on. Check the mask files (defect pixels must be white)."
+        )
+    kept.sort(key=lambda s: s.image.name)
+    n_ref = max(1, len(kept) // 3)
+    return Split(layout.name, layout.root, category, defect_type, kept[:n_ref], kept[n_ref:], empty)
