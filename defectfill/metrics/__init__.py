@@ -1,0 +1,1 @@
+"""Metrics: LPIPS, KID, IC-LPIPS and the downstream inspection models."""
