@@ -1,0 +1,96 @@
+"""The `defectfill` command: train, generate, evaluate, make-demo-data.
+
+User-input problems raise `DefectFillError`; they are printed as one clear
+message (no traceback) and the command exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from defectfill import __version__
+from defectfill.errors import DefectFillError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from defectfill.config import make_config
+    from defectfill.train import train
+
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    config = make_config(settings, args.config)
+    out = train(config)
+    print(f"LoRA written to {out}/pytorch_lora_weights.safetensors")
+    return 0
+
+
+def _make_demo_data(args: argparse.Namespace) -> int:
+    from defectfill.demo_data import make_demo_dataset
+
+    root = make_demo_dataset(args.dir, size=args.size)
+    print(f"demo dataset (MVTec AD layout) written to {root}")
+    return 0
+
+
+def _optional_commands() -> list[tuple[str, str, Callable, Callable]]:
+    """(name, help, add_arguments, run) of commands whose modules exist."""
+    found = []
+    try:
+        from defectfill.generate import add_generate_arguments, run_generate
+
+        found.append(("generate", "paint the learned defect into defect-free images (MVTec layout out)",
+                      add_generate_arguments, run_generate))
+    except ImportError:
+        pass
+    try:
+        from defectfill.evaluate import add_evaluate_arguments, run_evaluate
+
+        found.append(("evaluate", "KID, IC-LPIPS and downstream inspection metrics, with a report",
+                      add_evaluate_arguments, run_evaluate))
+    except ImportError:
+        pass
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from defectfill.config import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
+    parser.add_argument("--version", action="version", version=f"defectfill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune SD2 inpainting with LoRA on one defect type",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_arguments(p)
+    p.set_defaults(func=_train)
+
+    for name, help_text, add_arguments, run in _optional_commands():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=run)
+
+    p = sub.add_parser("make-demo-data", help="write a small procedurally drawn MVTec-layout dataset")
+    p.add_argument("dir", help="folder to write")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels")
+    p.set_defaults(func=_make_demo_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("defectfill").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DefectFillError as exc:
+        print(f"defectfill {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"defectfill {args.command}: interrupted; rerun with --resume latest to continue.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,527 @@
+"""DefectFill training: one LoRA (UNet + text encoder) per (object, defect type).
+
+One optimiser step = `grad_accum` micro-batches; one micro-batch = B reference
+images, each seen by both branches in ONE batched UNet call of size 2B:
+    rows 0..B-1   defect branch: inpaint mask M,       prompt "A photo of {token}"
+    rows B..2B-1  object branch: inpaint mask M_rand,  prompt "A {object} with {token}"
+Both branches share the image, the noise and the timestep. The token's
+decoder cross-attention maps of the defect rows feed the attention loss.
+
+Every random draw of a micro-batch comes from a generator seeded by
+(seed, step, micro-batch, process), so a resumed run draws exactly what an
+uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import defectfill
+from defectfill import losses as L
+from defectfill.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from defectfill.config import NON_IDENTITY_KEYS, TrainConfig
+from defectfill.data import Split, load_mask, load_rgb, make_split, object_name, open_layout
+from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
+from defectfill.data.images import image_to_tensor, mask_to_tensor
+from defectfill.errors import DefectFillError
+from defectfill.io import atomic_write, write_json
+from defectfill.model import (
+    LORA_WEIGHTS_NAME,
+    TOKEN_WEIGHTS_NAME,
+    AttentionRecorder,
+    TokenEmbedding,
+    add_lora,
+    add_trainable_token,
+    encode_inpaint_condition,
+    load_pipeline,
+    save_lora_weights,
+    token_positions,
+    unet_input,
+)
+
+log = logging.getLogger("defectfill.train")
+RUN_FILES = {"config.json", "split.json", LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, "logs", "train.log"}
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class TrainingModels:
+    pipe: Any
+    unet: nn.Module
+    text_encoder: nn.Module
+    vae: nn.Module
+    tokenizer: Any
+    noise_scheduler: Any
+    recorder: AttentionRecorder
+    token_embedding: TokenEmbedding | None
+    # What the step calls: the accelerate-wrapped modules (DDP syncs gradients only through these).
+    unet_call: nn.Module | None = None
+    text_encoder_call: nn.Module | None = None
+
+
+def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype, pipe=None) -> TrainingModels:
+    """Load the pipeline, freeze it, add LoRA (and a trainable token), install the attention recorder.
+
+    Frozen weights are cast to `weight_dtype`; every trainable tensor stays fp32.
+    """
+    from diffusers import DDPMScheduler
+
+    pipe = pipe if pipe is not None else load_pipeline(config.model)
+    unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+    token_embedding = None
+    if config.new_token:
+        token_embedding = add_trainable_token(tokenizer, text_encoder, config.new_token, init_word=config.token)
+    for module in (vae, unet, text_encoder):
+        module.to(device)
+        if weight_dtype != torch.float32:
+            module.to(dtype=weight_dtype)
+    add_lora(unet, text_encoder, config.lora_rank)
+    for module in (unet, text_encoder):
+        for p in module.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    if token_embedding is not None:
+        token_embedding.new_rows.data = token_embedding.new_rows.data.float()
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    recorder = AttentionRecorder(unet)
+    return TrainingModels(pipe, unet, text_encoder, vae, tokenizer, noise_scheduler, recorder, token_embedding)
+
+
+def trainable_parameters(models: TrainingModels) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    unet_params = [p for p in models.unet.parameters() if p.requires_grad]
+    text_params = [p for p in models.text_encoder.parameters() if p.requires_grad]
+    return unet_params, text_params
+
+
+def trainable_tensors(models: TrainingModels) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, module in (("unet.", models.unet), ("text_encoder.", models.text_encoder)):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                out[prefix + name] = p.detach().cpu().contiguous()
+    return out
+
+
+def load_trainable_tensors(models: TrainingModels, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    params = {}
+    for prefix, module in (("unet.", models.unet), ("text_encoder.", models.text_encoder)):
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                params[prefix + name] = p
+    if set(params) != set(tensors):
+        raise DefectFillError(f"{source}: checkpoint holds other trainable weights than this run's model "
+                              "(different --lora-rank, --new-token or model?).")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_references(split: Split, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference images (N,3,R,R) in [-1,1] and masks (N,1,R,R) in {0,1}, resized to the training side."""
+    images, masks = [], []
+    for sample in split.reference:
+        images.append(image_to_tensor(load_rgb(sample.image), resolution))
+        masks.append(mask_to_tensor(load_mask(sample.mask), resolution))
+    return torch.stack(images), torch.stack(masks)
+
+
+def _seed_for(*parts: int) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def micro_batch_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_seed_for(seed, step, micro, rank))
+
+
+def reference_indices(n: int, start: int, count: int, seed: int) -> list[int]:
+    """Indices `start..start+count` of an endless stream of shuffled passes over n references."""
+    out = []
+    for k in range(start, start + count):
+        epoch, pos = divmod(k, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(_seed_for(seed, "epoch", epoch)))
+        out.append(int(perm[pos]))
+    return out
+
+
+@dataclass
+class MicroBatch:
+    images: torch.Tensor  # (B, 3, R, R) in [-1, 1]
+    masks: torch.Tensor  # (B, 1, R, R) real defect masks, {0, 1}
+    box_masks: torch.Tensor  # (B, 1, R, R) object-branch inpaint masks, {0, 1}
+    generator: torch.Generator  # for VAE sampling, noise and timesteps of this micro-batch
+
+
+def make_micro_batch(
+    ref_images: torch.Tensor, ref_masks: torch.Tensor, config: TrainConfig, step: int, micro: int, rank: int, world: int
+) -> MicroBatch:
+    gen = micro_batch_generator(config.seed, step, micro, rank)
+    b = config.batch_size
+    start = ((step * config.grad_accum + micro) * world + rank) * b
+    images, masks, boxes = [], [], []
+    for i in reference_indices(len(ref_images), start, b, config.seed):
+        image, mask = resize_crop_keep_defect(ref_images[i], ref_masks[i], gen, config.max_scale)
+        images.append(image)
+        masks.append(mask)
+        boxes.append(random_box_mask(image.shape[1], image.shape[2], gen, config.num_boxes, config.box_min, config.box_max))
+    return MicroBatch(torch.stack(images), torch.stack(masks), torch.stack(boxes), gen)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+@dataclass
+class PromptInputs:
+    input_ids: torch.Tensor  # (2, 77): [defect prompt, object prompt]
+    token_weights: torch.Tensor  # (1, 77): 1/n at the n sub-tokens of [V*] in the defect prompt
+
+
+def prompt_inputs(tokenizer, config: TrainConfig) -> PromptInputs:
+    token = config.prompt_token
+    defect_prompt = config.defect_prompt.format(token=token, object=object_name(config.category or ""))
+    object_prompt = config.object_prompt.format(token=token, object=object_name(config.category or ""))
+    ids = tokenizer([defect_prompt, object_prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    positions = token_positions(tokenizer, defect_prompt, token)
+    weights = torch.zeros(1, ids.shape[1])
+    weights[0, positions] = 1.0 / len(positions)
+    return PromptInputs(ids, weights)
+
+
+def defectfill_losses(
+    models: TrainingModels, batch: MicroBatch, prompts: PromptInputs, config: TrainConfig, device: torch.device,
+    autocast=nullcontext,
+) -> L.LossTerms:
+    """All three DefectFill losses of one micro-batch, with ONE batched UNet call (batch 2B)."""
+    vae, unet, sched = models.vae, models.unet, models.noise_scheduler
+    b = batch.images.shape[0]
+    images = batch.images.to(device, vae.dtype)
+    masks = batch.masks.to(device)
+    gen = batch.generator
+    with torch.no_grad():  # the VAE is frozen: no graph for it
+        latents = vae.encode(images).latent_dist.sample(gen) * vae.config.scaling_factor  # (B,4,h,w)
+        # both branches' conditions in one VAE call: rows [defect mask M | box mask M_rand]
+        mask_latents, masked_latents = encode_inpaint_condition(
+            vae, torch.cat([images, images]), torch.cat([masks, batch.box_masks.to(device)]).to(vae.dtype), gen
+        )  # (2B,1,h,w), (2B,4,h,w)
+    latents = latents.float()
+    noise = torch.randn(latents.shape, generator=gen).to(device)  # shared by both branches
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    if sched.config.prediction_type == "v_prediction":
+        target = sched.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    lh, lw = latents.shape[-2:]
+
+    with autocast():
+        # The text encoder runs WITH grad: its LoRA (and a new token row) learn through it.
+        text = (models.text_encoder_call or models.text_encoder)(prompts.input_ids.to(device))[0]  # (2, 77, D)
+        text = torch.cat([text[0:1].expand(b, -1, -1), text[1:2].expand(b, -1, -1)])  # (2B, 77, D)
+        record = config.lambda_attn > 0
+        models.recorder.start(prompts.token_weights.to(device).expand(b, -1) if record else None)
+        model_in = unet_input(torch.cat([noisy, noisy]), mask_latents, masked_latents).to(unet.dtype)  # (2B,9,h,w)
+        unet_call = models.unet_call or unet
+        pred = unet_call(model_in, torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample  # (2B,4,h,w)
+        if record:
+            attn_size = config.attn_size or max(1, lh // 4)
+            maps = models.recorder.aggregate((lh, lw), attn_size)  # (B, s, s)
+        models.recorder.stop()
+
+    pred = pred.float()
+    m_lat = mask_latents[:b].float()  # the real defect mask at latent size (nearest, as the pipeline)
+    l_def = L.defect_loss(target, pred[:b], m_lat)
+    l_obj = L.object_loss(target, pred[b:], m_lat, config.alpha)
+    l_attn = L.attention_loss(maps, masks) if record else torch.zeros((), device=device)
+    return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up that starts above 0: step s (0-based) runs at (s+1)/warmup of the rate."""
+    def factor(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+    return factor
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def _check_output(config: TrainConfig, out: Path) -> None:
+    """Refuse to write into a folder that holds something else, or another run without --resume."""
+    import json
+
+    if not out.exists():
+        if config.resume:
+            raise DefectFillError(f"{out}: --resume given but the folder does not exist; nothing to resume.")
+        return
+    if not out.is_dir():
+        raise DefectFillError(f"{out}: exists and is not a folder. Choose another --output.")
+    cfg_path = out / "config.json"
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except ValueError:
+            raise DefectFillError(f"{cfg_path}: unreadable run config. Choose another --output.") from None
+        new = config.to_dict()
+        diff = sorted(k for k in new if k not in NON_IDENTITY_KEYS and old.get(k) != new[k])
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diff)
+            raise DefectFillError(f"{out}: holds a run with a different config ({shown}). "
+                                  "Choose another --output, or rerun with the same settings.")
+        if not config.resume and (list_checkpoints(out) or (out / LORA_WEIGHTS_NAME).exists()):
+            raise DefectFillError(f"{out}: already holds this run. Pass --resume latest to continue it, "
+                                  "or choose another --output.")
+        return
+    others = [p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".")]
+    if others:
+        raise DefectFillError(f"{out}: folder is not empty and is not a defectfill run ({', '.join(sorted(others)[:5])}). "
+                              "Choose an empty or new --output.")
+    if config.resume:
+        raise DefectFillError(f"{out}: no run to resume here (no config.json).")
+
+
+def _setup_logging(out: Path, is_main: bool) -> logging.Handler | None:
+    if not is_main:
+        return None
+    handler = logging.FileHandler(out / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("defectfill").addHandler(handler)
+    logging.getLogger("defectfill").setLevel(logging.INFO)
+    return handler
+
+
+def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -> None:
+    """The LoRA (and the new token's embedding) in the files diffusers loads, written atomically."""
+    from safetensors.torch import save_file
+
+    def write_lora(tmp: Path) -> None:
+        folder = tmp.with_suffix("")
+        folder.mkdir(exist_ok=True)
+        try:
+            save_lora_weights(folder, models.unet, models.text_encoder)
+            (folder / LORA_WEIGHTS_NAME).replace(tmp)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    atomic_write(out / LORA_WEIGHTS_NAME, write_lora)
+    if models.token_embedding is not None:
+        row = models.token_embedding.new_rows.detach().float().cpu()[0].contiguous()
+        # textual-inversion format: {token: (D,)}, read by pipe.load_textual_inversion(path, token=...)
+        atomic_write(out / TOKEN_WEIGHTS_NAME, lambda p: save_file({config.new_token: row}, str(p)))
+
+
+def write_checkpoint_lora(models: TrainingModels, config: TrainConfig):
+    def write(folder: Path) -> None:
+        save_lora_weights(folder, models.unet, models.text_encoder)
+        if models.token_embedding is not None:
+            from safetensors.torch import save_file
+
+            row = models.token_embedding.new_rows.detach().float().cpu()[0].contiguous()
+            save_file({config.new_token: row}, str(folder / TOKEN_WEIGHTS_NAME))
+    return write
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@torch.no_grad()
+def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, step: int, device) -> Image.Image:
+    """Inpaint the first reference image inside a held-out (or its own) mask; [source | mask | sample] strip."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    source = load_rgb(split.reference[0].image).resize((config.resolution,) * 2)
+    mask_sample = (split.held_out or split.reference)[0]
+    mask = Image.fromarray(load_mask(mask_sample.mask).astype(np.uint8) * 255).resize((config.resolution,) * 2)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
+        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    prompt = config.object_prompt.format(token=config.prompt_token, object=object_name(config.category))
+    was_training = models.unet.training
+    models.unet.eval()
+    models.text_encoder.eval()
+    try:
+        with torch.autocast(device.type, dtype=models.unet.dtype, enabled=models.unet.dtype != torch.float32):
+            result = pipe(prompt=prompt, image=source, mask_image=mask, height=config.resolution,
+                          width=config.resolution, num_inference_steps=config.sample_steps,
+                          generator=torch.Generator().manual_seed(config.seed)).images[0]
+    finally:
+        models.unet.train(was_training)
+        models.text_encoder.train(was_training)
+    strip = Image.new("RGB", (config.resolution * 3, config.resolution))
+    for i, im in enumerate((source, mask.convert("RGB"), result)):
+        strip.paste(im, (i * config.resolution, 0))
+    return strip
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def train(config: TrainConfig, pipe=None) -> Path:
+    """Train one DefectFill LoRA as `config` says and return the run folder.
+
+    `pipe`: an already loaded inpainting pipeline (tests, the demo); by default
+    `config.model` is loaded.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    out = Path(config.output).expanduser()
+    _check_output(config, out)
+    layout = open_layout(config.data, config.layout)
+    layout.check_defect_type(config.category, config.defect_type)
+    split = make_split(layout, config.category, config.defect_type)
+    ref_images, ref_masks = load_references(split, config.resolution)
+
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=1)
+    device = accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    models = build_models(config, device, weight_dtype, pipe=pipe)
+    prompts = prompt_inputs(models.tokenizer, config)
+
+    unet_params, text_params = trainable_parameters(models)
+    optimizer = torch.optim.AdamW(
+        [{"params": unet_params, "lr": config.lr_unet}, {"params": text_params, "lr": config.lr_text}],
+        weight_decay=config.weight_decay,
+    )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
+
+    start_step, skipped = 0, 0
+    resume_from = resolve_resume(out, config.resume) if config.resume else None
+    if resume_from is not None:
+        tensors, state = load_checkpoint(resume_from, optimizer, lr_scheduler)
+        load_trainable_tensors(models, tensors, resume_from)
+        start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+
+    models.unet_call, models.text_encoder_call, optimizer = accelerator.prepare(
+        models.unet, models.text_encoder, optimizer)
+    models.unet.train()
+    models.text_encoder.train()
+
+    is_main = accelerator.is_main_process
+    handler = None
+    writer = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {**config.to_dict(), "defectfill_version": defectfill.__version__,
+                                         "base_model": config.model})
+        split.save(out / "split.json")
+        handler = _setup_logging(out, is_main)
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "logs"))
+        log.info("training %s/%s on %d reference images (%d held out), steps %d -> %d",
+                 config.category, config.defect_type, len(split.reference), len(split.held_out), start_step, config.steps)
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if is_main:
+            save_checkpoint(out, step, trainable_tensors(models), optimizer.optimizer, lr_scheduler,
+                            {"skipped_steps": skipped, "defectfill_version": defectfill.__version__},
+                            write_checkpoint_lora(models, config))
+
+    nonfinite_in_a_row = 0
+    sums = {k: torch.zeros((), device=device) for k in ("defect", "object", "attention", "total")}
+    n_sums = 0
+    progress = tqdm(total=config.steps, initial=start_step, desc=f"train {config.category}/{config.defect_type}",
+                    disable=not is_main, dynamic_ncols=True)
+    try:
+        for step in range(start_step, config.steps):
+            step_ok = True
+            for micro in range(config.grad_accum):
+                batch = make_micro_batch(ref_images, ref_masks, config, step, micro,
+                                         accelerator.process_index, accelerator.num_processes)
+                sync = micro == config.grad_accum - 1
+                with ExitStack() as no_sync:
+                    if not sync:  # accumulate locally; gradients are all-reduced on the last micro-batch only
+                        no_sync.enter_context(accelerator.no_sync(models.unet_call))
+                        no_sync.enter_context(accelerator.no_sync(models.text_encoder_call))
+                    terms = defectfill_losses(models, batch, prompts, config, device, autocast=accelerator.autocast)
+                    # One host sync per micro-batch: a non-finite loss must not reach the weights.
+                    if not bool(torch.isfinite(terms.total)):
+                        step_ok = False
+                        break
+                    accelerator.backward(terms.total / config.grad_accum)
+                for k, v in terms.detached().items():
+                    sums[k] += v.float()
+                n_sums += 1
+            grad_norm = None
+            if step_ok:
+                grad_norm = accelerator.clip_grad_norm_(unet_params + text_params, config.max_grad_norm)
+                optimizer.step()
+                if accelerator.optimizer_step_was_skipped:  # fp16 loss scaler found inf/NaN gradients
+                    step_ok = False
+            optimizer.zero_grad(set_to_none=True)
+            lr_scheduler.step()
+            if step_ok:
+                nonfinite_in_a_row = 0
+            else:
+                skipped += 1
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss or gradient; step skipped (%d skipped in all)", step, skipped)
+                if nonfinite_in_a_row >= config.max_nonfinite_steps:
+                    raise DefectFillError(
+                        f"training stopped at step {step}: {nonfinite_in_a_row} non-finite losses in a row. "
+                        "Lower --lr-unet/--lr-text, or use --mixed-precision bf16 or no instead of fp16; "
+                        f"resume from the last good checkpoint in {out}."
+                    )
+            done = step + 1
+            progress.update(1)
+            if is_main and (done % config.log_every == 0 or done == config.steps) and n_sums:
+                means = {k: float(v) / n_sums for k, v in sums.items()}
+                for k, v in means.items():
+                    writer.add_scalar(f"loss/{k}", v, done)
+                writer.add_scalar("lr/unet", optimizer.param_groups[0]["lr"], done)
+                writer.add_scalar("lr/text", optimizer.param_groups[1]["lr"], done)
+                if grad_norm is not None:
+                    writer.add_scalar("grad_norm", float(grad_norm), done)
+                writer.add_scalar("skipped_steps", skipped, done)
+                progress.set_postfix(loss=f"{means['total']:.4f}", ldef=f"{means['defect']:.4f}",
+                                     lobj=f"{means['object']:.4f}", lattn=f"{means['attention']:.4f}")
+                log.info("step %d loss %.5f def %.5f obj %.5f attn %.5f lr %.2e skipped %d", done, means["total"],
+                         means["defect"], means["object"], means["attention"], optimizer.param_groups[0]["lr"], skipped)
+                sums = {k: torch.zeros((), device=device) for k in sums}
+                n_sums = 0
+            if done % config.save_every == 0 or done == config.steps:
+                checkpoint(done)
+            if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
+                strip = sample_inpaintings(models, config, split, done, device)
+                samples_dir = out / "logs" / "samples"
+                samples_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(samples_dir / f"step-{done:06d}.png", lambda p, s=strip: s.save(p, format="PNG"))
+                writer.add_image("samples", np.asarray(strip), done, dataformats="HWC")
+        accelerator.wait_for_everyone()
+        if is_main:
+            save_final_weights(out, models, config)
+            log.info("done: %s (%d steps skipped)", out / LORA_WEIGHTS_NAME, skipped)
+    finally:
+        progress.close()
+        if writer is not None:
+            writer.close()
+        if handler is not None:
+            logging.getLogger("defectfill").removeHandler(handler)
+            handler.close()
+        models.recorder.remove()
+    return out
