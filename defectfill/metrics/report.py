@@ -1,0 +1,156 @@
+"""The evaluation report: metrics.json, a self-contained report.html and its report.md twin.
+
+The HTML embeds every picture as a base64 data URI, so it opens from disk in a
+browser with no server and survives being mailed as one file. The markdown
+links the same pictures saved as PNG files next to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from defectfill.data.images import load_mask, load_rgb
+from defectfill.io import atomic_write, write_json, write_text
+
+Pair = tuple[Path, Path | None]  # (image, mask or None)
+
+
+def _tile(path: Path, size: int, mask: bool = False) -> Image.Image:
+    if mask:
+        arr = load_mask(path).astype(np.uint8) * 255
+        return Image.fromarray(arr).convert("RGB").resize((size, size), Image.Resampling.NEAREST)
+    return load_rgb(path).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def sample_grid(real: Sequence[Pair], generated: Sequence[Pair], n: int = 8, tile: int = 96) -> Image.Image:
+    """Four rows: real held-out images, their masks, generated images, their masks (up to n columns)."""
+    real, generated = list(real)[:n], list(generated)[:n]
+    cols = max(len(real), len(generated), 1)
+    label_w, pad = 110, 4
+    rows = [("real held-out", real, False), ("real mask", real, True),
+            ("generated", generated, False), ("generated mask", generated, True)]
+    grid = Image.new("RGB", (label_w + cols * (tile + pad), len(rows) * (tile + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, (label, pairs, is_mask) in enumerate(rows):
+        y = r * (tile + pad)
+        draw.text((4, y + tile // 2 - 6), label, fill=(0, 0, 0))
+        for c, (image, mask) in enumerate(pairs):
+            x = label_w + c * (tile + pad)
+            if is_mask and mask is None:
+                draw.text((x + 4, y + tile // 2 - 6), "no mask", fill=(128, 0, 0))
+                continue
+            grid.paste(_tile(mask if is_mask else image, tile, mask=is_mask), (x, y))
+    return grid
+
+
+def confusion_picture(matrix: Sequence[Sequence[int]], classes: Sequence[str], cell: int = 56) -> Image.Image:
+    """The confusion matrix as a shaded table (rows: true type, columns: predicted type)."""
+    k = len(classes)
+    label_w = max(80, 8 * max((len(c) for c in classes), default=4))
+    img = Image.new("RGB", (label_w + k * cell + 1, 20 + label_w // 2 + k * cell + 1), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    top = 20 + label_w // 2
+    draw.text((label_w, 2), "predicted ->   (rows: true type)", fill=(0, 0, 0))
+    for j, name in enumerate(classes):
+        draw.text((label_w + j * cell + 2, top - 14), name[: cell // 7], fill=(0, 0, 0))
+    for i, name in enumerate(classes):
+        draw.text((2, top + i * cell + cell // 2 - 6), name[: label_w // 7], fill=(0, 0, 0))
+        total = max(1, sum(matrix[i]))
+        for j in range(k):
+            v = int(matrix[i][j])
+            shade = int(255 - 200 * v / total)
+            box = [label_w + j * cell, top + i * cell, label_w + (j + 1) * cell, top + (i + 1) * cell]
+            draw.rectangle(box, fill=(shade, shade, 255), outline=(0, 0, 0))
+            draw.text((box[0] + cell // 2 - 6, box[1] + cell // 2 - 6), str(v), fill=(0, 0, 0) if shade > 120 else (255, 255, 255))
+    return img
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _rows(record: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """Flatten a metric record into (name, value) rows; long lists (losses, predictions) are left out."""
+    rows: list[tuple[str, str]] = []
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows.extend(_rows(value, name + "."))
+        elif isinstance(value, list):
+            if key in ("train_loss",) and value:
+                rows.append((f"{name} (last)", _fmt(value[-1])))
+            elif key in ("notes",):
+                rows.extend((name, str(v)) for v in value)
+            elif len(value) <= 16 and all(not isinstance(v, (dict, list)) for v in value):
+                rows.append((name, ", ".join(_fmt(v) for v in value)))
+        else:
+            rows.append((name, _fmt(value)))
+    return rows
+
+
+def _sections(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
+    sections = []
+    for item in metrics.get("image_metrics", []):
+        title = f"{item['category']} / {item['defect_type']}: KID and IC-LPIPS"
+        sections.append((title, _rows({k: v for k, v in item.items() if k not in ("category", "defect_type")})))
+    for name, record in metrics.get("downstream", {}).items():
+        shown = {k: v for k, v in record.items() if k not in ("predictions", "confusion_matrix")}
+        sections.append((f"Downstream: {name}", _rows(shown)))
+    sections.append(("Settings", _rows(metrics.get("settings", {}))))
+    return sections
+
+
+def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str, Image.Image]) -> dict[str, Path]:
+    """Write metrics.json, report.html, report.md and the pictures (PNG) into `output`."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / "metrics.json", metrics)
+    encoded = {}
+    for name, picture in pictures.items():
+        data = _png_bytes(picture)
+        atomic_write(output / f"{name}.png", lambda p, d=data: p.write_bytes(d))
+        encoded[name] = base64.b64encode(data).decode("ascii")
+
+    title = "defectfill evaluation"
+    parts = [
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:left}th{background:#eee}"
+        "img{image-rendering:pixelated;max-width:100%}</style>",
+        "</head><body>", f"<h1>{title}</h1>",
+    ]
+    md = [f"# {title}", ""]
+    for heading, rows in _sections(metrics):
+        parts.append(f"<h2>{html.escape(heading)}</h2><table><tr><th>metric</th><th>value</th></tr>")
+        parts.extend(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)
+        parts.append("</table>")
+        md += [f"## {heading}", "", "| metric | value |", "| --- | --- |"]
+        md += [f"| {k} | {v.replace('|', '/')} |" for k, v in rows]
+        md.append("")
+    for name, data in encoded.items():
+        parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+        md += [f"## {name}", "", f"![{name}]({name}.png)", ""]
+    parts.append("</body></html>")
+    write_text(output / "report.html", "\n".join(parts) + "\n")
+    write_text(output / "report.md", "\n".join(md) + "\n")
+    return {"metrics": output / "metrics.json", "html": output / "report.html", "markdown": output / "report.md"}

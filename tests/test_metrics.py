@@ -1,0 +1,352 @@
+"""KID, IC-LPIPS, the downstream scores and trainers, and the report files (CPU, tiny injected networks)."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from defectfill.errors import DefectFillError
+from defectfill.metrics import ic_lpips, ic_lpips_details, kid, kid_images
+from defectfill.metrics.kid import kid_subset_plan
+
+
+class PoolFeatures(nn.Module):
+    """A weight-free 'feature network': uint8 (N,3,H,W) -> 4x4 average-pooled colours (48-d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)
+
+
+def numpy_unbiased_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    """Independent reference: the unbiased MMD^2 with k(a,b) = (a.b/d + 1)^3, written as explicit pair sums."""
+    m, d = x.shape
+
+    def k(a, b):
+        return (float(np.dot(a, b)) / d + 1.0) ** 3
+
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    return xx + yy - 2 * xy
+
+
+# ---------------------------------------------------------------- KID
+
+
+def test_kid_equals_independent_unbiased_mmd():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 5))
+    y = rng.normal(0.5, 1.2, size=(12, 5))
+    mean, std = kid(x, y, subset_size=100, subsets=10)
+    assert mean == pytest.approx(numpy_unbiased_mmd2(x, y), rel=1e-9)
+    assert std == 0.0  # the subsets all cover both whole sets
+
+
+def test_kid_subsets_average_of_subset_mmds():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(10, 4))
+    y = rng.normal(size=(10, 4)) + 1
+    # every size-9 subset pair is a valid draw: the mean over random subsets lies within their range
+    values = [numpy_unbiased_mmd2(x[list(a)], y[list(b)])
+              for a in itertools.combinations(range(10), 9) for b in itertools.combinations(range(10), 9)]
+    mean, std = kid(x, y, subset_size=9, subsets=30, seed=3)
+    assert min(values) <= mean <= max(values)
+    assert std > 0
+    assert kid(x, y, subset_size=9, subsets=30, seed=3) == (mean, std)  # seeded
+
+
+def test_kid_matches_torchmetrics_on_same_features():
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    rng = np.random.default_rng(2)
+    x = torch.tensor(rng.normal(size=(16, 6)), dtype=torch.float64)
+    y = torch.tensor(rng.normal(0.3, 1.0, size=(16, 6)), dtype=torch.float64)
+    metric = KernelInceptionDistance(feature=nn.Identity(), subset_size=16, subsets=3)
+    metric.update(x, real=True)
+    metric.update(y, real=False)
+    tm_mean, _ = metric.compute()
+    assert kid(x, y, subset_size=16, subsets=3)[0] == pytest.approx(float(tm_mean), rel=1e-6)
+
+
+def test_kid_near_zero_same_distribution_positive_for_different():
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(200, 8))
+    b = rng.normal(size=(200, 8))
+    c = rng.normal(1.0, 2.0, size=(200, 8))
+    same, same_std = kid(a, b, subset_size=100, subsets=50)
+    diff, _ = kid(a, c, subset_size=100, subsets=50)
+    assert abs(same) < 3 * same_std + 0.05
+    assert diff > 10 * abs(same) and diff > 0.5
+
+
+def test_kid_subset_plan_adapts_to_small_sets():
+    assert kid_subset_plan(5000, 4000, 1000, 100) == (1000, 100)
+    assert kid_subset_plan(30, 50, 1000, 100) == (30, 100)
+    assert kid_subset_plan(30, 30, 1000, 100) == (30, 1)  # every subset would be the same whole set
+
+
+def test_kid_too_few_or_mismatched_features_is_an_error():
+    with pytest.raises(DefectFillError, match="at least 2"):
+        kid(np.zeros((1, 4)), np.zeros((5, 4)))
+    with pytest.raises(DefectFillError, match="same D"):
+        kid(np.zeros((3, 4)), np.zeros((3, 5)))
+
+
+def _images(n, size, colour, mode="RGB", seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        arr = np.clip(rng.normal(colour, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(arr).convert(mode))
+    return out
+
+
+def test_kid_images_reports_subset_size_and_conversions():
+    real = _images(6, 32, 100)
+    fake = _images(4, 48, 180, mode="L", seed=1)
+    rec = kid_images(real, fake, feature_extractor=PoolFeatures(), subset_size=1000, subsets=20)
+    assert rec["available"] and rec["subset_size"] == 4 and rec["subsets"] == 20
+    assert rec["mean"] > 0 and rec["mean_x1e3"] == pytest.approx(rec["mean"] * 1e3)
+    notes = " ".join(rec["notes"])
+    assert "mode L" in notes and "48x48" in notes and "subset size reduced from 1000 to 4" in notes
+
+
+def test_kid_images_too_few_is_unavailable_not_a_number():
+    rec = kid_images(_images(5, 32, 100), _images(1, 32, 100), feature_extractor=PoolFeatures())
+    assert rec["available"] is False and "at least 2" in rec["reason"]
+    assert "mean" not in rec
+
+
+def test_inception_download_failure_is_a_clear_error(monkeypatch):
+    import torchmetrics.image.fid as fid
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(fid, "NoTrainInceptionV3", no_network)
+    with pytest.raises(DefectFillError, match="weights-inception-2015-12-05-6726825d.pth"):
+        kid_images(_images(3, 32, 100), _images(3, 32, 100))
+
+
+# ---------------------------------------------------------------- IC-LPIPS
+
+
+def _scalar_images(values):
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone()
+
+
+def _abs_distance(a, b):
+    return (a - b).abs().flatten(1).mean(dim=1)
+
+
+def test_ic_lpips_hand_worked_value_and_differs_from_pairwise():
+    refs = _scalar_images([0.0, 10.0])
+    gens = _scalar_images([1.0, 2.0, 4.0, 9.0, 12.0])
+    # clusters: {1, 2, 4} around 0 -> pairs 1, 3, 2 -> mean 2; {9, 12} around 10 -> 3; IC = (2 + 3) / 2
+    assert ic_lpips(gens, refs, _abs_distance) == pytest.approx(2.5)
+    values = [1, 2, 4, 9, 12]
+    pairwise = np.mean([abs(a - b) for a, b in itertools.combinations(values, 2)])
+    assert pairwise == pytest.approx(5.8) and abs(pairwise - 2.5) > 1
+    rec = ic_lpips_details(gens, refs, _abs_distance)
+    assert rec["cluster_sizes"] == [3, 2] and rec["clusters_used"] == 2
+
+
+def test_ic_lpips_skips_singleton_clusters_and_reports_unavailable():
+    refs = _scalar_images([0.0, 10.0, 20.0])
+    gens = _scalar_images([1.0, 3.0, 19.0])  # clusters {1, 3}, {}, {19}
+    rec = ic_lpips_details(gens, refs, _abs_distance)
+    assert rec["value"] == pytest.approx(2.0) and rec["cluster_means"][1:] == [None, None]
+    lonely = _scalar_images([1.0, 11.0])  # one image per cluster: no pair anywhere
+    assert ic_lpips_details(lonely, refs, _abs_distance)["available"] is False
+    with pytest.raises(DefectFillError, match="at least 2 generated"):
+        ic_lpips(gens[:1], refs, _abs_distance)
+
+
+def test_ic_lpips_with_the_lpips_network():
+    from defectfill.metrics.ic_lpips import lpips_distance_fn
+    from defectfill.metrics.lpips import load_lpips
+
+    torch.manual_seed(0)
+    distance = lpips_distance_fn(load_lpips(pretrained_backbone=False))
+    refs = torch.rand(2, 3, 64, 64) * 2 - 1
+    gens = (refs.repeat(3, 1, 1, 1) + 0.1 * torch.randn(6, 3, 64, 64)).clamp(-1, 1)
+    value = ic_lpips(gens, refs, distance)
+    assert 0 < value < 1
+
+
+# ---------------------------------------------------------------- downstream scores and trainers
+
+
+def test_binary_scores_hand_worked():
+    from defectfill.metrics.downstream import binary_scores
+
+    s = binary_scores(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    assert s["auroc"] == pytest.approx(0.75)
+    assert s["ap"] == pytest.approx(5 / 6)
+    assert s["f1_max"] == pytest.approx(0.8)  # threshold 0.35: precision 2/3, recall 1
+    one_class = binary_scores(torch.tensor([0.2, 0.9]), torch.tensor([0, 0]))
+    assert one_class["auroc"] is None and one_class["f1_max"] is None
+
+
+def test_classification_scores_hand_worked():
+    from defectfill.metrics.downstream import classification_scores
+
+    s = classification_scores(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), ["a", "b", "c"])
+    assert s["accuracy"] == pytest.approx(0.75)
+    assert s["per_type_accuracy"] == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.5})
+    assert s["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self, k: int):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, k)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+@pytest.fixture()
+def settings():
+    from defectfill.metrics.downstream import DownstreamSettings
+
+    return DownstreamSettings(epochs=2, batch_size=4, lr=1e-3, image_size=32, seed=0, pretrained=False)
+
+
+def test_classifier_trains_and_its_metrics_match_torchmetrics(demo_root, settings):
+    from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
+
+    from defectfill.metrics.downstream import _image_tensor, train_classifier
+
+    types = ["scratch", "spot"]
+    paths = {t: sorted((demo_root / "disc" / "test" / t).glob("*.png")) for t in types}
+    train = [(p, i) for i, t in enumerate(types) for p in paths[t][:4]]
+    test = [(p, i) for i, t in enumerate(types) for p in paths[t][4:]]
+    made = []
+
+    def factory(k, pretrained):
+        assert pretrained is False
+        made.append(TinyClassifier(k))
+        return made[-1]
+
+    before = [p.clone() for p in TinyClassifier(2).parameters()]
+    progress = []
+    result = train_classifier(train, test, types, settings, factory, progress.append)
+    assert len(result["train_loss"]) == 2 and progress[-1]["epoch"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, made[0].parameters(), strict=True))  # it trained
+    with torch.no_grad():
+        pred = made[0].eval()(torch.stack([_image_tensor(p, 32) for p, _ in test])).argmax(1)
+    target = torch.tensor([c for _, c in test])
+    assert result["accuracy"] == pytest.approx(float(multiclass_accuracy(pred, target, num_classes=2, average="micro")))
+    assert result["confusion_matrix"] == multiclass_confusion_matrix(pred, target, num_classes=2).tolist()
+
+
+def test_resnet34_classifier_one_step(settings):
+    from defectfill.metrics.downstream import resnet34_classifier
+
+    model = resnet34_classifier(3, pretrained=False)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2]))
+    loss.backward()
+    opt.step()
+    assert model.fc.out_features == 3 and torch.isfinite(loss)
+
+
+def small_unet(pretrained: bool) -> nn.Module:
+    import segmentation_models_pytorch as smp
+
+    return smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(32, 16, 8), classes=1)
+
+
+def test_localiser_trains_and_its_metrics_match_torchmetrics(demo_root, settings):
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    from defectfill.metrics.downstream import _image_tensor, _mask_tensor, train_localiser
+
+    cat = demo_root / "disc"
+    pairs = [(p, cat / "ground_truth" / "scratch" / f"{p.stem}_mask.png")
+             for p in sorted((cat / "test" / "scratch").glob("*.png"))]
+    good = sorted((cat / "train" / "good").glob("*.png"))
+    good_test = sorted((cat / "test" / "good").glob("*.png"))
+    train = pairs[:4] + [(p, None) for p in good[:2]]
+    test = pairs[4:] + [(p, None) for p in good_test]
+    made = []
+
+    def factory(pretrained):
+        made.append(small_unet(pretrained))
+        return made[-1]
+
+    result = train_localiser(train, test, settings, factory)
+    with torch.no_grad():
+        prob = torch.sigmoid(made[0].eval()(torch.stack([_image_tensor(p, 32) for p, _ in test])))
+    masks = torch.stack([_mask_tensor(m, 32) for _, m in test]).long()
+    labels = torch.tensor([0 if m is None else 1 for _, m in test])
+    image_scores = prob.flatten(1).max(1).values
+    assert result["image"]["auroc"] == pytest.approx(float(binary_auroc(image_scores, labels)), abs=1e-6)
+    assert result["pixel"]["ap"] == pytest.approx(float(binary_average_precision(prob.flatten(), masks.flatten())),
+                                                  abs=1e-6)
+    assert result["n_test_defect"] == 2 and result["n_test_good"] == 3
+    assert 0 <= result["pixel"]["f1_max"] <= 1
+
+
+def test_downstream_bad_settings_and_inputs(settings, demo_root):
+    from defectfill.metrics.downstream import DownstreamSettings, train_classifier, train_localiser
+
+    with pytest.raises(DefectFillError, match="--epochs"):
+        DownstreamSettings(epochs=0).check()
+    with pytest.raises(DefectFillError, match="no generated images"):
+        train_classifier([], [(demo_root, 0)], ["a"], settings, lambda k, p: TinyClassifier(k))
+    img = next((demo_root / "disc" / "test" / "scratch").glob("*.png"))
+    mask = demo_root / "disc" / "ground_truth" / "scratch" / f"{img.stem}_mask.png"
+    with pytest.raises(DefectFillError, match="good test images"):
+        train_localiser([(img, mask)], [(img, mask)], settings, small_unet)
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
+    from defectfill.metrics.report import confusion_picture, sample_grid, write_report
+
+    cat = demo_root / "disc"
+    pairs = [(p, cat / "ground_truth" / "spot" / f"{p.stem}_mask.png") for p in sorted((cat / "test" / "spot").glob("*.png"))]
+    grid = sample_grid(pairs[:3], pairs[3:], n=3, tile=32)
+    assert grid.size[1] == 4 * 36
+    metrics = {
+        "settings": {"category": "disc", "kid_subsets": 100},
+        "image_metrics": [{
+            "category": "disc", "defect_type": "spot", "n_real_held_out": 4, "n_generated": 3,
+            "kid": {"available": True, "mean": 0.0123, "std": 0.001, "mean_x1e3": 12.3, "subset_size": 3},
+            "ic_lpips": {"available": False, "reason": "IC-LPIPS needs a cluster with at least 2 generated images"},
+            "notes": ["resized images of size 48x48 to 64x64"],
+        }],
+        "downstream": {
+            "classify": {"accuracy": 0.5, "per_type_accuracy": {"spot": 1.0, "scratch": 0.0}},
+            "localize": {"image": {"auroc": 0.9, "ap": 0.8, "f1_max": 0.7}, "pixel": {"auroc": 0.95, "ap": 0.6,
+                                                                                      "f1_max": 0.55}},
+        },
+    }
+    paths = write_report(tmp_path / "eval", metrics,
+                         {"samples_disc_spot": grid, "confusion_disc": confusion_picture([[1, 1], [0, 2]], ["a", "b"])})
+    assert json.loads(paths["metrics"].read_text()) == metrics
+    page = paths["html"].read_text()
+    md = paths["markdown"].read_text()
+    for name in ["kid.mean", "kid.mean_x1e3", "kid.subset_size", "ic_lpips.reason", "accuracy",
+                 "per_type_accuracy.spot", "image.auroc", "pixel.ap", "pixel.f1_max", "kid_subsets", "48x48"]:
+        assert name in page and name in md, name
+    assert "12.3" in page and "0.0123" in md
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(embedded) == 2
+    assert base64.b64decode(embedded[0]) == (tmp_path / "eval" / "samples_disc_spot.png").read_bytes()
+    assert "<img" in page and "src='samples" not in page  # nothing linked: the page stands alone
+    assert "](samples_disc_spot.png)" in md
