@@ -1,0 +1,401 @@
+"""Generation: candidates in one batch, paste-back, Low-Fidelity Selection, the resumable dataset writer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectfill.data import load_mask, load_rgb, make_split, open_layout
+from defectfill.data.split import check_sample
+from defectfill.errors import DefectFillError
+from defectfill.generate import (
+    MANIFEST,
+    DefectGenerator,
+    LPIPSScorer,
+    add_generate_arguments,
+    feather_alpha,
+    paste_back,
+    plan_items,
+    run_generate,
+    select_low_fidelity,
+)
+from defectfill.masks import estimate_foreground
+
+
+def _write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
+    """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
+    from defectfill.config import TrainConfig
+    from defectfill.model import add_lora, load_pipeline, save_lora_weights
+
+    run.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(str(model_dir))
+    add_lora(pipe.unet, pipe.text_encoder, rank=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.text_encoder):
+            for name, p in module.named_parameters():
+                if "lora_B" in name:  # B starts at zero: make the LoRA change the model
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    save_lora_weights(run, pipe.unet, pipe.text_encoder)
+    config = TrainConfig(data=str(data_root), category="disc", defect_type=defect_type, output=str(run),
+                         model=str(model_dir), resolution=64, seed=seed).to_dict()
+    config.update(defectfill_version="test", base_model=str(model_dir))
+    (run / "config.json").write_text(json.dumps(config))
+    make_split(open_layout(data_root), "disc", defect_type).save(run / "split.json")
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir, demo_root):
+    return _write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
+
+
+@pytest.fixture(scope="module")
+def generator(run_dir):
+    return DefectGenerator.from_run(run_dir, steps=2, candidates=3, scorer=FixedScorer([0.1, 0.9, 0.3]))
+
+
+@pytest.fixture
+def random_lpips(monkeypatch):
+    """The real LPIPS path with a random AlexNet backbone (no download)."""
+    import defectfill.metrics.lpips as lp
+
+    real = lp.load_lpips
+    monkeypatch.setattr(lp, "load_lpips", lambda *a, **k: real(pretrained_backbone=False))
+
+
+class FixedScorer:
+    def __init__(self, scores):
+        self.scores = scores
+        self.calls = 0
+
+    def __call__(self, candidates, source):
+        self.calls += 1
+        assert candidates.shape[0] == len(self.scores) and source.shape[0] == 1
+        return torch.tensor(self.scores)
+
+
+def _good(demo_root, i=0):
+    return load_rgb(demo_root / "disc" / "train" / "good" / f"{i:03d}.png")
+
+
+def _box_mask(size=64):
+    mask = np.zeros((size, size), bool)
+    mask[20:30, 24:40] = True
+    return mask
+
+
+def _args(run, out, *extra):
+    parser = argparse.ArgumentParser()
+    add_generate_arguments(parser)
+    return parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "2", "--candidates", "2", *extra])
+
+
+def _manifest(out):
+    return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- API
+
+
+def test_run_weights_are_loaded(generator):
+    names = [n for n, _ in generator.pipe.unet.named_parameters() if "lora" in n]
+    text_names = [n for n, _ in generator.pipe.text_encoder.named_parameters() if "lora" in n]
+    assert names and text_names
+    assert generator.prompt == "A disc with sks"
+    assert isinstance(generator.pipe.scheduler, __import__("diffusers").DDIMScheduler)
+
+
+def test_outside_mask_equals_input_and_inside_changes(generator, demo_root):
+    image, mask = _good(demo_root), _box_mask()
+    result = generator(image, mask, seed=1)
+    src = np.asarray(image)
+    for cand in [result.image] + result.candidates:
+        arr = np.asarray(cand)
+        assert arr.shape == src.shape
+        assert np.array_equal(arr[~mask], src[~mask])
+    assert (np.asarray(result.image)[mask] != src[mask]).any()
+    assert len(result.candidates) == 3 and len(set(result.seeds)) == 3
+
+
+def test_candidates_one_batched_call_and_reproducible(generator, demo_root, monkeypatch):
+    calls = []
+    original = generator.pipe.__class__.__call__
+
+    def spy(self, *a, **k):
+        calls.append(k["num_images_per_prompt"])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(generator.pipe.__class__, "__call__", spy)
+    image, mask = _good(demo_root), _box_mask()
+    a = generator(image, mask, seed=5)
+    b = generator(image, mask, seed=5)
+    c = generator(image, mask, seed=6)
+    assert calls == [3, 3, 3]  # all candidates of an (image, mask) in one pipeline call
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.candidates, b.candidates, strict=True))
+    assert not np.array_equal(np.asarray(a.candidates[0]), np.asarray(c.candidates[0]))
+
+
+def test_source_size_differs_from_resolution(generator):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    mask = np.zeros((48, 80), bool)
+    mask[10:20, 30:50] = True
+    result = generator(image, mask, seed=0)
+    assert result.image.size == (80, 48)
+    assert np.array_equal(np.asarray(result.image)[~mask], np.asarray(image)[~mask])
+
+
+def test_feather_stays_inside_mask(demo_root):
+    mask = _box_mask()
+    alpha = feather_alpha(mask, 3)
+    assert (alpha[~mask] == 0).all()
+    assert alpha[25, 32] == 1.0 and 0 < alpha[20, 32] < 1  # centre full, edge ramps
+    src = np.asarray(_good(demo_root))
+    gen = np.full_like(src, 255)
+    out = paste_back(gen, src, mask, feather=3)
+    assert np.array_equal(out[~mask], src[~mask])
+    assert (out[25, 32] == 255).all()
+
+
+def test_empty_mask_is_refused(generator, demo_root):
+    with pytest.raises(DefectFillError, match="empty"):
+        generator(_good(demo_root), np.zeros((64, 64), bool), seed=0)
+
+
+# --------------------------------------------------------------------------- Low-Fidelity Selection
+
+
+def test_lfs_keeps_highest_fixed_score(generator, demo_root):
+    result = generator(_good(demo_root), _box_mask(), seed=2)
+    assert result.chosen == 1 and result.scores == pytest.approx([0.1, 0.9, 0.3])
+    assert np.array_equal(np.asarray(result.image), np.asarray(result.candidates[1]))
+    generator._scorer = FixedScorer([0.7, 0.2, 0.1])
+    try:
+        assert generator(_good(demo_root), _box_mask(), seed=2).chosen == 0
+    finally:
+        generator._scorer = FixedScorer([0.1, 0.9, 0.3])
+
+
+def test_lfs_real_lpips_scores_inside_bbox_only():
+    from defectfill.metrics.lpips import load_lpips
+
+    scorer = LPIPSScorer(load_lpips(pretrained_backbone=False))
+    rng = np.random.default_rng(0)
+    source = rng.integers(60, 200, (64, 64, 3), dtype=np.uint8)
+    mask = _box_mask()
+    same = source.copy()
+    outside_only = source.copy()
+    outside_only[:10] = 0  # changes outside the mask's bounding box must not count
+    noisy = source.copy()
+    noisy[mask] = rng.integers(0, 255, (mask.sum(), 3), dtype=np.uint8)
+    chosen, scores = select_low_fidelity(np.stack([same, outside_only, noisy]), source, mask, scorer)
+    assert scores[0] == pytest.approx(0, abs=1e-6) and scores[1] == pytest.approx(0, abs=1e-6)
+    assert scores[2] > 1e-3 and chosen == 2
+
+
+def test_candidates_one_skips_lpips(run_dir, demo_root):
+    scorer = FixedScorer([1.0])
+    gen = DefectGenerator.from_run(run_dir, steps=2, candidates=1, scorer=scorer)
+    result = gen(_good(demo_root), _box_mask(), seed=0)
+    assert scorer.calls == 0 and result.scores is None and result.chosen == 0
+
+
+# --------------------------------------------------------------------------- dataset writer
+
+
+def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, random_lpips):
+    out = tmp_path / "synth"
+    assert run_generate(_args(run_dir, out, "--count", "3", "--save-candidates")) == 0
+    rows = _manifest(out)
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert len(r["scores"]) == 2 and r["chosen"] == int(np.argmax(r["scores"]))
+        assert r["settings"]["steps"] == 2 and r["mask_source"].endswith("_mask.png")
+        saved, src = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
+        mask = load_mask(out / r["mask"])
+        assert mask.any() and np.array_equal(saved[~mask], src[~mask])
+    assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, 128 * 3)
+    assert len(list((out / "candidates").rglob("*.png"))) == 6
+    # read back by the project's own MVTec loader
+    layout = open_layout(out, "mvtec")
+    assert layout.name == "mvtec" and layout.defect_types("disc") == ["scratch"]
+    samples = layout.defect_samples("disc", "scratch")
+    assert len(samples) == 3 and all(check_sample(s) for s in samples)
+    held_out = {s["mask"] for s in json.loads((run_dir / "split.json").read_text())["held_out"]}
+    assert all(any(r["mask_source"].endswith(h) for h in held_out) for r in rows)
+
+
+def test_writer_shapes_on_foreground(run_dir, demo_root, tmp_path):
+    out = tmp_path / "shapes"
+    args = _args(run_dir, out, "--count", "5", "--masks", "shapes", "--mask-scale", "0.01,0.05", "--candidates", "1")
+    run_generate(args)
+    rows = _manifest(out)
+    assert sorted(r["mask_source"] for r in rows) == sorted(f"shape:{s}" for s in
+                                                           ["ellipse", "square", "star", "line", "blob"])
+    for r in rows:
+        mask = load_mask(out / r["mask"])
+        fg = estimate_foreground(load_rgb(r["source_image"]))
+        assert mask.any() and not (mask & ~fg).any() and 0.01 <= mask.mean() <= 0.05
+
+
+def test_killed_run_resumes_to_exact_count(run_dir, tmp_path):
+    out = tmp_path / "resume"
+    args = _args(run_dir, out, "--count", "5", "--candidates", "1")
+    run_generate(args, stop_after=2)
+    assert [r["index"] for r in _manifest(out)] == [0, 1]
+    # a kill between writing an image and its manifest row, and a torn last manifest line
+    stray = out / "disc" / "test" / "scratch" / "002.png"
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(stray)
+    with open(out / MANIFEST, "a") as fh:
+        fh.write('{"index": 4, "ima')
+    first = {r["index"]: r for r in _manifest_lines(out)}
+    run_generate(_args(run_dir, out, "--count", "5", "--candidates", "1"))
+    rows = _manifest(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0] == first[0] and rows[1] == first[1]  # finished items were kept, not redone
+    assert np.asarray(load_rgb(stray)).reshape(-1, 3).tolist().count([255, 0, 0]) < 64 * 64  # redone
+    assert len(list((out / "disc" / "test" / "scratch").glob("*.png"))) == 5
+    assert len(list((out / "disc" / "ground_truth" / "scratch").glob("*.png"))) == 5
+    assert not list(out.rglob("*.tmp*"))
+    # same arguments again: nothing to do, nothing duplicated
+    run_generate(_args(run_dir, out, "--count", "5", "--candidates", "1"))
+    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4]
+
+
+def _manifest_lines(out):
+    rows = []
+    for line in (out / MANIFEST).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def test_rerun_reproduces_an_image(run_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run_generate(_args(run_dir, a, "--count", "2", "--candidates", "1"))
+    run_generate(_args(run_dir, b, "--count", "2", "--candidates", "1"))
+    for name in ("000.png", "001.png"):
+        assert np.array_equal(np.asarray(Image.open(a / "disc/test/scratch" / name)),
+                              np.asarray(Image.open(b / "disc/test/scratch" / name)))
+
+
+def test_two_ranks_split_without_overlap(run_dir, tmp_path):
+    out = tmp_path / "ranks"
+    one = _args(run_dir, out, "--count", "5", "--candidates", "1")
+    one.rank, one.world_size = 1, 2
+    run_generate(one)
+    assert [r["index"] for r in _manifest(out)] == [1, 3]
+    zero = _args(run_dir, out, "--count", "5", "--candidates", "1")
+    zero.rank, zero.world_size = 0, 2
+    run_generate(zero)
+    rows = _manifest(out)
+    assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
+    assert not list(out.glob("manifest.part*"))
+    seeds = [r["seed"] for r in rows]
+    assert len(set(seeds)) == 5
+
+
+def test_plan_items_pairs_vary_and_are_deterministic(tmp_path):
+    images = [tmp_path / f"{i}.png" for i in range(2)]
+    items = plan_items(6, images, ["m0", "m1"], seed=0)
+    assert {(it.image.name, it.mask_source) for it in items} == {(i.name, m) for i in images for m in ["m0", "m1"]}
+    assert [it.seed for it in items] == [it.seed for it in plan_items(6, images, ["m0", "m1"], seed=0)]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_refuses_other_runs_output_unless_told(run_dir, tiny_model_dir, demo_root, tmp_path):
+    out = tmp_path / "out"
+    run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1"))
+    other = _write_run(tmp_path / "other", tiny_model_dir, demo_root, seed=1)
+    with pytest.raises(DefectFillError, match="another run.*--resume.*--overwrite"):
+        run_generate(_args(other, out, "--count", "2", "--candidates", "1"))
+    assert [r["index"] for r in _manifest(out)] == [0]  # nothing written was lost
+    with pytest.raises(DefectFillError, match="other settings"):
+        run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1", "--seed", "3"))
+    run_generate(_args(other, out, "--count", "2", "--candidates", "1", "--overwrite"))
+    rows = _manifest(out)
+    assert [r["index"] for r in rows] == [0, 1]
+    state = json.loads((out / "generate.json").read_text())
+    assert state["run"] == str(other.resolve())
+
+
+def test_refuses_foreign_nonempty_folder(run_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(DefectFillError, match="not empty"):
+        run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1"))
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_run_folder_problems(run_dir, tmp_path):
+    with pytest.raises(DefectFillError, match="not found"):
+        run_generate(_args(tmp_path / "nope", tmp_path / "o", "--count", "1"))
+    broken = tmp_path / "broken"
+    shutil.copytree(run_dir, broken)
+    (broken / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(DefectFillError, match="pytorch_lora_weights"):
+        run_generate(_args(broken, tmp_path / "o", "--count", "1"))
+    (broken / "config.json").unlink()
+    with pytest.raises(DefectFillError, match="config.json"):
+        run_generate(_args(broken, tmp_path / "o", "--count", "1"))
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_bad_count(run_dir, tmp_path, count):
+    with pytest.raises(DefectFillError, match="--count"):
+        run_generate(_args(run_dir, tmp_path / "o", "--count", count))
+
+
+def test_images_that_are_not_images(run_dir, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(b"not a png")
+    with pytest.raises(DefectFillError, match="a.png.*cannot read"):
+        run_generate(_args(run_dir, tmp_path / "o", "--count", "1", "--candidates", "1", "--images", str(images)))
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(DefectFillError, match="no defect-free images"):
+        run_generate(_args(run_dir, tmp_path / "o", "--count", "1", "--images", str(empty)))
+
+
+def test_mask_folder_problems(run_dir, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    with pytest.raises(DefectFillError, match="no mask images"):
+        run_generate(_args(run_dir, tmp_path / "o", "--count", "1", "--masks", str(masks)))
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(masks / "a.png")
+    with pytest.raises(DefectFillError, match="every mask is empty"):
+        run_generate(_args(run_dir, tmp_path / "o", "--count", "1", "--masks", str(masks)))
+
+
+def test_user_masks_resized_to_each_image(run_dir, tmp_path):
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    m = np.zeros((32, 32), np.uint8)
+    m[8:16, 10:20] = 255
+    Image.fromarray(m).save(masks / "m.png")
+    out = tmp_path / "o"
+    run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1", "--masks", str(masks)))
+    saved = load_mask(out / "disc/ground_truth/scratch/000_mask.png")
+    assert saved.shape == (64, 64) and saved.sum() == 4 * 80
+
+
+def test_empty_held_out_suggests_shapes(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    split = json.loads((run / "split.json").read_text())
+    split["held_out"] = []
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(DefectFillError, match="held-out set is empty.*--masks shapes"):
+        run_generate(_args(run, tmp_path / "o", "--count", "1"))
