@@ -1,0 +1,341 @@
+"""`defectfill evaluate`: KID and IC-LPIPS against the held-out real images, downstream models, a report.
+
+Two ways to name what is compared:
+- `--run RUN`: the category, defect type and held-out images of a training run
+  (its split.json); IC-LPIPS clusters around the run's reference images.
+- `--data ROOT --category C [--defect-type T]`: the same deterministic split is
+  made from the dataset, for one defect type or every type of the category.
+
+The generated folder is in the MVTec layout (<category>/test/<type>/*.png and
+<category>/ground_truth/<type>/*_mask.png), as `defectfill generate` writes it.
+`evaluate()` takes injectable networks so tests and other tools can run it
+without downloading Inception, AlexNet or ImageNet weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from defectfill.data import open_layout
+from defectfill.data.images import image_to_tensor, load_rgb
+from defectfill.data.layouts import DefectSample, Layout
+from defectfill.data.split import Split, make_split, read_split
+from defectfill.errors import DefectFillError
+from defectfill.io import write_json
+from defectfill.metrics.downstream import DownstreamSettings, train_classifier, train_localiser
+from defectfill.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
+from defectfill.metrics.kid import kid_images
+from defectfill.metrics.report import confusion_picture, sample_grid, write_report
+
+log = logging.getLogger(__name__)
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `defectfill evaluate`."""
+    parser.add_argument("--generated", required=True, type=Path,
+                        help="folder of generated images in the MVTec layout (as `defectfill generate` writes)")
+    parser.add_argument("--output", required=True, type=Path, help="folder for metrics.json, report.html, report.md")
+    parser.add_argument("--run", type=Path, help="training run folder: its category, defect type and held-out split")
+    parser.add_argument("--data", type=Path, help="real dataset root (instead of --run, or for --downstream)")
+    parser.add_argument("--category", help="category to evaluate (with --data)")
+    parser.add_argument("--defect-type", help="one defect type (with --data); default: every type of the category")
+    parser.add_argument("--layout", default="auto", help="layout of --data (auto, mvtec, defectfill2, folder)")
+    parser.add_argument("--downstream", choices=["none", "classify", "localize", "both"], default="none",
+                        help="also train the inspection models on generated data and test them on real data")
+    parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
+    parser.add_argument("--no-ic-lpips", dest="ic_lpips", action="store_false", help="skip IC-LPIPS")
+    parser.add_argument("--kid-subset-size", type=int, default=1000,
+                        help="KID subset size (reduced to the smaller image set; the size used is reported)")
+    parser.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
+    parser.add_argument("--inception-weights", type=Path,
+                        help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
+    parser.add_argument("--lpips-weights", type=Path, help="local torchvision AlexNet weights for LPIPS")
+    parser.add_argument("--lpips-size", type=int, default=256, help="image size at which LPIPS is computed")
+    parser.add_argument("--grid-samples", type=int, default=8, help="samples per row of the report's grid")
+    parser.add_argument("--epochs", type=int, default=20, help="downstream training epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="downstream batch size")
+    parser.add_argument("--lr", type=float, default=1e-4, help="downstream learning rate (Adam)")
+    parser.add_argument("--image-size", type=int, default=256, help="downstream image size (multiple of 32)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for KID subsets and downstream training")
+    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                        help="ImageNet-pretrained downstream backbones (--no-pretrained: from scratch)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _read_run(run: Path) -> tuple[dict[str, Any], Split]:
+    if not run.is_dir():
+        raise DefectFillError(f"{run}: run folder not found.")
+    config_path = run / "config.json"
+    config: dict[str, Any] = {}
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise DefectFillError(f"{config_path}: not valid JSON ({exc}).") from None
+    return config, read_split(run / "split.json")
+
+
+def _generated_samples(generated: Layout, category: str, defect_type: str) -> list[DefectSample]:
+    root = generated.root
+    try:
+        samples = generated.defect_samples(category, defect_type)
+    except DefectFillError:
+        samples = []
+    if not samples:
+        raise DefectFillError(
+            f"{root}: no generated images of {category}/{defect_type} (expected "
+            f"{root / category / 'test' / defect_type}/*.png). Generate them first, or pick another --defect-type."
+        )
+    return samples
+
+
+def _load_images(paths: list[Path], notes: list[str], what: str) -> list[Image.Image]:
+    """RGB images; a note says when other modes were converted (load_rgb converts any mode)."""
+    modes = set()
+    images = []
+    for p in paths:
+        images.append(load_rgb(p))  # first, for its clear error on unreadable files
+        with Image.open(p) as im:
+            modes.add(im.mode)
+    other = sorted(modes - {"RGB"})
+    if other:
+        notes.append(f"{what}: converted images of mode {', '.join(other)} to RGB")
+    return images
+
+
+def _lpips_stack(images: list[Image.Image], size: int) -> torch.Tensor:
+    return torch.stack([image_to_tensor(im, size) for im in images])
+
+
+def _pairs(samples: list[DefectSample]) -> list[tuple[Path, Path | None]]:
+    return [(s.image, s.mask) for s in samples]
+
+
+def evaluate(
+    generated: str | Path,
+    output: str | Path,
+    *,
+    run: str | Path | None = None,
+    data: str | Path | None = None,
+    category: str | None = None,
+    defect_type: str | None = None,
+    layout: str = "auto",
+    downstream: str = "none",
+    compute_kid: bool = True,
+    compute_ic_lpips: bool = True,
+    kid_subset_size: int = 1000,
+    kid_subsets: int = 100,
+    lpips_size: int = 256,
+    grid_samples: int = 8,
+    settings: DownstreamSettings | None = None,
+    feature_extractor: nn.Module | None = None,
+    distance: Distance | None = None,
+    classifier_factory: Callable[[int, bool], nn.Module] | None = None,
+    localiser_factory: Callable[[bool], nn.Module] | None = None,
+    inception_weights: str | Path | None = None,
+    lpips_weights: str | Path | None = None,
+) -> dict[str, Any]:
+    """Compute every asked metric, save metrics.json as results come, write the report; return the metrics."""
+    settings = settings or DownstreamSettings()
+    settings.check()
+    if downstream not in ("none", "classify", "localize", "both"):
+        raise DefectFillError(f"--downstream must be none, classify, localize or both (got {downstream!r}).")
+    output = Path(output)
+    generated = Path(generated)
+    if not generated.is_dir():
+        raise DefectFillError(f"{generated}: generated folder not found.")
+    gen_layout = open_layout(generated, "mvtec")
+
+    # ---- what is compared
+    run_config: dict[str, Any] = {}
+    if run is not None:
+        run_config, run_split = _read_run(Path(run))
+        category = run_split.category
+        splits = [run_split]
+        real_layout = open_layout(run_split.data_root, run_split.layout)
+    else:
+        if data is None or category is None:
+            raise DefectFillError("Name what to compare with: --run RUN, or --data ROOT --category CATEGORY.")
+        real_layout = open_layout(data, layout)
+        real_layout.check_category(category)
+        types = [defect_type] if defect_type else real_layout.defect_types(category)
+        if not types:
+            raise DefectFillError(f"{real_layout.root / category}: no defect types found.")
+        splits = [make_split(real_layout, category, t) for t in types]
+
+    metrics: dict[str, Any] = {
+        "settings": {
+            "generated": str(generated.resolve()),
+            "run": str(Path(run).resolve()) if run is not None else None,
+            "data": str(real_layout.root.resolve()),
+            "category": category,
+            "defect_types": [s.defect_type for s in splits],
+            "kid": compute_kid, "kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
+            "kid_features": "inception-v3-compat (torch-fidelity)" if feature_extractor is None else "custom",
+            "ic_lpips": compute_ic_lpips, "lpips_size": lpips_size,
+            "lpips_network": "lpips AlexNet" if distance is None else "custom",
+            "downstream": downstream, **{f"downstream_{k}": v for k, v in settings.to_json().items()},
+            "run_resolution": run_config.get("resolution"),
+        },
+        "image_metrics": [],
+        "downstream": {},
+    }
+    output.mkdir(parents=True, exist_ok=True)
+    pictures: dict[str, Image.Image] = {}
+
+    def save() -> None:  # results are written as they come, so a crash keeps what was computed
+        write_json(output / "metrics.json", metrics)
+
+    # ---- KID and IC-LPIPS per defect type
+    if compute_kid or compute_ic_lpips:
+        for split in splits:
+            gen_samples = _generated_samples(gen_layout, split.category, split.defect_type)
+            if not split.held_out:
+                raise DefectFillError(
+                    f"{split.data_root}: no held-out real images of {split.category}/{split.defect_type} "
+                    f"(all {len(split.reference)} are reference images). KID needs real images the generator "
+                    "did not see; add more defect images of this type."
+                )
+            notes: list[str] = []
+            real_images = _load_images([s.image for s in split.held_out], notes, "real held-out")
+            gen_images = _load_images([s.image for s in gen_samples], notes, "generated")
+            item: dict[str, Any] = {
+                "category": split.category, "defect_type": split.defect_type,
+                "n_real_held_out": len(real_images), "n_generated": len(gen_images),
+                "n_references": len(split.reference), "notes": notes,
+            }
+            if compute_kid:
+                item["kid"] = kid_images(
+                    real_images, gen_images, feature_extractor=feature_extractor, subset_size=kid_subset_size,
+                    subsets=kid_subsets, seed=settings.seed, device=_device(settings.device),
+                    inception_weights=inception_weights,
+                )
+            if compute_ic_lpips:
+                refs = _load_images([s.image for s in split.reference], notes, "reference")
+                sizes = {im.size for im in gen_images + refs}
+                if sizes != {(lpips_size, lpips_size)}:
+                    notes.append(f"IC-LPIPS: images resized to {lpips_size}x{lpips_size}")
+                if distance is None:
+                    from defectfill.metrics.lpips import load_lpips
+
+                    distance = lpips_distance_fn(load_lpips(lpips_weights, device=_device(settings.device)),
+                                                 _device(settings.device))
+                item["ic_lpips"] = ic_lpips_details(
+                    _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
+            metrics["image_metrics"].append(item)
+            pictures[f"samples_{split.category}_{split.defect_type}"] = sample_grid(
+                _pairs(split.held_out), _pairs(gen_samples), n=grid_samples)
+            save()
+
+    # ---- downstream inspection models on every defect type of the category
+    if downstream != "none":
+        all_types = real_layout.defect_types(category)
+        all_splits = {s.defect_type: s for s in splits}
+        for t in all_types:
+            if t not in all_splits:
+                all_splits[t] = make_split(real_layout, category, t)
+        missing = [t for t in all_types if not gen_layout.root.joinpath(category, "test", t).is_dir()
+                   or not gen_layout.defect_samples(category, t)]
+        if missing:
+            raise DefectFillError(
+                f"{generated}: no generated images of {category} defect type(s) {', '.join(missing)}; the "
+                "downstream models are trained on every type of the category. Generate them first."
+            )
+        generated_by_type = {t: gen_layout.defect_samples(category, t) for t in all_types}
+        no_held_out = [t for t in all_types if not all_splits[t].held_out]
+        if no_held_out:
+            raise DefectFillError(
+                f"{real_layout.root}: no held-out real images of {category} type(s) {', '.join(no_held_out)} "
+                "to test the downstream models on."
+            )
+        settings.device = _device(settings.device)
+
+        if downstream in ("classify", "both"):
+            train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
+            test = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].held_out]
+
+            def on_classify(progress: dict[str, Any]) -> None:
+                metrics["downstream"]["classify"] = progress
+                save()
+
+            result = train_classifier(train, test, all_types, settings, classifier_factory, on_classify)
+            metrics["downstream"]["classify"] = result
+            pictures[f"confusion_{category}"] = confusion_picture(result["confusion_matrix"], all_types)
+            save()
+
+        if downstream in ("localize", "both"):
+            train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
+            train += [(p, None) for p in real_layout.good_images(category)]
+            test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]
+            test += [(p, None) for p in real_layout.good_test_images(category)]
+
+            def on_localize(progress: dict[str, Any]) -> None:
+                metrics["downstream"]["localize"] = progress
+                save()
+
+            metrics["downstream"]["localize"] = train_localiser(train, test, settings, localiser_factory, on_localize)
+            save()
+
+    write_report(output, metrics, pictures)
+    return metrics
+
+
+def _summary(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for item in metrics["image_metrics"]:
+        head = f"{item['category']}/{item['defect_type']}"
+        k = item.get("kid")
+        if k is not None:
+            lines.append(f"{head}: KID " + (
+                f"{k['mean_x1e3']:.2f} ± {k['std_x1e3']:.2f} (x10^3, subset size {k['subset_size']})"
+                if k["available"] else f"unavailable: {k['reason']}"))
+        ic = item.get("ic_lpips")
+        if ic is not None:
+            lines.append(f"{head}: IC-LPIPS " + (f"{ic['value']:.4f}" if ic["available"] else f"unavailable: {ic['reason']}"))
+    cls = metrics["downstream"].get("classify")
+    if cls:
+        lines.append(f"classify: accuracy {cls['accuracy']:.4f}")
+    loc = metrics["downstream"].get("localize")
+    if loc:
+        for level in ("image", "pixel"):
+            s = loc[level]
+            lines.append(f"localize {level}: AUROC {s['auroc']}, AP {s['ap']}, F1-max {s['f1_max']}")
+    return lines
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """The command: evaluate with the standard networks and print a summary. Returns the exit status."""
+    settings = DownstreamSettings(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
+        seed=args.seed, pretrained=args.pretrained, device=args.device,
+    )
+    if args.kid_subset_size < 2 or args.kid_subsets < 1:
+        raise DefectFillError("--kid-subset-size must be at least 2 and --kid-subsets at least 1.")
+    if args.lpips_size < 32:
+        raise DefectFillError(f"--lpips-size must be at least 32 (got {args.lpips_size}).")
+    metrics = evaluate(
+        args.generated, args.output, run=args.run, data=args.data, category=args.category,
+        defect_type=args.defect_type, layout=args.layout, downstream=args.downstream,
+        compute_kid=args.kid, compute_ic_lpips=args.ic_lpips, kid_subset_size=args.kid_subset_size,
+        kid_subsets=args.kid_subsets, lpips_size=args.lpips_size, grid_samples=args.grid_samples,
+        settings=settings, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
+    )
+    for line in _summary(metrics):
+        print(line)
+    print(f"report: {Path(args.output) / 'report.html'} (and report.md, metrics.json)")
+    return 0
