@@ -244,7 +244,7 @@ def test_writer_shapes_on_foreground(run_dir, demo_root, tmp_path):
         assert mask.any() and not (mask & ~fg).any() and 0.01 <= mask.mean() <= 0.05
 
 
-def test_killed_run_resumes_to_exact_count(run_dir, tmp_path):
+def test_killed_run_resumes_to_exact_count(run_dir, tmp_path, monkeypatch):
     out = tmp_path / "resume"
     args = _args(run_dir, out, "--count", "5", "--candidates", "1")
     run_generate(args, stop_after=2)
@@ -255,8 +255,17 @@ def test_killed_run_resumes_to_exact_count(run_dir, tmp_path):
     with open(out / MANIFEST, "a") as fh:
         fh.write('{"index": 4, "ima')
     first = {r["index"]: r for r in _manifest_lines(out)}
+    generated = []
+    original = DefectGenerator.__call__
+
+    def spy(self, image, mask, seed=0):
+        generated.append(seed)
+        return original(self, image, mask, seed)
+
+    monkeypatch.setattr(DefectGenerator, "__call__", spy)
     run_generate(_args(run_dir, out, "--count", "5", "--candidates", "1"))
     rows = _manifest(out)
+    assert len(generated) == 3 and set(generated) == {r["seed"] for r in rows[2:]}  # only the unfinished items
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
     assert rows[0] == first[0] and rows[1] == first[1]  # finished items were kept, not redone
     assert np.asarray(load_rgb(stray)).reshape(-1, 3).tolist().count([255, 0, 0]) < 64 * 64  # redone
@@ -265,7 +274,7 @@ def test_killed_run_resumes_to_exact_count(run_dir, tmp_path):
     assert not list(out.rglob("*.tmp*"))
     # same arguments again: nothing to do, nothing duplicated
     run_generate(_args(run_dir, out, "--count", "5", "--candidates", "1"))
-    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4]
+    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4] and len(generated) == 3
 
 
 def _manifest_lines(out):
