@@ -315,6 +315,7 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
         for level in ("image", "pixel"):
             s = loc[level]
             lines.append(f"localize {level}: AUROC {s['auroc']}, AP {s['ap']}, F1-max {s['f1_max']}")
+        lines.append(f"localize PRO (FPR <= 0.3): {loc['pro']}")
     return lines
 
 

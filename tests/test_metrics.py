@@ -197,6 +197,26 @@ def test_binary_scores_hand_worked():
     assert one_class["auroc"] is None and one_class["f1_max"] is None
 
 
+def test_pro_hand_worked():
+    from defectfill.metrics.downstream import pro_score
+
+    # one 1x13 image: region A = pixels 0-1 (score 1), region B = pixel 3 (score 0.5);
+    # the 10 defect-free pixels score 0 except pixels 2 and 4 (0.75, i.e. 20% of them)
+    mask = np.zeros((1, 1, 13), bool)
+    mask[0, 0, [0, 1, 3]] = True
+    score = np.zeros((1, 1, 13))
+    score[0, 0, [0, 1]] = 1.0
+    score[0, 0, 3] = 0.5
+    score[0, 0, [2, 4]] = 0.75
+    # curve (FPR, PRO): (0, 0.5) -> (0.2, 0.5) -> (0.2, 1) -> (1, 1); area to 0.3 = 0.2*0.5 + 0.1*1 = 0.2
+    assert pro_score(score, mask) == pytest.approx(0.2 / 0.3)
+    # tensors work as arrays do
+    assert pro_score(torch.tensor(score), torch.tensor(mask)) == pytest.approx(0.2 / 0.3)
+    assert pro_score(mask.astype(float), mask) == pytest.approx(1.0)
+    assert pro_score(1.0 - mask, mask) == pytest.approx(0.0)
+    assert pro_score(score, np.zeros_like(mask)) is None
+
+
 def test_classification_scores_hand_worked():
     from defectfill.metrics.downstream import classification_scores
 
@@ -297,6 +317,9 @@ def test_localiser_trains_and_its_metrics_match_torchmetrics(demo_root, settings
                                                   abs=1e-6)
     assert result["n_test_defect"] == 2 and result["n_test_good"] == 3
     assert 0 <= result["pixel"]["f1_max"] <= 1
+    from defectfill.metrics.downstream import pro_score
+
+    assert result["pro"] == pytest.approx(pro_score(prob[:, 0], masks[:, 0] > 0))
 
 
 def test_downstream_bad_settings_and_inputs(settings, demo_root):
@@ -326,14 +349,15 @@ def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
         "settings": {"category": "disc", "kid_subsets": 100},
         "image_metrics": [{
             "category": "disc", "defect_type": "spot", "n_real_held_out": 4, "n_generated": 3,
-            "kid": {"available": True, "mean": 0.0123, "std": 0.001, "mean_x1e3": 12.3, "subset_size": 3},
+            "kid": {"available": True, "mean": 0.0123, "std": 0.001, "mean_x1e3": 12.3, "std_x1e3": 1.0,
+                    "subset_size": 3, "subsets": 1},
             "ic_lpips": {"available": False, "reason": "IC-LPIPS needs a cluster with at least 2 generated images"},
             "notes": ["resized images of size 48x48 to 64x64"],
         }],
         "downstream": {
             "classify": {"accuracy": 0.5, "per_type_accuracy": {"spot": 1.0, "scratch": 0.0}},
             "localize": {"image": {"auroc": 0.9, "ap": 0.8, "f1_max": 0.7}, "pixel": {"auroc": 0.95, "ap": 0.6,
-                                                                                      "f1_max": 0.55}},
+                                                                                      "f1_max": 0.55}, "pro": 0.42},
         },
     }
     paths = write_report(tmp_path / "eval", metrics,
@@ -342,9 +366,11 @@ def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
     page = paths["html"].read_text()
     md = paths["markdown"].read_text()
     for name in ["kid.mean", "kid.mean_x1e3", "kid.subset_size", "ic_lpips.reason", "accuracy",
-                 "per_type_accuracy.spot", "image.auroc", "pixel.ap", "pixel.f1_max", "kid_subsets", "48x48"]:
+                 "per_type_accuracy.spot", "image.auroc", "pixel.ap", "pixel.f1_max", "pro", "kid_subsets", "48x48",
+                 "KID x 10^3 (mean ± std)", "IC-LPIPS", "localize pixel AUROC / AP / F1-max"]:
         assert name in page and name in md, name
-    assert "12.3" in page and "0.0123" in md
+    assert "12.300 ± 1.000" in page and "0.0123" in md and "0.42" in md
+    assert "unavailable: IC-LPIPS needs a cluster" in md
     embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
     assert len(embedded) == 2
     assert base64.b64decode(embedded[0]) == (tmp_path / "eval" / "samples_disc_spot.png").read_bytes()

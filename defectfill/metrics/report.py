@@ -55,10 +55,10 @@ def confusion_picture(matrix: Sequence[Sequence[int]], classes: Sequence[str], c
     """The confusion matrix as a shaded table (rows: true type, columns: predicted type)."""
     k = len(classes)
     label_w = max(80, 8 * max((len(c) for c in classes), default=4))
-    img = Image.new("RGB", (label_w + k * cell + 1, 20 + label_w // 2 + k * cell + 1), (255, 255, 255))
+    img = Image.new("RGB", (max(label_w + k * cell + 1, 230), 20 + label_w // 2 + k * cell + 1), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     top = 20 + label_w // 2
-    draw.text((label_w, 2), "predicted ->   (rows: true type)", fill=(0, 0, 0))
+    draw.text((4, 2), "rows: true type, columns: predicted", fill=(0, 0, 0))
     for j, name in enumerate(classes):
         draw.text((label_w + j * cell + 2, top - 14), name[: cell // 7], fill=(0, 0, 0))
     for i, name in enumerate(classes):
@@ -108,14 +108,46 @@ def _rows(record: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
+def _summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
+    """The headline numbers, one row each, before the full tables."""
+    rows: list[tuple[str, str]] = []
+    for item in metrics.get("image_metrics", []):
+        head = f"{item['category']}/{item['defect_type']}"
+        rows.append((f"{head} images (real held-out / generated)", f"{item['n_real_held_out']} / {item['n_generated']}"))
+        k = item.get("kid")
+        if k is not None:
+            rows.append((f"{head} KID x 10^3 (mean ± std)", (
+                f"{k['mean_x1e3']:.3f} ± {k['std_x1e3']:.3f} (subset size {k['subset_size']}, {k['subsets']} subsets)"
+                if k["available"] else f"unavailable: {k['reason']}")))
+        ic = item.get("ic_lpips")
+        if ic is not None:
+            rows.append((f"{head} IC-LPIPS", f"{ic['value']:.4f}" if ic["available"] else f"unavailable: {ic['reason']}"))
+    cls = metrics.get("downstream", {}).get("classify")
+    if cls and "accuracy" in cls:
+        rows.append(("classify accuracy", _fmt(cls["accuracy"])))
+    loc = metrics.get("downstream", {}).get("localize")
+    if loc and "image" in loc:
+        for level in ("image", "pixel"):
+            s = loc[level]
+            rows.append((f"localize {level} AUROC / AP / F1-max",
+                         f"{_fmt(s['auroc'])} / {_fmt(s['ap'])} / {_fmt(s['f1_max'])}"))
+        if loc.get("pro") is not None:
+            rows.append(("localize PRO (FPR <= 0.3)", _fmt(loc["pro"])))
+    return rows
+
+
 def _sections(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
-    sections = []
+    sections = [("Summary", _summary_rows(metrics))]
     for item in metrics.get("image_metrics", []):
         title = f"{item['category']} / {item['defect_type']}: KID and IC-LPIPS"
         sections.append((title, _rows({k: v for k, v in item.items() if k not in ("category", "defect_type")})))
     for name, record in metrics.get("downstream", {}).items():
         shown = {k: v for k, v in record.items() if k not in ("predictions", "confusion_matrix")}
-        sections.append((f"Downstream: {name}", _rows(shown)))
+        rows = _rows(shown)
+        if "confusion_matrix" in record and "classes" in record:
+            rows += [(f"confusion[true={c}] (columns: {', '.join(record['classes'])})", ", ".join(map(str, row)))
+                     for c, row in zip(record["classes"], record["confusion_matrix"], strict=True)]
+        sections.append((f"Downstream: {name}", rows))
     sections.append(("Settings", _rows(metrics.get("settings", {}))))
     return sections
 
