@@ -90,6 +90,25 @@ def _read_run(run: Path) -> tuple[dict[str, Any], Split]:
     return config, read_split(run / "split.json")
 
 
+def _rebase(split: Split, root: Path) -> Split:
+    """The split with every path moved from its recorded dataset root to `root`."""
+    def move(samples: list[DefectSample]) -> list[DefectSample]:
+        out = []
+        for s in samples:
+            try:
+                image = root / s.image.relative_to(split.data_root)
+                mask = root / s.mask.relative_to(split.data_root) if s.mask is not None else None
+            except ValueError:
+                raise DefectFillError(
+                    f"{s.image}: outside the split's dataset root {split.data_root}; cannot move it to {root}."
+                ) from None
+            out.append(DefectSample(image, mask, s.defect_type))
+        return out
+
+    return Split(split.layout, root, split.category, split.defect_type, move(split.reference),
+                 move(split.held_out), move(split.skipped_empty))
+
+
 def _generated_samples(generated: Layout, category: str, defect_type: str) -> list[DefectSample]:
     root = generated.root
     try:
@@ -165,6 +184,13 @@ def evaluate(
     run_config: dict[str, Any] = {}
     if run is not None:
         run_config, run_split = _read_run(Path(run))
+        if data is not None:  # the dataset moved since training: the split's paths are relative to its root
+            run_split = _rebase(run_split, Path(data))
+        elif not run_split.data_root.is_dir():
+            raise DefectFillError(
+                f"{run_split.data_root}: the run's dataset folder is gone (named in {Path(run) / 'split.json'}). "
+                "Pass its new place with --data."
+            )
         category = run_split.category
         splits = [run_split]
         real_layout = open_layout(run_split.data_root, run_split.layout)
@@ -279,6 +305,12 @@ def evaluate(
             save()
 
         if downstream in ("localize", "both"):
+            unmasked = [s.image for t in all_types for s in generated_by_type[t] if s.mask is None]
+            if unmasked:  # without its mask a generated defect image would be learnt as a good one
+                raise DefectFillError(
+                    f"{unmasked[0]}: generated image has no mask (expected <stem>_mask.png in the ground_truth "
+                    f"folder of its type; {len(unmasked)} such image(s)). The localiser needs every mask."
+                )
             train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
             train += [(p, None) for p in real_layout.good_images(category)]
             test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]

@@ -209,3 +209,27 @@ def test_cli_arguments_and_run_evaluate(demo_root, run_dir, tmp_path, monkeypatc
                   "--output", str(tmp_path / "e3"), "--epochs", "0"])
     with pytest.raises(DefectFillError, match="--epochs"):
         run_evaluate(bad)
+
+
+def test_run_with_moved_dataset_uses_data(demo_root, run_dir, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_root, moved)
+    split = json.loads((run_dir / "split.json").read_text())
+    split["data_root"] = str(tmp_path / "gone")
+    (run_dir / "split.json").write_text(json.dumps(split))
+    synth = make_generated(demo_root, tmp_path / "synth", types=("scratch",))
+    with pytest.raises(DefectFillError, match="--data"):
+        evaluate(synth, tmp_path / "eval", run=run_dir, feature_extractor=PoolFeatures(), distance=abs_distance)
+    metrics = evaluate(synth, tmp_path / "eval", run=run_dir, data=moved, feature_extractor=PoolFeatures(),
+                       distance=abs_distance, lpips_size=32, kid_subsets=2)
+    assert metrics["image_metrics"][0]["n_real_held_out"] == 4
+    assert metrics["settings"]["data"] == str(moved.resolve())
+
+
+def test_localiser_refuses_generated_images_without_masks(demo_root, tmp_path):
+    synth = make_generated(demo_root, tmp_path / "synth")
+    victim = synth / "disc" / "ground_truth" / "spot" / "002_mask.png"
+    victim.unlink()
+    with pytest.raises(DefectFillError, match="002.png: generated image has no mask"):
+        evaluate(synth, tmp_path / "eval", data=demo_root, category="disc", downstream="localize",
+                 compute_kid=False, compute_ic_lpips=False)
