@@ -115,6 +115,10 @@ def add_lora(unet: nn.Module, text_encoder: nn.Module | None, rank: int = 8) -> 
     """Add rank-`rank` LoRA to the UNet attention projections and the text encoder (alpha = rank, scale 1)."""
     from peft import LoraConfig
 
+    # freeze first: afterwards exactly the LoRA tensors require grad
+    unet.requires_grad_(False)
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_LORA_TARGETS))
     if text_encoder is not None:
         text_encoder.add_adapter(
@@ -156,7 +160,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding, new_rows: torch.Tensor):
         super().__init__()
-        self.base = base
+        self.base = base.requires_grad_(False)
         self.base_size = base.num_embeddings
         self.new_rows = nn.Parameter(new_rows.detach().clone().float())
 
@@ -278,7 +282,8 @@ class AttentionRecorder:
         self.maps = []
 
     def stop(self) -> None:
-        self.token_weights = None
+        """Drop the recorded maps. The token weights stay set: gradient checkpointing re-runs the
+        forward during backward, and the recomputation must do exactly what the forward did."""
         self.maps = []
 
     def _record(self, probs: torch.Tensor) -> None:  # probs: (B, heads, Nq, 77)

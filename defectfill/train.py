@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +84,15 @@ def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.
     unet, text_encoder, vae, tokenizer = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for module in (unet, text_encoder, vae):
         module.requires_grad_(False)
-    token_embedding = None
-    if config.new_token:
-        token_embedding = add_trainable_token(tokenizer, text_encoder, config.new_token, init_word=config.token)
     for module in (vae, unet, text_encoder):
         module.to(device)
         if weight_dtype != torch.float32:
             module.to(dtype=weight_dtype)
-    add_lora(unet, text_encoder, config.lora_rank)
+    add_lora(unet, text_encoder, config.lora_rank)  # freezes both, then adds the LoRA tensors
+    token_embedding = None
+    if config.new_token:  # after add_lora, which would freeze the new row
+        token_embedding = add_trainable_token(tokenizer, text_encoder, config.new_token, init_word=config.token)
+        token_embedding.to(device)
     for module in (unet, text_encoder):
         for p in module.parameters():
             if p.requires_grad:
@@ -359,6 +361,7 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
     )
     pipe.set_progress_bar_config(disable=True)
     prompt = config.object_prompt.format(token=config.prompt_token, object=object_name(config.category))
+    models.recorder.start(None)  # plain cross-attention while sampling
     was_training = models.unet.training
     models.unet.eval()
     models.text_encoder.eval()
@@ -386,6 +389,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
     `config.model` is loaded.
     """
     from accelerate import Accelerator
+    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     out = Path(config.output).expanduser()
@@ -395,9 +399,16 @@ def train(config: TrainConfig, pipe=None) -> Path:
     split = make_split(layout, config.category, config.defect_type)
     ref_images, ref_masks = load_references(split, config.resolution)
 
+    # Several runs in one process (tests, `defectfill run`) may differ in precision; accelerate keeps
+    # one global state, so forget the last run's (the distributed setup, PartialState, is kept).
+    from accelerate.state import AcceleratorState
+
+    if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=1)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    set_seed(config.seed)  # the LoRA's random init draws from the global generator
     models = build_models(config, device, weight_dtype, pipe=pipe)
     prompts = prompt_inputs(models.tokenizer, config)
 
@@ -467,6 +478,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
                 for k, v in terms.detached().items():
                     sums[k] += v.float()
                 n_sums += 1
+            step_lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step uses
             grad_norm = None
             if step_ok:
                 grad_norm = accelerator.clip_grad_norm_(unet_params + text_params, config.max_grad_norm)
@@ -474,7 +486,9 @@ def train(config: TrainConfig, pipe=None) -> Path:
                 if accelerator.optimizer_step_was_skipped:  # fp16 loss scaler found inf/NaN gradients
                     step_ok = False
             optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step()
+            with warnings.catch_warnings():  # the schedule follows the step counter, skipped steps included
+                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+                lr_scheduler.step()
             if step_ok:
                 nonfinite_in_a_row = 0
             else:
@@ -493,15 +507,15 @@ def train(config: TrainConfig, pipe=None) -> Path:
                 means = {k: float(v) / n_sums for k, v in sums.items()}
                 for k, v in means.items():
                     writer.add_scalar(f"loss/{k}", v, done)
-                writer.add_scalar("lr/unet", optimizer.param_groups[0]["lr"], done)
-                writer.add_scalar("lr/text", optimizer.param_groups[1]["lr"], done)
+                writer.add_scalar("lr/unet", step_lrs[0], done)
+                writer.add_scalar("lr/text", step_lrs[1], done)
                 if grad_norm is not None:
                     writer.add_scalar("grad_norm", float(grad_norm), done)
                 writer.add_scalar("skipped_steps", skipped, done)
                 progress.set_postfix(loss=f"{means['total']:.4f}", ldef=f"{means['defect']:.4f}",
                                      lobj=f"{means['object']:.4f}", lattn=f"{means['attention']:.4f}")
                 log.info("step %d loss %.5f def %.5f obj %.5f attn %.5f lr %.2e skipped %d", done, means["total"],
-                         means["defect"], means["object"], means["attention"], optimizer.param_groups[0]["lr"], skipped)
+                         means["defect"], means["object"], means["attention"], step_lrs[0], skipped)
                 sums = {k: torch.zeros((), device=device) for k in sums}
                 n_sums = 0
             if done % config.save_every == 0 or done == config.steps:

@@ -1,0 +1,156 @@
+"""Model side: loading, the 9-channel UNet input order, LoRA, the token, the attention recorder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image
+
+from defectfill.errors import DefectFillError
+from defectfill.model import (
+    AttentionRecorder,
+    add_lora,
+    add_trainable_token,
+    build_tiny_pipeline,
+    decoder_cross_attention_names,
+    encode_inpaint_condition,
+    load_pipeline,
+    token_positions,
+    unet_input,
+)
+
+
+def test_load_pipeline_from_saved_folder_offline(tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = load_pipeline(str(tiny_model_dir))
+    assert isinstance(pipe, StableDiffusionInpaintPipeline)
+    assert pipe.unet.config.in_channels == 9
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.pad_token == "!"
+
+
+def test_unet_input_order_matches_the_stock_pipeline(tiny_model_dir, monkeypatch):
+    """The UNet sees [noisy latent, mask, masked-image latent], exactly as StableDiffusionInpaintPipeline builds it."""
+    # The posterior's mean instead of a sample, so both paths are deterministic.
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    pipe = load_pipeline(str(tiny_model_dir))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask_np = np.zeros((64, 64), dtype=np.uint8)
+    mask_np[10:30, 20:50] = 255
+    seen = []
+    original_forward = pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        seen.append(sample.detach().clone())
+        return original_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    pipe(prompt="a", image=image, mask_image=Image.fromarray(mask_np), height=64, width=64,
+         num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    stock = seen[0]  # (1, 9, 16, 16)
+
+    image_t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+    mask_t = torch.from_numpy(mask_np.astype(np.float32) / 255)[None, None]
+    with torch.no_grad():
+        mask_lat, masked_lat = encode_inpaint_condition(pipe.vae, image_t, mask_t)
+    ours = unet_input(stock[:, :4], mask_lat, masked_lat)
+    assert ours.shape == (1, 9, 16, 16)
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    # and the mask channel really is the mask (a swapped order would put latents there)
+    assert torch.equal(stock[:, 4:5], mask_lat)
+    assert set(stock[:, 4].unique().tolist()) == {0.0, 1.0}
+
+
+def test_refuses_a_non_inpainting_unet(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    pipe = build_tiny_pipeline()
+    cfg = dict(pipe.unet.config)
+    cfg["in_channels"] = 4
+    pipe.unet = UNet2DConditionModel.from_config(cfg)
+    pipe.register_modules(unet=pipe.unet)
+    pipe.save_pretrained(tmp_path / "text2img")
+    with pytest.raises(DefectFillError, match="4 input channels.*inpainting UNet takes 9"):
+        load_pipeline(str(tmp_path / "text2img"))
+
+
+def test_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(DefectFillError, match="not a diffusers pipeline folder"):
+        load_pipeline(str(tmp_path))
+
+
+def test_lora_targets_exactly_the_design_modules():
+    pipe = build_tiny_pipeline()
+    add_lora(pipe.unet, pipe.text_encoder, rank=8)
+    unet_lora = {n.split(".lora_")[0] for n, p in pipe.unet.named_parameters() if p.requires_grad}
+    text_lora = {n.split(".lora_")[0] for n, p in pipe.text_encoder.named_parameters() if p.requires_grad}
+    assert unet_lora and all(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n in unet_lora)
+    assert text_lora and all(n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) for n in text_lora)
+    ranks = {p.shape[0] for n, p in pipe.unet.named_parameters() if "lora_A" in n}
+    assert ranks == {8}
+    assert all(p.requires_grad == ("lora_" in n) for n, p in pipe.text_encoder.named_parameters())
+
+
+def test_recorder_only_on_decoder_cross_attention():
+    pipe = build_tiny_pipeline()
+    names = decoder_cross_attention_names(pipe.unet)
+    assert names and all(n.startswith("up_blocks.") and ".attn2." in n for n in names)
+    recorder = AttentionRecorder(pipe.unet)
+    processors = pipe.unet.attn_processors
+    for name, processor in processors.items():
+        recorded = type(processor).__name__ == "_RecordingCrossAttnProcessor"
+        assert recorded == (name in names), name
+    recorder.remove()
+    assert all(type(p).__name__ != "_RecordingCrossAttnProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_recorder_output_matches_sdpa_and_maps_carry_gradient():
+    pipe = build_tiny_pipeline()
+    add_lora(pipe.unet, pipe.text_encoder, rank=4)
+    with torch.no_grad():  # make the LoRA non-zero so the gradient check is meaningful
+        for n, p in pipe.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x = torch.randn(2, 9, 16, 16)
+    t = torch.tensor([10, 500])
+    text = torch.randn(2, 77, 32)
+    with torch.no_grad():
+        reference = pipe.unet(x, t, encoder_hidden_states=text).sample
+    recorder = AttentionRecorder(pipe.unet)
+    weights = torch.zeros(1, 77)
+    weights[0, 4] = 1.0
+    recorder.start(weights)
+    out = pipe.unet(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(out, reference, atol=1e-4, rtol=1e-4)
+    maps = recorder.aggregate((16, 16), 4)
+    assert maps.shape == (1, 4, 4)
+    assert torch.isclose(maps.amax(), torch.tensor(1.0))
+    assert len(recorder.maps) == len(recorder.names)
+    maps.sum().backward()
+    to_k = [p.grad for n, p in pipe.unet.named_parameters() if "up_blocks" in n and "attn2.to_k.lora_B" in n]
+    assert to_k and all(g is not None and g.abs().sum() > 0 for g in to_k)
+
+
+def test_token_positions_and_trainable_token_row():
+    pipe = build_tiny_pipeline()
+    tok = pipe.tokenizer
+    assert token_positions(tok, "A photo of sks", "sks") == [4]
+    assert token_positions(tok, "A metal nut with sks", "sks") == [5]
+    with pytest.raises(DefectFillError, match="does not appear"):
+        token_positions(tok, "A photo of a nut", "sks")
+    base = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    emb = add_trainable_token(tok, pipe.text_encoder, "<hole>")
+    ids = tok("A photo of <hole>").input_ids
+    assert 49408 in ids and len(tok) == 49409
+    out = pipe.text_encoder(torch.tensor([ids]))[0]
+    # not out.sum(): the final LayerNorm makes that constant, so its gradient is 0
+    (out * torch.randn_like(out)).sum().backward()
+    assert emb.new_rows.grad is not None and emb.new_rows.grad.abs().sum() > 0
+    assert not emb.base.weight.requires_grad
+    assert torch.equal(emb.base.weight, base)
+    with pytest.raises(DefectFillError, match="already a word"):
+        add_trainable_token(tok, pipe.text_encoder, "<hole>")

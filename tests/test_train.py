@@ -1,0 +1,251 @@
+"""The training loop: which weights change, the attention loss, warm-up, resume, saved LoRA, mixed precision."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+from helpers import tiny_config
+from PIL import Image
+from safetensors.torch import load_file
+
+import defectfill.train as train_module
+from defectfill.errors import DefectFillError
+from defectfill.losses import LossTerms
+from defectfill.model import load_pipeline
+from defectfill.train import (
+    build_models,
+    defectfill_losses,
+    load_references,
+    make_micro_batch,
+    prompt_inputs,
+    train,
+    warmup_lambda,
+)
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    """Every tensor of the three networks, under names that survive PEFT's wrapping (base_layer)."""
+    out = {}
+    for prefix, module in (("unet.", pipe.unet), ("text_encoder.", pipe.text_encoder), ("vae.", pipe.vae)):
+        for name, tensor in module.state_dict().items():
+            # PEFT renames x.weight to x.base_layer.weight; a new token moves the table to token_embedding.base
+            name = name.replace(".base_layer", "").replace("token_embedding.base.", "token_embedding.")
+            out[prefix + name] = tensor.detach().clone()
+    return out
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in after if k not in before or not torch.equal(before[k], after[k])}
+
+
+def test_one_step_changes_exactly_the_lora_weights(demo_root, tiny_model_dir, tmp_path):
+    pipe = load_pipeline(str(tiny_model_dir))
+    before = _state(pipe)
+    train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=1), pipe=pipe)
+    after = _state(pipe)
+    changed = _changed(before, after)
+    assert changed, "one step changed nothing"
+    assert all("lora_" in k for k in changed), sorted(k for k in changed if "lora_" not in k)[:5]
+    # lora_B starts at 0, so only a real gradient moves it (weight decay alone cannot)
+    assert any(k.startswith("unet.") and "lora_B" in k for k in changed)
+    assert any(k.startswith("text_encoder.") and "lora_B" in k for k in changed), "text-encoder LoRA did not train"
+
+
+def test_new_token_row_trains_and_nothing_else_outside_lora(demo_root, tiny_model_dir, tmp_path):
+    pipe = load_pipeline(str(tiny_model_dir))
+    before = _state(pipe)
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=1, new_token="<scratch>"), pipe=pipe)
+    after = _state(pipe)
+    emb = pipe.text_encoder.get_input_embeddings()
+    init = before["text_encoder.embeddings.token_embedding.weight"][
+        pipe.tokenizer("sks", add_special_tokens=False).input_ids].mean(0)
+    assert not torch.allclose(emb.new_rows.detach()[0], init), "the new token's row did not train"
+    changed = _changed(before, after)
+    assert all("lora_" in k or k.endswith("new_rows") for k in changed)
+    assert "text_encoder.embeddings.token_embedding.weight" not in changed  # the original table is untouched
+    saved = load_file(str(run / "learned_embeds.safetensors"))
+    assert set(saved) == {"<scratch>"}
+    torch.testing.assert_close(saved["<scratch>"], emb.new_rows.detach()[0])
+    # the stock pipeline reads it as a textual-inversion embedding, beside the LoRA
+    fresh = StableDiffusionInpaintPipeline.from_pretrained(str(tiny_model_dir))
+    fresh.load_lora_weights(str(run))
+    fresh.load_textual_inversion(str(run / "learned_embeds.safetensors"), token="<scratch>")
+    new_id = fresh.tokenizer.convert_tokens_to_ids("<scratch>")
+    torch.testing.assert_close(fresh.text_encoder.get_input_embeddings().weight[new_id], saved["<scratch>"])
+
+
+def _losses_and_grads(models, config, batch, prompts):
+    terms = defectfill_losses(models, batch, prompts, config, torch.device("cpu"))
+    terms.total.backward()
+    grads = {n: p.grad.clone() for module in (models.unet, models.text_encoder)
+             for n, p in module.named_parameters() if p.grad is not None}
+    for module in (models.unet, models.text_encoder):
+        module.zero_grad(set_to_none=True)
+    return terms, grads
+
+
+@pytest.fixture
+def models_and_batch(demo_root, tiny_model_dir, tmp_path):
+    from defectfill.data import make_split, open_layout
+
+    config = tiny_config(demo_root, tmp_path / "run", tiny_model_dir)
+    models = build_models(config, torch.device("cpu"), torch.float32, pipe=load_pipeline(str(tiny_model_dir)))
+    with torch.no_grad():  # non-zero LoRA so gradients reach both A and B
+        for module in (models.unet, models.text_encoder):
+            for n, p in module.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    images, masks = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
+    return config, models, images, masks, prompt_inputs(models.tokenizer, config)
+
+
+def test_attention_loss_alone_has_gradient(models_and_batch):
+    config, models, images, masks, prompts = models_and_batch
+    config.lambda_def, config.lambda_obj, config.lambda_attn = 0.0, 0.0, 1.0
+    terms, grads = _losses_and_grads(models, config, make_micro_batch(images, masks, config, 0, 0, 0, 1), prompts)
+    assert terms.total > 0 and torch.equal(terms.total, terms.attention)
+    up_k = [g for n, g in grads.items() if n.startswith("up_blocks") and "attn2.to_k.lora" in n]
+    text = [g for n, g in grads.items() if "lora" in n and ("self_attn" in n)]
+    assert up_k and all(g.abs().sum() > 0 for g in up_k), "attention maps are detached"
+    assert text and any(g.abs().sum() > 0 for g in text), "attention loss does not reach the text encoder"
+
+
+def test_attention_only_training_changes_lora(demo_root, tiny_model_dir, tmp_path):
+    pipe = load_pipeline(str(tiny_model_dir))
+    before = _state(pipe)
+    train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=1, lambda_def=0.0, lambda_obj=0.0,
+                      lambda_attn=1.0), pipe=pipe)
+    changed = _changed(before, _state(pipe))
+    assert any("lora_B" in k for k in changed)
+
+
+def test_gradient_checkpointing_gives_the_same_losses_and_gradients(models_and_batch):
+    config, models, images, masks, prompts = models_and_batch
+    batch = make_micro_batch(images, masks, config, 0, 0, 0, 1)
+    terms, grads = _losses_and_grads(models, config, batch, prompts)
+    models.unet.enable_gradient_checkpointing()
+    batch = make_micro_batch(images, masks, config, 0, 0, 0, 1)
+    terms_ckpt, grads_ckpt = _losses_and_grads(models, config, batch, prompts)
+    for name in ("defect", "object", "attention", "total"):
+        torch.testing.assert_close(getattr(terms_ckpt, name), getattr(terms, name))
+    assert grads.keys() == grads_ckpt.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], atol=1e-5, rtol=1e-4)
+
+
+def test_micro_batch_is_a_function_of_seed_and_step(models_and_batch):
+    config, _, images, masks, _ = models_and_batch
+    a = make_micro_batch(images, masks, config, 5, 0, 0, 1)
+    b = make_micro_batch(images, masks, config, 5, 0, 0, 1)
+    c = make_micro_batch(images, masks, config, 6, 0, 0, 1)
+    assert torch.equal(a.images, b.images) and torch.equal(a.box_masks, b.box_masks)
+    assert not torch.equal(a.box_masks, c.box_masks)
+    # the defect stays inside the crop
+    for i in range(a.masks.shape[0]):
+        assert a.masks[i].sum() > 0
+
+
+def test_warmup_never_leaves_the_rate_at_zero(demo_root, tiny_model_dir, tmp_path):
+    factor = warmup_lambda(100)
+    assert factor(0) == pytest.approx(0.01) and factor(99) == 1.0 and factor(5000) == 1.0
+    assert warmup_lambda(0)(0) == 1.0
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=1, warmup_steps=100))
+    line = next(line for line in (run / "train.log").read_text().splitlines() if " step 1 " in line)
+    lr = float(line.split(" lr ")[1].split()[0])
+    assert lr == pytest.approx(2e-4 / 100)
+
+
+def _final_lora(run) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "pytorch_lora_weights.safetensors"))
+
+
+def test_resume_continues_the_same_run(demo_root, tiny_model_dir, tmp_path):
+    straight = train(tiny_config(demo_root, tmp_path / "straight", tiny_model_dir, steps=4, grad_accum=2))
+    first = tiny_config(demo_root, tmp_path / "resumed", tiny_model_dir, steps=2, save_every=2, grad_accum=2)
+    train(first)
+    assert (tmp_path / "resumed" / "checkpoint-2" / "trainer_state.json").is_file()
+    second = tiny_config(demo_root, tmp_path / "resumed", tiny_model_dir, steps=4, save_every=2, grad_accum=2,
+                         resume="latest")
+    resumed = train(second)
+    a, b = _final_lora(straight), _final_lora(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5)
+    state = json.loads((resumed / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["step"] == 4
+
+
+def test_saved_lora_loads_into_the_stock_pipeline_and_changes_its_output(demo_root, tiny_model_dir, tmp_path):
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=3, warmup_steps=0, lr_unet=5e-2,
+                            lr_text=5e-2))
+    image = Image.open(demo_root / "disc" / "train" / "good" / "000.png").convert("RGB")
+    mask = Image.fromarray((np.arange(64)[None, :] > 20).repeat(64, 0).astype(np.uint8) * 255)
+
+    def inpaint(pipe):
+        return pipe(prompt="A disc with sks", image=image, mask_image=mask, height=64, width=64,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(tiny_model_dir))
+    plain = inpaint(pipe)
+    pipe.load_lora_weights(str(run))
+    n_unet = sum("lora_A" in n for n, _ in pipe.unet.named_parameters())
+    n_text = sum("lora_A" in n for n, _ in pipe.text_encoder.named_parameters())
+    assert n_unet > 0 and n_text > 0, "LoRA not loaded into both UNet and text encoder"
+    with_lora = inpaint(pipe)
+    assert np.abs(with_lora - plain).max() > 1e-3
+
+
+def test_run_folder_contents(demo_root, tiny_model_dir, tmp_path):
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=2, save_every=1, sample_every=2,
+                            sample_steps=1))
+    config = json.loads((run / "config.json").read_text())
+    assert config["base_model"] == str(tiny_model_dir) and "defectfill_version" in config
+    assert config["lambda_attn"] == 0.05 and config["steps"] == 2
+    split = json.loads((run / "split.json").read_text())
+    assert [r["image"] for r in split["reference"]] == ["disc/test/scratch/000.png", "disc/test/scratch/001.png"]
+    assert len(split["held_out"]) == 4
+    assert (run / "checkpoint-1").is_dir() and (run / "checkpoint-2").is_dir()
+    assert not any(p.name.startswith(".") for p in run.iterdir()), "temporary files left behind"
+    assert (run / "logs" / "samples" / "step-000002.png").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in (run / "logs").iterdir())
+
+
+def test_bf16_keeps_trainable_weights_fp32(demo_root, tiny_model_dir, tmp_path):
+    config = tiny_config(demo_root, tmp_path / "run", tiny_model_dir, mixed_precision="bf16")
+    models = build_models(config, torch.device("cpu"), torch.bfloat16, pipe=load_pipeline(str(tiny_model_dir)))
+    trainable = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
+    frozen = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    train(config, pipe=load_pipeline(str(tiny_model_dir)))  # runs end to end under bf16 autocast
+
+
+def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root, tiny_model_dir, tmp_path, monkeypatch):
+    real = train_module.defectfill_losses
+    calls = {"n": 0}
+
+    def first_is_nan(*args, **kwargs):
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] == 1:
+            nan = terms.total * float("nan")
+            return LossTerms(terms.defect, terms.object, terms.attention, nan)
+        return terms
+
+    monkeypatch.setattr(train_module, "defectfill_losses", first_is_nan)
+    run = train(tiny_config(demo_root, tmp_path / "one", tiny_model_dir, steps=3, save_every=3))
+    state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 1
+    assert "non-finite" in (run / "train.log").read_text()
+
+    def always_nan(*args, **kwargs):
+        terms = real(*args, **kwargs)
+        return LossTerms(terms.defect, terms.object, terms.attention, terms.total * float("nan"))
+
+    monkeypatch.setattr(train_module, "defectfill_losses", always_nan)
+    with pytest.raises(DefectFillError, match="3 non-finite losses in a row"):
+        train(tiny_config(demo_root, tmp_path / "many", tiny_model_dir, steps=10, max_nonfinite_steps=3))
