@@ -233,3 +233,42 @@ def test_localiser_refuses_generated_images_without_masks(demo_root, tmp_path):
     with pytest.raises(DefectFillError, match="002.png: generated image has no mask"):
         evaluate(synth, tmp_path / "eval", data=demo_root, category="disc", downstream="localize",
                  compute_kid=False, compute_ic_lpips=False)
+
+
+class FailsOnSecondEpoch(TinyClassifier):
+    """Trains one epoch, then crashes: what was computed before must already be on disk."""
+
+    calls = 0
+
+    def forward(self, x):
+        FailsOnSecondEpoch.calls += 1
+        if FailsOnSecondEpoch.calls > 2:  # 8 images, batch 4: two calls per epoch
+            raise RuntimeError("simulated crash")
+        return super().forward(x)
+
+
+def test_results_are_saved_as_they_come(demo_root, tmp_path):
+    from defectfill.metrics.downstream import DownstreamSettings
+
+    synth = make_generated(demo_root, tmp_path / "synth", n=4)
+    settings = DownstreamSettings(epochs=3, batch_size=4, image_size=32, pretrained=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        evaluate(synth, tmp_path / "eval", data=demo_root, category="disc", downstream="classify",
+                 settings=settings, feature_extractor=PoolFeatures(), distance=abs_distance, lpips_size=32,
+                 kid_subsets=2, classifier_factory=lambda k, p: FailsOnSecondEpoch(k))
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert [m["defect_type"] for m in saved["image_metrics"]] == ["scratch", "spot"]
+    assert saved["image_metrics"][0]["kid"]["available"]
+    progress = saved["downstream"]["classify"]
+    assert progress["status"] == "training" and progress["epoch"] == 1 and len(progress["train_loss"]) == 1
+
+
+def test_unreadable_inception_weights_file(tmp_path):
+    from defectfill.metrics.kid import inception_feature_extractor
+
+    bad = tmp_path / "inception.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DefectFillError, match="cannot read Inception weights"):
+        inception_feature_extractor(bad)
+    with pytest.raises(DefectFillError, match="not found"):
+        inception_feature_extractor(tmp_path / "missing.pth")
