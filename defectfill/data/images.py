@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from defectfill.errors import DefectFillError
@@ -77,18 +78,16 @@ def save_mask(mask: np.ndarray, path: str | Path) -> None:
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(path)
 
 
-def image_to_tensor(image: Image.Image, size: int) -> "torch.Tensor":
+def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """PIL RGB -> (3, size, size) float in [-1, 1], resized with antialiasing."""
-    import torch
 
     image = image.resize((size, size), Image.Resampling.BICUBIC) if image.size != (size, size) else image
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def mask_to_tensor(mask: np.ndarray, size: int) -> "torch.Tensor":
+def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
     """Boolean HxW -> (1, size, size) float in {0, 1} (area-resized, binarised at 0.5)."""
-    import torch
 
     m = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
     if m.size != (size, size):
