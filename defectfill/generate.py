@@ -231,6 +231,7 @@ class DefectGenerator:
         scorer: Scorer | None = None,
         lpips_weights: str | None = None,
         device: str | torch.device = "cpu",
+        save_attention: bool = False,
     ):
         if candidates < 1:
             raise DefectFillError("--candidates must be at least 1.")
@@ -248,6 +249,7 @@ class DefectGenerator:
         self.device = torch.device(device)
         self._scorer = scorer
         self._lpips_weights = lpips_weights
+        self.save_attention = save_attention
 
     @classmethod
     def from_run(
@@ -287,9 +289,26 @@ class DefectGenerator:
             self._scorer = LPIPSScorer(load_lpips(self._lpips_weights, device=self.device))
         return self._scorer
 
+    def _token_weights(self, n: int) -> torch.Tensor:
+        """(B, 77) weights of the token's positions for a UNet batch of n candidates.
+
+        Under classifier-free guidance the pipeline's UNet batch is [unconditional n, conditional n];
+        only the conditional rows see the prompt, so the unconditional rows get zero weight.
+        """
+        from defectfill.model import token_positions
+
+        positions = token_positions(self.pipe.tokenizer, self.prompt, self.token)
+        cfg = self.guidance > 1.0
+        weights = torch.zeros(2 * n if cfg else n, self.pipe.tokenizer.model_max_length)
+        weights[n if cfg else 0 :, positions] = 1.0 / len(positions)
+        return weights
+
     @torch.no_grad()
-    def _sample(self, image: Image.Image, mask: np.ndarray, seed: int) -> tuple[np.ndarray, list[int]]:
-        """-> (N, R, R, 3) uint8 at the run's resolution, and the candidate seeds."""
+    def _sample(
+        self, image: Image.Image, mask: np.ndarray, seed: int
+    ) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+        """-> (N, R, R, 3) uint8 at the run's resolution, the candidate seeds, and with
+        save_attention the token's cross-attention maps (N, R, R) in [0, 1] (else None)."""
         r = self.resolution
         image_r = image.resize((r, r), Image.Resampling.BICUBIC) if image.size != (r, r) else image
         # area-resize, any coverage counts: a thin mask never vanishes at the model's size
@@ -298,17 +317,34 @@ class DefectGenerator:
         mask_r = Image.fromarray(m_r.astype(np.uint8) * 255, mode="L")
         seeds = [candidate_seed(seed, i) for i in range(self.candidates)]
         gen_device = "cpu" if self.device.type == "mps" else self.device
-        outputs = []
-        for start in range(0, self.candidates, self.batch_size):
-            chunk = seeds[start : start + self.batch_size]
-            generators = [torch.Generator(gen_device).manual_seed(s) for s in chunk]
-            out = self.pipe(
-                prompt=self.prompt, image=image_r, mask_image=mask_r, height=r, width=r,
-                num_images_per_prompt=len(chunk), generator=generators,
-                num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
-            ).images  # (n, R, R, 3) float in [0, 1]
-            outputs.append(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8))
-        return np.concatenate(outputs), seeds
+        outputs, maps = [], []
+        recorder = None
+        if self.save_attention:
+            from defectfill.model import AttentionRecorder, vae_scale_factor
+
+            recorder = AttentionRecorder(self.pipe.unet)
+            latent = r // vae_scale_factor(self.pipe.vae)
+        try:
+            for start in range(0, self.candidates, self.batch_size):
+                chunk = seeds[start : start + self.batch_size]
+                generators = [torch.Generator(gen_device).manual_seed(s) for s in chunk]
+                if recorder is not None:
+                    recorder.start(self._token_weights(len(chunk)).to(self.device))
+                out = self.pipe(
+                    prompt=self.prompt, image=image_r, mask_image=mask_r, height=r, width=r,
+                    num_images_per_prompt=len(chunk), generator=generators,
+                    num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
+                ).images  # (n, R, R, 3) float in [0, 1]
+                outputs.append(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8))
+                if recorder is not None:
+                    # mean over every decoder layer and step; the conditional rows are the last n
+                    agg = recorder.aggregate((latent, latent), r)[-len(chunk) :]  # (n, R, R)
+                    maps.append(agg.float().cpu().numpy())
+                    recorder.stop()
+        finally:
+            if recorder is not None:
+                recorder.remove()
+        return np.concatenate(outputs), seeds, (np.concatenate(maps) if maps else None)
 
     def __call__(self, image: Image.Image, mask: np.ndarray, seed: int = 0) -> GenerationResult:
         """N candidates for one defect-free image and target mask (True = defect), the LFS choice among them."""
@@ -317,7 +353,7 @@ class DefectGenerator:
         if not mask.any():
             raise DefectFillError("the target mask is empty: draw the defect region in white.")
         source = np.asarray(image)  # (H, W, 3) uint8
-        raw, seeds = self._sample(image, mask, seed)
+        raw, seeds, maps = self._sample(image, mask, seed)
         w, h = image.size
         resized = np.stack([
             np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) if c.shape[:2] != (h, w) else c
@@ -328,9 +364,13 @@ class DefectGenerator:
             chosen, scores = 0, None
         else:
             chosen, scores = select_low_fidelity(pasted, source, mask, self.scorer)
+        attention = None
+        if maps is not None:
+            att = Image.fromarray(maps[chosen].astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
+            attention = np.clip(np.asarray(att), 0.0, 1.0)  # (H, W)
         return GenerationResult(
-            image=Image.fromarray(pasted[chosen]), mask=mask,
-            candidates=[Image.fromarray(c) for c in pasted], scores=scores, chosen=chosen, seeds=seeds,
+            image=Image.fromarray(pasted[chosen]), mask=mask, candidates=[Image.fromarray(c) for c in pasted],
+            scores=scores, chosen=chosen, attention=attention, seeds=seeds,
         )
 
 
@@ -476,7 +516,8 @@ def _prepare_output(out: OutputFolder, identity: dict[str, Any], resume: bool, o
             previous = json.loads(state_path.read_text())
         except ValueError:
             previous = None
-        if previous != identity and not resume:
+        # a folder with no finished item holds nothing to protect (e.g. a first attempt that failed early)
+        if previous != identity and not resume and out.finished():
             what = "another run" if previous is None or previous.get("run") != identity["run"] or \
                 previous.get("run_config_sha256") != identity["run_config_sha256"] else "other settings"
             raise DefectFillError(
@@ -556,7 +597,8 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="candidates per pipeline call (default: all candidates of an image in one call)")
     parser.add_argument("--save-candidates", action="store_true", help="also write every candidate to candidates/")
-    parser.add_argument("--save-attention", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-attention", action="store_true",
+                        help="also write the token's cross-attention map of each chosen image to attention/")
     parser.add_argument("--lpips-weights", default=None, help="local AlexNet weights for LPIPS (offline machines)")
     parser.add_argument("--preview-rows", type=int, default=8, help="rows of preview.png")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: accelerate's device)")
@@ -571,8 +613,6 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
 
     if args.count is None or args.count < 1:
         raise DefectFillError(f"--count {args.count}: must be at least 1.")
-    if args.save_attention:
-        raise DefectFillError("--save-attention is not implemented yet; run without it.")
     if args.resume and args.overwrite:
         raise DefectFillError("--resume and --overwrite exclude each other; pass one.")
     scale = parse_mask_scale(args.mask_scale)
@@ -603,8 +643,10 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
         generator = DefectGenerator.from_run(
             run_dir, device=device, dtype=DTYPES[args.dtype], prompt=args.prompt, scheduler=args.scheduler,
             candidates=args.candidates, steps=args.steps, guidance=args.guidance, feather=args.feather,
-            batch_size=args.batch_size, lpips_weights=args.lpips_weights,
+            batch_size=args.batch_size, lpips_weights=args.lpips_weights, save_attention=args.save_attention,
         )
+        if args.candidates > 1:
+            generator.scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
         part = out.part_path(rank)
         bar = tqdm(mine, desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
                    position=rank if distributed else None, disable=None)
@@ -619,6 +661,9 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
             if args.save_candidates:
                 for c, cand in enumerate(result.candidates):
                     _save_png(cand, out.candidate_path(item.index, c))
+            if result.attention is not None:
+                heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
+                _save_png(heat, out.attention_path(item.index))
             if item.index < args.preview_rows:
                 _save_png(_preview_strip(source, result), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
             row = {
@@ -627,6 +672,8 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
                 "mask_source": item.mask_source, "seed": item.seed, "candidate_seeds": result.seeds,
                 "scores": result.scores, "chosen": result.chosen, "settings": settings,
             }
+            if result.attention is not None:
+                row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
             # appended only now that image and mask exist: a manifest row always means a finished item
             with open(part, "a") as fh:
                 fh.write(json.dumps(row) + "\n")

@@ -168,6 +168,49 @@ def test_empty_mask_is_refused(generator, demo_root):
         generator(_good(demo_root), np.zeros((64, 64), bool), seed=0)
 
 
+def test_new_token_run_loads_its_embedding(run_dir, tmp_path, demo_root):
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run-new-token"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["new_token"] = "<scr>"
+    (run / "config.json").write_text(json.dumps(config))
+    row = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    save_file({"<scr>": row}, str(run / "learned_embeds.safetensors"))
+    gen = DefectGenerator.from_run(run, steps=2, candidates=1)
+    assert gen.prompt == "A disc with <scr>"
+    token_id = gen.pipe.tokenizer.convert_tokens_to_ids("<scr>")
+    assert torch.allclose(gen.pipe.text_encoder.get_input_embeddings().weight[token_id], row)
+    assert gen(_good(demo_root), _box_mask(), seed=0).image.size == (64, 64)
+    (run / "learned_embeds.safetensors").unlink()
+    with pytest.raises(DefectFillError, match="learned_embeds"):
+        DefectGenerator.from_run(run)
+
+
+def test_token_weights_only_on_conditional_rows(generator):
+    w = generator._token_weights(3)  # guidance 7.5: UNet batch [uncond 3, cond 3]
+    assert w.shape == (6, 77)
+    assert (w[:3] == 0).all() and torch.allclose(w[3:].sum(1), torch.ones(3))
+    assert w[3, 4] == 1.0  # "<start> a disc with sks": the token is position 4
+
+
+def test_save_attention_map(run_dir, demo_root):
+    gen = DefectGenerator.from_run(run_dir, steps=2, candidates=2, scorer=FixedScorer([0.0, 1.0]),
+                                   save_attention=True)
+    processors = dict(gen.pipe.unet.attn_processors)
+    result = gen(_good(demo_root), _box_mask(), seed=3)
+    assert result.attention is not None and result.attention.shape == (64, 64)
+    assert 0 <= result.attention.min() and result.attention.max() == pytest.approx(1, abs=0.05)
+    assert result.attention.std() > 0
+    assert all(type(p) is type(processors[n]) for n, p in gen.pipe.unet.attn_processors.items())  # restored
+    plain = DefectGenerator.from_run(run_dir, steps=2, candidates=2, scorer=FixedScorer([0.0, 1.0]))
+    other = plain(_good(demo_root), _box_mask(), seed=3)
+    assert other.attention is None
+    diff = np.abs(np.asarray(result.image, dtype=int) - np.asarray(other.image, dtype=int))
+    assert diff.max() <= 3  # recording does not change the samples (explicit softmax vs SDPA rounding only)
+
+
 # --------------------------------------------------------------------------- Low-Fidelity Selection
 
 
@@ -211,7 +254,7 @@ def test_candidates_one_skips_lpips(run_dir, demo_root):
 
 def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, random_lpips):
     out = tmp_path / "synth"
-    assert run_generate(_args(run_dir, out, "--count", "3", "--save-candidates")) == 0
+    assert run_generate(_args(run_dir, out, "--count", "3", "--save-candidates", "--save-attention")) == 0
     rows = _manifest(out)
     assert [r["index"] for r in rows] == [0, 1, 2]
     for r in rows:
@@ -222,6 +265,7 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
         assert mask.any() and np.array_equal(saved[~mask], src[~mask])
     assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, 128 * 3)
     assert len(list((out / "candidates").rglob("*.png"))) == 6
+    assert all(Image.open(out / r["attention"]).size == (64, 64) for r in rows)
     # read back by the project's own MVTec loader
     layout = open_layout(out, "mvtec")
     assert layout.name == "mvtec" and layout.defect_types("disc") == ["scratch"]
@@ -408,3 +452,30 @@ def test_empty_held_out_suggests_shapes(run_dir, tmp_path):
     (run / "split.json").write_text(json.dumps(split))
     with pytest.raises(DefectFillError, match="held-out set is empty.*--masks shapes"):
         run_generate(_args(run, tmp_path / "o", "--count", "1"))
+
+
+def test_lpips_download_failure_names_the_way_out(run_dir, tmp_path, monkeypatch):
+    import lpips
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(lpips, "LPIPS", offline)
+    out = tmp_path / "o"
+    with pytest.raises(DefectFillError, match="--lpips-weights.*--candidates 1"):
+        run_generate(_args(run_dir, out, "--count", "1"))
+    assert not (out / "disc").exists()  # failed before sampling anything
+    run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1"))  # the way out works
+    assert len(_manifest(out)) == 1
+
+
+def test_cli_generate_prints_error_without_traceback(run_dir, tmp_path, capsys):
+    from defectfill.cli import main
+
+    code = main(["generate", "--run", str(run_dir), "--output", str(tmp_path / "o"), "--count", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--count" in err and "Traceback" not in err
+    code = main(["generate", "--run", str(run_dir), "--output", str(tmp_path / "o"), "--count", "1",
+                 "--steps", "2", "--candidates", "1"])
+    assert code == 0 and (tmp_path / "o" / "disc" / "test" / "scratch" / "000.png").is_file()
