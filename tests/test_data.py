@@ -1,0 +1,170 @@
+"""Data: image modes, masks, layouts, the split, augmentation, box masks."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from defectfill.data import load_mask, load_rgb, make_split, object_name, open_layout
+from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
+from defectfill.errors import DefectFillError
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "P", "LA", "CMYK"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    arr = np.linspace(0, 255, 16 * 16).reshape(16, 16).astype(np.uint8)
+    if mode == "I;16":
+        image = Image.fromarray(arr.astype(np.uint16) * 257)
+        assert image.mode.startswith("I;16")
+    else:
+        image = Image.fromarray(arr).convert(mode)
+    path = tmp_path / ("x.tif" if mode == "CMYK" else "x.png")
+    image.save(path)
+    rgb = load_rgb(path)
+    assert rgb.mode == "RGB" and rgb.size == (16, 16)
+    out = np.asarray(rgb)
+    # brightness order survives (a 16-bit image is not clipped to white)
+    assert out[0, 0].mean() < out[-1, -1].mean()
+    assert out[-1, -1].mean() > 200
+
+
+@pytest.mark.parametrize("kind", ["0/1", "0/255", "antialiased", "16bit", "rgb"])
+def test_masks_become_binary(tmp_path, kind):
+    m = np.zeros((20, 20), dtype=np.uint8)
+    m[5:15, 5:15] = 1
+    if kind == "0/1":
+        image = Image.fromarray(m)
+    elif kind == "0/255":
+        image = Image.fromarray(m * 255)
+    elif kind == "antialiased":
+        soft = m * 255
+        soft[4, 5:15] = 100  # an edge below half: background
+        soft[15, 5:15] = 200  # an edge above half: defect
+        image = Image.fromarray(soft)
+    elif kind == "16bit":
+        image = Image.fromarray(m.astype(np.uint16) * 65535)
+    else:
+        image = Image.fromarray(np.stack([m * 255, m * 0, m * 0], -1))
+    image.save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png")
+    assert mask.dtype == bool
+    expected = m.astype(bool)
+    if kind == "antialiased":
+        expected[15, 5:15] = True
+    assert np.array_equal(mask, expected)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DefectFillError, match="broken.png.*cannot read"):
+        load_rgb(bad)
+
+
+def test_layout_detection(tmp_path, demo_root):
+    assert open_layout(demo_root).name == "mvtec"
+    df2 = tmp_path / "df2" / "nut" / "train"
+    (df2 / "defective" / "crack").mkdir(parents=True)
+    (df2 / "defective_masks" / "crack").mkdir(parents=True)
+    src = demo_root / "disc" / "test" / "scratch"
+    shutil.copy(src / "000.png", df2 / "defective" / "crack" / "a.png")
+    shutil.copy(demo_root / "disc" / "ground_truth" / "scratch" / "000_mask.png",
+                df2 / "defective_masks" / "crack" / "a_mask.png")
+    layout = open_layout(tmp_path / "df2")
+    assert layout.name == "defectfill2" and layout.defect_types("nut") == ["crack"]
+    assert layout.defect_samples("nut", "crack")[0].mask.name == "a_mask.png"
+    folder = tmp_path / "plain"
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    shutil.copy(src / "000.png", folder / "images" / "p.png")
+    shutil.copy(demo_root / "disc" / "ground_truth" / "scratch" / "000_mask.png", folder / "masks" / "p.png")
+    layout = open_layout(folder)
+    assert layout.name == "folder"
+    assert layout.defect_samples("metal_nut", "dent")[0].mask.name == "p.png"
+    with pytest.raises(DefectFillError, match="cannot tell the dataset layout"):
+        open_layout(tmp_path / "plain" / "images")
+
+
+def test_unknown_category_and_type_list_what_exists(demo_root):
+    layout = open_layout(demo_root)
+    with pytest.raises(DefectFillError, match="unknown category 'hazelnut'.*disc, weave"):
+        layout.defect_samples("hazelnut", "hole")
+    with pytest.raises(DefectFillError, match="unknown defect type 'hole'.*scratch, spot"):
+        layout.defect_samples("disc", "hole")
+
+
+def test_split_is_first_third_sorted_and_at_least_one(demo_root, tmp_path):
+    split = make_split(open_layout(demo_root), "disc", "scratch")
+    assert [s.image.name for s in split.reference] == ["000.png", "001.png"]
+    assert [s.image.name for s in split.held_out] == ["002.png", "003.png", "004.png", "005.png"]
+    root = tmp_path / "one"
+    shutil.copytree(demo_root / "disc", root / "disc")
+    for name in ("001", "002", "003", "004", "005"):
+        (root / "disc" / "test" / "scratch" / f"{name}.png").unlink()
+    split = make_split(open_layout(root), "disc", "scratch")
+    assert len(split.reference) == 1 and split.held_out == []
+
+
+def _copy(demo_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(demo_root / "disc", root / "disc")
+    return root
+
+
+def test_missing_mask_is_named(demo_root, tmp_path):
+    root = _copy(demo_root, tmp_path)
+    (root / "disc" / "ground_truth" / "scratch" / "002_mask.png").unlink()
+    with pytest.raises(DefectFillError, match="002.png: defect image has no mask"):
+        make_split(open_layout(root), "disc", "scratch")
+
+
+def test_mask_of_another_size_is_named(demo_root, tmp_path):
+    root = _copy(demo_root, tmp_path)
+    path = root / "disc" / "ground_truth" / "scratch" / "003_mask.png"
+    Image.open(path).resize((32, 32)).save(path)
+    with pytest.raises(DefectFillError, match="003_mask.png: mask is 32x32 but its image 003.png is 64x64"):
+        make_split(open_layout(root), "disc", "scratch")
+
+
+def test_empty_masks_are_skipped_then_fail_when_none_remain(demo_root, tmp_path, caplog):
+    root = _copy(demo_root, tmp_path)
+    gt = root / "disc" / "ground_truth" / "scratch"
+    Image.new("L", (64, 64), 0).save(gt / "000_mask.png")
+    split = make_split(open_layout(root), "disc", "scratch")
+    assert "000.png" not in [s.image.name for s in split.reference + split.held_out]
+    assert [s.image.name for s in split.skipped_empty] == ["000.png"]
+    assert "000_mask.png: mask is empty" in caplog.text
+    for p in gt.iterdir():
+        Image.new("L", (64, 64), 0).save(p)
+    with pytest.raises(DefectFillError, match="every mask of defect type 'scratch'.*empty"):
+        make_split(open_layout(root), "disc", "scratch")
+
+
+def test_crop_keeps_the_defect_inside():
+    image = torch.rand(3, 64, 64) * 2 - 1
+    for corner in [(0, 0), (0, 58), (58, 0), (58, 58), (30, 30)]:
+        mask = torch.zeros(1, 64, 64)
+        mask[:, corner[0]:corner[0] + 6, corner[1]:corner[1] + 6] = 1
+        for seed in range(20):
+            out_image, out_mask = resize_crop_keep_defect(image, mask, torch.Generator().manual_seed(seed), 1.125)
+            assert out_image.shape == (3, 64, 64) and out_mask.shape == (1, 64, 64)
+            # the whole defect survives: at least its original area (scaled up by >= 1)
+            assert out_mask.sum() >= mask.sum() * 0.95, (corner, seed)
+
+
+def test_box_mask_is_a_union_of_boxes_in_range():
+    gen = torch.Generator().manual_seed(0)
+    mask = random_box_mask(200, 200, gen, num_boxes=1, min_side=0.03, max_side=0.25)
+    ys, xs = torch.nonzero(mask[0], as_tuple=True)
+    h, w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+    assert 6 <= h <= 50 and 6 <= w <= 50 and mask.sum() == h * w
+    many = random_box_mask(200, 200, torch.Generator().manual_seed(1), num_boxes=30)
+    assert 0 < many.mean() < 1
+
+
+def test_object_name():
+    assert object_name("metal_nut") == "metal nut"
