@@ -327,6 +327,10 @@ def evaluate(
     return metrics
 
 
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _summary(metrics: dict[str, Any]) -> list[str]:
     lines = []
     for item in metrics["image_metrics"]:
@@ -346,8 +350,8 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
     if loc:
         for level in ("image", "pixel"):
             s = loc[level]
-            lines.append(f"localize {level}: AUROC {s['auroc']}, AP {s['ap']}, F1-max {s['f1_max']}")
-        lines.append(f"localize PRO (FPR <= 0.3): {loc['pro']}")
+            lines.append(f"localize {level}: AUROC {_num(s['auroc'])}, AP {_num(s['ap'])}, F1-max {_num(s['f1_max'])}")
+        lines.append(f"localize PRO (FPR <= 0.3): {_num(loc['pro'])}")
     return lines
 
 

@@ -272,3 +272,11 @@ def test_unreadable_inception_weights_file(tmp_path):
         inception_feature_extractor(bad)
     with pytest.raises(DefectFillError, match="not found"):
         inception_feature_extractor(tmp_path / "missing.pth")
+
+
+def test_cli_reports_bad_input_without_traceback(tmp_path, capsys):
+    from defectfill.cli import main
+
+    rc = main(["evaluate", "--generated", str(tmp_path / "nope"), "--output", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "generated folder not found" in err and "Traceback" not in err
