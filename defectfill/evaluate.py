@@ -174,6 +174,8 @@ def evaluate(
     settings.check()
     if downstream not in ("none", "classify", "localize", "both"):
         raise DefectFillError(f"--downstream must be none, classify, localize or both (got {downstream!r}).")
+    if not (compute_kid or compute_ic_lpips) and downstream == "none":
+        raise DefectFillError("Nothing to evaluate: --no-kid and --no-ic-lpips without --downstream. Drop one.")
     output = Path(output)
     generated = Path(generated)
     if not generated.is_dir():

@@ -171,6 +171,9 @@ def test_missing_inputs(demo_root, tmp_path):
         evaluate(synth, tmp_path / "eval")
     with pytest.raises(DefectFillError, match="generated folder not found"):
         evaluate(tmp_path / "nope", tmp_path / "eval", data=demo_root, category="disc")
+    with pytest.raises(DefectFillError, match="Nothing to evaluate"):
+        evaluate(synth, tmp_path / "eval", data=demo_root, category="disc", compute_kid=False,
+                 compute_ic_lpips=False)
     with pytest.raises(DefectFillError, match="split file not found"):
         (tmp_path / "emptyrun").mkdir()
         evaluate(synth, tmp_path / "eval", run=tmp_path / "emptyrun")
