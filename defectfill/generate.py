@@ -499,7 +499,9 @@ def _identity(run_dir: Path, config: dict[str, Any], settings: dict[str, Any]) -
     return {"run": str(run_dir.resolve()), "run_config_sha256": config_hash, "settings": settings}
 
 
-def _prepare_output(out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool, is_main: bool) -> None:
+def _prepare_output(
+    out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool, is_main: bool = True
+) -> None:
     """Refuse a folder holding other results unless told; clear our own files for --overwrite."""
     state_path = out.root / STATE
     if overwrite and is_main and state_path.is_file():
@@ -569,7 +571,10 @@ def _process_info(args: argparse.Namespace):
     """(rank, world size, real distributed?) from accelerate; tests may simulate rank/world via args."""
     from accelerate import PartialState
 
-    state = PartialState()
+    # without cpu=True, accelerate treats a launch on a machine with no GPU as one process each,
+    # and every process would generate every item
+    device = getattr(args, "device", None) or ""
+    state = PartialState(cpu=device.startswith("cpu") or not torch.cuda.is_available())
     rank = getattr(args, "rank", None)
     world = getattr(args, "world_size", None)
     if rank is not None and world is not None:
@@ -632,12 +637,16 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
     }
     out = OutputFolder(Path(args.output).expanduser(), category, defect_type, args.count)
     identity = _identity(run_dir, config, settings)
-    _prepare_output(out, identity, args.resume, args.overwrite, is_main=rank == 0 or not distributed)
+    if rank == 0 or not distributed:
+        # one process checks and prepares the folder; the others wait so they never see it half-prepared
+        _prepare_output(out, identity, args.resume, args.overwrite, is_main=True)
     if distributed:
         state.wait_for_everyone()
 
     done = out.finished()
     mine = [it for it in items if it.index % world == rank and it.index not in done]
+    log.info("process %d of %d: %d item(s) to generate, %d of %d already finished.",
+             rank, world, len(mine), len(done), args.count)
     if mine:
         device = args.device or (str(state.device) if distributed else ("cuda" if torch.cuda.is_available() else "cpu"))
         generator = DefectGenerator.from_run(

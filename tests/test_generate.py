@@ -479,3 +479,25 @@ def test_cli_generate_prints_error_without_traceback(run_dir, tmp_path, capsys):
     code = main(["generate", "--run", str(run_dir), "--output", str(tmp_path / "o"), "--count", "1",
                  "--steps", "2", "--candidates", "1"])
     assert code == 0 and (tmp_path / "o" / "disc" / "test" / "scratch" / "000.png").is_file()
+
+
+def test_two_real_processes_under_torchrun(run_dir, tmp_path):
+    """accelerate's CPU multi-process (gloo) under torchrun: disjoint items, one merged manifest."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "mp"
+    script = tmp_path / "entry.py"
+    # arguments travel in the environment: torchrun's own parser would take --run as its --run-path
+    script.write_text("import os, shlex, sys\nfrom defectfill.cli import main\n"
+                      "sys.exit(main(shlex.split(os.environ['GEN_ARGS'])))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "GEN_ARGS": f"generate --run {run_dir} --output {out} --count 5 --steps 2 --candidates 1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "process 0 of 2: 3 item(s)" in proc.stderr and "process 1 of 2: 2 item(s)" in proc.stderr
+    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4]
+    assert not list(out.glob("manifest.part*"))
+    assert len(list((out / "disc" / "test" / "scratch").glob("*.png"))) == 5
