@@ -403,6 +403,12 @@ def _image_list(args: argparse.Namespace, config: dict[str, Any]) -> list[Path]:
         where = f"{data} (defect-free images of {config['category']!r})"
     if not images:
         raise DefectFillError(f"{where}: no defect-free images found; pass --images DIR.")
+    for path in images:  # headers only: a bad file fails now, not after the model has loaded
+        try:
+            with Image.open(path) as im:
+                im.size  # noqa: B018
+        except (OSError, ValueError) as exc:
+            raise DefectFillError(f"{path}: cannot read this file as an image ({exc}). Replace or remove it.") from None
     return images
 
 

@@ -410,10 +410,16 @@ def test_bad_count(run_dir, tmp_path, count):
         run_generate(_args(run_dir, tmp_path / "o", "--count", count))
 
 
-def test_images_that_are_not_images(run_dir, tmp_path):
+def test_images_that_are_not_images(run_dir, tmp_path, monkeypatch):
     images = tmp_path / "imgs"
     images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "0.png")
     (images / "a.png").write_bytes(b"not a png")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the images were checked")
+
+    monkeypatch.setattr(DefectGenerator, "from_run", no_model)
     with pytest.raises(DefectFillError, match="a.png.*cannot read"):
         run_generate(_args(run_dir, tmp_path / "o", "--count", "1", "--candidates", "1", "--images", str(images)))
     empty = tmp_path / "none"
