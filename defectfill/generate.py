@@ -484,9 +484,11 @@ class OutputFolder:
                 try:
                     row = json.loads(line)
                     index = int(row["index"])
+                    # the row's own paths: a later --count may change the width of the file names
+                    files = (self.root / row["image"], self.root / row["mask"])
                 except (ValueError, KeyError, TypeError):
                     continue
-                if self.image_path(index).is_file() and self.mask_path(index).is_file():
+                if all(f.is_file() for f in files):
                     rows[index] = row
         return rows
 
@@ -512,9 +514,9 @@ def _prepare_output(
     state_path = out.root / STATE
     if overwrite and is_main and state_path.is_file():
         # only what this tool writes is removed; anything else the user keeps there stays
-        for index in out.finished():
-            for p in (out.image_path(index), out.mask_path(index)):
-                p.unlink(missing_ok=True)
+        for row in out.finished().values():
+            for key in ("image", "mask"):
+                (out.root / row[key]).unlink(missing_ok=True)
         for name in ("candidates", "attention", _PREVIEW_DIR):
             shutil.rmtree(out.root / name, ignore_errors=True)
         for p in out.manifest_files() + [out.root / PREVIEW, state_path]:

@@ -277,15 +277,19 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
 
 def test_writer_shapes_on_foreground(run_dir, demo_root, tmp_path):
     out = tmp_path / "shapes"
-    args = _args(run_dir, out, "--count", "5", "--masks", "shapes", "--mask-scale", "0.01,0.05", "--candidates", "1")
+    args = _args(run_dir, out, "--count", "5", "--masks", "shapes", "--mask-scale", "0.01,0.05", "--candidates", "1",
+                 "--feather", "2")
     run_generate(args)
     rows = _manifest(out)
     assert sorted(r["mask_source"] for r in rows) == sorted(f"shape:{s}" for s in
                                                            ["ellipse", "square", "star", "line", "blob"])
     for r in rows:
         mask = load_mask(out / r["mask"])
-        fg = estimate_foreground(load_rgb(r["source_image"]))
+        source = load_rgb(r["source_image"])
+        fg = estimate_foreground(source)
         assert mask.any() and not (mask & ~fg).any() and 0.01 <= mask.mean() <= 0.05
+        saved = np.asarray(load_rgb(out / r["image"]))
+        assert np.array_equal(saved[~mask], np.asarray(source)[~mask])  # feathered, still exact outside
 
 
 def test_killed_run_resumes_to_exact_count(run_dir, tmp_path, monkeypatch):
@@ -319,6 +323,11 @@ def test_killed_run_resumes_to_exact_count(run_dir, tmp_path, monkeypatch):
     # same arguments again: nothing to do, nothing duplicated
     run_generate(_args(run_dir, out, "--count", "5", "--candidates", "1"))
     assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4] and len(generated) == 3
+    # a larger --count (4-digit names from 1000 on) keeps the finished items and adds the rest
+    monkeypatch.setattr("defectfill.generate.OutputFolder.image_path",
+                        lambda self, i: self.root / self.category / "test" / self.defect_type / f"{i:04d}.png")
+    run_generate(_args(run_dir, out, "--count", "6", "--candidates", "1"))
+    assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4, 5] and len(generated) == 4
 
 
 def _manifest_lines(out):
