@@ -142,6 +142,24 @@ def test_candidates_one_batched_call_and_reproducible(generator, demo_root, monk
     assert not np.array_equal(np.asarray(a.candidates[0]), np.asarray(c.candidates[0]))
 
 
+def test_batch_size_splits_candidates_into_calls(generator, demo_root, monkeypatch):
+    image, mask = _good(demo_root), _box_mask()
+    whole = generator(image, mask, seed=7)
+    calls = []
+    original = generator.pipe.__class__.__call__
+
+    def spy(self, *a, **k):
+        calls.append(k["num_images_per_prompt"])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(generator.pipe.__class__, "__call__", spy)
+    monkeypatch.setattr(generator, "batch_size", 2)
+    split = generator(image, mask, seed=7)
+    assert calls == [2, 1] and split.seeds == whole.seeds and len(split.candidates) == 3
+    for a, b in zip(whole.candidates[:2], split.candidates[:2], strict=True):  # same generators, same samples
+        assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
+
+
 def test_source_size_differs_from_resolution(generator):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     mask = np.zeros((48, 80), bool)
