@@ -398,8 +398,12 @@ def _image_list(args: argparse.Namespace, config: dict[str, Any]) -> list[Path]:
         data = config.get("data")
         if not data:
             raise DefectFillError("the run's config.json names no data folder; pass --images DIR of defect-free images.")
-        layout = open_layout(data, config.get("layout") or "auto")
-        images = layout.good_images(config["category"])
+        if not Path(data).expanduser().is_dir():
+            raise DefectFillError(
+                f"the run's data folder {data} is not there (moved or on another machine); "
+                "pass --images DIR of defect-free images."
+            )
+        images = open_layout(data, config.get("layout") or "auto").good_images(config["category"])
         where = f"{data} (defect-free images of {config['category']!r})"
     if not images:
         raise DefectFillError(f"{where}: no defect-free images found; pass --images DIR.")
@@ -422,6 +426,12 @@ def _mask_sources(args: argparse.Namespace, run_dir: Path) -> list[str]:
             raise DefectFillError(
                 f"{run_dir / 'split.json'}: the held-out set is empty (every defect image was used for training), "
                 "so there are no masks to reuse. Use --masks shapes or --masks DIR."
+            )
+        missing = [m for m in masks if not Path(m).is_file()]
+        if missing:
+            raise DefectFillError(
+                f"{missing[0]}: held-out mask not found ({len(missing)} of {len(masks)} missing; has the dataset "
+                f"moved since training?). Use --masks DIR or --masks shapes."
             )
         return masks
     return [str(p) for p in list_user_masks(args.masks)]
@@ -686,7 +696,8 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
             row = {
                 "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
                 "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
-                "mask_source": item.mask_source, "seed": item.seed, "candidate_seeds": result.seeds,
+                "mask_source": item.mask_source, "prompt": generator.prompt, "seed": item.seed,
+                "candidate_seeds": result.seeds,
                 "scores": result.scores, "chosen": result.chosen, "settings": settings,
             }
             if result.attention is not None:

@@ -278,6 +278,7 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
     for r in rows:
         assert len(r["scores"]) == 2 and r["chosen"] == int(np.argmax(r["scores"]))
         assert r["settings"]["steps"] == 2 and r["mask_source"].endswith("_mask.png")
+        assert r["prompt"] == "A disc with sks"
         saved, src = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
         mask = load_mask(out / r["mask"])
         assert mask.any() and np.array_equal(saved[~mask], src[~mask])
@@ -475,6 +476,24 @@ def test_user_masks_resized_to_each_image(run_dir, tmp_path):
     run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1", "--masks", str(masks)))
     saved = load_mask(out / "disc/ground_truth/scratch/000_mask.png")
     assert saved.shape == (64, 64) and saved.sum() == 4 * 80
+
+
+def test_moved_dataset_is_named(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(config))
+    split = json.loads((run / "split.json").read_text())
+    split["data_root"] = str(tmp_path / "gone")
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(DefectFillError, match="data folder.*--images"):
+        run_generate(_args(run, tmp_path / "o", "--count", "1"))
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(images / "0.png")
+    with pytest.raises(DefectFillError, match="held-out mask not found.*--masks shapes"):
+        run_generate(_args(run, tmp_path / "o", "--count", "1", "--images", str(images)))
 
 
 def test_empty_held_out_suggests_shapes(run_dir, tmp_path):
