@@ -638,6 +638,17 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
         raise DefectFillError(f"--count {args.count}: must be at least 1.")
     if args.resume and args.overwrite:
         raise DefectFillError("--resume and --overwrite exclude each other; pass one.")
+    # checked before anything is written or loaded
+    for ok, message in (
+        (args.candidates >= 1, "--candidates must be at least 1"),
+        (args.steps >= 1, "--steps must be at least 1"),
+        (args.guidance >= 0, "--guidance must be 0 or more"),
+        (args.feather >= 0, "--feather must be 0 or more pixels"),
+        (args.batch_size is None or args.batch_size >= 1, "--batch-size must be at least 1"),
+        (args.preview_rows >= 0, "--preview-rows must be 0 or more"),
+    ):
+        if not ok:
+            raise DefectFillError(message + ".")
     scale = parse_mask_scale(args.mask_scale)
     run_dir = Path(args.run).expanduser()
     config = read_run_config(run_dir)

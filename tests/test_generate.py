@@ -432,6 +432,14 @@ def test_run_folder_problems(run_dir, tmp_path):
         run_generate(_args(broken, tmp_path / "o", "--count", "1"))
 
 
+@pytest.mark.parametrize("flag", [("--candidates", "0"), ("--steps", "0"), ("--feather", "-1"), ("--batch-size", "0")])
+def test_bad_settings_fail_before_writing(run_dir, tmp_path, flag):
+    out = tmp_path / "o"
+    with pytest.raises(DefectFillError, match=flag[0]):
+        run_generate(_args(run_dir, out, "--count", "1", *flag))
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("count", ["0", "-3"])
 def test_bad_count(run_dir, tmp_path, count):
     with pytest.raises(DefectFillError, match="--count"):
