@@ -60,7 +60,7 @@ _LPIPS_MIN_SIDE = 64  # AlexNet's five stages need a few pixels left at the end
 
 
 class LPIPSScorer:
-    """LPIPS distance inside the mask's bounding box (crops resized so the short side is >= 64 px)."""
+    """LPIPS distance of bounding-box crops (each side stretched to >= 64 px for AlexNet's five stages)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
@@ -69,9 +69,9 @@ class LPIPSScorer:
         from defectfill.metrics.lpips import lpips_distance
 
         h, w = candidates.shape[-2:]
-        factor = max(1.0, _LPIPS_MIN_SIDE / min(h, w))
-        if factor > 1:
-            size = (round(h * factor), round(w * factor))
+        # each side stretched on its own: a 1x800 scratch box becomes 64x800, not 64x51200
+        size = (max(h, _LPIPS_MIN_SIDE), max(w, _LPIPS_MIN_SIDE))
+        if size != (h, w):
             candidates = F.interpolate(candidates, size=size, mode="bilinear", align_corners=False)
             source = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
         device = next(self.model.parameters()).device

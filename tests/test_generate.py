@@ -211,6 +211,26 @@ def test_token_weights_only_on_conditional_rows(generator):
     assert w.shape == (6, 77)
     assert (w[:3] == 0).all() and torch.allclose(w[3:].sum(1), torch.ones(3))
     assert w[3, 4] == 1.0  # "<start> a disc with sks": the token is position 4
+    generator.guidance = 1.0  # no classifier-free guidance: the UNet batch is the n conditional rows
+    try:
+        w = generator._token_weights(3)
+    finally:
+        generator.guidance = 7.5
+    assert w.shape == (3, 77) and torch.allclose(w.sum(1), torch.ones(3)) and (w[:, 4] == 1).all()
+
+
+def test_lpips_scorer_on_thin_boxes():
+    from defectfill.metrics.lpips import load_lpips
+
+    scorer = LPIPSScorer(load_lpips(pretrained_backbone=False))
+    rng = np.random.default_rng(1)
+    source = rng.integers(0, 255, (64, 200, 3), dtype=np.uint8)
+    mask = np.zeros((64, 200), bool)
+    mask[30, 10:190] = True  # a 1-pixel scratch
+    changed = source.copy()
+    changed[mask] = 255 - changed[mask]
+    chosen, scores = select_low_fidelity(np.stack([source, changed]), source, mask, scorer)
+    assert chosen == 1 and scores[0] == pytest.approx(0, abs=1e-6) and scores[1] > 0
 
 
 def test_save_attention_map(run_dir, demo_root):
