@@ -310,6 +310,8 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
     assert layout.name == "mvtec" and layout.defect_types("disc") == ["scratch"]
     samples = layout.defect_samples("disc", "scratch")
     assert len(samples) == 3 and all(check_sample(s) for s in samples)
+    split = make_split(layout, "disc", "scratch")  # what `train --layout mvtec` does with it
+    assert len(split.reference) == 1 and len(split.held_out) == 2
     held_out = {s["mask"] for s in json.loads((run_dir / "split.json").read_text())["held_out"]}
     assert all(any(r["mask_source"].endswith(h) for h in held_out) for r in rows)
 
