@@ -1,0 +1,160 @@
+"""The straightforward (slow) DefectFill step, kept as a reference for the fast path in `train.py`.
+
+This is how the public re-implementations structure a step: one UNet call per
+branch, one text-encoder call and one masked-image VAE call per branch, and an
+attention store on EVERY attention layer (self and cross, explicit softmax,
+full probability tensors kept). The token's maps are then read from the
+decoder cross-attention entries of the store. Unlike those versions, the maps
+keep their gradient here, so the three losses and their gradients must equal
+`defectfill_losses` to float tolerance (tests/test_fast_path.py checks it) and
+`benchmarks/train_step.py` can time it as the "naive" step.
+
+Every random draw is taken from the micro-batch generator in the same order
+and with the same shapes as `defectfill_losses`, so both see identical inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from defectfill import losses as L
+from defectfill.model import unet_input, vae_scale_factor
+
+
+class _StoreProcessor:
+    """Attention with an explicit softmax that appends its probabilities (B, heads, Nq, Nk) to the store."""
+
+    def __init__(self, store: "AttentionStore", name: str):
+        self.store, self.name = store, name
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        batch, n_query, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, Nq, Nk)
+        self.store.add(self.name, probs.view(batch, attn.heads, n_query, -1))
+        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class AttentionStore:
+    """Keeps every attention layer's probabilities of every UNet call since the last `reset`.
+
+        with AttentionStore(unet) as store:   # every processor replaced while inside
+            store.reset(); unet(...); maps = store.maps["up_blocks.1....attn2.processor"]
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.maps: dict[str, list[torch.Tensor]] = {}
+        self._previous: dict | None = None
+
+    def __enter__(self) -> "AttentionStore":
+        self._previous = dict(self.unet.attn_processors)
+        self.unet.set_attn_processor({n: _StoreProcessor(self, n) for n in self._previous})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unet.set_attn_processor(self._previous)
+        self.maps = {}
+
+    def add(self, name: str, probs: torch.Tensor) -> None:
+        self.maps.setdefault(name, []).append(probs)
+
+    def reset(self) -> None:
+        self.maps = {}
+
+    def decoder_cross_attention(self) -> list[torch.Tensor]:
+        """The last call's probabilities of every up-block cross-attention layer, (B, heads, Nq, 77) each."""
+        return [v[-1] for n, v in self.maps.items() if n.startswith("up_blocks.") and ".attn2." in n]
+
+
+def token_attention_map(
+    layer_probs: list[torch.Tensor], token_weights: torch.Tensor, latent_hw: tuple[int, int], size: int
+) -> torch.Tensor:
+    """Token maps (B, size, size): per layer the weighted token column(s), mean over heads, bilinear resize;
+    then the mean over layers, divided per sample by its max."""
+    lh, lw = latent_hw
+    resized = []
+    for probs in layer_probs:
+        token = (probs * token_weights.to(probs.dtype)[:, None, None, :]).sum(-1).mean(1)  # (B, Nq)
+        factor = math.sqrt(lh * lw / token.shape[1])
+        h, w = round(lh / factor), round(lw / factor)
+        resized.append(F.interpolate(token.float().reshape(-1, 1, h, w), size=(size, size), mode="bilinear",
+                                     align_corners=False)[:, 0])
+    mean = sum(resized) / len(resized)
+    return mean / mean.flatten(1).amax(1).clamp_min(1e-8)[:, None, None]
+
+
+def naive_losses(models, batch, prompts, config, device: torch.device, store: AttentionStore,
+                 autocast=nullcontext) -> L.LossTerms:
+    """The three losses the slow way; `store` must be entered (installed on `models.unet`)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    vae, unet, sched = models.vae, models.unet, models.noise_scheduler
+    b = batch.images.shape[0]
+    gen = batch.generator
+    images = batch.images.to(device, vae.dtype)
+    branch_masks = [batch.masks.to(device), batch.box_masks.to(device)]  # defect branch, object branch
+    sf = vae.config.scaling_factor
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample(gen) * sf
+        f = vae_scale_factor(vae)
+        lat_shape = (2 * b, latents.shape[1], images.shape[-2] // f, images.shape[-1] // f)
+        # the fast path samples both branches' posteriors in one (2B) draw; draw the same tensor here
+        post_noise = randn_tensor(lat_shape, generator=gen, device=device, dtype=vae.dtype)
+        conds = []
+        for i, m in enumerate(branch_masks):  # one VAE call per branch
+            m = (m >= 0.5).to(images.dtype)
+            dist = vae.encode(images * (m < 0.5)).latent_dist
+            masked_latents = (dist.mean + dist.std * post_noise[i * b:(i + 1) * b]) * sf
+            conds.append((F.interpolate(m, size=lat_shape[-2:]), masked_latents))
+    latents = latents.float()
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
+    noisy = sched.add_noise(latents, noise, timesteps)
+    target = sched.get_velocity(latents, noise, timesteps) if sched.config.prediction_type == "v_prediction" else noise
+    lh, lw = latents.shape[-2:]
+    text_encoder = models.text_encoder_call or models.text_encoder
+    unet_call = models.unet_call or unet
+
+    preds, maps = [], None
+    with autocast():
+        for i, (mask_lat, masked_lat) in enumerate(conds):  # one text call and one UNet call per branch
+            text = text_encoder(prompts.input_ids[i:i + 1].to(device))[0].expand(b, -1, -1)
+            store.reset()
+            pred = unet_call(unet_input(noisy, mask_lat, masked_lat).to(unet.dtype), timesteps,
+                             encoder_hidden_states=text).sample
+            preds.append(pred.float())
+            if i == 0 and config.lambda_attn > 0:
+                weights = prompts.token_weights.to(device).expand(b, -1)
+                maps = token_attention_map(store.decoder_cross_attention(), weights, (lh, lw),
+                                           config.attn_size or max(1, lh // 4))
+    m_lat = conds[0][0].float()
+    l_def = L.defect_loss(target, preds[0], m_lat)
+    l_obj = L.object_loss(target, preds[1], m_lat, config.alpha)
+    l_attn = L.attention_loss(maps, batch.masks.to(device)) if maps is not None else torch.zeros((), device=device)
+    return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)
