@@ -1,0 +1,176 @@
+"""Shared by the benchmarks: the SD2-inpainting architecture with random weights, synthetic inputs,
+peak-memory measurement and table printing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import resource
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+
+def build_sd2_pipeline(seed: int = 0):
+    """SD2 inpainting built from its published configuration (random weights; see
+    /work/shared/SD2-INPAINTING-ARCHITECTURE.md): timings on the real shapes without a download."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from defectfill.model import clip_tokenizer
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+            norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2, sample_size=512, scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+            num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+        ))
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+    )
+    return StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def build_pipeline(size: str, seed: int = 0):
+    if size == "tiny":
+        from defectfill.model import build_tiny_pipeline
+
+        return build_tiny_pipeline(seed)
+    if size == "sd2":
+        return build_sd2_pipeline(seed)
+    raise SystemExit(f"--size {size!r}: tiny or sd2")
+
+
+def synthetic_references(n: int, resolution: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n smooth random images (n,3,R,R) in [-1,1] and ellipse defect masks (n,1,R,R) in {0,1}."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    images = torch.nn.functional.interpolate(coarse, size=(resolution, resolution), mode="bicubic").clamp(-1, 1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, resolution), torch.linspace(-1, 1, resolution), indexing="ij")
+    masks = []
+    for i in range(n):
+        cy, cx = 0.3 * (i % 3 - 1), -0.2 * (i % 2)
+        masks.append((((yy - cy) / 0.25) ** 2 + ((xx - cx) / 0.12) ** 2 <= 1).float())
+    return images, torch.stack(masks)[:, None]
+
+
+def synthetic_image_and_mask(resolution: int, seed: int = 0):
+    """A PIL RGB image and an (R,R) bool ellipse mask for generation."""
+    from PIL import Image
+
+    images, masks = synthetic_references(1, resolution, seed)
+    arr = ((images[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr), masks[0, 0].numpy() > 0.5
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Samples this process's resident set every few ms in a thread (torch ops release the GIL)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+@contextmanager
+def measured(device: torch.device):
+    """Yields a dict that gets seconds, start RSS, peak RSS and (CUDA) peak allocated bytes of the block."""
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start_rss = rss_bytes()
+    with PeakRSS() as peak:
+        t0 = time.perf_counter()
+        yield out
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out["seconds"] = time.perf_counter() - t0
+    out["rss_start"] = start_rss
+    out["rss_peak"] = peak.peak
+    if device.type == "cuda":
+        out["gpu_peak"] = torch.cuda.max_memory_allocated(device)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    desc = f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        desc += f", GPU {torch.cuda.get_device_name(0)}"
+    else:
+        desc += ", no GPU"
+    return desc
+
+
+def header(title: str) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"## {title}\n{now}; {machine()}; load average at the end {load}; "
+            f"process max RSS {gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)} GiB")
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    """A Markdown table of `rows` (dicts) in the order of `columns`."""
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(x) for x in cells])
