@@ -71,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
         add_arguments(p)
         p.set_defaults(func=run)
 
+    from defectfill.demo import add_demo_arguments, demo_command
+    from defectfill.runner import add_run_arguments, run_command
+
+    p = sub.add_parser("run", help="train, generate and evaluate every defect type of a category, with one report")
+    add_run_arguments(p)
+    p.set_defaults(func=run_command)
+
+    p = sub.add_parser("demo", help="the whole job on a drawn dataset and a tiny model: no data, GPU or network")
+    add_demo_arguments(p)
+    p.set_defaults(func=demo_command)
+
     p = sub.add_parser("make-demo-data", help="write a small procedurally drawn MVTec-layout dataset")
     p.add_argument("dir", help="folder to write")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
@@ -88,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defectfill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"defectfill {args.command}: interrupted; rerun with --resume latest to continue.", file=sys.stderr)
+        again = "rerun with --resume latest" if args.command == "train" else "rerun the same command"
+        print(f"defectfill {args.command}: interrupted; {again} to continue.", file=sys.stderr)
         return 130
 
 

@@ -39,7 +39,7 @@ class TrainConfig:
     alpha: float = field(default=0.3, metadata={"help": "object-loss weight outside the defect"})
     token: str = field(default="sks", metadata={"help": "the rare word that stands for the defect, [V*]"})
     new_token: str | None = field(default=None, metadata={"help": "add this new word (e.g. '<hole>') with a trained embedding row instead of --token"})
-    mixed_precision: str = field(default="no", metadata={"help": "autocast dtype; trainable weights stay fp32", "choices": ["no", "fp16", "bf16"]})
+    mixed_precision: str = field(default="no", metadata={"help": "autocast dtype; trainable weights stay fp32; auto: bf16 on GPUs that support it, else no", "choices": ["no", "fp16", "bf16", "auto"]})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations to save memory"})
     save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps"})
     sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)"})

@@ -230,6 +230,7 @@ class DefectGenerator:
         batch_size: int | None = None,
         scorer: Scorer | None = None,
         lpips_weights: str | None = None,
+        lpips_pretrained: bool = True,
         device: str | torch.device = "cpu",
         save_attention: bool = False,
     ):
@@ -249,6 +250,7 @@ class DefectGenerator:
         self.device = torch.device(device)
         self._scorer = scorer
         self._lpips_weights = lpips_weights
+        self._lpips_pretrained = lpips_pretrained
         self.save_attention = save_attention
 
     @classmethod
@@ -286,7 +288,8 @@ class DefectGenerator:
         if self._scorer is None:  # loaded on first use: --candidates 1 never needs LPIPS weights
             from defectfill.metrics.lpips import load_lpips
 
-            self._scorer = LPIPSScorer(load_lpips(self._lpips_weights, device=self.device))
+            self._scorer = LPIPSScorer(load_lpips(self._lpips_weights, pretrained_backbone=self._lpips_pretrained,
+                                                  device=self.device))
         return self._scorer
 
     def _token_weights(self, n: int) -> torch.Tensor:
@@ -623,6 +626,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-attention", action="store_true",
                         help="also write the token's cross-attention map of each chosen image to attention/")
     parser.add_argument("--lpips-weights", default=None, help="local AlexNet weights for LPIPS (offline machines)")
+    parser.add_argument("--lpips-random-backbone", action="store_true",
+                        help="LPIPS with an untrained AlexNet (no download): for offline demos and tests only, "
+                             "its scores do not measure perceptual difference")
     parser.add_argument("--preview-rows", type=int, default=8, help="rows of preview.png")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: accelerate's device)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="pipeline weights dtype")
@@ -682,6 +688,7 @@ def run_generate(args: argparse.Namespace, stop_after: int | None = None) -> int
             run_dir, device=device, dtype=DTYPES[args.dtype], prompt=args.prompt, scheduler=args.scheduler,
             candidates=args.candidates, steps=args.steps, guidance=args.guidance, feather=args.feather,
             batch_size=args.batch_size, lpips_weights=args.lpips_weights, save_attention=args.save_attention,
+            lpips_pretrained=not getattr(args, "lpips_random_backbone", False),
         )
         if args.candidates > 1:
             generator.scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling

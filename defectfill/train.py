@@ -265,6 +265,32 @@ def warmup_lambda(warmup_steps: int):
     return factor
 
 
+def resolve_mixed_precision(setting: str) -> str:
+    """`auto`: bf16 on a GPU that supports it, full precision elsewhere (CPU autocast gains little)."""
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+# Measured on a 2-core CPU with the SD2-inpainting UNet (random weights): one LoRA forward+backward
+# of one image takes about 20 s at 512 px (../shared/SD2-INPAINTING-ARCHITECTURE.md).
+CPU_SECONDS_PER_IMAGE_512 = 20.0
+
+
+def warn_if_slow(unet: nn.Module, config: TrainConfig, device: torch.device) -> None:
+    """On a CPU, a full-size UNet trains for hours: say so, with an estimate, before starting."""
+    n_params = sum(p.numel() for p in unet.parameters())
+    if device.type != "cpu" or n_params < 100_000_000:
+        return
+    per_step = CPU_SECONDS_PER_IMAGE_512 * (config.resolution / 512) ** 2 * 2 * config.batch_size * config.grad_accum
+    hours = per_step * config.steps / 3600
+    log.warning(
+        "training a %.0fM-parameter UNet on the CPU: about %.0f s per step, %.1f hours for %d steps "
+        "(estimate from a 2-core CPU). Use a GPU, or try `defectfill demo` to see the pipeline work.",
+        n_params / 1e6, per_step, hours, config.steps,
+    )
+
+
 # --------------------------------------------------------------------------- run folder
 
 
@@ -405,11 +431,13 @@ def train(config: TrainConfig, pipe=None) -> Path:
 
     if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=1)
+    precision = resolve_mixed_precision(config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     set_seed(config.seed)  # the LoRA's random init draws from the global generator
     models = build_models(config, device, weight_dtype, pipe=pipe)
+    warn_if_slow(models.unet, config, device)
     prompts = prompt_inputs(models.tokenizer, config)
 
     unet_params, text_params = trainable_parameters(models)

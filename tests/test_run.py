@@ -1,0 +1,142 @@
+"""`defectfill run` and `defectfill demo`: the whole job, skipping finished stages, the plan, the README commands."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import defectfill.train as train_module
+from defectfill.cli import main
+from defectfill.demo import UntrainedFeatures
+from defectfill.runner import RunOptions, run_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a - b).abs().flatten(1).mean(1)
+
+
+def _settings(demo_root, tiny_model_dir, **overrides):
+    settings = dict(data=str(demo_root), model=str(tiny_model_dir), resolution=64, steps=2, batch_size=1,
+                    warmup_steps=1, save_every=1, sample_every=0, mixed_precision="auto")
+    settings.update(overrides)
+    return settings
+
+
+def _options(**overrides):
+    opts = dict(categories=["disc"], count=2, candidates=2, generate_steps=1, kid_subsets=3, lpips_size=64,
+                lpips_random_backbone=True, feature_extractor=UntrainedFeatures(), distance=_abs_distance)
+    opts.update(overrides)
+    return RunOptions(**opts)
+
+
+def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
+    assert main(["demo", "--output", str(tmp_path / "demo"), "--size", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "untrained" in out and "defectfill run --data" in out
+    work = tmp_path / "demo" / "work"
+    report = (work / "report.html").read_text()
+    summary = json.loads((work / "summary.json").read_text())
+    types = {(r["category"], r["defect_type"]) for r in summary["results"]}
+    assert types == {("disc", "scratch"), ("disc", "spot"), ("weave", "crack")}
+    for r in summary["results"]:
+        assert r["status"] == "done" and r["n_generated"] == 3
+        assert r["kid_x1e3"] is not None and r["ic_lpips"] is not None
+        assert f"<td>{r['defect_type']}</td>" in report
+    assert "data:image/png;base64," in report and "untrained" in report
+    # the combined synthetic dataset reads back with the project's own MVTec loader
+    from defectfill.data import open_layout
+
+    synth = open_layout(work / "synth", "mvtec")
+    assert synth.defect_types("disc") == ["scratch", "spot"]
+    assert all(s.mask is not None for s in synth.defect_samples("weave", "crack"))
+
+
+def test_killed_run_continues_with_only_the_rest(demo_root, tiny_model_dir, tmp_path, monkeypatch):
+    real_train = train_module.train
+    trained: list[str] = []
+
+    def interrupted_on_spot(config, pipe=None):
+        if config.defect_type == "spot":
+            raise KeyboardInterrupt
+        trained.append(config.defect_type)
+        return real_train(config, pipe)
+
+    monkeypatch.setattr(train_module, "train", interrupted_on_spot)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    assert trained == ["scratch"]
+
+    trained.clear()
+
+    def spy(config, pipe=None):
+        trained.append(config.defect_type)
+        return real_train(config, pipe)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    results = run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    assert trained == ["spot"], "the finished type was trained again"
+    assert [r.stages for r in results][0] == {"train": "skipped", "generate": "skipped", "evaluate": "skipped"}
+    assert all(r.status == "done" for r in results)
+
+    trained.clear()  # a third run has nothing left to do
+    results = run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    assert trained == [] and all(set(r.stages.values()) == {"skipped"} for r in results)
+
+
+def test_dry_run_loads_no_model_and_prints_the_plan(demo_root, tmp_path, monkeypatch, capsys):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a dry run loaded a model")
+
+    monkeypatch.setattr("defectfill.model.load_pipeline", no_model)
+    monkeypatch.setattr("defectfill.train.load_pipeline", no_model)
+    code = main(["run", "--data", str(demo_root), "--categories", "all", "--output", str(tmp_path / "work"),
+                 "--steps", "30", "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for name in ("disc/scratch", "disc/spot", "weave/crack"):
+        assert re.search(rf"{name}\s+2\s+4\s+6\s+30\s+100", out), out
+    assert "90 training steps" in out
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_failing_type_is_reported_and_the_others_kept(demo_root, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    real_train = train_module.train
+
+    def broken_for_spot(config, pipe=None):
+        if config.defect_type == "spot":
+            raise RuntimeError("simulated crash")
+        return real_train(config, pipe)
+
+    monkeypatch.setattr(train_module, "train", broken_for_spot)
+    results = run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    by_type = {r.defect_type: r for r in results}
+    assert by_type["scratch"].status == "done" and by_type["scratch"].n_generated == 2
+    assert by_type["spot"].status == "failed" and "simulated crash" in by_type["spot"].error
+    assert "simulated crash" in capsys.readouterr().out
+    assert "simulated crash" in (tmp_path / "work" / "report.html").read_text()
+
+
+def test_run_command_exit_status_and_unknown_type(demo_root, tiny_model_dir, tmp_path, capsys):
+    code = main(["run", "--data", str(demo_root), "--category", "disc", "--defect-types", "dent",
+                 "--output", str(tmp_path / "w"), "--dry-run"])
+    assert code == 2 and "unknown defect type 'dent'" in capsys.readouterr().err
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    assert len(block) == 2, "the README opens with exactly two commands"
+    main_job, test_command = block
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith("#") and not line.startswith(("set ", "cd "))]
+    assert ci == [test_command]
+    assert main_job == "bash scripts/demo.sh"
+    demo_script = (ROOT / "scripts" / "demo.sh").read_text()
+    assert "scripts/setup.sh" in demo_script and "defectfill demo" in demo_script
+    assert "scripts/setup.sh" in (ROOT / "scripts" / "test.sh").read_text()
