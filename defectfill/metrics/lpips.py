@@ -8,6 +8,8 @@ happen, the error names the ways out. Tests pass `pretrained_backbone=False`
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +18,14 @@ import torch.nn as nn
 from defectfill.errors import DefectFillError
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
+
+
+@contextmanager
+def _quiet_torchvision():
+    """The lpips package calls torchvision with its deprecated `pretrained=` argument; hide that warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(pretrained|weight enum).*", category=UserWarning)
+        yield
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -43,7 +53,8 @@ def load_lpips(
         path = Path(backbone_weights).expanduser()
         if not path.is_file():
             raise DefectFillError(f"{path}: LPIPS backbone weights not found.")
-        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+        with _quiet_torchvision():
+            model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
         try:
             state = _read_state_dict(path)
         except Exception as exc:  # noqa: BLE001 - any failure to read the user's file gets one message
@@ -60,7 +71,8 @@ def load_lpips(
             raise DefectFillError(f"{path}: not a torchvision AlexNet state dict (found {loaded} of 10 conv tensors).")
     else:
         try:
-            model = lpips.LPIPS(net="alex", pnet_rand=not pretrained_backbone, verbose=False)
+            with _quiet_torchvision():
+                model = lpips.LPIPS(net="alex", pnet_rand=not pretrained_backbone, verbose=False)
         except (OSError, RuntimeError) as exc:
             raise DefectFillError(
                 f"LPIPS needs torchvision's ImageNet AlexNet weights, which could not be downloaded ({exc}). "
