@@ -229,6 +229,40 @@ def _flip(x: torch.Tensor, *more: torch.Tensor, gen: torch.Generator) -> tuple[t
 Progress = Callable[[dict[str, Any]], None]
 
 
+def _fit(
+    model: nn.Module,
+    n_train: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    settings: DownstreamSettings,
+    gen: torch.Generator,
+    on_progress: Progress | None,
+    desc: str,
+) -> list[float]:
+    """Adam over shuffled batches for `settings.epochs`; `batch_loss(indices)` gives one batch's loss.
+
+    Returns the mean training loss of each epoch, reported through `on_progress` as it comes.
+    """
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    losses: list[float] = []
+    bar = tqdm(range(settings.epochs), desc=desc)
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for idx in _batches(n_train, settings.batch_size, True, gen):
+            loss = batch_loss(idx)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        losses.append(total / count)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_progress:
+            on_progress({"status": "training", "epoch": epoch + 1, "epochs": settings.epochs, "train_loss": losses})
+    model.eval()
+    return losses
+
+
 def train_classifier(
     train: Sequence[tuple[Path, int]],
     test: Sequence[tuple[Path, int]],
@@ -252,26 +286,12 @@ def train_classifier(
     x_test = torch.stack([_image_tensor(p, size) for p, _ in test])
     y_test = torch.tensor([c for _, c in test])
     model = (model_factory or resnet34_classifier)(len(class_names), settings.pretrained).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    losses: list[float] = []
-    bar = tqdm(range(settings.epochs), desc="classify: train")
-    for epoch in bar:
-        model.train()
-        total, count = 0.0, 0
-        for idx in _batches(len(train), settings.batch_size, True, gen):
-            (xb,) = _flip(x_train[idx], gen=gen)
-            logits = model(xb.to(device))
-            loss = F.cross_entropy(logits, y_train[idx].to(device))
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-        losses.append(total / count)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if on_progress:
-            on_progress({"status": "training", "epoch": epoch + 1, "epochs": settings.epochs, "train_loss": losses})
-    model.eval()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        (xb,) = _flip(x_train[idx], gen=gen)
+        return F.cross_entropy(model(xb.to(device)), y_train[idx].to(device))
+
+    losses = _fit(model, len(train), batch_loss, settings, gen, on_progress, "classify: train")
     preds = []
     with torch.no_grad():
         for idx in _batches(len(test), settings.batch_size, False, gen):
@@ -312,30 +332,17 @@ def train_localiser(
     x_test = torch.stack([_image_tensor(p, size) for p, _ in test])
     m_test = torch.stack([_mask_tensor(m, size) for _, m in test])
     model = (model_factory or unet_localiser)(settings.pretrained).to(device)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    losses: list[float] = []
-    bar = tqdm(range(settings.epochs), desc="localize: train")
-    for epoch in bar:
-        model.train()
-        total, count = 0.0, 0
-        for idx in _batches(len(train), settings.batch_size, True, gen):
-            xb, mb = _flip(x_train[idx], m_train[idx], gen=gen)
-            logits = model(xb.to(device))
-            prob = torch.sigmoid(logits)
-            mb = mb.to(device)
-            # BCE for every pixel plus soft Dice, since defect pixels are a small minority
-            dice = 1 - (2 * (prob * mb).sum() + 1) / (prob.sum() + mb.sum() + 1)
-            loss = F.binary_cross_entropy_with_logits(logits, mb) + dice
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(idx)
-            count += len(idx)
-        losses.append(total / count)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if on_progress:
-            on_progress({"status": "training", "epoch": epoch + 1, "epochs": settings.epochs, "train_loss": losses})
-    model.eval()
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb, mb = _flip(x_train[idx], m_train[idx], gen=gen)
+        logits = model(xb.to(device))
+        prob = torch.sigmoid(logits)
+        mb = mb.to(device)
+        # BCE for every pixel plus soft Dice, since defect pixels are a small minority
+        dice = 1 - (2 * (prob * mb).sum() + 1) / (prob.sum() + mb.sum() + 1)
+        return F.binary_cross_entropy_with_logits(logits, mb) + dice
+
+    losses = _fit(model, len(train), batch_loss, settings, gen, on_progress, "localize: train")
     probs = []
     with torch.no_grad():
         for idx in _batches(len(test), settings.batch_size, False, gen):
