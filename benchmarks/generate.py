@@ -67,7 +67,7 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
     pipe = build_pipeline(args.size)
     add_lora(pipe.unet, pipe.text_encoder, 8)
-    pipe = pipe.to(device, dtype)
+    pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
     timers = Timers(device)
     # instance attributes shadow the methods the pipeline calls

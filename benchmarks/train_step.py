@@ -107,6 +107,16 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
                 results[mode].append(m)
             print(f"  {args.size} {resolution}px round {r}{' (warm-up)' if r < args.warmup else ''} "
                   f"{mode}: {m['seconds']:.3f} s", file=sys.stderr, flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        for mode in modes:
+            with profile(activities=activities) as prof:
+                step(mode, args.warmup + args.iters)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"### profile {args.size} {resolution}px {mode}\n"
+                  + prof.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
     models.unet.set_attn_processor(dict(ours_procs))
 
     rows = []
@@ -137,6 +147,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default tiny 3, sd2 1)")
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default tiny 10, sd2 3)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after timing, profile one step per mode with torch.profiler and print its top N ops")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
