@@ -97,6 +97,8 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
     one(args.candidates, 1, 999)  # warm-up: first calls allocate and pick kernels
     rows = []
     for label, bs in (("batched", args.candidates), ("one at a time", 1)):
+        if label.split()[0] not in args.ways:
+            continue
         runs = [one(bs, args.steps, s) for s in range(args.repeats)]
         for r, (m, _) in enumerate(runs):
             print(f"  {args.size} {resolution}px {label} repeat {r}: {m['seconds']:.3f} s", file=sys.stderr, flush=True)
@@ -114,7 +116,8 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
             "_seconds": [m["seconds"] for m, _ in runs], "_parts": parts,
         }
         rows.append(row)
-    rows[1]["one-at-a-time/batched"] = f"{float(rows[1]['s/selected image']) / float(rows[0]['s/selected image']):.2f}"
+    if len(rows) == 2:
+        rows[1]["one-at-a-time/batched"] = f"{float(rows[1]['s/selected image']) / float(rows[0]['s/selected image']):.2f}"
     return rows
 
 
@@ -126,6 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=None, help="timed images per setting (default tiny 3, sd2 1)")
+    p.add_argument("--ways", nargs="+", choices=["batched", "one"], default=["batched", "one"],
+                   help="batched: all candidates in one pipeline call; one: one candidate per call")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
