@@ -19,10 +19,10 @@ import torch
 def build_sd2_pipeline(seed: int = 0):
     """SD2 inpainting built from its published configuration (random weights; see
     /work/shared/SD2-INPAINTING-ARCHITECTURE.md): timings on the real shapes without a download."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from defectfill.model import clip_tokenizer
+    from defectfill.model import assemble_inpaint_pipeline
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -44,14 +44,7 @@ def build_sd2_pipeline(seed: int = 0):
             num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
             bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
         ))
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
-    )
-    return StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return assemble_inpaint_pipeline(unet, vae, text_encoder)
 
 
 def build_pipeline(size: str, seed: int = 0):

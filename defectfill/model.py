@@ -309,7 +309,8 @@ class AttentionRecorder:
         return mean / peak[:, None, None]
 
     def remove(self) -> None:
-        self.unet.set_attn_processor(self._original)
+        """Put the original processors back (a copy: diffusers empties the dict it is given)."""
+        self.unet.set_attn_processor(dict(self._original))
 
 
 # --------------------------------------------------------------------------- tiny pipeline
@@ -360,7 +361,7 @@ def build_tiny_pipeline(seed: int = 0):
     latents), a CLIP text encoder on the real CLIP vocabulary, DDIM with SD2's
     schedule. For tests, benchmarks and the demo: untrained, so its images are noise.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng():
@@ -382,6 +383,13 @@ def build_tiny_pipeline(seed: int = 0):
             max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=49406,
             eos_token_id=49407, pad_token_id=0,
         ))
+    return assemble_inpaint_pipeline(unet, vae, text_encoder)
+
+
+def assemble_inpaint_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
+    """An inpainting pipeline of these networks with the CLIP tokenizer and SD2's DDIM schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,

@@ -106,6 +106,8 @@ def test_recorder_only_on_decoder_cross_attention():
         assert recorded == (name in names), name
     recorder.remove()
     assert all(type(p).__name__ != "_RecordingCrossAttnProcessor" for p in pipe.unet.attn_processors.values())
+    recorder.remove()  # idempotent: diffusers empties the dict it is given, so a copy must be passed
+    assert len(pipe.unet.attn_processors) == len(processors)
 
 
 def test_recorder_output_matches_sdpa_and_maps_carry_gradient():
