@@ -565,14 +565,28 @@ def _thumb(image: Image.Image, side: int) -> Image.Image:
     return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
 
 
+_CAPTION_H = 14  # px under each tile for its label
+
+
 def _preview_strip(source: Image.Image, result: GenerationResult, side: int = 128) -> Image.Image:
-    """source | mask | chosen | other candidates, each `side` px."""
-    others = [c for i, c in enumerate(result.candidates) if i != result.chosen]
+    """source | mask | chosen | other candidates, each `side` px, captioned with the LFS scores.
+
+    The chosen candidate is framed in green, so a person sees at once what selection kept.
+    """
+    from PIL import ImageDraw
+
+    order = [result.chosen] + [i for i in range(len(result.candidates)) if i != result.chosen]
     mask_im = Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L")
-    tiles = [source, mask_im, result.image] + others
-    strip = Image.new("RGB", (side * len(tiles), side), (0, 0, 0))
-    for i, tile in enumerate(tiles):
-        strip.paste(_thumb(tile, side), (i * side, 0))
+    tiles = [(source, "source"), (mask_im, "mask")]
+    for rank, i in enumerate(order):
+        score = f" {result.scores[i]:.3f}" if result.scores else ""
+        tiles.append((result.candidates[i], ("chosen" if rank == 0 else f"#{i}") + score))
+    strip = Image.new("RGB", (side * len(tiles), side + _CAPTION_H), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for k, (tile, caption) in enumerate(tiles):
+        strip.paste(_thumb(tile, side), (k * side, 0))
+        draw.text((k * side + 3, side + 1), caption, fill=(230, 230, 230))
+    draw.rectangle([2 * side, 0, 3 * side - 1, side - 1], outline=(0, 220, 0), width=2)
     return strip
 
 

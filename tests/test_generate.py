@@ -15,6 +15,7 @@ from defectfill.data import load_mask, load_rgb, make_split, open_layout
 from defectfill.data.split import check_sample
 from defectfill.errors import DefectFillError
 from defectfill.generate import (
+    _CAPTION_H,
     MANIFEST,
     DefectGenerator,
     LPIPSScorer,
@@ -302,7 +303,7 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
         saved, src = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
         mask = load_mask(out / r["mask"])
         assert mask.any() and np.array_equal(saved[~mask], src[~mask])
-    assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, 128 * 3)
+    assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, (128 + _CAPTION_H) * 3)
     assert len(list((out / "candidates").rglob("*.png"))) == 6
     assert all(Image.open(out / r["attention"]).size == (64, 64) for r in rows)
     # read back by the project's own MVTec loader
