@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -22,7 +23,8 @@ def _train(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     config = make_config(settings, args.config)
     out = train(config)
-    print(f"LoRA written to {out}/pytorch_lora_weights.safetensors")
+    if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
+        print(f"LoRA written to {out}/pytorch_lora_weights.safetensors")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import warnings
 from contextlib import ExitStack, nullcontext
@@ -432,7 +433,10 @@ def train(config: TrainConfig, pipe=None) -> Path:
     if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
     precision = resolve_mixed_precision(config.mixed_precision)
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1)
+    # Several processes and no GPU (torchrun / accelerate launch on CPUs): accelerate only joins them
+    # into one run (gloo) when told cpu=True; otherwise each would train alone and write the same files.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1, cpu=multi_cpu)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     set_seed(config.seed)  # the LoRA's random init draws from the global generator

@@ -249,3 +249,38 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root,
     monkeypatch.setattr(train_module, "defectfill_losses", always_nan)
     with pytest.raises(DefectFillError, match="3 non-finite losses in a row"):
         train(tiny_config(demo_root, tmp_path / "many", tiny_model_dir, steps=10, max_nonfinite_steps=3))
+
+
+def test_two_processes_train_one_run_with_synchronised_weights(demo_root, tiny_model_dir, tmp_path):
+    """torchrun with 2 CPU processes: one writer, and both ranks end with the same LoRA although each
+    saw different images (so gradients were all-reduced)."""
+    import os
+    import subprocess
+    import sys
+
+    config = tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=3, batch_size=1, lr_unet=1e-2,
+                         warmup_steps=0)
+    script = tmp_path / "entry.py"
+    script.write_text(
+        "import json, os\n"
+        "from safetensors.torch import save_file\n"
+        "from defectfill.config import TrainConfig\n"
+        "from defectfill.model import load_pipeline\n"
+        "from defectfill.train import train\n"
+        "config = TrainConfig(**json.loads(os.environ['TRAIN_CONFIG']))\n"
+        "pipe = load_pipeline(config.model)\n"
+        "train(config, pipe=pipe)\n"
+        "weights = {n: p.detach().contiguous() for n, p in pipe.unet.named_parameters() if p.requires_grad}\n"
+        "save_file(weights, os.path.join(os.environ['RANK_DIR'], 'rank' + os.environ['RANK'] + '.safetensors'))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRAIN_CONFIG": json.dumps(config.to_dict()),
+           "RANK_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("training disc/scratch") == 1 and log.count("done:") == 1
+    rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
+    for key in rank0:
+        torch.testing.assert_close(rank1[key], rank0[key], atol=1e-6, rtol=1e-5)
