@@ -61,7 +61,6 @@ RUN_FILES = {"config.json", "split.json", LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME,
 
 @dataclass
 class TrainingModels:
-    pipe: Any
     unet: nn.Module
     text_encoder: nn.Module
     vae: nn.Module
@@ -104,7 +103,7 @@ def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     recorder = AttentionRecorder(unet)
-    return TrainingModels(pipe, unet, text_encoder, vae, tokenizer, noise_scheduler, recorder, token_embedding)
+    return TrainingModels(unet, text_encoder, vae, tokenizer, noise_scheduler, recorder, token_embedding)
 
 
 def trainable_parameters(models: TrainingModels) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -339,42 +338,33 @@ def _setup_logging(out: Path, is_main: bool) -> logging.Handler | None:
     return handler
 
 
-def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -> None:
-    """The LoRA (and the new token's embedding) in the files diffusers loads, written atomically."""
+def write_weights(folder: Path, models: TrainingModels, config: TrainConfig) -> None:
+    """The LoRA (and a new token's embedding) into `folder`, in the files diffusers loads."""
     from safetensors.torch import save_file
 
-    def write_lora(tmp: Path) -> None:
-        folder = tmp.with_suffix("")
-        folder.mkdir(exist_ok=True)
-        try:
-            save_lora_weights(folder, models.unet, models.text_encoder)
-            (folder / LORA_WEIGHTS_NAME).replace(tmp)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    atomic_write(out / LORA_WEIGHTS_NAME, write_lora)
+    save_lora_weights(folder, models.unet, models.text_encoder)
     if models.token_embedding is not None:
         row = models.token_embedding.new_rows.detach().float().cpu()[0].contiguous()
-        # textual-inversion format: {token: (D,)}, read by pipe.load_textual_inversion(path, token=...)
-        atomic_write(out / TOKEN_WEIGHTS_NAME, lambda p: save_file({config.new_token: row}, str(p)))
+        # textual-inversion format {token: (D,)}, read by pipe.load_textual_inversion(path, token=...)
+        save_file({config.new_token: row}, str(folder / TOKEN_WEIGHTS_NAME))
 
 
-def write_checkpoint_lora(models: TrainingModels, config: TrainConfig):
-    def write(folder: Path) -> None:
-        save_lora_weights(folder, models.unet, models.text_encoder)
-        if models.token_embedding is not None:
-            from safetensors.torch import save_file
-
-            row = models.token_embedding.new_rows.detach().float().cpu()[0].contiguous()
-            save_file({config.new_token: row}, str(folder / TOKEN_WEIGHTS_NAME))
-    return write
+def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -> None:
+    """`write_weights` into a temporary folder, then each file renamed into the run folder."""
+    tmp = out / ".final-weights.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_weights(tmp, models, config)
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
 
 
 # --------------------------------------------------------------------------- samples
 
 
 @torch.no_grad()
-def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, step: int, device) -> Image.Image:
+def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, device) -> Image.Image:
     """Inpaint the first reference image inside a held-out (or its own) mask; [source | mask | sample] strip."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
@@ -483,7 +473,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
         if is_main:
             save_checkpoint(out, step, trainable_tensors(models), optimizer.optimizer, lr_scheduler,
                             {"skipped_steps": skipped, "defectfill_version": defectfill.__version__},
-                            write_checkpoint_lora(models, config))
+                            lambda folder: write_weights(folder, models, config))
 
     nonfinite_in_a_row = 0
     sums = {k: torch.zeros((), device=device) for k in ("defect", "object", "attention", "total")}
@@ -553,7 +543,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
             if done % config.save_every == 0 or done == config.steps:
                 checkpoint(done)
             if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
-                strip = sample_inpaintings(models, config, split, done, device)
+                strip = sample_inpaintings(models, config, split, device)
                 samples_dir = out / "logs" / "samples"
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write(samples_dir / f"step-{done:06d}.png", lambda p, s=strip: s.save(p, format="PNG"))
