@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import TinyClassifier, abs_distance
 from PIL import Image
 
 from defectfill.data import make_split, open_layout
@@ -21,20 +22,6 @@ from defectfill.metrics import kid
 class PoolFeatures(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.adaptive_avg_pool2d(x.float() / 255.0, 4).flatten(1)
-
-
-def abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).abs().flatten(1).mean(dim=1)
-
-
-class TinyClassifier(nn.Module):
-    def __init__(self, k: int):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, k)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
 
 
 def small_unet(pretrained: bool) -> nn.Module:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from helpers import TinyClassifier
 from PIL import Image
 
 from defectfill.errors import DefectFillError
@@ -224,16 +225,6 @@ def test_classification_scores_hand_worked():
     assert s["accuracy"] == pytest.approx(0.75)
     assert s["per_type_accuracy"] == pytest.approx({"a": 1.0, "b": 1.0, "c": 0.5})
     assert s["confusion_matrix"] == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
-
-
-class TinyClassifier(nn.Module):
-    def __init__(self, k: int):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, k)
-
-    def forward(self, x):
-        return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
 
 
 @pytest.fixture()

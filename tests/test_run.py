@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import abs_distance
 
 import defectfill.train as train_module
 from defectfill.cli import main
@@ -15,10 +15,6 @@ from defectfill.demo import UntrainedFeatures
 from defectfill.runner import RunOptions, run_all
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a - b).abs().flatten(1).mean(1)
 
 
 def _settings(demo_root, tiny_model_dir, **overrides):
@@ -30,7 +26,7 @@ def _settings(demo_root, tiny_model_dir, **overrides):
 
 def _options(**overrides):
     opts = dict(categories=["disc"], count=2, candidates=2, generate_steps=1, kid_subsets=3, lpips_size=64,
-                lpips_random_backbone=True, feature_extractor=UntrainedFeatures(), distance=_abs_distance)
+                lpips_random_backbone=True, feature_extractor=UntrainedFeatures(), distance=abs_distance)
     opts.update(overrides)
     return RunOptions(**opts)
 
