@@ -35,15 +35,17 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
-def _find_mask(mask_dir: Path, stem: str) -> Path | None:
-    for name in (f"{stem}_mask", stem):
-        for p in _images_with_stem(mask_dir, name):
-            return p
-    return None
+def _masks_by_stem(mask_dir: Path) -> dict[str, Path]:
+    """Mask files of a folder by stem, listed once (the first in sorted order wins a shared stem)."""
+    masks: dict[str, Path] = {}
+    for p in _images(mask_dir):
+        masks.setdefault(p.stem, p)
+    return masks
 
 
-def _images_with_stem(folder: Path, stem: str) -> list[Path]:
-    return [p for p in _images(folder) if p.stem == stem]
+def _find_mask(masks: dict[str, Path], stem: str) -> Path | None:
+    """`<stem>_mask.*`, else `<stem>.*`."""
+    return masks.get(f"{stem}_mask") or masks.get(stem)
 
 
 def _subdirs(folder: Path) -> list[str]:
@@ -118,9 +120,9 @@ class MVTecLayout(Layout):
 
     def defect_samples(self, category: str, defect_type: str) -> list[DefectSample]:
         self.check_defect_type(category, defect_type)
-        mask_dir = self.root / category / "ground_truth" / defect_type
+        masks = _masks_by_stem(self.root / category / "ground_truth" / defect_type)
         return [
-            DefectSample(p, _find_mask(mask_dir, p.stem), defect_type)
+            DefectSample(p, _find_mask(masks, p.stem), defect_type)
             for p in _images(self.root / category / "test" / defect_type)
         ]
 
@@ -147,9 +149,9 @@ class DefectFill2Layout(Layout):
     def defect_samples(self, category: str, defect_type: str) -> list[DefectSample]:
         self.check_defect_type(category, defect_type)
         base = self.root / category / "train"
-        mask_dir = base / "defective_masks" / defect_type
+        masks = _masks_by_stem(base / "defective_masks" / defect_type)
         return [
-            DefectSample(p, _find_mask(mask_dir, p.stem), defect_type)
+            DefectSample(p, _find_mask(masks, p.stem), defect_type)
             for p in _images(base / "defective" / defect_type)
         ]
 
@@ -181,8 +183,9 @@ class FolderLayout(Layout):
 
     def defect_samples(self, category: str, defect_type: str) -> list[DefectSample]:
         self.check_category(category)
+        masks = _masks_by_stem(self.root / "masks")
         return [
-            DefectSample(p, _find_mask(self.root / "masks", p.stem), defect_type)
+            DefectSample(p, _find_mask(masks, p.stem), defect_type)
             for p in _images(self.root / "images")
         ]
 
