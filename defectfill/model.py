@@ -126,11 +126,6 @@ def add_lora(unet: nn.Module, text_encoder: nn.Module | None, rank: int = 8) -> 
         )
 
 
-def trainable_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every trainable tensor of a module by its parameter name (for checkpoints)."""
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
-
-
 def save_lora_weights(directory: str | Path, unet: nn.Module, text_encoder: nn.Module | None) -> None:
     """Write ``pytorch_lora_weights.safetensors`` in the format `load_lora_weights(directory)` accepts."""
     from diffusers import StableDiffusionInpaintPipeline
