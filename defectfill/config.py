@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from defectfill.data.layouts import object_name
 from defectfill.errors import DefectFillError
 from defectfill.model import DEFAULT_MODEL
 
@@ -61,6 +62,10 @@ class TrainConfig:
     @property
     def prompt_token(self) -> str:
         return self.new_token or self.token
+
+    def prompt(self, template: str) -> str:
+        """A prompt template filled with this run's token and object name ("metal_nut" -> "metal nut")."""
+        return template.format(token=self.prompt_token, object=object_name(self.category or ""))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

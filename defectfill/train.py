@@ -33,7 +33,7 @@ import defectfill
 from defectfill import losses as L
 from defectfill.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from defectfill.config import NON_IDENTITY_KEYS, TrainConfig
-from defectfill.data import Split, load_mask, load_rgb, make_split, object_name, open_layout
+from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import image_to_tensor, mask_to_tensor
 from defectfill.errors import DefectFillError
@@ -200,8 +200,7 @@ class PromptInputs:
 
 def prompt_inputs(tokenizer, config: TrainConfig) -> PromptInputs:
     token = config.prompt_token
-    defect_prompt = config.defect_prompt.format(token=token, object=object_name(config.category or ""))
-    object_prompt = config.object_prompt.format(token=token, object=object_name(config.category or ""))
+    defect_prompt, object_prompt = config.prompt(config.defect_prompt), config.prompt(config.object_prompt)
     ids = tokenizer([defect_prompt, object_prompt], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     positions = token_positions(tokenizer, defect_prompt, token)
@@ -377,7 +376,7 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    prompt = config.object_prompt.format(token=config.prompt_token, object=object_name(config.category))
+    prompt = config.prompt(config.object_prompt)
     models.recorder.start(None)  # plain cross-attention while sampling
     was_training = models.unet.training
     models.unet.eval()
