@@ -257,6 +257,34 @@ def defectfill_losses(
     return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)
 
 
+def _optimizer_step(accelerator, optimizer, params: list[nn.Parameter], loss_sum: torch.Tensor,
+                    max_grad_norm: float, fp16: bool) -> tuple[bool, torch.Tensor | None]:
+    """Clip and step unless the loss (on any rank) or the gradient is non-finite. Returns (stepped, grad norm).
+
+    One host-device sync per optimiser step, none per micro-batch. All ranks decide alike: the flag is
+    all-reduced, and the gradient norm is taken after the gradient all-reduce.
+    """
+    def everywhere(flag: torch.Tensor) -> bool:
+        if accelerator.num_processes > 1:
+            flag = accelerator.reduce(flag.float(), reduction="sum") == accelerator.num_processes
+        return bool(flag)  # the step's one sync
+
+    loss_ok = torch.isfinite(loss_sum)
+    if fp16:
+        # The loss scaler must see every step with a finite loss (it lowers its scale on inf gradients and
+        # skips that step itself), and must not unscale twice, so the loss is judged before clipping.
+        if not everywhere(loss_ok):
+            return False, None
+        grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        return not accelerator.optimizer_step_was_skipped, grad_norm
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    if not everywhere(loss_ok & torch.isfinite(grad_norm)):
+        return False, grad_norm
+    optimizer.step()
+    return True, grad_norm
+
+
 def warmup_lambda(warmup_steps: int):
     """Linear warm-up that starts above 0: step s (0-based) runs at (s+1)/warmup of the rate."""
     def factor(step: int) -> float:
@@ -481,7 +509,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
                     disable=not is_main, dynamic_ncols=True)
     try:
         for step in range(start_step, config.steps):
-            step_ok = True
+            step_sums = {k: torch.zeros((), device=device) for k in sums}
             for micro in range(config.grad_accum):
                 batch = make_micro_batch(ref_images, ref_masks, config, step, micro,
                                          accelerator.process_index, accelerator.num_processes)
@@ -491,27 +519,23 @@ def train(config: TrainConfig, pipe=None) -> Path:
                         no_sync.enter_context(accelerator.no_sync(models.unet_call))
                         no_sync.enter_context(accelerator.no_sync(models.text_encoder_call))
                     terms = defectfill_losses(models, batch, prompts, config, device, autocast=accelerator.autocast)
-                    # One host sync per micro-batch: a non-finite loss must not reach the weights.
-                    if not bool(torch.isfinite(terms.total)):
-                        step_ok = False
-                        break
+                    # Backward even through a non-finite loss: every rank must join every all-reduce, and
+                    # checking here would stall the device once per micro-batch. The step is judged below.
                     accelerator.backward(terms.total / config.grad_accum)
                 for k, v in terms.detached().items():
-                    sums[k] += v.float()
-                n_sums += 1
+                    step_sums[k] += v.float()
             step_lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step uses
-            grad_norm = None
-            if step_ok:
-                grad_norm = accelerator.clip_grad_norm_(unet_params + text_params, config.max_grad_norm)
-                optimizer.step()
-                if accelerator.optimizer_step_was_skipped:  # fp16 loss scaler found inf/NaN gradients
-                    step_ok = False
+            step_ok, grad_norm = _optimizer_step(accelerator, optimizer, unet_params + text_params, step_sums["total"],
+                                                 config.max_grad_norm, precision == "fp16")
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # the schedule follows the step counter, skipped steps included
                 warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
                 lr_scheduler.step()
             if step_ok:
                 nonfinite_in_a_row = 0
+                for k, v in step_sums.items():  # skipped steps' losses stay out of the logged means
+                    sums[k] += v
+                n_sums += config.grad_accum
             else:
                 skipped += 1
                 nonfinite_in_a_row += 1

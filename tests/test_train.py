@@ -237,10 +237,17 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root,
         return terms
 
     monkeypatch.setattr(train_module, "defectfill_losses", first_is_nan)
-    run = train(tiny_config(demo_root, tmp_path / "one", tiny_model_dir, steps=3, save_every=3))
+    pipe = load_pipeline(str(tiny_model_dir))
+    before = _state(pipe)
+    run = train(tiny_config(demo_root, tmp_path / "one", tiny_model_dir, steps=3, save_every=1), pipe=pipe)
     state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["skipped_steps"] == 1
     assert "non-finite" in (run / "train.log").read_text()
+    # the NaN step went through backward (all ranks must) but reached no weight: lora_B is still 0
+    first = load_file(str(run / "checkpoint-1" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in first.values())
+    assert all(not v.any() for k, v in first.items() if "lora_B" in k)
+    assert _changed(before, _state(pipe)), "the two good steps after it trained nothing"
 
     def always_nan(*args, **kwargs):
         terms = real(*args, **kwargs)
@@ -251,9 +258,40 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root,
         train(tiny_config(demo_root, tmp_path / "many", tiny_model_dir, steps=10, max_nonfinite_steps=3))
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """0 forward, inf backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("inf"))
+
+
+def test_finite_loss_with_nonfinite_gradient_is_skipped(demo_root, tiny_model_dir, tmp_path, monkeypatch):
+    real = train_module.defectfill_losses
+
+    def inf_gradient(models, *args, **kwargs):
+        terms = real(models, *args, **kwargs)
+        lora = next(p for n, p in models.unet.named_parameters() if "lora_A" in n)
+        poison = _InfiniteGradient.apply(lora)
+        return LossTerms(terms.defect, terms.object, terms.attention, terms.total + poison)
+
+    monkeypatch.setattr(train_module, "defectfill_losses", inf_gradient)
+    pipe = load_pipeline(str(tiny_model_dir))
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=2, max_nonfinite_steps=5), pipe=pipe)
+    assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["skipped_steps"] == 2
+    weights = load_file(str(run / "checkpoint-2" / "trainable.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
 def test_two_processes_train_one_run_with_synchronised_weights(demo_root, tiny_model_dir, tmp_path):
     """torchrun with 2 CPU processes: one writer, and both ranks end with the same LoRA although each
-    saw different images (so gradients were all-reduced)."""
+    saw different images (so gradients were all-reduced). Rank 1's first loss is NaN: both ranks must
+    skip that step together (neither hangs in an all-reduce the other never joins, nor drifts apart)."""
     import os
     import subprocess
     import sys
@@ -266,10 +304,19 @@ def test_two_processes_train_one_run_with_synchronised_weights(demo_root, tiny_m
         "from safetensors.torch import save_file\n"
         "from defectfill.config import TrainConfig\n"
         "from defectfill.model import load_pipeline\n"
-        "from defectfill.train import train\n"
+        "import defectfill.train as t\n"
+        "from defectfill.losses import LossTerms\n"
+        "real, calls = t.defectfill_losses, []\n"
+        "def first_nan_on_rank1(*a, **k):\n"
+        "    terms = real(*a, **k)\n"
+        "    calls.append(1)\n"
+        "    if os.environ['RANK'] == '1' and len(calls) == 1:\n"
+        "        return LossTerms(terms.defect, terms.object, terms.attention, terms.total * float('nan'))\n"
+        "    return terms\n"
+        "t.defectfill_losses = first_nan_on_rank1\n"
         "config = TrainConfig(**json.loads(os.environ['TRAIN_CONFIG']))\n"
         "pipe = load_pipeline(config.model)\n"
-        "train(config, pipe=pipe)\n"
+        "t.train(config, pipe=pipe)\n"
         "weights = {n: p.detach().contiguous() for n, p in pipe.unet.named_parameters() if p.requires_grad}\n"
         "save_file(weights, os.path.join(os.environ['RANK_DIR'], 'rank' + os.environ['RANK'] + '.safetensors'))\n"
     )
@@ -280,6 +327,7 @@ def test_two_processes_train_one_run_with_synchronised_weights(demo_root, tiny_m
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("training disc/scratch") == 1 and log.count("done:") == 1
+    assert "(1 steps skipped)" in log, log
     rank0, rank1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
     for key in rank0:
