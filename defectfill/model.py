@@ -165,9 +165,8 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids.clamp(max=self.base_size - 1))
+        # No early return when no id is new: `bool(is_new.any())` would stall a GPU once per text-encoder call.
         is_new = input_ids >= self.base_size
-        if not bool(is_new.any()):
-            return out
         new = self.new_rows[(input_ids - self.base_size).clamp(min=0)].to(out.dtype)
         return torch.where(is_new[..., None], new, out)
 
@@ -314,9 +313,14 @@ class AttentionRecorder:
 @functools.lru_cache(maxsize=1)
 def _clip_tokenizer_folder() -> str:
     """Write the real CLIP BPE vocabulary (shipped in the open_clip_torch wheel) as vocab.json + merges.txt."""
-    import open_clip
+    import importlib.util
 
-    bpe = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    # Found, not imported: importing open_clip pulls in timm and more, and only its data file is needed.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise DefectFillError("the tiny test pipeline needs the CLIP vocabulary from open_clip_torch: "
+                              "pip install open_clip_torch")
+    bpe = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     merges = [tuple(m.split()) for m in merges]
     # byte-level alphabet, as CLIP defines it
