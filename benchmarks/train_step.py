@@ -61,12 +61,24 @@ def floor_loss(models, batch, prompts, device: torch.device, autocast=nullcontex
 
 
 def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
+    """Every mode at one resolution, for each gradient-checkpointing setting asked for (one model build)."""
     device = torch.device(args.device)
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
     config = TrainConfig(category="metal_nut", defect_type="scratch", resolution=resolution,
-                         batch_size=args.batch_size, mixed_precision=args.mixed_precision,
-                         gradient_checkpointing=args.gradient_checkpointing, seed=0)
+                         batch_size=args.batch_size, mixed_precision=args.mixed_precision, seed=0)
     models = build_models(config, device, weight_dtype, pipe=build_pipeline(args.size))
+    rows = []
+    for ckpt in (["no", "yes"] if args.gradient_checkpointing == "both" else [args.gradient_checkpointing]):
+        if ckpt == "yes":
+            models.unet.enable_gradient_checkpointing()
+        else:
+            models.unet.disable_gradient_checkpointing()
+        rows += bench_modes(args, models, config, device, weight_dtype, resolution, ckpt)
+    return rows
+
+
+def bench_modes(args: argparse.Namespace, models, config: TrainConfig, device: torch.device,
+                weight_dtype: torch.dtype, resolution: int, ckpt: str) -> list[dict]:
     models.unet.train()
     models.text_encoder.train()
     prompts = prompt_inputs(models.tokenizer, config)
@@ -105,7 +117,7 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
             m = step(mode, r)
             if r >= args.warmup:
                 results[mode].append(m)
-            print(f"  {args.size} {resolution}px round {r}{' (warm-up)' if r < args.warmup else ''} "
+            print(f"  {args.size} {resolution}px ckpt {ckpt} round {r}{' (warm-up)' if r < args.warmup else ''} "
                   f"{mode}: {m['seconds']:.3f} s", file=sys.stderr, flush=True)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -115,7 +127,7 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
             with profile(activities=activities) as prof:
                 step(mode, args.warmup + args.iters)
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-            print(f"### profile {args.size} {resolution}px {mode}\n"
+            print(f"### profile {args.size} {resolution}px ckpt {ckpt} {mode}\n"
                   + prof.key_averages().table(sort_by=key, row_limit=args.profile), flush=True)
     models.unet.set_attn_processor(dict(ours_procs))
 
@@ -125,7 +137,7 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
         peak = max(m["rss_peak"] for m in ms)
         rows.append({
             "size": args.size, "px": resolution, "B": args.batch_size, "device": args.device,
-            "precision": args.mixed_precision, "ckpt": "yes" if args.gradient_checkpointing else "no",
+            "precision": args.mixed_precision, "ckpt": ckpt,
             "mode": mode, "median s/step": f"{med[mode]:.4f}",
             "min s": f"{min(m['seconds'] for m in ms):.4f}", "max s": f"{max(m['seconds'] for m in ms):.4f}",
             "peak RSS GiB": gib(peak), "RSS rise GiB": gib(max(m["rss_peak"] - m["rss_start"] for m in ms)),
@@ -143,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="reference images B (UNet batch 2B); default tiny 4, sd2 1")
     p.add_argument("--device", default="cpu")
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="yes", default="no", choices=["no", "yes", "both"],
+                   help="UNet gradient checkpointing; `both`: time without, then with, on the same model")
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default tiny 3, sd2 1)")
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default tiny 10, sd2 3)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)

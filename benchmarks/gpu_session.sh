@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Everything issue 6 asks of a lent GPU, in ONE device call (the whole session has 15 device minutes).
+#
+#   here, once:   bash benchmarks/gpu_wheels.sh          # fills .whl/ (git-ignored)
+#   device call:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=570)
+#
+# Then read $OUT/session.log and the JSON files, and put the tables in benchmarks/README.md.
+# Each part has its own time limit, so one that hangs or fails still leaves time and output for the rest.
+# Order = priority: a CUDA smoke run of the real trainer and generator (tiny pipeline, bf16, checkpointing,
+# resume), then the 512 px batch 4 bf16 training step without and with gradient checkpointing (ours,
+# floor, naive; peak GPU memory: the 10 GB target), then generation at 512 px with 50 DDIM steps and 8
+# candidates, batched against one at a time.
+#
+# CHECK_ON_CPU=1 bash benchmarks/gpu_session.sh   runs the same parts here on the CPU with the tiny pipeline
+# and small sizes (minutes), to check the script before spending device time.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ "${CHECK_ON_CPU:-0}" = 1 ]; then
+    DEV=cpu SIZE=tiny RES=64 STEPS=2 WARMUP=1 ITERS=1 REPEATS=1 PY=.venv/bin/python
+else
+    DEV=cuda SIZE=sd2 RES=512 STEPS=50 WARMUP=2 ITERS=5 REPEATS=3 PY=python3
+fi
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/session.log") 2>&1
+date -u
+
+if [ "$DEV" = cuda ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed"; exit 1; }
+    export PYTHONPATH=/tmp/site
+else
+    echo "no .whl/ carried: using what the machine has (run benchmarks/gpu_wheels.sh here and carry .whl)"
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$PY" - <<'PY' || exit 1
+import accelerate, diffusers, peft, torch, transformers
+print("python3", __import__("sys").version.split()[0], "torch", torch.__version__, "diffusers", diffusers.__version__,
+      "transformers", transformers.__version__, "peft", peft.__version__, "accelerate", accelerate.__version__,
+      "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+PY
+
+part() {  # part NAME SECONDS COMMAND...: run with a limit, say how it ended
+    local name=$1 limit=$2
+    shift 2
+    echo "### $name (limit ${limit} s) $(date -u +%H:%M:%S)"
+    local t0=$SECONDS
+    timeout "$limit" "$@"
+    echo "### $name exit $? after $((SECONDS - t0)) s"
+}
+
+smoke() {  # the trainer and generator on CUDA: bf16, checkpointing, checkpoint + resume, LFS generation
+    local w=/tmp/smoke
+    rm -rf "$w"
+    "$PY" -c "
+from defectfill.demo_data import make_demo_dataset
+from defectfill.model import save_tiny_pipeline
+make_demo_dataset('$w/data'); save_tiny_pipeline('$w/model')" || return 1
+    local common=(--data "$w/data" --category disc --defect-type scratch --model "$w/model" --output "$w/run"
+                  --resolution 64 --batch-size 2 --mixed-precision bf16 --gradient-checkpointing --save-every 4
+                  --sample-every 0 --log-every 2)
+    "$PY" -m defectfill train "${common[@]}" --steps 4 || return 1
+    "$PY" -m defectfill train "${common[@]}" --steps 8 --resume latest || return 1
+    "$PY" -m defectfill generate --run "$w/run" --output "$w/gen" --count 2 --steps 5 --candidates 4 \
+        --lpips-random-backbone --device "$DEV" --dtype bf16 || return 1
+    find "$w/run" "$w/gen" -maxdepth 2 | sort | head -40
+    tail -3 "$w/run/train.log"
+}
+
+export -f smoke
+export PY DEV
+part smoke 150 bash -c smoke  # timeout runs programs, not shell functions
+part train_step 300 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
+    --resolution "$RES" --batch-size 4 --gradient-checkpointing both --warmup "$WARMUP" --iters "$ITERS" \
+    --json "$OUT/train_step.json"
+part generate 240 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 --resolution "$RES" \
+    --steps "$STEPS" --repeats "$REPEATS" --json "$OUT/generate.json"
+date -u
