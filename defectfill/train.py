@@ -237,12 +237,14 @@ def defectfill_losses(
 
     with autocast():
         # The text encoder runs WITH grad: its LoRA (and a new token row) learn through it.
-        text = (models.text_encoder_call or models.text_encoder)(prompts.input_ids.to(device))[0]  # (2, 77, D)
+        # `is None`, not `or`: a torch.compile'd module has no len(), so it has no truth value either
+        text_encoder = models.text_encoder if models.text_encoder_call is None else models.text_encoder_call
+        text = text_encoder(prompts.input_ids.to(device))[0]  # (2, 77, D)
         text = torch.cat([text[0:1].expand(b, -1, -1), text[1:2].expand(b, -1, -1)])  # (2B, 77, D)
         record = config.lambda_attn > 0
         models.recorder.start(prompts.token_weights.to(device).expand(b, -1) if record else None)
         model_in = unet_input(torch.cat([noisy, noisy]), mask_latents, masked_latents).to(unet.dtype)  # (2B,9,h,w)
-        unet_call = models.unet_call or unet
+        unet_call = unet if models.unet_call is None else models.unet_call
         pred = unet_call(model_in, torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample  # (2B,4,h,w)
         if record:
             attn_size = config.attn_size or max(1, lh // 4)

@@ -96,3 +96,32 @@ def test_reference_store_covers_every_layer_and_is_removed(setup):
                      torch.device("cpu"), store)
         assert set(store.maps) == set(before)  # self- and cross-attention, encoder and decoder
     assert all(models.unet.attn_processors[n] is p for n, p in before.items())
+
+
+class _NoTruthValue(torch.nn.Module):
+    """Wraps a module as torch.compile does (what accelerate's prepare returns with a dynamo backend):
+    calls pass through, but len() raises TypeError, so `wrapper or module` fails."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def __len__(self):
+        raise TypeError("no len()")
+
+
+def test_both_steps_accept_wrapped_modules_without_truth_value(setup):
+    config, models, images, masks, prompts = setup
+    cpu = torch.device("cpu")
+    plain = defectfill_losses(models, make_micro_batch(images, masks, config, 0, 0, 0, 1), prompts, config, cpu)
+    models.unet_call, models.text_encoder_call = _NoTruthValue(models.unet), _NoTruthValue(models.text_encoder)
+    try:
+        wrapped = defectfill_losses(models, make_micro_batch(images, masks, config, 0, 0, 0, 1), prompts, config, cpu)
+        with AttentionStore(models.unet) as store:
+            naive_losses(models, make_micro_batch(images, masks, config, 0, 0, 0, 1), prompts, config, cpu, store)
+    finally:
+        models.unet_call = models.text_encoder_call = None
+    torch.testing.assert_close(wrapped.total, plain.total)
