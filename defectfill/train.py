@@ -260,7 +260,7 @@ def defectfill_losses(
 
 
 def _optimizer_step(accelerator, optimizer, params: list[nn.Parameter], loss_sum: torch.Tensor,
-                    max_grad_norm: float, fp16: bool) -> tuple[bool, torch.Tensor | None]:
+                    max_grad_norm: float) -> tuple[bool, torch.Tensor | None]:
     """Clip and step unless the loss (on any rank) or the gradient is non-finite. Returns (stepped, grad norm).
 
     One host-device sync per optimiser step, none per micro-batch. All ranks decide alike: the flag is
@@ -272,7 +272,7 @@ def _optimizer_step(accelerator, optimizer, params: list[nn.Parameter], loss_sum
         return bool(flag)  # the step's one sync
 
     loss_ok = torch.isfinite(loss_sum)
-    if fp16:
+    if accelerator.scaler is not None:  # fp16 on a GPU (accelerate makes no scaler for fp16 on a CPU)
         # The loss scaler must see every step with a finite loss (it lowers its scale on inf gradients and
         # skips that step itself), and must not unscale twice, so the loss is judged before clipping.
         if not everywhere(loss_ok):
@@ -528,7 +528,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
                     step_sums[k] += v.float()
             step_lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step uses
             step_ok, grad_norm = _optimizer_step(accelerator, optimizer, unet_params + text_params, step_sums["total"],
-                                                 config.max_grad_norm, precision == "fp16")
+                                                 config.max_grad_norm)
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():  # the schedule follows the step counter, skipped steps included
                 warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)

@@ -224,7 +224,9 @@ def test_bf16_keeps_trainable_weights_fp32(demo_root, tiny_model_dir, tmp_path):
     train(config, pipe=load_pipeline(str(tiny_model_dir)))  # runs end to end under bf16 autocast
 
 
-def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "fp16"])  # fp16: the loss scaler must not unscale twice
+def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root, tiny_model_dir, tmp_path, monkeypatch,
+                                                                      precision):
     real = train_module.defectfill_losses
     calls = {"n": 0}
 
@@ -239,7 +241,8 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root,
     monkeypatch.setattr(train_module, "defectfill_losses", first_is_nan)
     pipe = load_pipeline(str(tiny_model_dir))
     before = _state(pipe)
-    run = train(tiny_config(demo_root, tmp_path / "one", tiny_model_dir, steps=3, save_every=1), pipe=pipe)
+    run = train(tiny_config(demo_root, tmp_path / "one", tiny_model_dir, steps=3, save_every=1,
+                            mixed_precision=precision), pipe=pipe)
     state = json.loads((run / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["skipped_steps"] == 1
     assert "non-finite" in (run / "train.log").read_text()
@@ -255,7 +258,8 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root,
 
     monkeypatch.setattr(train_module, "defectfill_losses", always_nan)
     with pytest.raises(DefectFillError, match="3 non-finite losses in a row"):
-        train(tiny_config(demo_root, tmp_path / "many", tiny_model_dir, steps=10, max_nonfinite_steps=3))
+        train(tiny_config(demo_root, tmp_path / "many", tiny_model_dir, steps=10, max_nonfinite_steps=3,
+                          mixed_precision=precision))
 
 
 class _InfiniteGradient(torch.autograd.Function):
@@ -271,7 +275,8 @@ class _InfiniteGradient(torch.autograd.Function):
         return torch.full(ctx.shape, float("inf"))
 
 
-def test_finite_loss_with_nonfinite_gradient_is_skipped(demo_root, tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "fp16"])  # fp16: the loss scaler finds the inf and skips
+def test_finite_loss_with_nonfinite_gradient_is_skipped(demo_root, tiny_model_dir, tmp_path, monkeypatch, precision):
     real = train_module.defectfill_losses
 
     def inf_gradient(models, *args, **kwargs):
@@ -282,7 +287,8 @@ def test_finite_loss_with_nonfinite_gradient_is_skipped(demo_root, tiny_model_di
 
     monkeypatch.setattr(train_module, "defectfill_losses", inf_gradient)
     pipe = load_pipeline(str(tiny_model_dir))
-    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=2, max_nonfinite_steps=5), pipe=pipe)
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=2, max_nonfinite_steps=5,
+                            mixed_precision=precision), pipe=pipe)
     assert json.loads((run / "checkpoint-2" / "trainer_state.json").read_text())["skipped_steps"] == 2
     weights = load_file(str(run / "checkpoint-2" / "trainable.safetensors"))
     assert all(torch.isfinite(v).all() for v in weights.values())
@@ -332,3 +338,39 @@ def test_two_processes_train_one_run_with_synchronised_weights(demo_root, tiny_m
     assert any(v.abs().sum() > 0 for k, v in rank0.items() if "lora_B" in k)
     for key in rank0:
         torch.testing.assert_close(rank1[key], rank0[key], atol=1e-6, rtol=1e-5)
+
+
+def test_optimizer_step_with_a_loss_scaler_skips_bad_steps_and_keeps_working():
+    """The fp16-on-GPU path of `_optimizer_step` (accelerate makes no scaler on a CPU, so one is given here):
+    an inf gradient is the scaler's to skip (it lowers its scale), a NaN loss is skipped before unscaling,
+    and the steps after each still step (no 'unscale_() has already been called')."""
+    from accelerate import Accelerator
+
+    from defectfill.train import _optimizer_step
+
+    accelerator = Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    layer = torch.nn.Linear(3, 1)
+    model, optimizer = accelerator.prepare(layer, torch.optim.SGD(layer.parameters(), lr=0.1))
+    params = list(model.parameters())
+    x = torch.ones(2, 3)
+
+    def step(poison: str) -> bool:
+        loss = model(x).pow(2).mean()
+        if poison == "inf gradient":
+            loss = loss + _InfiniteGradient.apply(params[0])
+        elif poison == "nan loss":
+            loss = loss * float("nan")
+        accelerator.backward(loss)
+        ok, _ = _optimizer_step(accelerator, optimizer, params, loss.detach(), 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    before = [p.detach().clone() for p in params]
+    assert not step("inf gradient")
+    assert accelerator.scaler.get_scale() < 2.0**10
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert not step("nan loss")
+    assert all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
+    assert step("none")
+    assert not all(torch.equal(a, b) for a, b in zip(before, params, strict=True))
