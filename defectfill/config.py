@@ -57,7 +57,7 @@ class TrainConfig:
     max_scale: float = field(default=1.125, metadata={"help": "largest random enlargement before cropping back"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many non-finite losses in a row"})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient"})
 
     @property
     def prompt_token(self) -> str:

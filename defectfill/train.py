@@ -282,7 +282,7 @@ def _optimizer_step(accelerator, optimizer, params: list[nn.Parameter], loss_sum
         return not accelerator.optimizer_step_was_skipped, grad_norm
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
     if not everywhere(loss_ok & torch.isfinite(grad_norm)):
-        return False, grad_norm
+        return False, None
     optimizer.step()
     return True, grad_norm
 
@@ -544,7 +544,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
                 log.warning("step %d: non-finite loss or gradient; step skipped (%d skipped in all)", step, skipped)
                 if nonfinite_in_a_row >= config.max_nonfinite_steps:
                     raise DefectFillError(
-                        f"training stopped at step {step}: {nonfinite_in_a_row} non-finite losses in a row. "
+                        f"training stopped at step {step}: {nonfinite_in_a_row} steps in a row with a non-finite loss or gradient. "
                         "Lower --lr-unet/--lr-text, or use --mixed-precision bf16 or no instead of fp16; "
                         f"resume from the last good checkpoint in {out}."
                     )

@@ -257,7 +257,7 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_stop_the_run(demo_root,
         return LossTerms(terms.defect, terms.object, terms.attention, terms.total * float("nan"))
 
     monkeypatch.setattr(train_module, "defectfill_losses", always_nan)
-    with pytest.raises(DefectFillError, match="3 non-finite losses in a row"):
+    with pytest.raises(DefectFillError, match="3 steps in a row with a non-finite loss"):
         train(tiny_config(demo_root, tmp_path / "many", tiny_model_dir, steps=10, max_nonfinite_steps=3,
                           mixed_precision=precision))
 
