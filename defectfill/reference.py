@@ -138,8 +138,7 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
     noisy = sched.add_noise(latents, noise, timesteps)
     target = sched.get_velocity(latents, noise, timesteps) if sched.config.prediction_type == "v_prediction" else noise
     lh, lw = latents.shape[-2:]
-    text_encoder = models.text_encoder if models.text_encoder_call is None else models.text_encoder_call
-    unet_call = unet if models.unet_call is None else models.unet_call
+    unet_call, text_encoder = models.callables()
 
     preds, maps = [], None
     with autocast():

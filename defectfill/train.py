@@ -72,6 +72,15 @@ class TrainingModels:
     unet_call: nn.Module | None = None
     text_encoder_call: nn.Module | None = None
 
+    def callables(self) -> tuple[nn.Module, nn.Module]:
+        """(UNet, text encoder) as the step calls them: the wrapped ones once prepared, else the plain ones.
+
+        `is None`, not `or`: a torch.compile'd module (accelerate --dynamo_backend) has no len(), so no truth value.
+        """
+        unet = self.unet if self.unet_call is None else self.unet_call
+        text_encoder = self.text_encoder if self.text_encoder_call is None else self.text_encoder_call
+        return unet, text_encoder
+
 
 def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.dtype, pipe=None) -> TrainingModels:
     """Load the pipeline, freeze it, add LoRA (and a trainable token), install the attention recorder.
@@ -237,14 +246,12 @@ def defectfill_losses(
 
     with autocast():
         # The text encoder runs WITH grad: its LoRA (and a new token row) learn through it.
-        # `is None`, not `or`: a torch.compile'd module has no len(), so it has no truth value either
-        text_encoder = models.text_encoder if models.text_encoder_call is None else models.text_encoder_call
+        unet_call, text_encoder = models.callables()
         text = text_encoder(prompts.input_ids.to(device))[0]  # (2, 77, D)
         text = torch.cat([text[0:1].expand(b, -1, -1), text[1:2].expand(b, -1, -1)])  # (2B, 77, D)
         record = config.lambda_attn > 0
         models.recorder.start(prompts.token_weights.to(device).expand(b, -1) if record else None)
         model_in = unet_input(torch.cat([noisy, noisy]), mask_latents, masked_latents).to(unet.dtype)  # (2B,9,h,w)
-        unet_call = unet if models.unet_call is None else models.unet_call
         pred = unet_call(model_in, torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample  # (2B,4,h,w)
         if record:
             attn_size = config.attn_size or max(1, lh // 4)
