@@ -17,8 +17,8 @@ import torch
 
 
 def build_sd2_pipeline(seed: int = 0):
-    """SD2 inpainting built from its published configuration (random weights; see
-    /work/shared/SD2-INPAINTING-ARCHITECTURE.md): timings on the real shapes without a download."""
+    """SD2 inpainting built from its published configuration (random weights; the values are listed in
+    docs/sd2-inpainting-architecture.md): timings on the real shapes without a download."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
-# Everything issue 6 asks of a lent GPU, in ONE device call (the whole session has 15 device minutes).
+# The GPU measurements of benchmarks/README.md in one script, plus a CUDA smoke run of the trainer and
+# the generator. Each part has its own time limit (about 12 minutes at most in all), so a part that
+# hangs or fails still leaves time and output for the rest.
 #
-#   here, once:   bash benchmarks/gpu_wheels.sh          # fills .whl/ (git-ignored)
-#   device call:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=570)
+#   bash benchmarks/gpu_session.sh                  # on a CUDA machine; output in ./gpu-out (or $OUT)
+#   CHECK_ON_CPU=1 bash benchmarks/gpu_session.sh   # the same parts on a CPU with the tiny pipeline and
+#                                                   # small sizes (minutes): checks the script first
 #
-# Then read $OUT/session.log and the JSON files, and put the tables in benchmarks/README.md.
-# Each part has its own time limit, so one that hangs or fails still leaves time and output for the rest.
-# Order = priority: a CUDA smoke run of the real trainer and generator (tiny pipeline, bf16, checkpointing,
-# resume), then the 512 px batch 4 bf16 training step without and with gradient checkpointing (ours,
-# floor, naive; peak GPU memory: the 10 GB target), then generation at 512 px with 50 DDIM steps and 8
-# candidates, batched against one at a time.
+# Results: $OUT/session.log (everything) and the tables in $OUT/train_step.json and $OUT/generate.json
+# (benchmarks/README.md explains the columns).
+# Parts, in order of priority: a CUDA smoke run of the real trainer and generator (tiny pipeline, bf16,
+# checkpointing, resume), then the 512 px batch 4 bf16 training step without and with gradient
+# checkpointing (ours, floor, naive; peak GPU memory: the 10 GB target), then generation at 512 px
+# with 50 DDIM steps and 8 candidates, batched against one at a time.
 #
-# CHECK_ON_CPU=1 bash benchmarks/gpu_session.sh   runs the same parts here on the CPU with the tiny pipeline
-# and small sizes (minutes), to check the script before spending device time.
+# The machine's python3, torch and accelerate are used. On a GPU machine without network access that
+# lacks diffusers, transformers, peft, lpips or open_clip_torch, run benchmarks/gpu_wheels.sh first on
+# a machine with access and copy the repository with its .whl/ folder: this script installs those
+# wheels into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${CHECK_ON_CPU:-0}" = 1 ]; then
@@ -30,7 +35,7 @@ if [ "$DEV" = cuda ] && ls .whl/*.whl >/dev/null 2>&1; then
         || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site
 else
-    echo "no .whl/ carried: using what the machine has (run benchmarks/gpu_wheels.sh here and carry .whl)"
+    echo "no .whl/ folder: using the Python packages installed on this machine (benchmarks/gpu_wheels.sh fills .whl/)"
 fi
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
