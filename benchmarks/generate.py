@@ -29,9 +29,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_pipeline, gib, header, measured, median, synthetic_image_and_mask, table  # noqa: E402
 
-from defectfill.generate import DefectGenerator, LPIPSScorer, _save_png  # noqa: E402
+from defectfill.generate import _save_png  # noqa: E402
 from defectfill.metrics.lpips import load_lpips  # noqa: E402
 from defectfill.model import add_lora  # noqa: E402
+from defectfill.sampler import DefectGenerator, LPIPSScorer  # noqa: E402
 
 PARTS = ("unet", "vae", "text", "lpips", "save")
 

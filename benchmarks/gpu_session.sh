@@ -60,7 +60,7 @@ smoke() {  # the trainer and generator on CUDA: bf16, checkpointing, checkpoint 
     rm -rf "$w"
     "$PY" -c "
 from defectfill.demo_data import make_demo_dataset
-from defectfill.model import save_tiny_pipeline
+from defectfill.tiny import save_tiny_pipeline
 make_demo_dataset('$w/data'); save_tiny_pipeline('$w/model')" || return 1
     local common=(--data "$w/data" --category disc --defect-type scratch --model "$w/model" --output "$w/run"
                   --resolution 64 --batch-size 2 --mixed-precision bf16 --gradient-checkpointing --save-every 4
@@ -68,7 +68,7 @@ make_demo_dataset('$w/data'); save_tiny_pipeline('$w/model')" || return 1
     "$PY" -m defectfill train "${common[@]}" --steps 4 || return 1
     "$PY" -m defectfill train "${common[@]}" --steps 8 --resume latest || return 1
     "$PY" -m defectfill generate --run "$w/run" --output "$w/gen" --count 2 --steps 5 --candidates 4 \
-        --lpips-random-backbone --device "$DEV" --dtype bf16 || return 1
+        --lpips-random-backbone --device "$DEV" --mixed-precision bf16 || return 1
     find "$w/run" "$w/gen" -maxdepth 2 | sort | head -40
     tail -3 "$w/run/train.log"
 }

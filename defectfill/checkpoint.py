@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from defectfill.atomic import replace_dir
 from defectfill.errors import DefectFillError
-from defectfill.io import replace_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 

@@ -1,4 +1,4 @@
-"""The `defectfill` command: train, generate, evaluate, make-demo-data.
+"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data.
 
 User-input problems raise `DefectFillError`; they are printed as one clear
 message (no traceback) and the command exits with status 2.
@@ -10,19 +10,16 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Callable
 
 from defectfill import __version__
 from defectfill.errors import DefectFillError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from defectfill.config import make_config
+    from defectfill.config import TrainConfig
     from defectfill.train import train
 
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
-    config = make_config(settings, args.config)
-    out = train(config)
+    out = train(TrainConfig.from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
         print(f"LoRA written to {out}/pytorch_lora_weights.safetensors")
     return 0
@@ -36,49 +33,30 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional_commands() -> list[tuple[str, str, Callable, Callable]]:
-    """(name, help, add_arguments, run) of commands whose modules exist."""
-    found = []
-    try:
-        from defectfill.generate import add_generate_arguments, run_generate
-
-        found.append(("generate", "paint the learned defect into defect-free images (MVTec layout out)",
-                      add_generate_arguments, run_generate))
-    except ImportError:
-        pass
-    try:
-        from defectfill.evaluate import add_evaluate_arguments, run_evaluate
-
-        found.append(("evaluate", "KID, IC-LPIPS and downstream inspection metrics, with a report",
-                      add_evaluate_arguments, run_evaluate))
-    except ImportError:
-        pass
-    return found
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from defectfill.config import add_train_arguments
+    from defectfill.config import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
+    from defectfill.demo import add_demo_arguments, demo_command
+    from defectfill.evaluate import evaluate_command
+    from defectfill.generate import generate_command
+    from defectfill.runner import run_command
 
     parser = argparse.ArgumentParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
     parser.add_argument("--version", action="version", version=f"defectfill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="fine-tune SD2 inpainting with LoRA on one defect type",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_train_arguments(p)
-    p.set_defaults(func=_train)
-
-    for name, help_text, add_arguments, run in _optional_commands():
-        p = sub.add_parser(name, help=help_text)
-        add_arguments(p)
-        p.set_defaults(func=run)
-
-    from defectfill.demo import add_demo_arguments, demo_command
-    from defectfill.runner import add_run_arguments, run_command
-
-    p = sub.add_parser("run", help="train, generate and evaluate every defect type of a category, with one report")
-    add_run_arguments(p)
-    p.set_defaults(func=run_command)
+    # (name, help, settings class, command)
+    stages = [
+        ("train", "fine-tune SD2 inpainting with LoRA on one defect type", TrainConfig, _train),
+        ("generate", "paint the learned defect into defect-free images (MVTec layout out)", GenerateConfig,
+         generate_command),
+        ("evaluate", "KID, IC-LPIPS and downstream inspection metrics, with a report", EvaluateConfig,
+         evaluate_command),
+        ("run", "train, generate and evaluate every defect type of a category, with one report", RunConfig,
+         run_command),
+    ]
+    for name, help_text, settings, command in stages:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        settings.add_arguments(p)
+        p.set_defaults(func=command)
 
     p = sub.add_parser("demo", help="the whole job on a drawn dataset and a tiny model: no data, GPU or network")
     add_demo_arguments(p)

@@ -1,31 +1,58 @@
-"""Training settings: defaults from DESIGN.md, a YAML file, then command-line flags.
+"""Every stage's settings: defaults from docs/method.md, a YAML file, then command-line flags.
 
-Each setting is a dataclass field; its kebab-case flag (`lr_unet` -> `--lr-unet`)
-and its YAML key (either spelling) are derived from the field name, so the
-three stay in step. `config.json` in every run folder holds all of them.
+Each setting is a dataclass field; its kebab-case flag (`lr_unet` -> `--lr-unet`),
+its YAML key (either spelling) and its recorded JSON key are derived from the
+field name by `defectfill.settings.Settings`, so the three stay in step.
+
+- `TrainConfig`: `defectfill train`; recorded as `config.json` in the run folder.
+- `GenerateConfig`: `defectfill generate`; recorded in `generate.json`.
+- `EvaluateConfig`: `defectfill evaluate`; recorded in `metrics.json`.
+- `RunConfig`: `defectfill run`, which composes the three; recorded as `run.json`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectfill.data.layouts import LAYOUTS as DATA_LAYOUTS
 from defectfill.data.layouts import object_name
 from defectfill.errors import DefectFillError
+from defectfill.masks import SHAPES, parse_mask_scale, parse_shapes
 from defectfill.model import DEFAULT_MODEL
+from defectfill.settings import PRECISIONS, Settings, check_all
+
+LAYOUTS = ["auto", *DATA_LAYOUTS]
+SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
+DOWNSTREAM = ["none", "classify", "localize", "both"]
+PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other CUDA GPUs, full on a CPU), "
+                  "no (full), fp16, bf16")
+
+
+def _prompt_error(template: str, what: str) -> str | None:
+    """Why a prompt template cannot be filled, or None."""
+    if "{token}" not in template:
+        return f"{what} {template!r} must contain {{token}} (the trained defect word)"
+    try:
+        template.format(token="t", object="o")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"{what} {template!r}: {exc}; use only {{object}} and {{token}} as placeholders"
+    return None
+
+
+# --------------------------------------------------------------------------- train
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     data: str | None = field(default=None, metadata={"help": "dataset root folder"})
     category: str | None = field(default=None, metadata={"help": "object category, e.g. hazelnut"})
     defect_type: str | None = field(default=None, metadata={"help": "defect type, e.g. hole"})
     output: str | None = field(default=None, metadata={"help": "run folder to write"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id or folder"})
-    layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": ["auto", "mvtec", "defectfill2", "folder"]})
+    layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": LAYOUTS})
     resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
     steps: int = field(default=2000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"help": "reference images per micro-batch (UNet batch is twice this)"})
@@ -40,7 +67,7 @@ class TrainConfig:
     alpha: float = field(default=0.3, metadata={"help": "object-loss weight outside the defect"})
     token: str = field(default="sks", metadata={"help": "the rare word that stands for the defect, [V*]"})
     new_token: str | None = field(default=None, metadata={"help": "add this new word (e.g. '<hole>') with a trained embedding row instead of --token"})
-    mixed_precision: str = field(default="no", metadata={"help": "autocast dtype; trainable weights stay fp32; auto: bf16 on GPUs that support it, else no", "choices": ["no", "fp16", "bf16", "auto"]})
+    mixed_precision: str = field(default="auto", metadata={"help": "autocast " + PRECISION_HELP + "; trainable weights stay fp32", "choices": PRECISIONS})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations to save memory"})
     save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps"})
     sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)"})
@@ -59,6 +86,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient"})
 
+    required = ("data", "category", "defect_type", "output")
+
     @property
     def prompt_token(self) -> str:
         return self.new_token or self.token
@@ -67,100 +96,248 @@ class TrainConfig:
         """A prompt template filled with this run's token and object name ("metal_nut" -> "metal nut")."""
         return template.format(token=self.prompt_token, object=object_name(self.category or ""))
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def validate(self) -> None:
+        check_all([
+            (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.lr_unet >= 0 and self.lr_text >= 0, "--lr-unet and --lr-text must be 0 or more"),
+            (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
+            (self.lora_rank >= 1, "--lora-rank must be at least 1"),
+            (self.save_every >= 1, "--save-every must be at least 1"),
+            (self.sample_every >= 0, "--sample-every must be 0 or more"),
+            (min(self.lambda_def, self.lambda_obj, self.lambda_attn) >= 0, "loss weights must be 0 or more"),
+            (self.lambda_def + self.lambda_obj + self.lambda_attn > 0, "at least one loss weight must be positive"),
+            (0 <= self.alpha <= 1, "--alpha must be in [0, 1]"),
+            (0 < self.box_min <= self.box_max <= 1, "need 0 < --box-min <= --box-max <= 1"),
+            (self.max_scale >= 1, "--max-scale must be 1 or more"),
+            (bool(self.token.strip()), "--token must not be empty"),
+            ("{token}" in self.defect_prompt and "{token}" in self.object_prompt, "prompts must contain {token}"),
+        ])
+        for template, what in ((self.defect_prompt, "--defect-prompt"), (self.object_prompt, "--object-prompt")):
+            problem = _prompt_error(template, what)
+            if problem:
+                raise DefectFillError(problem + ".")
 
 
 # Settings that may differ between a run and its continuation.
-NON_IDENTITY_KEYS = {"output", "resume", "steps", "save_every", "sample_every", "sample_steps", "log_every", "data"}
-REQUIRED = ("data", "category", "defect_type", "output")
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; unset flags stay absent so a --config file can fill them."""
-    parser.add_argument("--config", help="YAML file of settings; flags override it")
-    for f in fields(TrainConfig):
-        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {f.default})"}
-        if f.type in ("bool",) or isinstance(f.default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = {int: int, float: float}.get(type(f.default), str)
-            if f.name in ("attn_size",):
-                kwargs["type"] = int
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(_flag(f.name), dest=f.name, **kwargs)
-
-
-def load_yaml_settings(path: str | Path) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DefectFillError(f"{path}: config file not found.")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DefectFillError(f"{path}: not valid YAML ({exc}).") from None
-    if not isinstance(data, dict):
-        raise DefectFillError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}.")
-    known = {f.name for f in fields(TrainConfig)}
-    settings = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise DefectFillError(f"{path}: unknown setting {key!r}. Known settings: {', '.join(sorted(known))}.")
-        settings[name] = value
-    return settings
+NON_IDENTITY_KEYS = {"output", "resume", "steps", "save_every", "sample_every", "sample_steps", "log_every", "data",
+                     "mixed_precision"}
 
 
 def make_config(settings: dict[str, Any], config_file: str | None = None, require: bool = True) -> TrainConfig:
-    """Defaults <- YAML file <- explicit settings, type-checked, with required settings present."""
-    merged = load_yaml_settings(config_file) if config_file else {}
-    merged.update({k: v for k, v in settings.items() if k != "config"})
-    types = {f.name: f for f in fields(TrainConfig)}
-    for name, value in list(merged.items()):
-        default = types[name].default
-        if value is None or default is None and isinstance(value, str):
-            continue
-        try:
-            if isinstance(default, bool):
-                if not isinstance(value, bool):
-                    raise ValueError(f"expected true or false, got {value!r}")
-            elif isinstance(default, (int, float)) and not isinstance(default, bool):
-                merged[name] = type(default)(value)
-        except (TypeError, ValueError) as exc:
-            raise DefectFillError(f"setting {name}: {exc}") from None
-    config = TrainConfig(**merged)
-    if require:
-        missing = [_flag(n) for n in REQUIRED if getattr(config, n) in (None, "")]
-        if missing:
-            raise DefectFillError(f"missing required setting(s): {', '.join(missing)}.")
-    validate(config)
-    return config
+    """Training settings: defaults <- YAML file <- `settings`, type-checked and validated."""
+    return TrainConfig.from_settings({k: v for k, v in settings.items() if k != "config"}, config_file, require)
 
 
-def validate(config: TrainConfig) -> None:
-    checks = [
-        (config.resolution >= 8 and config.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
-        (config.steps >= 1, "--steps must be at least 1"),
-        (config.batch_size >= 1, "--batch-size must be at least 1"),
-        (config.grad_accum >= 1, "--grad-accum must be at least 1"),
-        (config.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-        (config.lora_rank >= 1, "--lora-rank must be at least 1"),
-        (config.save_every >= 1, "--save-every must be at least 1"),
-        (config.sample_every >= 0, "--sample-every must be 0 or more"),
-        (min(config.lambda_def, config.lambda_obj, config.lambda_attn) >= 0, "loss weights must be 0 or more"),
-        (config.lambda_def + config.lambda_obj + config.lambda_attn > 0, "at least one loss weight must be positive"),
-        (0 <= config.alpha <= 1, "--alpha must be in [0, 1]"),
-        (0 < config.box_min <= config.box_max <= 1, "need 0 < --box-min <= --box-max <= 1"),
-        (config.max_scale >= 1, "--max-scale must be 1 or more"),
-        ("{token}" in config.defect_prompt and "{token}" in config.object_prompt, "prompts must contain {token}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise DefectFillError(message + ".")
+# --------------------------------------------------------------------------- generate
+
+
+@dataclass
+class GenerateConfig(Settings):
+    run: str | None = field(default=None, metadata={"help": "run folder written by `defectfill train`"})
+    output: str | None = field(default=None, metadata={"help": "output dataset folder (MVTec layout)"})
+    count: int | None = field(default=None, metadata={"help": "number of defect images to write"})
+    images: str | None = field(default=None, metadata={"help": "folder of defect-free images (default: the category's train/good)"})
+    masks: str = field(default="held-out", metadata={"help": "'held-out' (masks of the run's held-out defect images), 'shapes', or a folder of masks"})
+    shapes: str = field(default=",".join(SHAPES), metadata={"help": "shapes for --masks shapes, comma-separated"})
+    mask_scale: str = field(default="0.005,0.05", metadata={"help": "area range of shape masks, fractions MIN,MAX"})
+    candidates: int = field(default=8, metadata={"help": "candidates per image for Low-Fidelity Selection (1: no LPIPS)"})
+    steps: int = field(default=50, metadata={"help": "sampling steps"})
+    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": SCHEDULERS})
+    prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the run's object prompt)"})
+    feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge"})
+    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index"})
+    batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)"})
+    save_candidates: bool = field(default=False, metadata={"help": "also write every candidate to candidates/"})
+    save_attention: bool = field(default=False, metadata={"help": "also write the token's cross-attention map of each chosen image to attention/"})
+    lpips_weights: str | None = field(default=None, metadata={"help": "local AlexNet weights for LPIPS (offline machines)"})
+    lpips_random_backbone: bool = field(default=False, metadata={"help": "LPIPS with an untrained AlexNet (no download): for offline demos and tests only, its scores do not measure perceptual difference"})
+    preview_rows: int = field(default=8, metadata={"help": "rows of preview.png"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: accelerate's device)"})
+    mixed_precision: str = field(default="auto", metadata={"help": "pipeline weights " + PRECISION_HELP, "choices": PRECISIONS})
+    resume: bool = field(default=False, metadata={"help": "add to an output folder holding other results"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results in the output folder"})
+
+    required = ("run", "output", "count")
+
+    def validate(self) -> None:
+        check_all([
+            (self.count is None or self.count >= 1, f"--count {self.count}: must be at least 1"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pass one"),
+            (self.candidates >= 1, "--candidates must be at least 1"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.guidance >= 0, "--guidance must be 0 or more"),
+            (self.feather >= 0, "--feather must be 0 or more pixels"),
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.preview_rows >= 0, "--preview-rows must be 0 or more"),
+        ])
+        self.scale()
+        if self.masks == "shapes":
+            parse_shapes(self.shapes)
+        if self.prompt is not None:
+            problem = _prompt_error(self.prompt, "--prompt")
+            if problem:
+                raise DefectFillError(problem + ".")
+
+    def scale(self) -> tuple[float, float]:
+        """The area range of shape masks, (min, max) fractions of the image."""
+        return parse_mask_scale(self.mask_scale)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide what an output folder holds: another value means other results."""
+        return {"masks": self.masks, "shapes": self.shapes, "mask_scale": list(self.scale()),
+                "candidates": self.candidates, "steps": self.steps, "guidance": self.guidance,
+                "scheduler": self.scheduler, "prompt": self.prompt, "feather": self.feather, "seed": self.seed,
+                "images": self.images}
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateConfig(Settings):
+    generated: str | None = field(default=None, metadata={"help": "folder of generated images in the MVTec layout (as `defectfill generate` writes)"})
+    output: str | None = field(default=None, metadata={"help": "folder for metrics.json, report.html, report.md"})
+    run: str | None = field(default=None, metadata={"help": "training run folder: its category, defect type and held-out split"})
+    data: str | None = field(default=None, metadata={"help": "real dataset root (instead of --run, or for --downstream)"})
+    category: str | None = field(default=None, metadata={"help": "category to evaluate (with --data)"})
+    defect_type: str | None = field(default=None, metadata={"help": "one defect type (with --data); default: every type of the category"})
+    layout: str = field(default="auto", metadata={"help": "layout of --data", "choices": LAYOUTS})
+    downstream: str = field(default="none", metadata={"help": "also train the inspection models on generated data and test them on real data", "choices": DOWNSTREAM})
+    kid: bool = field(default=True, metadata={"help": "compute KID (--no-kid: skip)"})
+    ic_lpips: bool = field(default=True, metadata={"help": "compute IC-LPIPS (--no-ic-lpips: skip)"})
+    kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (reduced to the smaller image set; the size used is reported)"})
+    kid_subsets: int = field(default=100, metadata={"help": "number of KID subsets"})
+    inception_weights: str | None = field(default=None, metadata={"help": "local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth"})
+    lpips_weights: str | None = field(default=None, metadata={"help": "local torchvision AlexNet weights for LPIPS"})
+    lpips_size: int = field(default=256, metadata={"help": "image size at which LPIPS is computed"})
+    grid_samples: int = field(default=8, metadata={"help": "samples per row of the report's grid"})
+    epochs: int = field(default=20, metadata={"help": "downstream training epochs"})
+    batch_size: int = field(default=16, metadata={"help": "downstream batch size"})
+    lr: float = field(default=1e-4, metadata={"help": "downstream learning rate (Adam)"})
+    image_size: int = field(default=256, metadata={"help": "downstream image size (multiple of 32)"})
+    seed: int = field(default=0, metadata={"help": "seed for KID subsets and downstream training"})
+    pretrained: bool = field(default=True, metadata={"help": "ImageNet-pretrained downstream backbones (--no-pretrained: from scratch)"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
+
+    required = ("generated", "output")
+
+    def validate(self) -> None:
+        check_all([
+            (self.kid_subset_size >= 2 and self.kid_subsets >= 1,
+             "--kid-subset-size must be at least 2 and --kid-subsets at least 1"),
+            (self.lpips_size >= 32, f"--lpips-size must be at least 32 (got {self.lpips_size})"),
+            (self.grid_samples >= 1, "--grid-samples must be at least 1"),
+            (self.kid or self.ic_lpips or self.downstream != "none",
+             "Nothing to evaluate: --no-kid and --no-ic-lpips without --downstream. Drop one"),
+        ])
+        self.downstream_settings().check()
+
+    def downstream_settings(self):
+        """The downstream models' settings (device left as given: `auto` is resolved where they run)."""
+        from defectfill.metrics.downstream import DownstreamSettings
+
+        return DownstreamSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                  image_size=self.image_size, seed=self.seed, pretrained=self.pretrained,
+                                  device=self.device)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _selection(names: list[str] | None, one: str | None) -> list[str] | None:
+    """A list of names, one name, or None for all ("all" too)."""
+    names = names or ([one] if one else None)
+    return None if names in (None, ["all"]) else names
+
+
+@dataclass
+class RunConfig(Settings):
+    """`defectfill run`: its own settings, and those of the three stages it runs for each defect type.
+
+    The stage settings that are the same for every type are flat settings of `run` (the mapping
+    in each stage field: stage name -> run's name). The rest (each type's category, folders,
+    seed of generation) are filled per type by `train_config`, `generate_config` and
+    `evaluate_config`.
+    """
+
+    output: str | None = field(default=None, metadata={"help": "folder of the whole run (runs/, generated/, synth/, eval/, report)"})
+    categories: list[str] | None = field(default=None, metadata={"help": "comma-separated categories, or all (default: every category, or --category)"})
+    defect_types: list[str] | None = field(default=None, metadata={"help": "comma-separated defect types, or all (default: every type, or --defect-type)"})
+    category: str | None = field(default=None, metadata={"help": "one category (as --categories C)"})
+    defect_type: str | None = field(default=None, metadata={"help": "one defect type (as --defect-types T)"})
+    downstream: str = field(default="none", metadata={"help": "also train and test the inspection models per category", "choices": DOWNSTREAM})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan; load no model"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"stage": {
+        name: name for name in (f.name for f in dataclasses.fields(TrainConfig))
+        if name not in ("category", "defect_type", "output", "resume")}})
+    generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(count=100), metadata={"stage": {
+        "count": "count", "images": "images", "masks": "masks", "shapes": "shapes", "mask_scale": "mask_scale",
+        "candidates": "candidates", "steps": "generate_steps", "guidance": "guidance", "scheduler": "scheduler",
+        "prompt": "prompt", "feather": "feather", "batch_size": "generate_batch_size",
+        "save_candidates": "save_candidates", "save_attention": "save_attention", "lpips_weights": "lpips_weights",
+        "lpips_random_backbone": "lpips_random_backbone", "preview_rows": "preview_rows", "device": "device"}})
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"stage": {
+        "kid_subset_size": "kid_subset_size", "kid_subsets": "kid_subsets", "inception_weights": "inception_weights",
+        "lpips_size": "lpips_size", "grid_samples": "grid_samples", "epochs": "downstream_epochs",
+        "batch_size": "downstream_batch_size", "lr": "downstream_lr", "image_size": "downstream_image_size",
+        "pretrained": "downstream_pretrained", "seed": "downstream_seed"}})
+
+    required = ("data", "output")
+
+    def selected_categories(self) -> list[str] | None:
+        """The categories to run; None for every category of the dataset."""
+        return _selection(self.categories, self.category)
+
+    def selected_defect_types(self) -> list[str] | None:
+        """The defect types to run; None for every type of each category."""
+        return _selection(self.defect_types, self.defect_type)
+
+    # ------------------------------------------------------------------ each type's stage settings
+
+    def type_key(self, category: str, defect_type: str) -> str:
+        return f"{category}-{defect_type}"
+
+    def folders(self, category: str, defect_type: str) -> dict[str, Path]:
+        output, key = Path(self.output or ".").expanduser(), self.type_key(category, defect_type)
+        return {"run": output / "runs" / key, "generated": output / "generated" / key, "eval": output / "eval" / key}
+
+    def train_config(self, category: str, defect_type: str) -> TrainConfig:
+        return dataclasses.replace(self.train, category=category, defect_type=defect_type,
+                                   output=str(self.folders(category, defect_type)["run"]))
+
+    def generate_config(self, category: str, defect_type: str) -> GenerateConfig:
+        folders = self.folders(category, defect_type)
+        # the run's precision and seed carry over, so one setting decides both stages
+        return dataclasses.replace(self.generate, run=str(folders["run"]), output=str(folders["generated"]),
+                                   seed=self.train.seed, mixed_precision=self.train.mixed_precision)
+
+    def evaluate_config(self, category: str, defect_type: str) -> EvaluateConfig:
+        folders = self.folders(category, defect_type)
+        return dataclasses.replace(
+            self.evaluate, generated=str(folders["generated"]), output=str(folders["eval"]), run=str(folders["run"]),
+            downstream="none", lpips_weights=self.generate.lpips_weights,
+            lpips_size=min(self.evaluate.lpips_size, self.train.resolution),
+            device=self.generate.device or "auto",
+        )
+
+    def downstream_config(self, category: str, synth: Path, output: Path) -> EvaluateConfig:
+        return dataclasses.replace(
+            self.evaluate, generated=str(synth), output=str(output), data=self.train.data, category=category,
+            layout=self.train.layout, downstream=self.downstream, kid=False, ic_lpips=False,
+            device=self.generate.device or "auto",
+        )
+
+    def validate(self) -> None:
+        """Every stage's settings are checked here, before any work starts."""
+        if self.train.resume:
+            raise DefectFillError("--resume is not needed with `run`: finished stages are skipped and training "
+                                  "resumes by itself.")
+        self.train_config("x", "x").validate()
+        self.generate_config("x", "x").validate()
+        self.evaluate_config("x", "x").validate()
+        if self.downstream != "none":
+            self.downstream_config("x", Path("."), Path(".")).validate()

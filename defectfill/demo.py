@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from defectfill.runner import RunOptions, run_all
+from defectfill.config import RunConfig
+from defectfill.runner import run_all
 
 NOTE = ("Demo: a tiny, untrained diffusion network on a procedurally drawn dataset, with untrained stand-ins "
         "for the Inception (KID) and AlexNet (LPIPS) networks, so nothing is downloaded. It shows the pipeline "
@@ -51,7 +52,7 @@ def run_demo(output: str | Path, size: str = "small") -> int:
     from defectfill.demo_data import make_demo_dataset
     from defectfill.metrics.ic_lpips import lpips_distance_fn
     from defectfill.metrics.lpips import load_lpips
-    from defectfill.model import save_tiny_pipeline
+    from defectfill.tiny import save_tiny_pipeline
 
     output = Path(output).expanduser()
     plan = SIZES[size]
@@ -62,16 +63,16 @@ def run_demo(output: str | Path, size: str = "small") -> int:
         (data / ".complete").write_text("")
     if not (model / "model_index.json").is_file():
         save_tiny_pipeline(model)
-    settings = dict(data=str(data), model=str(model), resolution=64, steps=plan["steps"], batch_size=2,
-                    warmup_steps=min(10, plan["steps"]), save_every=max(1, plan["steps"] // 2),
-                    sample_every=plan["steps"], sample_steps=5, log_every=10, mixed_precision="no")
-    opts = RunOptions(
+    config = RunConfig.from_settings(dict(
+        data=str(data), model=str(model), output=str(output / "work"), resolution=64, steps=plan["steps"],
+        batch_size=2, warmup_steps=min(10, plan["steps"]), save_every=max(1, plan["steps"] // 2),
+        sample_every=plan["steps"], sample_steps=5, log_every=10, mixed_precision="no",
         count=plan["count"], candidates=plan["candidates"], generate_steps=plan["generate_steps"],
-        downstream=plan["downstream"], downstream_epochs=2, downstream_image_size=64, pretrained=False,
-        kid_subsets=20, lpips_size=64, lpips_random_backbone=True, feature_extractor=UntrainedFeatures(),
-        distance=lpips_distance_fn(load_lpips(pretrained_backbone=False)), note=NOTE,
-    )
-    results = run_all(settings, opts, output / "work")
+        downstream=plan["downstream"], downstream_epochs=2, downstream_image_size=64, downstream_pretrained=False,
+        kid_subsets=20, lpips_size=64, lpips_random_backbone=True,
+    ))
+    results = run_all(config, feature_extractor=UntrainedFeatures(),
+                      distance=lpips_distance_fn(load_lpips(pretrained_backbone=False)), note=NOTE)
     print(f"\n{NOTE}\nThe report: {output / 'work' / 'report.html'}\nFor real defects: {REAL_COMMAND}")
     return 1 if any(r.status != "done" for r in results) else 0
 

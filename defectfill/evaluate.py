@@ -15,7 +15,6 @@ without downloading Inception, AlexNet or ImageNet weights.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -25,50 +24,20 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from defectfill.atomic import write_json
+from defectfill.config import EvaluateConfig, TrainConfig
 from defectfill.data import open_layout
 from defectfill.data.images import image_to_tensor, load_rgb
 from defectfill.data.layouts import DefectSample, Layout
-from defectfill.data.split import Split, make_split, read_split
+from defectfill.data.split import Split, make_split
 from defectfill.errors import DefectFillError
-from defectfill.io import write_json
-from defectfill.metrics.downstream import DownstreamSettings, train_classifier, train_localiser
+from defectfill.metrics.downstream import train_classifier, train_localiser
 from defectfill.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
 from defectfill.metrics.kid import kid_images
-from defectfill.metrics.report import confusion_picture, sample_grid, write_report
+from defectfill.report import confusion_picture, sample_grid, write_report
+from defectfill.run_folder import read_recorded_config, read_run_config, read_run_split
 
 log = logging.getLogger(__name__)
-
-
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `defectfill evaluate`."""
-    parser.add_argument("--generated", required=True, type=Path,
-                        help="folder of generated images in the MVTec layout (as `defectfill generate` writes)")
-    parser.add_argument("--output", required=True, type=Path, help="folder for metrics.json, report.html, report.md")
-    parser.add_argument("--run", type=Path, help="training run folder: its category, defect type and held-out split")
-    parser.add_argument("--data", type=Path, help="real dataset root (instead of --run, or for --downstream)")
-    parser.add_argument("--category", help="category to evaluate (with --data)")
-    parser.add_argument("--defect-type", help="one defect type (with --data); default: every type of the category")
-    parser.add_argument("--layout", default="auto", help="layout of --data (auto, mvtec, defectfill2, folder)")
-    parser.add_argument("--downstream", choices=["none", "classify", "localize", "both"], default="none",
-                        help="also train the inspection models on generated data and test them on real data")
-    parser.add_argument("--no-kid", dest="kid", action="store_false", help="skip KID")
-    parser.add_argument("--no-ic-lpips", dest="ic_lpips", action="store_false", help="skip IC-LPIPS")
-    parser.add_argument("--kid-subset-size", type=int, default=1000,
-                        help="KID subset size (reduced to the smaller image set; the size used is reported)")
-    parser.add_argument("--kid-subsets", type=int, default=100, help="number of KID subsets")
-    parser.add_argument("--inception-weights", type=Path,
-                        help="local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--lpips-weights", type=Path, help="local torchvision AlexNet weights for LPIPS")
-    parser.add_argument("--lpips-size", type=int, default=256, help="image size at which LPIPS is computed")
-    parser.add_argument("--grid-samples", type=int, default=8, help="samples per row of the report's grid")
-    parser.add_argument("--epochs", type=int, default=20, help="downstream training epochs")
-    parser.add_argument("--batch-size", type=int, default=16, help="downstream batch size")
-    parser.add_argument("--lr", type=float, default=1e-4, help="downstream learning rate (Adam)")
-    parser.add_argument("--image-size", type=int, default=256, help="downstream image size (multiple of 32)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for KID subsets and downstream training")
-    parser.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
-                        help="ImageNet-pretrained downstream backbones (--no-pretrained: from scratch)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
 def _device(name: str) -> str:
@@ -77,17 +46,12 @@ def _device(name: str) -> str:
     return name
 
 
-def _read_run(run: Path) -> tuple[dict[str, Any], Split]:
+def _read_run(run: Path) -> tuple[TrainConfig | None, Split]:
+    """The run's settings (None for a run folder without config.json) and its split."""
     if not run.is_dir():
         raise DefectFillError(f"{run}: run folder not found.")
-    config_path = run / "config.json"
-    config: dict[str, Any] = {}
-    if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise DefectFillError(f"{config_path}: not valid JSON ({exc}).") from None
-    return config, read_split(run / "split.json")
+    config = read_run_config(run, strict=False) if read_recorded_config(run) is not None else None
+    return config, read_run_split(run)
 
 
 def _rebase(split: Split, root: Path) -> Split:
@@ -146,44 +110,30 @@ def _pairs(samples: list[DefectSample]) -> list[tuple[Path, Path | None]]:
 
 
 def evaluate(
-    generated: str | Path,
-    output: str | Path,
+    config: EvaluateConfig,
     *,
-    run: str | Path | None = None,
-    data: str | Path | None = None,
-    category: str | None = None,
-    defect_type: str | None = None,
-    layout: str = "auto",
-    downstream: str = "none",
-    compute_kid: bool = True,
-    compute_ic_lpips: bool = True,
-    kid_subset_size: int = 1000,
-    kid_subsets: int = 100,
-    lpips_size: int = 256,
-    grid_samples: int = 8,
-    settings: DownstreamSettings | None = None,
     feature_extractor: nn.Module | None = None,
     distance: Distance | None = None,
     classifier_factory: Callable[[int, bool], nn.Module] | None = None,
     localiser_factory: Callable[[bool], nn.Module] | None = None,
-    inception_weights: str | Path | None = None,
-    lpips_weights: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Compute every asked metric, save metrics.json as results come, write the report; return the metrics."""
-    settings = settings or DownstreamSettings()
-    settings.check()
-    if downstream not in ("none", "classify", "localize", "both"):
-        raise DefectFillError(f"--downstream must be none, classify, localize or both (got {downstream!r}).")
-    if not (compute_kid or compute_ic_lpips) and downstream == "none":
-        raise DefectFillError("Nothing to evaluate: --no-kid and --no-ic-lpips without --downstream. Drop one.")
-    output = Path(output)
-    generated = Path(generated)
+    """Compute every asked metric, save metrics.json as results come, write the report; return the metrics.
+
+    The networks are injectable (tests, offline demos); by default the standard ones are loaded.
+    """
+    config.validate()
+    settings = config.downstream_settings()
+    run, data, category, defect_type = config.run, config.data, config.category, config.defect_type
+    downstream, lpips_size = config.downstream, config.lpips_size
+    compute_kid, compute_ic_lpips = config.kid, config.ic_lpips
+    output = Path(config.output).expanduser()
+    generated = Path(config.generated).expanduser()
     if not generated.is_dir():
         raise DefectFillError(f"{generated}: generated folder not found.")
     gen_layout = open_layout(generated, "mvtec")
 
     # ---- what is compared
-    run_config: dict[str, Any] = {}
+    run_config: TrainConfig | None = None
     if run is not None:
         run_config, run_split = _read_run(Path(run))
         if data is not None:  # the dataset moved since training: the split's paths are relative to its root
@@ -199,7 +149,7 @@ def evaluate(
     else:
         if data is None or category is None:
             raise DefectFillError("Name what to compare with: --run RUN, or --data ROOT --category CATEGORY.")
-        real_layout = open_layout(data, layout)
+        real_layout = open_layout(data, config.layout)
         real_layout.check_category(category)
         types = [defect_type] if defect_type else real_layout.defect_types(category)
         if not types:
@@ -213,12 +163,12 @@ def evaluate(
             "data": str(real_layout.root.resolve()),
             "category": category,
             "defect_types": [s.defect_type for s in splits],
-            "kid": compute_kid, "kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
+            "kid": compute_kid, "kid_subset_size": config.kid_subset_size, "kid_subsets": config.kid_subsets,
             "kid_features": "inception-v3-compat (torch-fidelity)" if feature_extractor is None else "custom",
             "ic_lpips": compute_ic_lpips, "lpips_size": lpips_size,
             "lpips_network": "lpips AlexNet" if distance is None else "custom",
             "downstream": downstream, **{f"downstream_{k}": v for k, v in settings.to_json().items()},
-            "run_resolution": run_config.get("resolution"),
+            "run_resolution": run_config.resolution if run_config is not None else None,
         },
         "image_metrics": [],
         "downstream": {},
@@ -249,9 +199,9 @@ def evaluate(
             }
             if compute_kid:
                 item["kid"] = kid_images(
-                    real_images, gen_images, feature_extractor=feature_extractor, subset_size=kid_subset_size,
-                    subsets=kid_subsets, seed=settings.seed, device=_device(settings.device),
-                    inception_weights=inception_weights,
+                    real_images, gen_images, feature_extractor=feature_extractor, subset_size=config.kid_subset_size,
+                    subsets=config.kid_subsets, seed=settings.seed, device=_device(settings.device),
+                    inception_weights=config.inception_weights,
                 )
             if compute_ic_lpips:
                 refs = _load_images([s.image for s in split.reference], notes, "reference")
@@ -261,13 +211,13 @@ def evaluate(
                 if distance is None:
                     from defectfill.metrics.lpips import load_lpips
 
-                    distance = lpips_distance_fn(load_lpips(lpips_weights, device=_device(settings.device)),
+                    distance = lpips_distance_fn(load_lpips(config.lpips_weights, device=_device(settings.device)),
                                                  _device(settings.device))
                 item["ic_lpips"] = ic_lpips_details(
                     _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
             metrics["image_metrics"].append(item)
             pictures[f"samples_{split.category}_{split.defect_type}"] = sample_grid(
-                _pairs(split.held_out), _pairs(gen_samples), n=grid_samples)
+                _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples)
             save()
 
     # ---- downstream inspection models on every defect type of the category
@@ -357,24 +307,11 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run_evaluate(args: argparse.Namespace) -> int:
-    """The command: evaluate with the standard networks and print a summary. Returns the exit status."""
-    settings = DownstreamSettings(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, image_size=args.image_size,
-        seed=args.seed, pretrained=args.pretrained, device=args.device,
-    )
-    if args.kid_subset_size < 2 or args.kid_subsets < 1:
-        raise DefectFillError("--kid-subset-size must be at least 2 and --kid-subsets at least 1.")
-    if args.lpips_size < 32:
-        raise DefectFillError(f"--lpips-size must be at least 32 (got {args.lpips_size}).")
-    metrics = evaluate(
-        args.generated, args.output, run=args.run, data=args.data, category=args.category,
-        defect_type=args.defect_type, layout=args.layout, downstream=args.downstream,
-        compute_kid=args.kid, compute_ic_lpips=args.ic_lpips, kid_subset_size=args.kid_subset_size,
-        kid_subsets=args.kid_subsets, lpips_size=args.lpips_size, grid_samples=args.grid_samples,
-        settings=settings, inception_weights=args.inception_weights, lpips_weights=args.lpips_weights,
-    )
+def evaluate_command(args: argparse.Namespace) -> int:
+    """`defectfill evaluate`: evaluate with the standard networks and print a summary. Returns the exit status."""
+    config = EvaluateConfig.from_args(args)
+    metrics = evaluate(config)
     for line in _summary(metrics):
         print(line)
-    print(f"report: {Path(args.output) / 'report.html'} (and report.md, metrics.json)")
+    print(f"report: {Path(config.output) / 'report.html'} (and report.md, metrics.json)")
     return 0

@@ -1,9 +1,9 @@
-"""DefectFill's three losses (DESIGN.md, section Training sample).
+"""DefectFill's three losses (docs/method.md, "The losses").
 
 Shapes: eps, eps_hat (B, C, h, w) latent-size; masks (B, 1, h, w) latent-size
 unless noted. Masked means are taken per sample, then averaged over the batch,
 so a sample with a small defect weighs as much as one with a large defect
-(DESIGN.md gives the per-sample formula; this is our reading for a batch).
+(docs/method.md gives the per-sample formula and this reading for a batch).
 """
 
 from __future__ import annotations

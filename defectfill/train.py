@@ -14,6 +14,7 @@ uninterrupted run would.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -31,17 +32,17 @@ from PIL import Image
 
 import defectfill
 from defectfill import losses as L
+from defectfill.atomic import atomic_write
+from defectfill.attention import AttentionRecorder
 from defectfill.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from defectfill.config import NON_IDENTITY_KEYS, TrainConfig
 from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import image_to_tensor, mask_to_tensor
 from defectfill.errors import DefectFillError
-from defectfill.io import atomic_write, write_json
 from defectfill.model import (
     LORA_WEIGHTS_NAME,
     TOKEN_WEIGHTS_NAME,
-    AttentionRecorder,
     TokenEmbedding,
     add_lora,
     add_trainable_token,
@@ -51,9 +52,10 @@ from defectfill.model import (
     token_positions,
     unet_input,
 )
+from defectfill.run_folder import RUN_FILES, read_recorded_config, write_run_files
+from defectfill.settings import precision_dtype, resolve_precision
 
 log = logging.getLogger("defectfill.train")
-RUN_FILES = {"config.json", "split.json", LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, "logs", "train.log"}
 
 
 # --------------------------------------------------------------------------- models
@@ -301,15 +303,8 @@ def warmup_lambda(warmup_steps: int):
     return factor
 
 
-def resolve_mixed_precision(setting: str) -> str:
-    """`auto`: bf16 on a GPU that supports it, full precision elsewhere (CPU autocast gains little)."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 # Measured on a 2-core CPU with the SD2-inpainting UNet (random weights): one LoRA forward+backward
-# of one image takes about 20 s at 512 px (../shared/SD2-INPAINTING-ARCHITECTURE.md).
+# of one image takes about 20 s at 512 px (docs/sd2-inpainting-architecture.md).
 CPU_SECONDS_PER_IMAGE_512 = 20.0
 
 
@@ -332,20 +327,14 @@ def warn_if_slow(unet: nn.Module, config: TrainConfig, device: torch.device) -> 
 
 def _check_output(config: TrainConfig, out: Path) -> None:
     """Refuse to write into a folder that holds something else, or another run without --resume."""
-    import json
-
     if not out.exists():
         if config.resume:
             raise DefectFillError(f"{out}: --resume given but the folder does not exist; nothing to resume.")
         return
     if not out.is_dir():
         raise DefectFillError(f"{out}: exists and is not a folder. Choose another --output.")
-    cfg_path = out / "config.json"
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except ValueError:
-            raise DefectFillError(f"{cfg_path}: unreadable run config. Choose another --output.") from None
+    old = read_recorded_config(out)
+    if old is not None:
         new = config.to_dict()
         diff = sorted(k for k in new if k not in NON_IDENTITY_KEYS and old.get(k) != new[k])
         if diff:
@@ -400,7 +389,7 @@ def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -
 
 
 @torch.no_grad()
-def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, device) -> Image.Image:
+def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, autocast=nullcontext) -> Image.Image:
     """Inpaint the first reference image inside a held-out (or its own) mask; [source | mask | sample] strip."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
@@ -419,7 +408,7 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
     models.unet.eval()
     models.text_encoder.eval()
     try:
-        with torch.autocast(device.type, dtype=models.unet.dtype, enabled=models.unet.dtype != torch.float32):
+        with autocast():  # the training step's own precision
             result = pipe(prompt=prompt, image=source, mask_image=mask, height=config.resolution,
                           width=config.resolution, num_inference_steps=config.sample_steps,
                           generator=torch.Generator().manual_seed(config.seed)).images[0]
@@ -458,13 +447,14 @@ def train(config: TrainConfig, pipe=None) -> Path:
 
     if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
-    precision = resolve_mixed_precision(config.mixed_precision)
+    precision = resolve_precision(config.mixed_precision)
+    config = dataclasses.replace(config, mixed_precision=precision)  # config.json records what ran
     # Several processes and no GPU (torchrun / accelerate launch on CPUs): accelerate only joins them
     # into one run (gloo) when told cpu=True; otherwise each would train alone and write the same files.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1, cpu=multi_cpu)
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    weight_dtype = precision_dtype(precision)
     set_seed(config.seed)  # the LoRA's random init draws from the global generator
     models = build_models(config, device, weight_dtype, pipe=pipe)
     warn_if_slow(models.unet, config, device)
@@ -494,9 +484,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
     writer = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**config.to_dict(), "defectfill_version": defectfill.__version__,
-                                         "base_model": config.model})
-        split.save(out / "split.json")
+        write_run_files(out, config, split)
         handler = _setup_logging(out, is_main)
         from torch.utils.tensorboard import SummaryWriter
 
@@ -575,7 +563,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
             if done % config.save_every == 0 or done == config.steps:
                 checkpoint(done)
             if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
-                strip = sample_inpaintings(models, config, split, device)
+                strip = sample_inpaintings(models, config, split, accelerator.autocast)
                 samples_dir = out / "logs" / "samples"
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write(samples_dir / f"step-{done:06d}.png", lambda p, s=strip: s.save(p, format="PNG"))

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny SD-inpainting pipeline (random weights, 9-channel UNet) saved with save_pretrained."""
-    from defectfill.model import save_tiny_pipeline
+    from defectfill.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny-model") / "pipeline")
 

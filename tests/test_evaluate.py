@@ -13,10 +13,25 @@ import torch.nn as nn
 from helpers import TinyClassifier, abs_distance
 from PIL import Image
 
+from defectfill.config import EvaluateConfig
 from defectfill.data import make_split, open_layout
 from defectfill.errors import DefectFillError
-from defectfill.evaluate import add_evaluate_arguments, evaluate, run_evaluate
+from defectfill.evaluate import evaluate as evaluate_config
+from defectfill.evaluate import evaluate_command
 from defectfill.metrics import kid
+
+
+def evaluate(generated, output, *, settings=None, compute_kid=True, compute_ic_lpips=True, feature_extractor=None,
+             distance=None, classifier_factory=None, localiser_factory=None, **values):
+    """`evaluate` with an EvaluateConfig of these settings (`settings`: the downstream ones) and these networks."""
+    if settings is not None:
+        values.update(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                      image_size=settings.image_size, seed=settings.seed, pretrained=settings.pretrained,
+                      device=settings.device)
+    config = EvaluateConfig.from_settings({"generated": generated, "output": output, "kid": compute_kid,
+                                           "ic_lpips": compute_ic_lpips, **values})
+    return evaluate_config(config, feature_extractor=feature_extractor, distance=distance,
+                           classifier_factory=classifier_factory, localiser_factory=localiser_factory)
 
 
 class PoolFeatures(nn.Module):
@@ -168,7 +183,7 @@ def test_missing_inputs(demo_root, tmp_path):
 
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    add_evaluate_arguments(parser)
+    EvaluateConfig.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -186,19 +201,20 @@ def test_cli_arguments_and_run_evaluate(demo_root, run_dir, tmp_path, monkeypatc
     synth = make_generated(demo_root, tmp_path / "synth", types=("scratch",))
     args = _parse(["--generated", str(synth), "--run", str(run_dir), "--output", str(tmp_path / "eval"),
                    "--lpips-size", "64", "--kid-subsets", "5", "--no-pretrained"])
-    assert args.pretrained is False and args.downstream == "none"
-    assert run_evaluate(args) == 0
+    parsed = EvaluateConfig.from_args(args)
+    assert parsed.pretrained is False and parsed.downstream == "none"
+    assert evaluate_command(args) == 0
     printed = capsys.readouterr().out
     assert "disc/scratch: KID" in printed and "x10^3" in printed and "IC-LPIPS" in printed
     assert (tmp_path / "eval" / "report.html").is_file()
     bad = _parse(["--generated", str(synth), "--run", str(run_dir), "--output", str(tmp_path / "e2"),
                   "--kid-subset-size", "1"])
     with pytest.raises(DefectFillError, match="--kid-subset-size"):
-        run_evaluate(bad)
+        evaluate_command(bad)
     bad = _parse(["--generated", str(synth), "--data", str(demo_root), "--category", "disc",
                   "--output", str(tmp_path / "e3"), "--epochs", "0"])
     with pytest.raises(DefectFillError, match="--epochs"):
-        run_evaluate(bad)
+        evaluate_command(bad)
 
 
 def test_run_with_moved_dataset_uses_data(demo_root, run_dir, tmp_path):

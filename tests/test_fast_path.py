@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from defectfill.model import build_tiny_pipeline, decoder_cross_attention_names
-from defectfill.reference import AttentionStore, naive_losses
+from defectfill.attention import ExplicitAttnProcessor, decoder_cross_attention_names
+from defectfill.naive_step import AttentionStore, naive_losses
+from defectfill.tiny import build_tiny_pipeline
 from defectfill.train import build_models, defectfill_losses, load_references, make_micro_batch, prompt_inputs
 
 TERMS = ("defect", "object", "attention", "total")
@@ -81,14 +82,15 @@ def test_attention_loss_alone_matches_the_reference(setup):
 
 def test_fast_path_records_only_decoder_cross_attention(setup):
     models = setup[1]
-    recording = {n for n, p in models.unet.attn_processors.items() if type(p).__name__ == "_RecordingCrossAttnProcessor"}
+    recording = {n for n, p in models.unet.attn_processors.items()
+                 if isinstance(p, ExplicitAttnProcessor) and p.on_probs == models.recorder._record}
     assert recording == set(decoder_cross_attention_names(models.unet))
     # every self-attention and encoder/mid cross-attention layer keeps its stock (SDPA) processor
     others = [p for n, p in models.unet.attn_processors.items() if n not in recording]
     assert others and all(type(p).__name__ == "AttnProcessor2_0" for p in others)
 
 
-def test_reference_store_covers_every_layer_and_is_removed(setup):
+def test_naive_store_covers_every_layer_and_is_removed(setup):
     config, models, images, masks, prompts = setup
     before = dict(models.unet.attn_processors)
     with AttentionStore(models.unet) as store:

@@ -11,28 +11,20 @@ import pytest
 import torch
 from PIL import Image
 
+from defectfill.config import GenerateConfig
 from defectfill.data import load_mask, load_rgb, make_split, open_layout
 from defectfill.data.split import check_sample
 from defectfill.errors import DefectFillError
-from defectfill.generate import (
-    _CAPTION_H,
-    MANIFEST,
-    DefectGenerator,
-    LPIPSScorer,
-    add_generate_arguments,
-    feather_alpha,
-    paste_back,
-    plan_items,
-    run_generate,
-    select_low_fidelity,
-)
+from defectfill.generate import _CAPTION_H, MANIFEST, plan_items, run_generate
 from defectfill.masks import estimate_foreground
+from defectfill.sampler import DefectGenerator, LPIPSScorer, feather_alpha, paste_back, select_low_fidelity
 
 
 def _write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
     """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
     from defectfill.config import TrainConfig
     from defectfill.model import add_lora, load_pipeline, save_lora_weights
+    from defectfill.run_folder import write_run_files
 
     run.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(str(model_dir))
@@ -45,10 +37,8 @@ def _write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
                     p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     save_lora_weights(run, pipe.unet, pipe.text_encoder)
     config = TrainConfig(data=str(data_root), category="disc", defect_type=defect_type, output=str(run),
-                         model=str(model_dir), resolution=64, seed=seed).to_dict()
-    config.update(defectfill_version="test", base_model=str(model_dir))
-    (run / "config.json").write_text(json.dumps(config))
-    make_split(open_layout(data_root), "disc", defect_type).save(run / "split.json")
+                         model=str(model_dir), resolution=64, seed=seed)
+    write_run_files(run, config, make_split(open_layout(data_root), "disc", defect_type))
     return run
 
 
@@ -93,9 +83,11 @@ def _box_mask(size=64):
 
 
 def _args(run, out, *extra):
+    """The settings of `defectfill generate --run RUN --output OUT --steps 2 --candidates 2 EXTRA...`."""
     parser = argparse.ArgumentParser()
-    add_generate_arguments(parser)
-    return parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "2", "--candidates", "2", *extra])
+    GenerateConfig.add_arguments(parser)
+    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "2", "--candidates", "2", *extra])
+    return GenerateConfig.from_args(args)
 
 
 def _manifest(out):
@@ -394,12 +386,10 @@ def test_rerun_reproduces_an_image(run_dir, tmp_path):
 def test_two_ranks_split_without_overlap(run_dir, tmp_path):
     out = tmp_path / "ranks"
     one = _args(run_dir, out, "--count", "5", "--candidates", "1")
-    one.rank, one.world_size = 1, 2
-    run_generate(one)
+    run_generate(one, rank=1, world_size=2)
     assert [r["index"] for r in _manifest(out)] == [1, 3]
     zero = _args(run_dir, out, "--count", "5", "--candidates", "1")
-    zero.rank, zero.world_size = 0, 2
-    run_generate(zero)
+    run_generate(zero, rank=0, world_size=2)
     rows = _manifest(out)
     assert [r["index"] for r in rows] == [0, 1, 2, 3, 4]
     assert not list(out.glob("manifest.part*"))

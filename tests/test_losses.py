@@ -1,4 +1,4 @@
-"""The losses cover exactly the regions DESIGN.md gives."""
+"""The losses cover exactly the regions docs/method.md gives."""
 
 from __future__ import annotations
 

@@ -330,7 +330,7 @@ def test_downstream_bad_settings_and_inputs(settings, demo_root):
 
 
 def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
-    from defectfill.metrics.report import confusion_picture, sample_grid, write_report
+    from defectfill.report import confusion_picture, sample_grid, write_report
 
     cat = demo_root / "disc"
     pairs = [(p, cat / "ground_truth" / "spot" / f"{p.stem}_mask.png") for p in sorted((cat / "test" / "spot").glob("*.png"))]

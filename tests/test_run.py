@@ -11,24 +11,24 @@ from helpers import abs_distance
 
 import defectfill.train as train_module
 from defectfill.cli import main
+from defectfill.config import RunConfig
 from defectfill.demo import UntrainedFeatures
-from defectfill.runner import RunOptions, run_all
+from defectfill.runner import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _settings(demo_root, tiny_model_dir, **overrides):
-    settings = dict(data=str(demo_root), model=str(tiny_model_dir), resolution=64, steps=2, batch_size=1,
-                    warmup_steps=1, save_every=1, sample_every=0, mixed_precision="auto")
+def _config(demo_root, tiny_model_dir, output, **overrides) -> RunConfig:
+    settings = dict(data=str(demo_root), model=str(tiny_model_dir), output=str(output), resolution=64, steps=2,
+                    batch_size=1, warmup_steps=1, save_every=1, sample_every=0, mixed_precision="auto",
+                    categories=["disc"], count=2, candidates=2, generate_steps=1, kid_subsets=3, lpips_size=64,
+                    lpips_random_backbone=True)
     settings.update(overrides)
-    return settings
+    return RunConfig.from_settings(settings)
 
 
-def _options(**overrides):
-    opts = dict(categories=["disc"], count=2, candidates=2, generate_steps=1, kid_subsets=3, lpips_size=64,
-                lpips_random_backbone=True, feature_extractor=UntrainedFeatures(), distance=abs_distance)
-    opts.update(overrides)
-    return RunOptions(**opts)
+def _run_all(config: RunConfig):
+    return run_all(config, feature_extractor=UntrainedFeatures(), distance=abs_distance)
 
 
 def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_killed_run_continues_with_only_the_rest(demo_root, tiny_model_dir, tmp_
 
     monkeypatch.setattr(train_module, "train", interrupted_on_spot)
     with pytest.raises(KeyboardInterrupt):
-        run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+        _run_all(_config(demo_root, tiny_model_dir, tmp_path / "work"))
     assert trained == ["scratch"]
 
     trained.clear()
@@ -75,13 +75,13 @@ def test_killed_run_continues_with_only_the_rest(demo_root, tiny_model_dir, tmp_
         return real_train(config, pipe)
 
     monkeypatch.setattr(train_module, "train", spy)
-    results = run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    results = _run_all(_config(demo_root, tiny_model_dir, tmp_path / "work"))
     assert trained == ["spot"], "the finished type was trained again"
     assert [r.stages for r in results][0] == {"train": "skipped", "generate": "skipped", "evaluate": "skipped"}
     assert all(r.status == "done" for r in results)
 
     trained.clear()  # a third run has nothing left to do
-    results = run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    results = _run_all(_config(demo_root, tiny_model_dir, tmp_path / "work"))
     assert trained == [] and all(set(r.stages.values()) == {"skipped"} for r in results)
 
 
@@ -110,7 +110,7 @@ def test_a_failing_type_is_reported_and_the_others_kept(demo_root, tiny_model_di
         return real_train(config, pipe)
 
     monkeypatch.setattr(train_module, "train", broken_for_spot)
-    results = run_all(_settings(demo_root, tiny_model_dir), _options(), tmp_path / "work")
+    results = _run_all(_config(demo_root, tiny_model_dir, tmp_path / "work"))
     by_type = {r.defect_type: r for r in results}
     assert by_type["scratch"].status == "done" and by_type["scratch"].n_generated == 2
     assert by_type["spot"].status == "failed" and "simulated crash" in by_type["spot"].error

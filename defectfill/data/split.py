@@ -1,6 +1,6 @@
 """The reference / held-out split of one defect type, and its checks.
 
-Per DESIGN.md: sorted by file name, the first third (at least one) trains, the
+Per docs/method.md: sorted by file name, the first third (at least one) trains, the
 rest is held out for evaluation and for the masks of generation. Samples whose
 mask is empty are skipped with a warning before splitting.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from defectfill.atomic import write_json
 from defectfill.data.images import load_mask
 from defectfill.data.layouts import DefectSample, Layout
 from defectfill.errors import DefectFillError
-from defectfill.io import write_json
 
 log = logging.getLogger(__name__)
 

@@ -1,10 +1,11 @@
-"""The straightforward (slow) DefectFill step, kept as a reference for the fast path in `train.py`.
+"""The straightforward (slow) DefectFill step, kept to check and time the fast step of `train.py` against.
 
 This is how the public re-implementations structure a step: one UNet call per
 branch, one text-encoder call and one masked-image VAE call per branch, and an
 attention store on EVERY attention layer (self and cross, explicit softmax,
 full probability tensors kept). The token's maps are then read from the
-decoder cross-attention entries of the store. Unlike those versions, the maps
+decoder cross-attention entries of the store. The explicit-softmax processor
+and the map aggregation are the ones the fast step uses (`attention.py`). Unlike those versions, the maps
 keep their gradient here, so the three losses and their gradients must equal
 `defectfill_losses` to float tolerance (tests/test_fast_path.py checks it) and
 `benchmarks/train_step.py` can time it as the "naive" step.
@@ -15,7 +16,7 @@ and with the same shapes as `defectfill_losses`, so both see identical inputs.
 
 from __future__ import annotations
 
-import math
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -23,41 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from defectfill import losses as L
+from defectfill.attention import ExplicitAttnProcessor, is_decoder_cross_attention, token_attention_map
 from defectfill.model import unet_input, vae_scale_factor
-
-
-class _StoreProcessor:
-    """Attention with an explicit softmax that appends its probabilities (B, heads, Nq, Nk) to the store."""
-
-    def __init__(self, store: "AttentionStore", name: str):
-        self.store, self.name = store, name
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        batch, n_query, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(context))
-        value = attn.head_to_batch_dim(attn.to_v(context))
-        probs = attn.get_attention_scores(query, key, attention_mask)  # (B*heads, Nq, Nk)
-        self.store.add(self.name, probs.view(batch, attn.heads, n_query, -1))
-        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b, c, h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
 
 
 class AttentionStore:
@@ -74,7 +42,7 @@ class AttentionStore:
 
     def __enter__(self) -> "AttentionStore":
         self._previous = dict(self.unet.attn_processors)
-        self.unet.set_attn_processor({n: _StoreProcessor(self, n) for n in self._previous})
+        self.unet.set_attn_processor({n: ExplicitAttnProcessor(functools.partial(self.add, n)) for n in self._previous})
         return self
 
     def __exit__(self, *exc) -> None:
@@ -89,24 +57,12 @@ class AttentionStore:
 
     def decoder_cross_attention(self) -> list[torch.Tensor]:
         """The last call's probabilities of every up-block cross-attention layer, (B, heads, Nq, 77) each."""
-        return [v[-1] for n, v in self.maps.items() if n.startswith("up_blocks.") and ".attn2." in n]
+        return [v[-1] for n, v in self.maps.items() if is_decoder_cross_attention(n)]
 
 
-def token_attention_map(
-    layer_probs: list[torch.Tensor], token_weights: torch.Tensor, latent_hw: tuple[int, int], size: int
-) -> torch.Tensor:
-    """Token maps (B, size, size): per layer the weighted token column(s), mean over heads, bilinear resize;
-    then the mean over layers, divided per sample by its max."""
-    lh, lw = latent_hw
-    resized = []
-    for probs in layer_probs:
-        token = (probs * token_weights.to(probs.dtype)[:, None, None, :]).sum(-1).mean(1)  # (B, Nq)
-        factor = math.sqrt(lh * lw / token.shape[1])
-        h, w = round(lh / factor), round(lw / factor)
-        resized.append(F.interpolate(token.float().reshape(-1, 1, h, w), size=(size, size), mode="bilinear",
-                                     align_corners=False)[:, 0])
-    mean = sum(resized) / len(resized)
-    return mean / mean.flatten(1).amax(1).clamp_min(1e-8)[:, None, None]
+def token_maps(layer_probs: list[torch.Tensor], token_weights: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, the weighted token column(s) averaged over heads: (B, heads, Nq, 77) -> (B, Nq)."""
+    return [(probs * token_weights.to(probs.dtype)[:, None, None, :]).sum(-1).mean(1) for probs in layer_probs]
 
 
 def naive_losses(models, batch, prompts, config, device: torch.device, store: AttentionStore,
@@ -150,7 +106,7 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
             preds.append(pred.float())
             if i == 0 and config.lambda_attn > 0:
                 weights = prompts.token_weights.to(device).expand(b, -1)
-                maps = token_attention_map(store.decoder_cross_attention(), weights, (lh, lw),
+                maps = token_attention_map(token_maps(store.decoder_cross_attention(), weights), (lh, lw),
                                            config.attn_size or max(1, lh // 4))
     m_lat = conds[0][0].float()
     l_def = L.defect_loss(target, preds[0], m_lat)

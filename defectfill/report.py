@@ -1,8 +1,9 @@
-"""The evaluation report: metrics.json, a self-contained report.html and its report.md twin.
+"""The reports: an evaluation's (metrics.json) and a whole `run`'s, each as report.html and report.md.
 
 The HTML embeds every picture as a base64 data URI, so it opens from disk in a
 browser with no server and survives being mailed as one file. The markdown
-links the same pictures saved as PNG files next to it.
+links the same pictures saved as PNG files next to it. Both reports share one
+page style (`html_page`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from defectfill.atomic import atomic_write, write_json, write_text
 from defectfill.data.images import load_mask, load_rgb
-from defectfill.io import atomic_write, write_json, write_text
 
 Pair = tuple[Path, Path | None]  # (image, mask or None)
 
@@ -77,6 +79,27 @@ def _png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1300px}table{border-collapse:collapse;margin:1em 0}"
+          "td,th{border:1px solid #bbb;padding:3px 8px;text-align:left}th{background:#eee}"
+          ".note{background:#fff3cd;padding:8px}img{image-rendering:pixelated;max-width:100%}")
+
+
+def html_page(title: str, body: list[str]) -> str:
+    """A self-contained HTML page: the shared style, the title as heading, then `body`."""
+    return "\n".join([
+        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
+        f"<style>{_STYLE}</style>", "</head><body>", f"<h1>{html.escape(title)}</h1>", *body, "</body></html>",
+    ]) + "\n"
+
+
+def img_tag(path: Path, alt: str) -> str:
+    """A PNG file embedded as a data URI, or "" when the file is not there."""
+    if not path.is_file():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
 def _fmt(value: Any) -> str:
@@ -164,13 +187,7 @@ def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str
         encoded[name] = base64.b64encode(data).decode("ascii")
 
     title = "defectfill evaluation"
-    parts = [
-        "<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{title}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
-        "td,th{border:1px solid #bbb;padding:3px 8px;text-align:left}th{background:#eee}"
-        "img{image-rendering:pixelated;max-width:100%}</style>",
-        "</head><body>", f"<h1>{title}</h1>",
-    ]
+    parts = []
     md = [f"# {title}", ""]
     for heading, rows in _sections(metrics):
         parts.append(f"<h2>{html.escape(heading)}</h2><table><tr><th>metric</th><th>value</th></tr>")
@@ -182,7 +199,56 @@ def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str
     for name, data in encoded.items():
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
         md += [f"## {name}", "", f"![{name}]({name}.png)", ""]
-    parts.append("</body></html>")
-    write_text(output / "report.html", "\n".join(parts) + "\n")
+    write_text(output / "report.html", html_page(title, parts))
     write_text(output / "report.md", "\n".join(md) + "\n")
     return {"metrics": output / "metrics.json", "html": output / "report.html", "markdown": output / "report.md"}
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def write_run_report(output: Path, rows: list[dict[str, str]], sections: list[dict[str, Any]],
+                     downstream: dict[str, str], note: str | None, seconds: float) -> None:
+    """report.html and report.md of a whole `run`.
+
+    rows: one per defect type, the table's columns by name ("run" and "evaluation" are paths relative
+    to `output`, linked; "evaluation" may be None when no report was written). sections: per type a
+    heading, its sample grid and its generation preview (paths). downstream: category -> report path
+    or what happened instead.
+    """
+    head = ["category", "defect type", "status", "references", "held out", "generated", "KID x10^3 (± std)",
+            "IC-LPIPS", "run", "evaluation"]
+    parts, md = [], ["# defectfill run", ""]
+    if note:
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        md += [f"> {note}", ""]
+    parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
+    for row in rows:
+        cells = [html.escape(row[h]) for h in head[:8]]
+        cells.append(f"<a href='{html.escape(row['run'])}'>{html.escape(row['run'])}</a>")
+        cells.append(f"<a href='{html.escape(row['evaluation'])}'>report</a>" if row["evaluation"] else "-")
+        parts.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    parts.append("</table>")
+    md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(row[h] or "-" for h in head) + " |" for row in rows]
+    if downstream:
+        parts.append("<h2>Downstream inspection models</h2><ul>")
+        md += ["", "## Downstream inspection models", ""]
+        for cat, where in downstream.items():
+            link = os.path.relpath(where, output) if where.endswith(".html") else None
+            parts.append(f"<li>{html.escape(cat)}: " + (f"<a href='{html.escape(link)}'>report</a>" if link
+                                                         else html.escape(where)) + "</li>")
+            md.append(f"- {cat}: {link or where}")
+        parts.append("</ul>")
+    parts.append(f"<p>{len(rows)} defect type(s) in {seconds:.0f} s. Settings: run.json and runs/*/config.json.</p>")
+    for section in sections:
+        grid, preview = section["grid"], section["preview"]
+        parts.append(f"<h2>{html.escape(section['title'])}</h2>")
+        parts.append(img_tag(grid, "real held-out vs generated") or "<p>no sample grid</p>")
+        if preview.is_file():
+            parts.append("<h3>Low-Fidelity Selection (source | mask | chosen | other candidates)</h3>")
+            parts.append(img_tag(preview, "generation preview"))
+        md += ["", f"## {section['title']}", "",
+               f"![samples]({os.path.relpath(grid, output)})" if grid.is_file() else "no sample grid"]
+    write_text(output / "report.html", html_page("defectfill run", parts))
+    write_text(output / "report.md", "\n".join(md) + "\n")

@@ -1,0 +1,116 @@
+"""A tiny SD-inpainting-shaped pipeline built from configs: tests, benchmarks and the demo, offline.
+
+Same structure as SD2 inpainting (9-channel UNet with decoder cross-attention,
+VAE with scaling factor 0.18215, CLIP text encoder on the real CLIP BPE
+vocabulary, SD2's DDIM schedule), random weights, nothing downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from defectfill.errors import DefectFillError
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer_folder() -> str:
+    """Write the real CLIP BPE vocabulary (shipped in the open_clip_torch wheel) as vocab.json + merges.txt."""
+    import importlib.util
+
+    # Found, not imported: importing open_clip pulls in timm and more, and only its data file is needed.
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise DefectFillError("the tiny test pipeline needs the CLIP vocabulary from open_clip_torch: "
+                              "pip install open_clip_torch")
+    bpe = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    # byte-level alphabet, as CLIP defines it
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    alphabet = [chr(c) for c in cs]
+    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(tempfile.mkdtemp(prefix="defectfill-clip-tokenizer-"))
+    (folder / "vocab.json").write_text(json.dumps({html.unescape(t): i for i, t in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": "!", "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }))
+    return str(folder)
+
+
+def clip_tokenizer():
+    """The CLIP BPE tokenizer (49408 tokens, pad "!", 77 positions), built offline."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(_clip_tokenizer_folder())
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """A small SD-inpainting-shaped pipeline with random weights, built from configs (no download).
+
+    Same structure as SD2 inpainting: 9-channel UNet with cross-attention in its
+    decoder at two resolutions, a VAE with scaling factor 0.18215 (factor-4
+    latents), a CLIP text encoder on the real CLIP vocabulary, DDIM with SD2's
+    schedule. For tests, benchmarks and the demo: untrained, so its images are noise.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=9, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+            attention_head_dim=(2, 4, 4), use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=0,
+        ))
+    return assemble_inpaint_pipeline(unet, vae, text_encoder)
+
+
+def assemble_inpaint_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
+    """An inpainting pipeline of these networks with the CLIP tokenizer and SD2's DDIM schedule."""
+    from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
+
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+    )
+    return StableDiffusionInpaintPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it as a diffusers folder that `--model` accepts."""
+    folder = Path(folder)
+    build_tiny_pipeline(seed).save_pretrained(str(folder), safe_serialization=True)
+    return folder
