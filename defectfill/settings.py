@@ -177,8 +177,9 @@ class Settings:
 
     @classmethod
     def build(cls: type[S], values: dict[str, Any], source: str = "", require: bool = True,
-              ignore_unknown: bool = False) -> S:
-        """An instance from flat `values` (unknown keys refused unless `ignore_unknown`), checked."""
+              ignore_unknown: bool = False, check: bool = True) -> S:
+        """An instance from flat `values` (unknown keys refused unless `ignore_unknown`), type-checked,
+        and with `check` range-checked by `validate()`."""
         flat = {f.name: f for f in cls.flat_fields()}
         unknown = sorted(set(values) - set(flat))
         if unknown and not ignore_unknown:
@@ -204,7 +205,8 @@ class Settings:
             missing = [flag(n) for n in cls.required if instance.get(flat[n]) in (None, "", [])]
             if missing:
                 raise DefectFillError(f"missing required setting(s): {', '.join(missing)}.")
-        instance.validate()
+        if check:
+            instance.validate()
         return instance
 
     def validate(self) -> None:
