@@ -134,6 +134,18 @@ def make_config(settings: dict[str, Any], config_file: str | None = None, requir
 # --------------------------------------------------------------------------- generate
 
 
+def sampling_checks(candidates: int, steps: int, guidance: float, feather: int,
+                    batch_size: int | None) -> list[tuple[bool, str]]:
+    """The sampler's settings checks, shared by `GenerateConfig` and the `DefectGenerator` API."""
+    return [
+        (candidates >= 1, "--candidates must be at least 1"),
+        (steps >= 1, "--steps must be at least 1"),
+        (guidance >= 0, "--guidance must be 0 or more"),
+        (feather >= 0, "--feather must be 0 or more pixels"),
+        (batch_size is None or batch_size >= 1, "--batch-size must be at least 1"),
+    ]
+
+
 @dataclass
 class GenerateConfig(Settings):
     run: str | None = field(default=None, metadata={"help": "run folder written by `defectfill train`"})
@@ -167,11 +179,7 @@ class GenerateConfig(Settings):
         check_all([
             (self.count is None or self.count >= 1, f"--count {self.count}: must be at least 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pass one"),
-            (self.candidates >= 1, "--candidates must be at least 1"),
-            (self.steps >= 1, "--steps must be at least 1"),
-            (self.guidance >= 0, "--guidance must be 0 or more"),
-            (self.feather >= 0, "--feather must be 0 or more pixels"),
-            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
+            *sampling_checks(self.candidates, self.steps, self.guidance, self.feather, self.batch_size),
             (self.preview_rows >= 0, "--preview-rows must be 0 or more"),
         ])
         self.scale()

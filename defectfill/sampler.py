@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectfill.config import TrainConfig
+from defectfill.config import TrainConfig, sampling_checks
 from defectfill.errors import DefectFillError
 from defectfill.masks import fit_mask
 from defectfill.model import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, load_pipeline
 from defectfill.run_folder import read_trained_run
-from defectfill.settings import precision_dtype, resolve_precision
+from defectfill.settings import check_all, precision_dtype, resolve_precision
 
 # (candidates (N,3,h,w) in [-1,1], source (1,3,h,w) in [-1,1]) -> (N,) scores, higher = less like the source
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,14 +184,7 @@ class DefectGenerator:
         device: str | torch.device = "cpu",
         save_attention: bool = False,
     ):
-        if candidates < 1:
-            raise DefectFillError("--candidates must be at least 1.")
-        if steps < 1:
-            raise DefectFillError("--steps must be at least 1.")
-        if feather < 0:
-            raise DefectFillError("--feather must be 0 or more pixels.")
-        if batch_size is not None and batch_size < 1:
-            raise DefectFillError("--batch-size must be at least 1.")
+        check_all(sampling_checks(candidates, steps, guidance, feather, batch_size))
         self.pipe = pipe
         self.prompt, self.token = prompt, token
         self.resolution = resolution

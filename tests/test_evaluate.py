@@ -13,12 +13,13 @@ import torch.nn as nn
 from helpers import TinyClassifier, abs_distance
 from PIL import Image
 
-from defectfill.config import EvaluateConfig
+from defectfill.config import EvaluateConfig, TrainConfig
 from defectfill.data import make_split, open_layout
 from defectfill.errors import DefectFillError
 from defectfill.evaluate import evaluate as evaluate_config
 from defectfill.evaluate import evaluate_command
 from defectfill.metrics import kid
+from defectfill.run_folder import write_run_files
 
 
 def evaluate(generated, output, *, settings=None, compute_kid=True, compute_ic_lpips=True, feature_extractor=None,
@@ -67,9 +68,9 @@ def make_generated(demo_root, dest, category="disc", types=("scratch", "spot"), 
 def run_dir(demo_root, tmp_path):
     run = tmp_path / "runs" / "disc-scratch"
     run.mkdir(parents=True)
-    make_split(open_layout(demo_root), "disc", "scratch").save(run / "split.json")
-    (run / "config.json").write_text(json.dumps({
-        "data": str(demo_root), "category": "disc", "defect_type": "scratch", "layout": "mvtec", "resolution": 64}))
+    config = TrainConfig(data=str(demo_root), category="disc", defect_type="scratch", layout="mvtec", resolution=64,
+                         output=str(run))
+    write_run_files(run, config, make_split(open_layout(demo_root), "disc", "scratch"))
     return run
 
 

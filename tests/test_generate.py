@@ -296,6 +296,9 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
         mask = load_mask(out / r["mask"])
         assert mask.any() and np.array_equal(saved[~mask], src[~mask])
     assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, (128 + _CAPTION_H) * 3)
+    # the settings that ran, precision resolved (auto is full precision on a CPU)
+    recorded = json.loads((out / "generate.json").read_text())["config"]
+    assert recorded["mixed_precision"] == "no" and recorded["candidates"] == 2 and recorded["count"] == 3
     assert len(list((out / "candidates").rglob("*.png"))) == 6
     assert all(Image.open(out / r["attention"]).size == (64, 64) for r in rows)
     # read back by the project's own MVTec loader
