@@ -2,7 +2,7 @@
 # Install defectfill the way the README tells users to (pip, the ranges of pyproject.toml,
 # no ci/constraints.txt) into a fresh virtual environment, then train a tiny LoRA for 2
 # steps and generate with it. This catches a set of releases that the ranges admit but
-# that does not work together (e.g. transformers 5.24 beside peft 0.21: issue 12), which
+# that does not work together (e.g. transformers 5.24 beside peft 0.21), which
 # the pinned environment of scripts/setup.sh cannot see. Every run resolves anew: the
 # environment lives in a temporary folder that is removed afterwards.
 #
