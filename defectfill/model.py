@@ -82,24 +82,50 @@ def unet_input(noisy_latents: torch.Tensor, mask_latents: torch.Tensor, masked_i
     return torch.cat([noisy_latents, mask_latents, masked_image_latents], dim=1)
 
 
+def latent_cell_mask(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B,1,H,W) mask in {0,1} -> (B,1,H/f,W/f): 1 in every latent cell that any mask pixel touches.
+
+    A max reduction over each f x f cell, not the stock pipeline's nearest resize, which keeps one
+    pixel per cell: a scratch narrower than a cell would survive only where it crosses those pixels
+    (at 512 px, 16 % of the cells a 2 px line touches, 46 % for 8 px lines).
+    """
+    h, w = mask.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"mask of {h}x{w} px is not a whole number of {factor}x{factor} latent cells")
+    return F.max_pool2d(mask, kernel_size=factor, stride=factor)
+
+
+def dilate_to_latent_cells(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """(B,1,H,W) mask in {0,1} -> the same mask grown to whole f x f latent cells, at pixel size.
+
+    Given to the stock pipeline as its mask image, its nearest resize then yields exactly
+    `latent_cell_mask(mask)` and its masked image is grey over the same cells, as in training.
+    """
+    return F.interpolate(latent_cell_mask(mask, factor), scale_factor=factor, mode="nearest")
+
+
 def encode_inpaint_condition(
     vae: nn.Module,
     image: torch.Tensor,  # (B, 3, H, W) in [-1, 1]
     mask: torch.Tensor,  # (B, 1, H, W) in {0, 1}, 1 = inpaint
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mask and masked-image latents, built as StableDiffusionInpaintPipeline builds them.
+    """The mask and masked-image latents, as StableDiffusionInpaintPipeline builds them from a mask
+    grown to whole latent cells.
 
-    Returns mask_latents (B,1,H/f,W/f) (nearest resize of the binary mask) and
-    masked_image_latents (B,4,H/f,W/f) (image zeroed inside the mask in [-1, 1],
-    VAE-encoded, scaled by the VAE's scaling factor).
+    Returns mask_latents (B,1,H/f,W/f) (1 in every cell the mask touches, `latent_cell_mask`) and
+    masked_image_latents (B,4,H/f,W/f) (image zeroed over those whole cells in [-1, 1], VAE-encoded,
+    scaled by the VAE's scaling factor). Departure from the stock pipeline, on purpose: it resizes the
+    mask with nearest sampling, so a defect thinner than a cell mostly vanished from the mask channel
+    while the masked image was still grey there. For a mask made of whole cells both agree
+    (tests/test_model.py), and generation hands the pipeline the grown mask (`sampler`).
     """
     f = vae_scale_factor(vae)
     mask = (mask >= 0.5).to(image.dtype)
-    masked_image = image * (mask < 0.5)
+    mask_latents = latent_cell_mask(mask, f)
+    masked_image = image * (F.interpolate(mask_latents, scale_factor=f, mode="nearest") < 0.5)
     latent_dist = vae.encode(masked_image.to(vae.dtype)).latent_dist
     masked_image_latents = latent_dist.sample(generator) * vae.config.scaling_factor
-    mask_latents = F.interpolate(mask, size=(image.shape[-2] // f, image.shape[-1] // f))
     return mask_latents, masked_image_latents
 
 
@@ -171,8 +197,12 @@ def add_trainable_token(tokenizer, text_encoder: nn.Module, token: str, init_wor
 
     The row starts from the mean embedding of `init_word`'s sub-tokens.
     """
-    if tokenizer.add_tokens([token]) != 1:
-        raise DefectFillError(f"--new-token {token!r} is already a word of the tokenizer; choose a new one, e.g. '<{token}>'.")
+    # A word the tokenizer already has (as an entry, or encoded as one existing token) is no new word:
+    # adding it would either do nothing or shadow a trained row.
+    known = tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+    if known or len(tokenizer(token, add_special_tokens=False).input_ids) == 1 or tokenizer.add_tokens([token]) != 1:
+        raise DefectFillError(f"--new-token {token!r} is already a word of the tokenizer; choose a new one, "
+                              f"e.g. '<{token.strip('<>')}>' (or use --token {token} to learn the existing word).")
     new_id = tokenizer.convert_tokens_to_ids(token)
     embeddings = text_encoder.get_input_embeddings()
     if new_id != embeddings.num_embeddings:

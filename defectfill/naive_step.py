@@ -21,11 +21,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from defectfill import losses as L
 from defectfill.attention import ExplicitAttnProcessor, is_decoder_cross_attention, token_attention_map
-from defectfill.model import unet_input, vae_scale_factor
+from defectfill.model import dilate_to_latent_cells, latent_cell_mask, unet_input, vae_scale_factor
 
 
 class AttentionStore:
@@ -85,9 +84,11 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
         conds = []
         for i, m in enumerate(branch_masks):  # one VAE call per branch
             m = (m >= 0.5).to(images.dtype)
-            dist = vae.encode(images * (m < 0.5)).latent_dist
+            # the mask grown to every latent cell it touches, for both the mask channel and the masked image
+            cells = dilate_to_latent_cells(m, f)
+            dist = vae.encode(images * (cells < 0.5)).latent_dist
             masked_latents = (dist.mean + dist.std * post_noise[i * b:(i + 1) * b]) * sf
-            conds.append((F.interpolate(m, size=lat_shape[-2:]), masked_latents))
+            conds.append((latent_cell_mask(m, f), masked_latents))
     latents = latents.float()
     noise = torch.randn(latents.shape, generator=gen).to(device)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)

@@ -25,7 +25,13 @@ from PIL import Image
 from defectfill.config import TrainConfig, sampling_checks
 from defectfill.errors import DefectFillError
 from defectfill.masks import fit_mask
-from defectfill.model import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, load_pipeline
+from defectfill.model import (
+    LORA_WEIGHTS_NAME,
+    TOKEN_WEIGHTS_NAME,
+    dilate_to_latent_cells,
+    load_pipeline,
+    vae_scale_factor,
+)
 from defectfill.run_folder import read_trained_run
 from defectfill.settings import check_all, precision_dtype, resolve_precision
 
@@ -263,15 +269,20 @@ class DefectGenerator:
         image_r = image.resize((r, r), Image.Resampling.BICUBIC) if image.size != (r, r) else image
         # area-resize, any coverage counts: a thin mask never vanishes at the model's size
         m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
-        m_r = (F.interpolate(m, size=(r, r), mode="area")[0, 0] > 0).numpy()
-        mask_r = Image.fromarray(m_r.astype(np.uint8) * 255, mode="L")
+        m_r = (F.interpolate(m, size=(r, r), mode="area") > 0).float()
+        # The pipeline gets the mask grown to whole latent cells: its nearest resize to the latent grid would
+        # otherwise keep one pixel per 8x8 cell, so the UNet's mask channel would say "keep" over most of a thin
+        # scratch while the masked image is grey there. Grown, the mask channel covers every cell the mask
+        # touches and the masked image is grey over exactly those cells: the condition training builds
+        # (`model.encode_inpaint_condition`). Paste-back still uses the exact pixel mask.
+        cells = dilate_to_latent_cells(m_r, vae_scale_factor(self.pipe.vae))[0, 0].numpy()
+        mask_r = Image.fromarray(cells.astype(np.uint8) * 255, mode="L")
         seeds = [candidate_seed(seed, i) for i in range(self.candidates)]
         gen_device = "cpu" if self.device.type == "mps" else self.device
         outputs, maps = [], []
         recorder = None
         if self.save_attention:
             from defectfill.attention import AttentionRecorder
-            from defectfill.model import vae_scale_factor
 
             recorder = AttentionRecorder(self.pipe.unet)
             latent = r // vae_scale_factor(self.pipe.vae)

@@ -261,7 +261,9 @@ def defectfill_losses(
         models.recorder.stop()
 
     pred = pred.float()
-    m_lat = mask_latents[:b].float()  # the real defect mask at latent size (nearest, as the pipeline)
+    # the real defect mask at latent size: every cell it touches (max reduction), the cells the UNet is told to
+    # inpaint; so a scratch thinner than a cell still weighs in L_def and in M' of L_obj
+    m_lat = mask_latents[:b].float()
     l_def = L.defect_loss(target, pred[:b], m_lat)
     l_obj = L.object_loss(target, pred[b:], m_lat, config.alpha)
     l_attn = L.attention_loss(maps, masks) if record else torch.zeros((), device=device)

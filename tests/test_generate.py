@@ -153,6 +153,31 @@ def test_batch_size_splits_candidates_into_calls(generator, demo_root, monkeypat
         assert np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() <= 2
 
 
+def test_thin_mask_reaches_the_unet_in_every_latent_cell_it_touches(generator, demo_root, monkeypatch):
+    """Pins generation's mask channel: the pipeline gets the mask grown to whole latent cells, so the UNet is told
+    to inpaint every cell a 1 px scratch touches (nearest sampling of the raw mask dropped all of this one), and
+    the masked image is grey over the same cells; paste-back still follows the exact pixel mask."""
+    seen = []
+    unet = generator.pipe.unet
+    original = unet.forward
+
+    def spy(sample, *args, **kwargs):
+        seen.append(sample.detach().clone())
+        return original(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", spy)
+    image = _good(demo_root)
+    mask = np.zeros((64, 64), bool)
+    mask[6:50, 13] = True  # latent cell column 3 (4 px cells), off the pixel column nearest sampling keeps
+    result = generator(image, mask, seed=0)
+    touched = torch.nn.functional.max_pool2d(torch.from_numpy(mask.astype(np.float32))[None, None], 4)[0, 0]
+    assert touched.sum() == 12  # cell rows 1..12
+    for sample in seen:  # every step, unconditional and conditional rows alike
+        assert all(torch.equal(row[4], touched) for row in sample)
+    src = np.asarray(image)
+    assert np.array_equal(np.asarray(result.image)[~mask], src[~mask])
+
+
 def test_source_size_differs_from_resolution(generator):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
     mask = np.zeros((48, 80), bool)

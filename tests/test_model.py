@@ -14,7 +14,9 @@ from defectfill.errors import DefectFillError
 from defectfill.model import (
     add_lora,
     add_trainable_token,
+    dilate_to_latent_cells,
     encode_inpaint_condition,
+    latent_cell_mask,
     load_pipeline,
     token_positions,
     unet_input,
@@ -30,15 +32,8 @@ def test_load_pipeline_from_saved_folder_offline(tiny_model_dir, monkeypatch):
     assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.pad_token == "!"
 
 
-def test_unet_input_order_matches_the_stock_pipeline(tiny_model_dir, monkeypatch):
-    """The UNet sees [noisy latent, mask, masked-image latent], exactly as StableDiffusionInpaintPipeline builds it."""
-    # The posterior's mean instead of a sample, so both paths are deterministic.
-    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
-    pipe = load_pipeline(str(tiny_model_dir))
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    mask_np = np.zeros((64, 64), dtype=np.uint8)
-    mask_np[10:30, 20:50] = 255
+def _stock_unet_input(pipe, image: Image.Image, mask_np: np.ndarray, monkeypatch) -> torch.Tensor:
+    """The 9-channel input StableDiffusionInpaintPipeline's own path gives its UNet at the first step."""
     seen = []
     original_forward = pipe.unet.forward
 
@@ -49,10 +44,29 @@ def test_unet_input_order_matches_the_stock_pipeline(tiny_model_dir, monkeypatch
     monkeypatch.setattr(pipe.unet, "forward", spy)
     pipe(prompt="a", image=image, mask_image=Image.fromarray(mask_np), height=64, width=64,
          num_inference_steps=1, guidance_scale=1.0, output_type="latent")
-    stock = seen[0]  # (1, 9, 16, 16)
+    monkeypatch.setattr(pipe.unet, "forward", original_forward)
+    return seen[0]
 
+
+def _as_tensors(image: Image.Image, mask_np: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     image_t = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-    mask_t = torch.from_numpy(mask_np.astype(np.float32) / 255)[None, None]
+    return image_t, torch.from_numpy(mask_np.astype(np.float32) / 255)[None, None]
+
+
+def test_unet_input_order_matches_the_stock_pipeline(tiny_model_dir, monkeypatch):
+    """The UNet sees [noisy latent, mask, masked-image latent], exactly as StableDiffusionInpaintPipeline builds it.
+
+    The mask is made of whole latent cells (4x4 px in the tiny model), where the stock pipeline's nearest
+    resize and this project's any-touched-pixel reduction agree (a thin mask: the next test)."""
+    # The posterior's mean instead of a sample, so both paths are deterministic.
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    pipe = load_pipeline(str(tiny_model_dir))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask_np = np.zeros((64, 64), dtype=np.uint8)
+    mask_np[8:32, 20:48] = 255  # whole 4x4 cells
+    stock = _stock_unet_input(pipe, image, mask_np, monkeypatch)  # (1, 9, 16, 16)
+    image_t, mask_t = _as_tensors(image, mask_np)
     with torch.no_grad():
         mask_lat, masked_lat = encode_inpaint_condition(pipe.vae, image_t, mask_t)
     ours = unet_input(stock[:, :4], mask_lat, masked_lat)
@@ -61,6 +75,36 @@ def test_unet_input_order_matches_the_stock_pipeline(tiny_model_dir, monkeypatch
     # and the mask channel really is the mask (a swapped order would put latents there)
     assert torch.equal(stock[:, 4:5], mask_lat)
     assert set(stock[:, 4].unique().tolist()) == {0.0, 1.0}
+
+
+def test_thin_mask_covers_every_touched_latent_cell_and_matches_the_grown_mask_in_the_pipeline(tiny_model_dir,
+                                                                                              monkeypatch):
+    """Pins: a mask thinner than a latent cell is in the mask channel wherever it touches a cell, and the masked
+    image is grey over those whole cells; generation reproduces it by giving the stock pipeline the mask grown to
+    whole cells (`dilate_to_latent_cells`). Nearest sampling (the stock pipeline on the raw mask) keeps none of a
+    1 px line off the sampled pixel column."""
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    pipe = load_pipeline(str(tiny_model_dir))
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    mask_np = np.zeros((64, 64), dtype=np.uint8)
+    mask_np[5:59, 13] = 255  # a 1 px vertical scratch in cell column 3, off its sampled pixel (column 12)
+    mask_np[30, 2:62] = 255  # a 1 px horizontal one in cell row 7, off row 28
+    image_t, mask_t = _as_tensors(image, mask_np)
+    touched = torch.nn.functional.max_pool2d(mask_t, 4)  # cells with any mask pixel
+    assert touched.sum() == 14 + 16 - 1  # cell rows 1..14 of column 3, cell columns 0..15 of row 7
+    with torch.no_grad():
+        mask_lat, masked_lat = encode_inpaint_condition(pipe.vae, image_t, mask_t)
+    assert torch.equal(mask_lat, touched)
+    assert torch.equal(latent_cell_mask(mask_t, 4), touched)
+    grown = dilate_to_latent_cells(mask_t, 4)
+    assert torch.equal(grown >= mask_t, torch.ones_like(grown, dtype=torch.bool)) and grown.sum() == 16 * touched.sum()
+    # the stock pipeline given the grown mask builds exactly this condition
+    stock = _stock_unet_input(pipe, image, (grown[0, 0].numpy() * 255).astype(np.uint8), monkeypatch)
+    torch.testing.assert_close(stock[:, 4:], torch.cat([mask_lat, masked_lat], 1), atol=1e-5, rtol=1e-5)
+    # the raw thin mask in the stock pipeline: nearest sampling drops the whole scratch from the mask channel
+    raw = _stock_unet_input(pipe, image, mask_np, monkeypatch)
+    assert raw[:, 4].sum() == 0
 
 
 def test_refuses_a_non_inpainting_unet(tmp_path):

@@ -114,6 +114,33 @@ def test_attention_loss_alone_has_gradient(models_and_batch):
     assert text and any(g.abs().sum() > 0 for g in text), "attention loss does not reach the text encoder"
 
 
+def test_a_scratch_thinner_than_a_latent_cell_still_weighs_in_both_branches(models_and_batch):
+    """Pins the loss weights' mask reduction: a 1 px scratch off the pixel that nearest sampling keeps (the tiny
+    VAE's cells are 4x4 px) lies in every latent cell it touches, so L_def sees it and M' of L_obj weights it
+    fully. With the nearest resize it vanished: L_def was 0 and L_obj weighted the scratch by alpha."""
+    from defectfill.train import MicroBatch
+
+    config, models, images, _, prompts = models_and_batch
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 5:59, 13] = 1  # cell column 3; nearest keeps pixel column 12
+    boxes = torch.zeros(2, 1, 64, 64)
+    boxes[:, :, 40:60, 40:60] = 1
+
+    def losses(alpha: float):
+        config.alpha = alpha
+        batch = MicroBatch(images[:2].clone(), masks, boxes, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return defectfill_losses(models, batch, prompts, config, torch.device("cpu"))
+
+    try:
+        only_defect, everywhere = losses(0.0), losses(1.0)
+    finally:
+        config.alpha = 0.3
+    assert only_defect.defect > 0
+    # alpha = 0: L_obj is the object branch's error over the scratch's cells alone, a real (non-zero) mean
+    assert only_defect.object > 0 and not torch.isclose(only_defect.object, everywhere.object)
+
+
 def test_attention_only_training_changes_lora(demo_root, tiny_model_dir, tmp_path):
     pipe = load_pipeline(str(tiny_model_dir))
     before = _state(pipe)
