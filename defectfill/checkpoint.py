@@ -5,7 +5,7 @@ A `checkpoint-N/` folder holds:
     optimizer.safetensors/.json the optimiser's per-parameter state and its param groups
     scheduler.json              the learning-rate scheduler's state
     rng_state.safetensors       torch CPU (and CUDA) generator states
-    trainer_state.json          step, skipped steps
+    trainer_state.json          step, skipped steps, the settings the run was made with
     pytorch_lora_weights.safetensors  the LoRA at this step, loadable by diffusers
 It is written to a hidden temporary folder and renamed into place, so a
 killed run never leaves a half-written checkpoint that `--resume latest` would pick.
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from defectfill.atomic import replace_dir
@@ -36,6 +37,22 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
     found = [p for p in found if (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def _step(path: Path) -> int:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint: step, skipped steps, and the settings it was made with."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DefectFillError(f"{path}: trainer_state.json is damaged ({exc}); resume from another checkpoint.") from None
+    if not isinstance(state, dict):
+        raise DefectFillError(f"{path}: trainer_state.json is damaged; resume from another checkpoint.")
+    return state
 
 
 def resolve_resume(run_dir: Path, resume: str) -> Path:
@@ -124,8 +141,11 @@ def load_checkpoint(
         scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
         rng = load_file(str(path / "rng_state.safetensors"))
         state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError, KeyError) as exc:
-        raise DefectFillError(f"{path}: checkpoint is incomplete or damaged ({exc}). Resume from an earlier checkpoint-N.") from None
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        earlier = [p for p in list_checkpoints(path.parent) if _step(p) < _step(path)]
+        way_out = (f"resume from {earlier[-1].name} (--resume {earlier[-1]}, or remove {path.name} and use "
+                   "--resume latest)" if earlier else "start again without --resume")
+        raise DefectFillError(f"{path}: {path.name} is damaged ({str(exc).splitlines()[0]}): {way_out}.") from None
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]

@@ -7,6 +7,7 @@ message (no traceback) and the command exits with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -27,8 +28,11 @@ def _train(args: argparse.Namespace) -> int:
 
 def _make_demo_data(args: argparse.Namespace) -> int:
     from defectfill.demo_data import make_demo_dataset
+    from defectfill.folders import claim_folder
 
-    root = make_demo_dataset(args.dir, size=args.size)
+    if args.size < 32:
+        raise DefectFillError(f"--size {args.size}: the drawn parts need at least 32 pixels a side.")
+    root = make_demo_dataset(claim_folder(args.dir, "make-demo-data", flag="DIR"), size=args.size)
     print(f"demo dataset (MVTec AD layout) written to {root}")
     return 0
 
@@ -79,9 +83,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defectfill {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        again = "rerun with --resume latest" if args.command == "train" else "rerun the same command"
-        print(f"defectfill {args.command}: interrupted; {again} to continue.", file=sys.stderr)
+        print(f"defectfill {args.command}: interrupted; {_again(args.command)} to continue.", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every write is atomic, so what was finished is intact and a rerun continues from it
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"defectfill {args.command}: error: no space left on the disk{where}. Free some space, then "
+              f"{_again(args.command)} to continue where it stopped.", file=sys.stderr)
+        return 2
+
+
+def _again(command: str) -> str:
+    return "rerun with --resume latest" if command == "train" else "rerun the same command"
 
 
 if __name__ == "__main__":

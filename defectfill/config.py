@@ -20,6 +20,7 @@ from typing import Any
 from defectfill.data.layouts import LAYOUTS as DATA_LAYOUTS
 from defectfill.data.layouts import object_name
 from defectfill.errors import DefectFillError
+from defectfill.folders import check_plain_name
 from defectfill.masks import SHAPES, parse_mask_scale, parse_shapes
 from defectfill.model import DEFAULT_MODEL
 from defectfill.settings import PRECISIONS, Settings, check_all
@@ -119,6 +120,11 @@ class TrainConfig(Settings):
             problem = _prompt_error(template, what)
             if problem:
                 raise DefectFillError(problem + ".")
+        for name, what in ((self.category, "--category"), (self.defect_type, "--defect-type")):
+            if name is not None:  # each names a folder of the run, generated data and reports
+                check_plain_name(name, what)
+        if self.new_token is not None and not self.new_token.strip():
+            raise DefectFillError("--new-token must not be empty (leave it out to use --token).")
 
 
 # Settings that may differ between a run and its continuation.
@@ -163,6 +169,7 @@ class GenerateConfig(Settings):
     feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge"})
     seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index"})
     batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)"})
+    with_good: bool = field(default=True, metadata={"help": "link the defect-free source images into <category>/train/good, so anomalib's MVTec loaders can train on the folder (--no-with-good: leave them out)"})
     save_candidates: bool = field(default=False, metadata={"help": "also write every candidate to candidates/"})
     save_attention: bool = field(default=False, metadata={"help": "also write the token's cross-attention map of each chosen image to attention/"})
     lpips_weights: str | None = field(default=None, metadata={"help": "local AlexNet weights for LPIPS (offline machines)"})
@@ -286,7 +293,7 @@ class RunConfig(Settings):
         "count": "count", "images": "images", "masks": "masks", "shapes": "shapes", "mask_scale": "mask_scale",
         "candidates": "candidates", "steps": "generate_steps", "guidance": "guidance", "scheduler": "scheduler",
         "prompt": "prompt", "feather": "feather", "batch_size": "generate_batch_size",
-        "save_candidates": "save_candidates", "save_attention": "save_attention", "lpips_weights": "lpips_weights",
+        "with_good": "with_good", "save_candidates": "save_candidates", "save_attention": "save_attention", "lpips_weights": "lpips_weights",
         "lpips_random_backbone": "lpips_random_backbone", "preview_rows": "preview_rows", "device": "device"}})
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"stage": {
         "kid_subset_size": "kid_subset_size", "kid_subsets": "kid_subsets", "inception_weights": "inception_weights",

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from defectfill.config import RunConfig
+from defectfill.folders import claim_folder
 from defectfill.runner import run_all
 
 NOTE = ("Demo: a tiny, untrained diffusion network on a procedurally drawn dataset, with untrained stand-ins "
@@ -54,7 +55,7 @@ def run_demo(output: str | Path, size: str = "small") -> int:
     from defectfill.metrics.lpips import load_lpips
     from defectfill.tiny import save_tiny_pipeline
 
-    output = Path(output).expanduser()
+    output = claim_folder(output, "demo")  # never into a folder that holds something else
     plan = SIZES[size]
     print(NOTE)
     data, model = output / "data", output / "model"

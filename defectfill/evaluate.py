@@ -31,6 +31,7 @@ from defectfill.data.images import image_to_tensor, load_rgb
 from defectfill.data.layouts import DefectSample, Layout
 from defectfill.data.split import Split, make_split
 from defectfill.errors import DefectFillError
+from defectfill.folders import claim_folder, folder_lock
 from defectfill.metrics.downstream import train_classifier, train_localiser
 from defectfill.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
 from defectfill.metrics.kid import kid_images
@@ -116,10 +117,12 @@ def evaluate(
     distance: Distance | None = None,
     classifier_factory: Callable[[int, bool], nn.Module] | None = None,
     localiser_factory: Callable[[bool], nn.Module] | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
     """Compute every asked metric, save metrics.json as results come, write the report; return the metrics.
 
     The networks are injectable (tests, offline demos); by default the standard ones are loaded.
+    `note` is shown at the top of the report (the demo's: its networks are untrained).
     """
     config.validate()
     settings = config.downstream_settings()
@@ -167,116 +170,124 @@ def evaluate(
             "kid_features": "inception-v3-compat (torch-fidelity)" if feature_extractor is None else "custom",
             "ic_lpips": compute_ic_lpips, "lpips_size": lpips_size,
             "lpips_network": "lpips AlexNet" if distance is None else "custom",
-            "downstream": downstream, **{f"downstream_{k}": v for k, v in settings.to_json().items()},
+            "downstream": downstream,
+            # the downstream models' settings only where they ran
+            **({f"downstream_{k}": v for k, v in settings.to_json().items()} if downstream != "none" else {}),
             "run_resolution": run_config.resolution if run_config is not None else None,
         },
         "image_metrics": [],
         "downstream": {},
     }
-    output.mkdir(parents=True, exist_ok=True)
-    pictures: dict[str, Image.Image] = {}
+    claim_folder(output, "evaluate")  # an empty or new folder, or one this command wrote
 
-    def save() -> None:  # results are written as they come, so a crash keeps what was computed
-        write_json(output / "metrics.json", metrics)
+    def measure() -> dict[str, Any]:
+        nonlocal distance
+        pictures: dict[str, Image.Image] = {}
 
-    # ---- KID and IC-LPIPS per defect type
-    if compute_kid or compute_ic_lpips:
-        for split in splits:
-            gen_samples = _generated_samples(gen_layout, split.category, split.defect_type)
-            if not split.held_out:
-                raise DefectFillError(
-                    f"{split.data_root}: no held-out real images of {split.category}/{split.defect_type} "
-                    f"(all {len(split.reference)} are reference images). KID needs real images the generator "
-                    "did not see; add more defect images of this type."
-                )
-            notes: list[str] = []
-            real_images = _load_images([s.image for s in split.held_out], notes, "real held-out")
-            gen_images = _load_images([s.image for s in gen_samples], notes, "generated")
-            item: dict[str, Any] = {
-                "category": split.category, "defect_type": split.defect_type,
-                "n_real_held_out": len(real_images), "n_generated": len(gen_images),
-                "n_references": len(split.reference), "notes": notes,
-            }
-            if compute_kid:
-                item["kid"] = kid_images(
-                    real_images, gen_images, feature_extractor=feature_extractor, subset_size=config.kid_subset_size,
-                    subsets=config.kid_subsets, seed=settings.seed, device=_device(settings.device),
-                    inception_weights=config.inception_weights,
-                )
-            if compute_ic_lpips:
-                refs = _load_images([s.image for s in split.reference], notes, "reference")
-                sizes = {im.size for im in gen_images + refs}
-                if sizes != {(lpips_size, lpips_size)}:
-                    notes.append(f"IC-LPIPS: images resized to {lpips_size}x{lpips_size}")
-                if distance is None:
-                    from defectfill.metrics.lpips import load_lpips
+        def save() -> None:  # results are written as they come, so a crash keeps what was computed
+            write_json(output / "metrics.json", metrics)
 
-                    distance = lpips_distance_fn(load_lpips(config.lpips_weights, device=_device(settings.device)),
-                                                 _device(settings.device))
-                item["ic_lpips"] = ic_lpips_details(
-                    _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
-            metrics["image_metrics"].append(item)
-            pictures[f"samples_{split.category}_{split.defect_type}"] = sample_grid(
-                _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples)
-            save()
+        # ---- KID and IC-LPIPS per defect type
+        if compute_kid or compute_ic_lpips:
+            for split in splits:
+                gen_samples = _generated_samples(gen_layout, split.category, split.defect_type)
+                if not split.held_out:
+                    raise DefectFillError(
+                        f"{split.data_root}: no held-out real images of {split.category}/{split.defect_type} "
+                        f"(all {len(split.reference)} are reference images). KID needs real images the generator "
+                        "did not see; add more defect images of this type."
+                    )
+                notes: list[str] = []
+                real_images = _load_images([s.image for s in split.held_out], notes, "real held-out")
+                gen_images = _load_images([s.image for s in gen_samples], notes, "generated")
+                item: dict[str, Any] = {
+                    "category": split.category, "defect_type": split.defect_type,
+                    "n_real_held_out": len(real_images), "n_generated": len(gen_images),
+                    "n_references": len(split.reference), "notes": notes,
+                }
+                if compute_kid:
+                    item["kid"] = kid_images(
+                        real_images, gen_images, feature_extractor=feature_extractor, subset_size=config.kid_subset_size,
+                        subsets=config.kid_subsets, seed=settings.seed, device=_device(settings.device),
+                        inception_weights=config.inception_weights,
+                    )
+                if compute_ic_lpips:
+                    refs = _load_images([s.image for s in split.reference], notes, "reference")
+                    sizes = {im.size for im in gen_images + refs}
+                    if sizes != {(lpips_size, lpips_size)}:
+                        notes.append(f"IC-LPIPS: images resized to {lpips_size}x{lpips_size}")
+                    if distance is None:
+                        from defectfill.metrics.lpips import load_lpips
 
-    # ---- downstream inspection models on every defect type of the category
-    if downstream != "none":
-        all_types = real_layout.defect_types(category)
-        all_splits = {s.defect_type: s for s in splits}
-        for t in all_types:
-            if t not in all_splits:
-                all_splits[t] = make_split(real_layout, category, t)
-        missing = [t for t in all_types if not gen_layout.root.joinpath(category, "test", t).is_dir()
-                   or not gen_layout.defect_samples(category, t)]
-        if missing:
-            raise DefectFillError(
-                f"{generated}: no generated images of {category} defect type(s) {', '.join(missing)}; the "
-                "downstream models are trained on every type of the category. Generate them first."
-            )
-        generated_by_type = {t: gen_layout.defect_samples(category, t) for t in all_types}
-        no_held_out = [t for t in all_types if not all_splits[t].held_out]
-        if no_held_out:
-            raise DefectFillError(
-                f"{real_layout.root}: no held-out real images of {category} type(s) {', '.join(no_held_out)} "
-                "to test the downstream models on."
-            )
-        settings.device = _device(settings.device)
-
-        if downstream in ("classify", "both"):
-            train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
-            test = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].held_out]
-
-            def on_classify(progress: dict[str, Any]) -> None:
-                metrics["downstream"]["classify"] = progress
+                        distance = lpips_distance_fn(load_lpips(config.lpips_weights, device=_device(settings.device)),
+                                                     _device(settings.device))
+                    item["ic_lpips"] = ic_lpips_details(
+                        _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
+                metrics["image_metrics"].append(item)
+                pictures[f"samples_{split.category}_{split.defect_type}"] = sample_grid(
+                    _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples)
                 save()
 
-            result = train_classifier(train, test, all_types, settings, classifier_factory, on_classify)
-            metrics["downstream"]["classify"] = result
-            pictures[f"confusion_{category}"] = confusion_picture(result["confusion_matrix"], all_types)
-            save()
-
-        if downstream in ("localize", "both"):
-            unmasked = [s.image for t in all_types for s in generated_by_type[t] if s.mask is None]
-            if unmasked:  # without its mask a generated defect image would be learnt as a good one
+        # ---- downstream inspection models on every defect type of the category
+        if downstream != "none":
+            all_types = real_layout.defect_types(category)
+            all_splits = {s.defect_type: s for s in splits}
+            for t in all_types:
+                if t not in all_splits:
+                    all_splits[t] = make_split(real_layout, category, t)
+            missing = [t for t in all_types if not gen_layout.root.joinpath(category, "test", t).is_dir()
+                       or not gen_layout.defect_samples(category, t)]
+            if missing:
                 raise DefectFillError(
-                    f"{unmasked[0]}: generated image has no mask (expected <stem>_mask.png in the ground_truth "
-                    f"folder of its type; {len(unmasked)} such image(s)). The localiser needs every mask."
+                    f"{generated}: no generated images of {category} defect type(s) {', '.join(missing)}; the "
+                    "downstream models are trained on every type of the category. Generate them first."
                 )
-            train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
-            train += [(p, None) for p in real_layout.good_images(category)]
-            test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]
-            test += [(p, None) for p in real_layout.good_test_images(category)]
+            generated_by_type = {t: gen_layout.defect_samples(category, t) for t in all_types}
+            no_held_out = [t for t in all_types if not all_splits[t].held_out]
+            if no_held_out:
+                raise DefectFillError(
+                    f"{real_layout.root}: no held-out real images of {category} type(s) {', '.join(no_held_out)} "
+                    "to test the downstream models on."
+                )
+            settings.device = _device(settings.device)
 
-            def on_localize(progress: dict[str, Any]) -> None:
-                metrics["downstream"]["localize"] = progress
+            if downstream in ("classify", "both"):
+                train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
+                test = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].held_out]
+
+                def on_classify(progress: dict[str, Any]) -> None:
+                    metrics["downstream"]["classify"] = progress
+                    save()
+
+                result = train_classifier(train, test, all_types, settings, classifier_factory, on_classify)
+                metrics["downstream"]["classify"] = result
+                pictures[f"confusion_{category}"] = confusion_picture(result["confusion_matrix"], all_types)
                 save()
 
-            metrics["downstream"]["localize"] = train_localiser(train, test, settings, localiser_factory, on_localize)
-            save()
+            if downstream in ("localize", "both"):
+                unmasked = [s.image for t in all_types for s in generated_by_type[t] if s.mask is None]
+                if unmasked:  # without its mask a generated defect image would be learnt as a good one
+                    raise DefectFillError(
+                        f"{unmasked[0]}: generated image has no mask (expected <stem>_mask.png in the ground_truth "
+                        f"folder of its type; {len(unmasked)} such image(s)). The localiser needs every mask."
+                    )
+                train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
+                train += [(p, None) for p in real_layout.good_images(category)]
+                test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]
+                test += [(p, None) for p in real_layout.good_test_images(category)]
 
-    write_report(output, metrics, pictures)
-    return metrics
+                def on_localize(progress: dict[str, Any]) -> None:
+                    metrics["downstream"]["localize"] = progress
+                    save()
+
+                metrics["downstream"]["localize"] = train_localiser(train, test, settings, localiser_factory, on_localize)
+                save()
+
+        write_report(output, metrics, pictures, note=note)
+        return metrics
+
+    with folder_lock(output, "evaluate"):  # one writer at a time
+        return measure()
 
 
 def _num(value: float | None) -> str:

@@ -10,6 +10,7 @@ where it stopped; a folder holding another run's results is refused.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from defectfill.config import GenerateConfig, TrainConfig
 from defectfill.data import load_mask, load_rgb, open_layout
 from defectfill.data.images import is_image_file
 from defectfill.errors import DefectFillError
+from defectfill.folders import IGNORED, contained, folder_lock
 from defectfill.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
 from defectfill.run_folder import SPLIT_NAME, read_recorded_config, read_run_split, read_trained_run
 from defectfill.sampler import DefectGenerator, GenerationResult
@@ -139,6 +141,30 @@ class OutputFolder:
         # outside the MVTec tree so dataset loaders never read candidates as test images
         return self.root / "candidates" / self.category / self.defect_type / f"{index:0{self.digits}d}_{c}.png"
 
+    def good_path(self, source_image: str | None) -> Path | None:
+        """Where a source (defect-free) image is linked as a training image: <category>/train/good/<name>."""
+        if not source_image:
+            return None
+        return self.root / self.category / "train" / "good" / Path(source_image).name
+
+    def link_good_images(self) -> int:
+        """Link every finished item's source image into <category>/train/good (anomalib's MVTec datamodule
+        trains on it); hard links, copies where links fail. Returns how many are linked."""
+        linked = 0
+        for row in self.finished().values():
+            good = self.good_path(row.get("source_image"))
+            if good is None or not Path(row["source_image"]).is_file():
+                continue
+            source = Path(row["source_image"])
+            if not good.exists():
+                good.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source, good)
+                except OSError:
+                    atomic_write(good, lambda p, s=source: shutil.copyfile(s, p))
+            linked += 1
+        return linked
+
     def attention_path(self, index: int) -> Path:
         return self.root / "attention" / self.category / self.defect_type / f"{index:0{self.digits}d}_attn.png"
 
@@ -159,9 +185,11 @@ class OutputFolder:
                     row = json.loads(line)
                     index = int(row["index"])
                     # the row's own paths: a later --count may change the width of the file names
-                    files = (self.root / row["image"], self.root / row["mask"])
+                    names = (row["image"], row["mask"])
                 except (ValueError, KeyError, TypeError):
                     continue
+                # an edited manifest must not make us read, or with --overwrite delete, files elsewhere
+                files = [contained(self.root, name, path) for name in names]
                 if all(f.is_file() for f in files):
                     rows[index] = row
         return rows
@@ -183,20 +211,13 @@ def _identity(run_dir: Path, settings: GenerateConfig) -> dict[str, Any]:
     return {"run": str(run_dir.resolve()), "run_config_sha256": config_hash, "settings": settings.identity()}
 
 
-def _prepare_output(
-    out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool, record: dict[str, Any]
-) -> None:
-    """Refuse a folder holding other results unless told; clear our own files for --overwrite."""
+def _output_problem(out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
+    """Why the output folder may not be written (another run's results, foreign files), or None. Writes nothing."""
     state_path = out.root / STATE
+    if out.root.exists() and not out.root.is_dir():
+        return f"--output {out.root}: is a file, not a folder. Choose a folder (a new one is made)."
     if overwrite and state_path.is_file():
-        # only what this tool writes is removed; anything else the user keeps there stays
-        for row in out.finished().values():
-            for key in ("image", "mask"):
-                (out.root / row[key]).unlink(missing_ok=True)
-        for name in ("candidates", "attention", _PREVIEW_DIR):
-            shutil.rmtree(out.root / name, ignore_errors=True)
-        for p in out.manifest_files() + [out.root / PREVIEW, state_path]:
-            p.unlink(missing_ok=True)
+        return None
     if state_path.is_file():
         try:
             previous = json.loads(state_path.read_text())
@@ -208,15 +229,34 @@ def _prepare_output(
         if previous != identity and not resume and out.finished():
             what = "another run" if previous is None or previous.get("run") != identity["run"] or \
                 previous.get("run_config_sha256") != identity["run_config_sha256"] else "other settings"
-            raise DefectFillError(
-                f"--output {out.root}: holds results of {what} ({state_path}). Pass --resume to add to them, "
-                "--overwrite to replace them, or choose another --output folder."
-            )
-    elif out.root.is_dir() and any(out.root.iterdir()) and not (resume or overwrite):
-        raise DefectFillError(
-            f"--output {out.root}: folder is not empty and was not written by `defectfill generate`. "
-            "Choose an empty or new folder (or pass --overwrite to write into it anyway)."
-        )
+            return (f"--output {out.root}: holds results of {what} ({state_path}). Pass --resume to add to them, "
+                    "--overwrite to replace them, or choose another --output folder.")
+    elif out.root.is_dir() and any(p.name not in IGNORED for p in out.root.iterdir()) and not (resume or overwrite):
+        return (f"--output {out.root}: folder is not empty and was not written by `defectfill generate`. "
+                "Choose an empty or new folder (or pass --overwrite to write into it anyway).")
+    return None
+
+
+def _prepare_output(
+    out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool, record: dict[str, Any]
+) -> None:
+    """Refuse a folder holding other results unless told; clear our own files for --overwrite; record the settings."""
+    problem = _output_problem(out, identity, resume, overwrite)
+    if problem:
+        raise DefectFillError(problem)
+    state_path = out.root / STATE
+    if overwrite and state_path.is_file():
+        # only what this tool writes is removed; anything else the user keeps there stays
+        for row in out.finished().values():
+            for key in ("image", "mask"):
+                (out.root / row[key]).unlink(missing_ok=True)
+            good = out.good_path(row.get("source_image"))
+            if good is not None:
+                good.unlink(missing_ok=True)
+        for name in ("candidates", "attention", _PREVIEW_DIR):
+            shutil.rmtree(out.root / name, ignore_errors=True)
+        for p in out.manifest_files() + [out.root / PREVIEW, state_path]:
+            p.unlink(missing_ok=True)
     out.root.mkdir(parents=True, exist_ok=True)
     write_json(state_path, {**identity, **record})
 
@@ -306,64 +346,74 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
     precision = resolve_precision(settings.mixed_precision, device)
     out = OutputFolder(Path(settings.output).expanduser(), category, defect_type, settings.count)
     identity = _identity(run_dir, settings)
-    if rank == 0 or not distributed:
-        # one process checks and prepares the folder; the others wait so they never see it half-prepared
-        record = {"config": {**settings.to_dict(), "mixed_precision": precision}}  # what ran, precision resolved
-        _prepare_output(out, identity, settings.resume, settings.overwrite, record)
-    if distributed:
-        state.wait_for_everyone()
+    is_main = rank == 0 or not distributed
+    with contextlib.ExitStack() as stack:
+        if is_main:
+            # one process checks and prepares the folder; the others wait so they never see it half-prepared
+            problem = _output_problem(out, identity, settings.resume, settings.overwrite)  # before writing anything
+            if problem:
+                raise DefectFillError(problem)
+            out.root.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(folder_lock(out.root, "generate"))  # a second writer is refused, not mixed in
+            record = {"config": {**settings.to_dict(), "mixed_precision": precision}}  # what ran, precision resolved
+            _prepare_output(out, identity, settings.resume, settings.overwrite, record)
+        if distributed:
+            state.wait_for_everyone()
 
-    done = out.finished()
-    mine = [it for it in items if it.index % world == rank and it.index not in done]
-    log.info("process %d of %d: %d item(s) to generate, %d of %d already finished.",
-             rank, world, len(mine), len(done), settings.count)
-    if mine:
-        generator = DefectGenerator.from_run(
-            run_dir, device=device, mixed_precision=precision, prompt=settings.prompt, scheduler=settings.scheduler,
-            candidates=settings.candidates, steps=settings.steps, guidance=settings.guidance,
-            feather=settings.feather, batch_size=settings.batch_size, lpips_weights=settings.lpips_weights,
-            save_attention=settings.save_attention, lpips_pretrained=not settings.lpips_random_backbone,
-        )
-        if settings.candidates > 1:
-            generator.scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
-        part = out.part_path(rank)
-        bar = tqdm(mine, desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
-                   position=rank if distributed else None, disable=None)
-        for n, item in enumerate(bar):
-            if stop_after is not None and n >= stop_after:
-                break
-            source = load_rgb(item.image)
-            mask = _item_mask(item, source, scale)
-            result = generator(source, mask, item.seed)
-            _save_png(result.image, out.image_path(item.index))
-            _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
-            if settings.save_candidates:
-                for c, cand in enumerate(result.candidates):
-                    _save_png(cand, out.candidate_path(item.index, c))
-            if result.attention is not None:
-                heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
-                _save_png(heat, out.attention_path(item.index))
-            if item.index < settings.preview_rows:
-                _save_png(_preview_strip(source, result), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
-            row = {
-                "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
-                "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
-                "mask_source": item.mask_source, "prompt": generator.prompt, "seed": item.seed,
-                "candidate_seeds": result.seeds,
-                "scores": result.scores, "chosen": result.chosen, "settings": identity["settings"],
-            }
-            if result.attention is not None:
-                row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
-            # appended only now that image and mask exist: a manifest row always means a finished item
-            with open(part, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        bar.close()
-    if distributed:
-        state.wait_for_everyone()
-    if rank == 0 or not distributed:
-        total = out.merge_manifest()
-        _write_preview(out)
-        log.info("%s: %d of %d images written.", out.root, total, settings.count)
-    return 0
+        done = out.finished()
+        mine = [it for it in items if it.index % world == rank and it.index not in done]
+        log.info("process %d of %d: %d item(s) to generate, %d of %d already finished.",
+                 rank, world, len(mine), len(done), settings.count)
+        if mine:
+            generator = DefectGenerator.from_run(
+                run_dir, device=device, mixed_precision=precision, prompt=settings.prompt, scheduler=settings.scheduler,
+                candidates=settings.candidates, steps=settings.steps, guidance=settings.guidance,
+                feather=settings.feather, batch_size=settings.batch_size, lpips_weights=settings.lpips_weights,
+                save_attention=settings.save_attention, lpips_pretrained=not settings.lpips_random_backbone,
+            )
+            if settings.candidates > 1:
+                generator.scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
+            part = out.part_path(rank)
+            bar = tqdm(mine, desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
+                       position=rank if distributed else None, disable=None)
+            for n, item in enumerate(bar):
+                if stop_after is not None and n >= stop_after:
+                    break
+                source = load_rgb(item.image)
+                mask = _item_mask(item, source, scale)
+                result = generator(source, mask, item.seed)
+                _save_png(result.image, out.image_path(item.index))
+                _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
+                if settings.save_candidates:
+                    for c, cand in enumerate(result.candidates):
+                        _save_png(cand, out.candidate_path(item.index, c))
+                if result.attention is not None:
+                    heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
+                    _save_png(heat, out.attention_path(item.index))
+                if item.index < settings.preview_rows:
+                    _save_png(_preview_strip(source, result), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
+                row = {
+                    "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
+                    "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+                    "mask_source": item.mask_source, "prompt": generator.prompt, "seed": item.seed,
+                    "candidate_seeds": result.seeds,
+                    "scores": result.scores, "chosen": result.chosen, "settings": identity["settings"],
+                }
+                if result.attention is not None:
+                    row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
+                # appended only now that image and mask exist: a manifest row always means a finished item
+                with open(part, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            bar.close()
+        if distributed:
+            state.wait_for_everyone()
+        if is_main:
+            total = out.merge_manifest()
+            if settings.with_good:
+                out.link_good_images()
+            _write_preview(out)
+            log.info("%s: %d of %d images written.", out.root, total, settings.count)
+        return 0
+

@@ -175,8 +175,9 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]
     return sections
 
 
-def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str, Image.Image]) -> dict[str, Path]:
-    """Write metrics.json, report.html, report.md and the pictures (PNG) into `output`."""
+def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str, Image.Image],
+                 note: str | None = None) -> dict[str, Path]:
+    """Write metrics.json, report.html, report.md and the pictures (PNG) into `output`; `note` heads the report."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / "metrics.json", metrics)
@@ -187,8 +188,8 @@ def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str
         encoded[name] = base64.b64encode(data).decode("ascii")
 
     title = "defectfill evaluation"
-    parts = []
-    md = [f"# {title}", ""]
+    parts = [f"<p class='note'>{html.escape(note)}</p>"] if note else []
+    md = [f"# {title}", ""] + ([f"> {note}", ""] if note else [])
     for heading, rows in _sections(metrics):
         parts.append(f"<h2>{html.escape(heading)}</h2><table><tr><th>metric</th><th>value</th></tr>")
         parts.extend(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in rows)

@@ -73,7 +73,12 @@ def read_run_config(run_dir: str | Path, strict: bool = True) -> TrainConfig:
     values = {**recorded}
     if recorded.get("base_model") or recorded.get("model"):
         values["model"] = recorded.get("base_model") or recorded["model"]
-    return TrainConfig.build(values, source=str(path), require=False, ignore_unknown=True)
+    try:
+        return TrainConfig.build(values, source=str(path), require=False, ignore_unknown=True)
+    except DefectFillError as exc:
+        if str(path) in str(exc):
+            raise
+        raise DefectFillError(f"{path}: {exc}") from None
 
 
 def read_trained_run(run_dir: str | Path) -> TrainConfig:

@@ -33,6 +33,7 @@ from defectfill.checkpoint import list_checkpoints
 from defectfill.config import RunConfig
 from defectfill.data import make_split, open_layout
 from defectfill.errors import DefectFillError
+from defectfill.folders import claim_folder, folder_lock
 from defectfill.model import LORA_WEIGHTS_NAME
 from defectfill.report import write_run_report
 
@@ -90,10 +91,18 @@ def _eval_complete(eval_dir: Path, gen_dir: Path) -> bool:
 
 
 def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) -> Path:
-    """One MVTec-layout dataset of every generated image (hard links; copies where links fail)."""
+    """One MVTec-layout dataset of every generated image and its defect-free sources (hard links; copies
+    where links fail)."""
     synth = output / "synth"
     for r in results:
         gen = config.folders(r.category, r.defect_type)["generated"] / r.category
+        good = gen / "train" / "good"
+        if good.is_dir():  # the sources of every type, in one train/good
+            dst_good = synth / r.category / "train" / "good"
+            dst_good.mkdir(parents=True, exist_ok=True)
+            for src in sorted(good.iterdir()):
+                if not (dst_good / src.name).exists():
+                    _link(src, dst_good / src.name)
         for sub in ("test", "ground_truth"):
             src_dir = gen / sub / r.defect_type
             if not src_dir.is_dir():
@@ -103,14 +112,19 @@ def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) 
                 shutil.rmtree(dst_dir)
             dst_dir.mkdir(parents=True)
             for src in sorted(src_dir.iterdir()):
-                try:
-                    os.link(src, dst_dir / src.name)
-                except OSError:
-                    shutil.copy2(src, dst_dir / src.name)
+                _link(src, dst_dir / src.name)
     return synth
 
 
-def process_type(cat: str, defect_type: str, config: RunConfig, position: str, networks: dict[str, Any]) -> TypeResult:
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def process_type(cat: str, defect_type: str, config: RunConfig, position: str,
+                 evaluate_kwargs: dict[str, Any]) -> TypeResult:
     """Train, generate and evaluate one defect type; each stage skipped when already complete."""
     import defectfill.train
     from defectfill.evaluate import evaluate
@@ -147,7 +161,7 @@ def process_type(cat: str, defect_type: str, config: RunConfig, position: str, n
             result.stages["evaluate"] = "skipped"
         else:
             print(f"{position} {cat}/{defect_type}: evaluate (KID, IC-LPIPS)")
-            evaluate(config.evaluate_config(cat, defect_type), **networks)
+            evaluate(config.evaluate_config(cat, defect_type), **evaluate_kwargs)
             result.stages["evaluate"] = "ran"
         _read_metrics(result, folders["eval"] / "metrics.json")
         result.status = "done"
@@ -203,8 +217,6 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
     `feature_extractor` (KID) and `distance` (IC-LPIPS) replace the standard networks (offline demos,
     tests); `note` is shown at the top of the report.
     """
-    from defectfill.evaluate import evaluate
-
     config.validate()  # every stage's settings, before any work
     output = Path(config.output).expanduser()
     layout = open_layout(config.train.data, config.train.layout)
@@ -212,19 +224,26 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
     if config.dry_run:
         print_plan(layout, pairs, config)
         return []
-    if output.exists() and not output.is_dir():
-        raise DefectFillError(f"{output}: exists and is not a folder. Choose another --output.")
-    output.mkdir(parents=True, exist_ok=True)
+    claim_folder(output, "run")  # an empty or new folder, or one `run` wrote: never a foreign one
+    with folder_lock(output, "run"):  # one writer at a time
+        return _run_types(config, output, pairs, {"feature_extractor": feature_extractor, "distance": distance,
+                                                  "note": note})
+
+
+def _run_types(config: RunConfig, output: Path, pairs: list[tuple[str, str]],
+               evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
+    """Every type's stages, the combined dataset, the downstream models and the report (in a claimed folder)."""
+    from defectfill.evaluate import evaluate
+
     write_json(output / RUN_SETTINGS, config.to_dict())
     handler = logging.FileHandler(output / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.getLogger("defectfill").addHandler(handler)
-    networks = {"feature_extractor": feature_extractor, "distance": distance}
     started = time.time()
     results: list[TypeResult] = []
     try:
         for i, (cat, t) in enumerate(pairs):
-            results.append(process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", networks))
+            results.append(process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", evaluate_kwargs))
         synth = _assemble_synth(config, output, [r for r in results if r.n_generated])
         downstream: dict[str, str] = {}
         if config.downstream != "none":
@@ -236,11 +255,11 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
                 eval_dir = output / "eval" / f"{cat}-downstream"
                 print(f"downstream {config.downstream} on {cat}")
                 try:
-                    evaluate(config.downstream_config(cat, synth, eval_dir))
+                    evaluate(config.downstream_config(cat, synth, eval_dir), note=evaluate_kwargs["note"])
                     downstream[cat] = str(eval_dir / "report.html")
                 except DefectFillError as exc:
                     downstream[cat] = f"failed: {exc}"
-        _write_report(config, output, results, downstream, note, time.time() - started)
+        _write_report(config, output, results, downstream, evaluate_kwargs["note"], time.time() - started)
     finally:
         logging.getLogger("defectfill").removeHandler(handler)
         handler.close()

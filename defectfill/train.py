@@ -34,12 +34,19 @@ import defectfill
 from defectfill import losses as L
 from defectfill.atomic import atomic_write
 from defectfill.attention import AttentionRecorder
-from defectfill.checkpoint import list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from defectfill.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from defectfill.config import NON_IDENTITY_KEYS, TrainConfig
 from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import image_to_tensor, mask_to_tensor
 from defectfill.errors import DefectFillError
+from defectfill.folders import folder_lock
 from defectfill.model import (
     LORA_WEIGHTS_NAME,
     TOKEN_WEIGHTS_NAME,
@@ -355,6 +362,19 @@ def _check_output(config: TrainConfig, out: Path) -> None:
         raise DefectFillError(f"{out}: no run to resume here (no config.json).")
 
 
+def _check_checkpoint_settings(checkpoint: Path, config: TrainConfig) -> None:
+    """Refuse to resume from a checkpoint made with other settings, naming each one that differs."""
+    made_with = read_trainer_state(checkpoint).get("config")
+    if not isinstance(made_with, dict):
+        return  # made before checkpoints carried their settings
+    new = config.to_dict()
+    diff = sorted(k for k in new if k not in NON_IDENTITY_KEYS and k in made_with and made_with[k] != new[k])
+    if diff:
+        shown = ", ".join(f"{k}: {made_with[k]!r} -> {new[k]!r}" for k in diff)
+        raise DefectFillError(f"{checkpoint}: was made with other settings ({shown}). Resume with the settings it was "
+                              "made with, or start a new run in another --output.")
+
+
 def _setup_logging(out: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
         return None
@@ -436,6 +456,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    config.validate()  # also when called from Python with a hand-made config
     out = Path(config.output).expanduser()
     _check_output(config, out)
     layout = open_layout(config.data, config.layout)
@@ -472,6 +493,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
     start_step, skipped = 0, 0
     resume_from = resolve_resume(out, config.resume) if config.resume else None
     if resume_from is not None:
+        _check_checkpoint_settings(resume_from, config)  # before any tensor is copied
         tensors, state = load_checkpoint(resume_from, optimizer, lr_scheduler)
         load_trainable_tensors(models, tensors, resume_from)
         start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
@@ -484,8 +506,10 @@ def train(config: TrainConfig, pipe=None) -> Path:
     is_main = accelerator.is_main_process
     handler = None
     writer = None
+    job = ExitStack()  # the folder lock, held until training ends
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        job.enter_context(folder_lock(out, "train"))  # a second trainer on this folder is refused
         write_run_files(out, config, split)
         handler = _setup_logging(out, is_main)
         from torch.utils.tensorboard import SummaryWriter
@@ -498,7 +522,8 @@ def train(config: TrainConfig, pipe=None) -> Path:
         accelerator.wait_for_everyone()
         if is_main:
             save_checkpoint(out, step, trainable_tensors(models), optimizer.optimizer, lr_scheduler,
-                            {"skipped_steps": skipped, "defectfill_version": defectfill.__version__},
+                            {"skipped_steps": skipped, "defectfill_version": defectfill.__version__,
+                             "config": config.to_dict()},
                             lambda folder: write_weights(folder, models, config))
 
     nonfinite_in_a_row = 0
@@ -582,4 +607,5 @@ def train(config: TrainConfig, pipe=None) -> Path:
             logging.getLogger("defectfill").removeHandler(handler)
             handler.close()
         models.recorder.remove()
+        job.close()
     return out

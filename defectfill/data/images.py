@@ -24,6 +24,9 @@ def _open(path: str | Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+    except Image.DecompressionBombError as exc:  # PIL's guard against images that would exhaust memory
+        raise DefectFillError(f"{path}: image is too large to read safely ({exc}). Downscale it (e.g. to a few "
+                              "thousand pixels a side) or remove it.") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DefectFillError(f"{path}: cannot read this file as an image ({exc}). Replace or remove it.") from None
     return image

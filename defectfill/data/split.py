@@ -18,6 +18,7 @@ from defectfill.atomic import write_json
 from defectfill.data.images import load_mask
 from defectfill.data.layouts import DefectSample, Layout
 from defectfill.errors import DefectFillError
+from defectfill.folders import contained
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +71,10 @@ def read_split(path: str | Path) -> Split:
         root = Path(data["data_root"])
 
         def samples(rows: list[dict]) -> list[DefectSample]:
+            # every file stays inside the dataset root: an edited split must not point reads elsewhere
             return [
-                DefectSample(root / r["image"], root / r["mask"] if r["mask"] else None, data["defect_type"])
+                DefectSample(contained(root, r["image"], path),
+                             contained(root, r["mask"], path) if r["mask"] else None, data["defect_type"])
                 for r in rows
             ]
 

@@ -71,7 +71,9 @@ def load_lpips(
             raise DefectFillError(f"{path}: not a torchvision AlexNet state dict (found {loaded} of 10 conv tensors).")
     else:
         try:
-            with _quiet_torchvision():
+            # a random backbone is drawn from a fixed seed: the same command picks the same candidates
+            with _quiet_torchvision(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
                 model = lpips.LPIPS(net="alex", pnet_rand=not pretrained_backbone, verbose=False)
         except (OSError, RuntimeError) as exc:
             raise DefectFillError(
