@@ -9,7 +9,13 @@ from diffusers import StableDiffusionInpaintPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
-from defectfill.attention import AttentionRecorder, ExplicitAttnProcessor, decoder_cross_attention_names
+from defectfill.attention import (
+    AttentionRecorder,
+    ExplicitAttnProcessor,
+    decoder_cross_attention_names,
+    layer_grid,
+    token_attention_map,
+)
 from defectfill.errors import DefectFillError
 from defectfill.model import (
     add_lora,
@@ -178,6 +184,40 @@ def test_recorder_output_matches_sdpa_and_maps_carry_gradient():
     maps.sum().backward()
     to_k = [p.grad for n, p in pipe.unet.named_parameters() if "up_blocks" in n and "attn2.to_k.lora_B" in n]
     assert to_k and all(g is not None and g.abs().sum() > 0 for g in to_k)
+
+
+def test_every_cell_of_a_64x64_map_moves_the_attention_loss():
+    """Pins the map reduction at 512 px (latent 64, decoder maps 16, 32 and 64, loss maps 16x16): raising any one
+    cell of the 64x64 map changes L_attn. Bilinear shrinking without antialiasing read only 2 of every 4 rows and
+    columns, so 3 of 4 cells of that map took no part in the loss."""
+    from defectfill.losses import attention_loss
+
+    gen = torch.Generator().manual_seed(0)
+    maps = [torch.rand(1, s * s, generator=gen) for s in (16, 32, 64)]
+    mask = torch.zeros(1, 1, 512, 512)
+    mask[..., 100:300, 200:260] = 1
+    base = attention_loss(token_attention_map(maps, (64, 64), 16), mask)
+    n = 64 * 64
+    bumped = maps[2].expand(n, -1) + 0.5 * torch.eye(n)  # row i: cell i of the 64x64 map raised
+    out = token_attention_map([maps[0].expand(n, -1), maps[1].expand(n, -1), bumped], (64, 64), 16)
+    target = torch.nn.functional.interpolate(mask, size=(16, 16), mode="area")[:, 0]
+    per_row = ((out - target) ** 2).mean(dim=(1, 2))  # attention_loss of each row on its own
+    torch.testing.assert_close(attention_loss(out[:1], mask), per_row[0])
+    moved = (per_row - base).abs() > 1e-7
+    assert bool(moved.all()), f"{int((~moved).sum())} of {n} cells do not move L_attn"
+
+
+def test_layer_grids_of_a_non_square_latent():
+    """Maps of a non-square latent go back on their own grids (the UNet halves each side, rounding up)."""
+    assert layer_grid((60, 100), 60 * 100) == (60, 100)
+    assert layer_grid((60, 100), 30 * 50) == (30, 50)
+    assert layer_grid((60, 100), 15 * 25) == (15, 25)
+    assert layer_grid((60, 100), 8 * 13) == (8, 13)
+    maps = [torch.rand(2, 30 * 50), torch.rand(2, 15 * 25)]
+    out = token_attention_map(maps, (60, 100), (15, 25))
+    assert out.shape == (2, 15, 25) and torch.allclose(out.flatten(1).amax(1), torch.ones(2))
+    with pytest.raises(DefectFillError, match="no level"):
+        layer_grid((60, 100), 7)
 
 
 def test_token_positions_and_trainable_token_row():

@@ -141,6 +141,35 @@ def test_a_scratch_thinner_than_a_latent_cell_still_weighs_in_both_branches(mode
     assert only_defect.object > 0 and not torch.isclose(only_defect.object, everywhere.object)
 
 
+def test_attention_loss_reaches_every_recorded_layer_and_every_cell(models_and_batch, monkeypatch):
+    """Pins the gradient path of L_attn: every decoder cross-attention layer's token map gets gradient in every
+    cell of every defect row (tiny model: four maps, of 16x16 and 8x8, shrunk to 4x4). With bilinear shrinking, 3 of 4
+    cells of the 16x16 maps got none."""
+    config, models, images, masks, prompts = models_and_batch
+    config.lambda_def, config.lambda_obj, config.lambda_attn = 0.0, 0.0, 1.0
+    recorded: list[torch.Tensor] = []
+
+    class Retaining(list):
+        def append(self, m):
+            m.retain_grad()
+            recorded.append(m)
+            super().append(m)
+
+    original_start = models.recorder.start
+
+    def start(weights):
+        original_start(weights)
+        models.recorder.maps = Retaining()
+
+    monkeypatch.setattr(models.recorder, "start", start)
+    _losses_and_grads(models, config, make_micro_batch(images, masks, config, 0, 0, 0, 1), prompts)
+    assert len(recorded) == len(models.recorder.names) == 4  # two layers at 8x8, two at 16x16
+    assert sorted(m.shape[1] for m in recorded) == [64, 64, 256, 256]
+    for m in recorded:
+        assert m.grad is not None and m.shape[0] == config.batch_size
+        assert bool((m.grad != 0).all()), f"{int((m.grad == 0).sum())} of {m.grad.numel()} cells get no gradient"
+
+
 def test_attention_only_training_changes_lora(demo_root, tiny_model_dir, tmp_path):
     pipe = load_pipeline(str(tiny_model_dir))
     before = _state(pipe)
