@@ -126,6 +126,50 @@ def paste_back(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, feat
     return np.where(mask[..., None], out, source)
 
 
+# --------------------------------------------------------------------------- the model's canvas
+
+
+@dataclass
+class Canvas:
+    """Where an image is sampled: `scaled` (w, h) is the image at the model's scale, its aspect kept and its
+    longer side the run's resolution; `size` (w, h) is that rounded up to whole latent cells (padding at the
+    right and bottom, cut off again after sampling)."""
+
+    scaled: tuple[int, int]
+    size: tuple[int, int]
+
+
+def canvas_for(size: tuple[int, int], resolution: int, factor: int) -> Canvas:
+    """The canvas of an image of `size` (w, h): longer side `resolution`, aspect kept, sides padded to multiples
+    of the VAE factor. Never a stretch: the specification's square resize distorted every non-square image."""
+    w, h = size
+    scale = resolution / max(w, h)
+    sw, sh = max(1, round(w * scale)), max(1, round(h * scale))
+    return Canvas((sw, sh), (-(-sw // factor) * factor, -(-sh // factor) * factor))
+
+
+def prepare_canvas(image: Image.Image, mask: np.ndarray, resolution: int, factor: int
+                   ) -> tuple[Canvas, Image.Image, Image.Image]:
+    """The image (bicubic, edge pixels repeated into the padding) and the mask the pipeline gets on the canvas.
+
+    The mask is area-resized with any coverage counting (a thin mask never vanishes at the model's size) and
+    grown to whole latent cells: the pipeline's own nearest resize to the latent grid would otherwise keep one
+    pixel per cell, so the UNet's mask channel would say "keep" over most of a thin scratch while the masked
+    image is grey there. Grown, the mask channel covers every cell the mask touches and the masked image is grey
+    over exactly those cells: the condition training builds (`model.encode_inpaint_condition`). Paste-back
+    uses the exact pixel mask at the source's size.
+    """
+    canvas = canvas_for(image.size, resolution, factor)
+    (sw, sh), (cw, ch) = canvas.scaled, canvas.size
+    scaled = image.resize((sw, sh), Image.Resampling.BICUBIC) if image.size != (sw, sh) else image
+    padded = np.pad(np.asarray(scaled), ((0, ch - sh), (0, cw - sw), (0, 0)), mode="edge")
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
+    m = (F.interpolate(m, size=(sh, sw), mode="area") > 0).float()
+    m = F.pad(m, (0, cw - sw, 0, ch - sh))
+    cells = dilate_to_latent_cells(m, factor)[0, 0].numpy()
+    return canvas, Image.fromarray(padded), Image.fromarray(cells.astype(np.uint8) * 255, mode="L")
+
+
 # --------------------------------------------------------------------------- generator
 
 
@@ -260,23 +304,13 @@ class DefectGenerator:
         return weights
 
     @torch.no_grad()
-    def _sample(
-        self, image: Image.Image, mask: np.ndarray, seed: int
-    ) -> tuple[np.ndarray, list[int], np.ndarray | None]:
-        """-> (N, R, R, 3) uint8 at the run's resolution, the candidate seeds, and with
-        save_attention the token's cross-attention maps (N, R, R) in [0, 1] (else None)."""
-        r = self.resolution
-        image_r = image.resize((r, r), Image.Resampling.BICUBIC) if image.size != (r, r) else image
-        # area-resize, any coverage counts: a thin mask never vanishes at the model's size
-        m = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, H, W)
-        m_r = (F.interpolate(m, size=(r, r), mode="area") > 0).float()
-        # The pipeline gets the mask grown to whole latent cells: its nearest resize to the latent grid would
-        # otherwise keep one pixel per 8x8 cell, so the UNet's mask channel would say "keep" over most of a thin
-        # scratch while the masked image is grey there. Grown, the mask channel covers every cell the mask
-        # touches and the masked image is grey over exactly those cells: the condition training builds
-        # (`model.encode_inpaint_condition`). Paste-back still uses the exact pixel mask.
-        cells = dilate_to_latent_cells(m_r, vae_scale_factor(self.pipe.vae))[0, 0].numpy()
-        mask_r = Image.fromarray(cells.astype(np.uint8) * 255, mode="L")
+    def _sample(self, image: Image.Image, mask: np.ndarray, seed: int) -> tuple[np.ndarray, list[int], Canvas, np.ndarray | None]:
+        """-> (N, h, w, 3) uint8 at the model's scale (the image's aspect, `Canvas.scaled`), the candidate seeds,
+        the canvas, and with save_attention the token's cross-attention maps (N, h_lat, w_lat) in [0, 1] on the
+        canvas's latent grid (else None)."""
+        factor = vae_scale_factor(self.pipe.vae)
+        canvas, image_c, mask_c = prepare_canvas(image, mask, self.resolution, factor)
+        (sw, sh), (cw, ch) = canvas.scaled, canvas.size
         seeds = [candidate_seed(seed, i) for i in range(self.candidates)]
         gen_device = "cpu" if self.device.type == "mps" else self.device
         outputs, maps = [], []
@@ -284,8 +318,9 @@ class DefectGenerator:
         if self.save_attention:
             from defectfill.attention import AttentionRecorder
 
-            recorder = AttentionRecorder(self.pipe.unet)
-            latent = r // vae_scale_factor(self.pipe.vae)
+            # a running mean at latent size: every (layer, step) map resized to the image first held
+            # layers x steps x rows full-size maps (about 7 GiB at 512 px, 50 steps, 8 candidates)
+            recorder = AttentionRecorder(self.pipe.unet, running_hw=(ch // factor, cw // factor))
         try:
             for start in range(0, self.candidates, self.batch_size):
                 chunk = seeds[start : start + self.batch_size]
@@ -293,20 +328,19 @@ class DefectGenerator:
                 if recorder is not None:
                     recorder.start(self._token_weights(len(chunk)).to(self.device))
                 out = self.pipe(
-                    prompt=self.prompt, image=image_r, mask_image=mask_r, height=r, width=r,
+                    prompt=self.prompt, image=image_c, mask_image=mask_c, height=ch, width=cw,
                     num_images_per_prompt=len(chunk), generator=generators,
                     num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
-                ).images  # (n, R, R, 3) float in [0, 1]
-                outputs.append(np.clip(np.rint(out * 255), 0, 255).astype(np.uint8))
+                ).images  # (n, ch, cw, 3) float in [0, 1]
+                outputs.append(np.clip(np.rint(out[:, :sh, :sw] * 255), 0, 255).astype(np.uint8))
                 if recorder is not None:
                     # mean over every decoder layer and step; the conditional rows are the last n
-                    agg = recorder.aggregate((latent, latent), r)[-len(chunk) :]  # (n, R, R)
-                    maps.append(agg.float().cpu().numpy())
+                    maps.append(recorder.running_mean()[-len(chunk) :].cpu().numpy())  # (n, h_lat, w_lat)
                     recorder.stop()
         finally:
             if recorder is not None:
                 recorder.remove()
-        return np.concatenate(outputs), seeds, (np.concatenate(maps) if maps else None)
+        return np.concatenate(outputs), seeds, canvas, (np.concatenate(maps) if maps else None)
 
     def __call__(self, image: Image.Image, mask: np.ndarray, seed: int = 0) -> GenerationResult:
         """N candidates for one defect-free image and target mask (True = defect), the LFS choice among them."""
@@ -315,7 +349,7 @@ class DefectGenerator:
         if not mask.any():
             raise DefectFillError("the target mask is empty: draw the defect region in white.")
         source = np.asarray(image)  # (H, W, 3) uint8
-        raw, seeds, maps = self._sample(image, mask, seed)
+        raw, seeds, canvas, maps = self._sample(image, mask, seed)
         w, h = image.size
         resized = np.stack([
             np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) if c.shape[:2] != (h, w) else c
@@ -328,8 +362,11 @@ class DefectGenerator:
             chosen, scores = select_low_fidelity(pasted, source, mask, self.scorer)
         attention = None
         if maps is not None:
-            att = Image.fromarray(maps[chosen].astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR)
-            attention = np.clip(np.asarray(att), 0.0, 1.0)  # (H, W)
+            # one resize, latent grid -> the canvas at the source's scale, then the canvas padding cut off
+            (sw, sh), (cw, ch) = canvas.scaled, canvas.size
+            big = (max(w, round(cw * w / sw)), max(h, round(ch * h / sh)))
+            att = Image.fromarray(maps[chosen].astype(np.float32), mode="F").resize(big, Image.Resampling.BILINEAR)
+            attention = np.clip(np.asarray(att)[:h, :w], 0.0, 1.0)  # (H, W)
         return GenerationResult(
             image=Image.fromarray(pasted[chosen]), mask=mask, candidates=[Image.fromarray(c) for c in pasted],
             scores=scores, chosen=chosen, attention=attention, seeds=seeds,

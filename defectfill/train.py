@@ -412,12 +412,20 @@ def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -
 
 @torch.no_grad()
 def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, autocast=nullcontext) -> Image.Image:
-    """Inpaint the first reference image inside a held-out (or its own) mask; [source | mask | sample] strip."""
+    """Inpaint the first reference image inside a held-out (or its own) mask; [source | mask | sample] strip.
+
+    The image is prepared as generation prepares it (`sampler.prepare_canvas`: its own aspect, the mask grown to
+    whole latent cells)."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
-    source = load_rgb(split.reference[0].image).resize((config.resolution,) * 2)
+    from defectfill.masks import fit_mask
+    from defectfill.model import vae_scale_factor
+    from defectfill.sampler import prepare_canvas
+
+    source = load_rgb(split.reference[0].image)
     mask_sample = (split.held_out or split.reference)[0]
-    mask = Image.fromarray(load_mask(mask_sample.mask).astype(np.uint8) * 255).resize((config.resolution,) * 2)
+    canvas, source, mask = prepare_canvas(source, fit_mask(load_mask(mask_sample.mask), source.size),
+                                          config.resolution, vae_scale_factor(models.vae))
     pipe = StableDiffusionInpaintPipeline(
         vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
         scheduler=DDIMScheduler.from_config(models.noise_scheduler.config), safety_checker=None,
@@ -431,15 +439,16 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
     models.text_encoder.eval()
     try:
         with autocast():  # the training step's own precision
-            result = pipe(prompt=prompt, image=source, mask_image=mask, height=config.resolution,
-                          width=config.resolution, num_inference_steps=config.sample_steps,
+            result = pipe(prompt=prompt, image=source, mask_image=mask, height=canvas.size[1],
+                          width=canvas.size[0], num_inference_steps=config.sample_steps,
                           generator=torch.Generator().manual_seed(config.seed)).images[0]
     finally:
         models.unet.train(was_training)
         models.text_encoder.train(was_training)
-    strip = Image.new("RGB", (config.resolution * 3, config.resolution))
+    w, h = canvas.scaled  # the canvas's padding cut off
+    strip = Image.new("RGB", (w * 3, h))
     for i, im in enumerate((source, mask.convert("RGB"), result)):
-        strip.paste(im, (i * config.resolution, 0))
+        strip.paste(im.crop((0, 0, w, h)), (i * w, 0))
     return strip
 
 

@@ -187,6 +187,101 @@ def test_source_size_differs_from_resolution(generator):
     assert np.array_equal(np.asarray(result.image)[~mask], np.asarray(image)[~mask])
 
 
+def test_non_square_image_is_sampled_at_its_own_aspect_never_stretched(generator, monkeypatch):
+    """Pins generation's size: the image keeps its aspect, its longer side at the run's resolution, sides padded to
+    whole latent cells (4 px in the tiny model) and cut off again; the square resize stretched a 96x48 image to
+    64x64. The output is the source's size and equals it outside the mask."""
+    calls = []
+    original = generator.pipe.__class__.__call__
+
+    def spy(self, *a, **k):
+        calls.append((k["image"].size, k["mask_image"].size, k["width"], k["height"]))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(generator.pipe.__class__, "__call__", spy)
+    rng = np.random.default_rng(0)
+    for (w, h), scaled, canvas in [((96, 48), (64, 32), (64, 32)), ((48, 80), (38, 64), (40, 64))]:
+        calls.clear()
+        image = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        mask = np.zeros((h, w), bool)
+        mask[h // 4 : h // 2, w // 4 : w // 2] = True
+        result = generator(image, mask, seed=0)
+        assert calls == [(canvas, canvas, *canvas)]
+        assert abs(scaled[0] / scaled[1] - w / h) < 0.02  # the aspect kept to a pixel
+        assert result.image.size == (w, h)
+        assert np.array_equal(np.asarray(result.image)[~mask], np.asarray(image)[~mask])
+    from defectfill.sampler import canvas_for
+
+    assert canvas_for((800, 600), 512, 8).scaled == (512, 384) and canvas_for((800, 600), 512, 8).size == (512, 384)
+    assert canvas_for((1000, 333), 512, 8).scaled == (512, 170) and canvas_for((1000, 333), 512, 8).size == (512, 176)
+    assert canvas_for((512, 512), 512, 8).size == (512, 512)
+
+
+def test_ddim_settings_and_guidance_are_applied(generator, run_dir, demo_root, monkeypatch):
+    """Pins what generation runs: DDIM built from the base model's scheduler config, exactly `steps` UNet calls at
+    DDIM's timesteps, the UNet batch [unconditional, conditional] under guidance, and the scheduler stepped with
+    uncond + guidance * (cond - uncond). (The old test only checked the scheduler's type.)"""
+    from diffusers import DDIMScheduler
+
+    from defectfill.model import load_pipeline
+    from defectfill.run_folder import read_trained_run
+
+    pipe = generator.pipe
+    base = load_pipeline(read_trained_run(run_dir).model).scheduler.config
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type"):
+        assert pipe.scheduler.config[key] == base[key], key
+    unet_calls, steps_taken = [], []
+    unet_forward, scheduler_step = pipe.unet.forward, pipe.scheduler.step
+
+    def unet_spy(sample, t, *a, **k):
+        out = unet_forward(sample, t, *a, **k)
+        pred = out[0] if isinstance(out, tuple) else out.sample  # the pipeline asks for a tuple
+        unet_calls.append((sample.shape[0], float(t), pred.detach().clone()))
+        return out
+
+    def step_spy(model_output, t, *a, **k):
+        steps_taken.append(model_output.detach().clone())
+        return scheduler_step(model_output, t, *a, **k)
+
+    monkeypatch.setattr(pipe.unet, "forward", unet_spy)
+    monkeypatch.setattr(pipe.scheduler, "step", step_spy)
+    for guidance in (7.5, 3.0):
+        unet_calls.clear()
+        steps_taken.clear()
+        monkeypatch.setattr(generator, "guidance", guidance)
+        generator(_good(demo_root), _box_mask(), seed=4)
+        assert len(unet_calls) == generator.steps == 2 and len(pipe.scheduler.timesteps) == 2
+        assert [t for _, t, _ in unet_calls] == [float(t) for t in pipe.scheduler.timesteps]
+        for (rows, _, out), taken in zip(unet_calls, steps_taken, strict=True):
+            assert rows == 2 * generator.candidates
+            uncond, cond = out.chunk(2)
+            torch.testing.assert_close(taken, uncond + guidance * (cond - uncond))
+
+
+def test_save_attention_keeps_a_running_mean_at_latent_size(run_dir, demo_root, monkeypatch):
+    """Pins --save-attention's memory: the recorder holds one latent-size map per UNet row however many layers
+    and steps run (before, it kept every (layer, step) map and resized each to the image)."""
+    from defectfill.attention import AttentionRecorder
+
+    held = []
+    original = AttentionRecorder._record
+
+    def measure(self, probs):
+        original(self, probs)
+        running = self._sum.numel() if getattr(self, "_sum", None) is not None else 0
+        held.append(sum(m.numel() for m in self.maps) + running)
+
+    monkeypatch.setattr(AttentionRecorder, "_record", measure)
+    gen = DefectGenerator.from_run(run_dir, steps=3, candidates=2, scorer=FixedScorer([0.0, 1.0]),
+                                   save_attention=True)
+    result = gen(_good(demo_root), _box_mask(), seed=3)
+    rows, latent = 2 * 2, 16 * 16  # [uncond 2, cond 2] rows, the 16x16 latent grid
+    assert len(held) == 3 * 4  # 3 steps x 4 decoder cross-attention layers
+    assert max(held) == rows * latent
+    assert result.attention.shape == (64, 64) and result.attention.max() == pytest.approx(1, abs=0.05)
+
+
 def test_feather_stays_inside_mask(demo_root):
     mask = _box_mask()
     alpha = feather_alpha(mask, 3)
