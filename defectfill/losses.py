@@ -29,9 +29,15 @@ def defect_loss(eps: torch.Tensor, eps_hat: torch.Tensor, defect_mask: torch.Ten
     return masked_mse(eps, eps_hat, defect_mask)
 
 
-def object_loss(eps: torch.Tensor, eps_hat: torch.Tensor, defect_mask: torch.Tensor, alpha: float) -> torch.Tensor:
-    """L_obj: error weighted by M' = M + alpha * (1 - M) over the whole image (M: the real defect mask)."""
-    return masked_mse(eps, eps_hat, defect_mask + alpha * (1.0 - defect_mask))
+def object_loss(eps: torch.Tensor, eps_hat: torch.Tensor, defect_mask: torch.Tensor, alpha: float,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+    """L_obj: error weighted by M' = M + alpha * (1 - M) over the whole image (M: the real defect mask).
+
+    `valid` (B, 1, h, w), 0 on letterbox padding (a non-square reference in its training square): the
+    padding is no part of the image, so its weight is 0 there (M' = M + alpha * (1 - M) * valid).
+    """
+    rest = 1.0 - defect_mask if valid is None else (1.0 - defect_mask) * valid
+    return masked_mse(eps, eps_hat, defect_mask + alpha * rest)
 
 
 def attention_loss(attention_maps: torch.Tensor, defect_mask: torch.Tensor) -> torch.Tensor:

@@ -111,6 +111,9 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
                                            config.attn_size or max(1, lh // 4))
     m_lat = conds[0][0].float()
     l_def = L.defect_loss(target, preds[0], m_lat)
-    l_obj = L.object_loss(target, preds[1], m_lat, config.alpha)
+    valid = None
+    if batch.valid is not None:  # latent cells wholly on the image (letterbox padding weighs 0 in L_obj)
+        valid = 1.0 - latent_cell_mask(1.0 - batch.valid.to(device).float(), vae_scale_factor(vae))
+    l_obj = L.object_loss(target, preds[1], m_lat, config.alpha, valid)
     l_attn = L.attention_loss(maps, batch.masks.to(device)) if maps is not None else torch.zeros((), device=device)
     return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)

@@ -23,7 +23,7 @@ import warnings
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from defectfill.checkpoint import (
 from defectfill.config import NON_IDENTITY_KEYS, TrainConfig
 from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
-from defectfill.data.images import image_to_tensor, mask_to_tensor
+from defectfill.data.images import letterbox
 from defectfill.errors import DefectFillError
 from defectfill.folders import folder_lock
 from defectfill.model import (
@@ -54,10 +54,12 @@ from defectfill.model import (
     add_lora,
     add_trainable_token,
     encode_inpaint_condition,
+    latent_cell_mask,
     load_pipeline,
     save_lora_weights,
     token_positions,
     unet_input,
+    vae_scale_factor,
 )
 from defectfill.run_folder import RUN_FILES, read_recorded_config, write_run_files
 from defectfill.settings import precision_dtype, resolve_precision
@@ -156,13 +158,28 @@ def load_trainable_tensors(models: TrainingModels, tensors: dict[str, torch.Tens
 # --------------------------------------------------------------------------- data
 
 
-def load_references(split: Split, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference images (N,3,R,R) in [-1,1] and masks (N,1,R,R) in {0,1}, resized to the training side."""
-    images, masks = [], []
+class References(NamedTuple):
+    images: torch.Tensor  # (N, 3, R, R) in [-1, 1]
+    masks: torch.Tensor  # (N, 1, R, R) in {0, 1}
+    valid: torch.Tensor  # (N, 1, R, R): 1 on the image, 0 on letterbox padding
+
+
+def load_references(split: Split, resolution: int) -> References:
+    """Reference images, masks and valid regions, letterboxed into `resolution` squares (`letterbox`).
+
+    A non-square image is scaled, aspect kept, so its longer side is the training side, and padded (black);
+    the specification resized it to the square, which distorted defect shapes. The padding is left out of
+    the object loss (`defectfill_losses`) and of the object branch's boxes. Longer side at the training side
+    is the scale generation samples at (`sampler.canvas_for`), so a defect is learnt at the size it is
+    painted. A square image is only resized, as before.
+    """
+    images, masks, valid = [], [], []
     for sample in split.reference:
-        images.append(image_to_tensor(load_rgb(sample.image), resolution))
-        masks.append(mask_to_tensor(load_mask(sample.mask), resolution))
-    return torch.stack(images), torch.stack(masks)
+        image, mask, inside = letterbox(load_rgb(sample.image), load_mask(sample.mask), resolution)
+        images.append(image)
+        masks.append(mask)
+        valid.append(inside)
+    return References(torch.stack(images), torch.stack(masks), torch.stack(valid))
 
 
 def _seed_for(*parts: int) -> int:
@@ -190,21 +207,41 @@ class MicroBatch:
     masks: torch.Tensor  # (B, 1, R, R) real defect masks, {0, 1}
     box_masks: torch.Tensor  # (B, 1, R, R) object-branch inpaint masks, {0, 1}
     generator: torch.Generator  # for VAE sampling, noise and timesteps of this micro-batch
+    valid: torch.Tensor | None = None  # (B, 1, R, R): 0 on letterbox padding; None: all image
+
+
+def _boxes_inside(valid: torch.Tensor, gen: torch.Generator, config: TrainConfig) -> torch.Tensor:
+    """The object branch's box mask drawn inside the bounding box of the valid (non-padding) region."""
+    ys, xs = torch.nonzero(valid[0] > 0.5, as_tuple=True)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    boxes = torch.zeros_like(valid)
+    boxes[:, y0:y1, x0:x1] = random_box_mask(y1 - y0, x1 - x0, gen, config.num_boxes, config.box_min, config.box_max)
+    return boxes
 
 
 def make_micro_batch(
-    ref_images: torch.Tensor, ref_masks: torch.Tensor, config: TrainConfig, step: int, micro: int, rank: int, world: int
+    ref_images: torch.Tensor, ref_masks: torch.Tensor, config: TrainConfig, step: int, micro: int, rank: int, world: int,
+    ref_valid: torch.Tensor | None = None,
 ) -> MicroBatch:
+    """B augmented references with their box masks; `ref_valid` (letterbox padding) follows the same crop."""
     gen = micro_batch_generator(config.seed, step, micro, rank)
     b = config.batch_size
     start = ((step * config.grad_accum + micro) * world + rank) * b
-    images, masks, boxes = [], [], []
+    images, masks, boxes, valid = [], [], [], []
     for i in reference_indices(len(ref_images), start, b, config.seed):
-        image, mask = resize_crop_keep_defect(ref_images[i], ref_masks[i], gen, config.max_scale)
+        # the valid region rides along as a second mask channel: one crop for image, defect and padding
+        stacked = ref_masks[i] if ref_valid is None else torch.cat([ref_masks[i], ref_valid[i]])
+        image, stacked = resize_crop_keep_defect(ref_images[i], stacked, gen, config.max_scale)
         images.append(image)
-        masks.append(mask)
-        boxes.append(random_box_mask(image.shape[1], image.shape[2], gen, config.num_boxes, config.box_min, config.box_max))
-    return MicroBatch(torch.stack(images), torch.stack(masks), torch.stack(boxes), gen)
+        masks.append(stacked[:1])
+        if ref_valid is None:
+            boxes.append(random_box_mask(image.shape[1], image.shape[2], gen, config.num_boxes, config.box_min,
+                                         config.box_max))
+        else:
+            valid.append(stacked[1:])
+            boxes.append(_boxes_inside(valid[-1], gen, config))
+    return MicroBatch(torch.stack(images), torch.stack(masks), torch.stack(boxes), gen,
+                      torch.stack(valid) if valid else None)
 
 
 # --------------------------------------------------------------------------- the step
@@ -225,6 +262,13 @@ def prompt_inputs(tokenizer, config: TrainConfig) -> PromptInputs:
     weights = torch.zeros(1, ids.shape[1])
     weights[0, positions] = 1.0 / len(positions)
     return PromptInputs(ids, weights)
+
+
+def valid_cells(valid: torch.Tensor | None, vae: nn.Module, device: torch.device) -> torch.Tensor | None:
+    """(B,1,R,R) valid region -> (B,1,h,w): 1 on latent cells wholly on the image, 0 where padding touches."""
+    if valid is None:
+        return None
+    return 1.0 - latent_cell_mask(1.0 - valid.to(device).float(), vae_scale_factor(vae))
 
 
 def defectfill_losses(
@@ -272,7 +316,7 @@ def defectfill_losses(
     # inpaint; so a scratch thinner than a cell still weighs in L_def and in M' of L_obj
     m_lat = mask_latents[:b].float()
     l_def = L.defect_loss(target, pred[:b], m_lat)
-    l_obj = L.object_loss(target, pred[b:], m_lat, config.alpha)
+    l_obj = L.object_loss(target, pred[b:], m_lat, config.alpha, valid_cells(batch.valid, vae, device))
     l_attn = L.attention_loss(maps, masks) if record else torch.zeros((), device=device)
     return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)
 
@@ -419,7 +463,6 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     from defectfill.masks import fit_mask
-    from defectfill.model import vae_scale_factor
     from defectfill.sampler import prepare_canvas
 
     source = load_rgb(split.reference[0].image)
@@ -471,7 +514,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
     layout = open_layout(config.data, config.layout)
     layout.check_defect_type(config.category, config.defect_type)
     split = make_split(layout, config.category, config.defect_type)
-    ref_images, ref_masks = load_references(split, config.resolution)
+    ref_images, ref_masks, ref_valid = load_references(split, config.resolution)
 
     # Several runs in one process (tests, `defectfill run`) may differ in precision; accelerate keeps
     # one global state, so forget the last run's (the distributed setup, PartialState, is kept).
@@ -545,7 +588,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
             step_sums = {k: torch.zeros((), device=device) for k in sums}
             for micro in range(config.grad_accum):
                 batch = make_micro_batch(ref_images, ref_masks, config, step, micro,
-                                         accelerator.process_index, accelerator.num_processes)
+                                         accelerator.process_index, accelerator.num_processes, ref_valid)
                 sync = micro == config.grad_accum - 1
                 with ExitStack() as no_sync:
                     if not sync:  # accumulate locally; gradients are all-reduced on the last micro-batch only

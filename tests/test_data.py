@@ -168,3 +168,60 @@ def test_box_mask_is_a_union_of_boxes_in_range():
 
 def test_object_name():
     assert object_name("metal_nut") == "metal nut"
+
+
+def _wide_dataset(root, size=(96, 48)):
+    """An MVTec-layout category 'plate' with three 96x48 'scratch' images: a diagonal gradient and a 1 px line."""
+    w, h = size
+    for sub in ("train/good", "test/scratch", "ground_truth/scratch"):
+        (root / "plate" / sub).mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(3):
+        arr = np.stack([xx * 255 // (w - 1), yy * 255 // (h - 1), np.full_like(xx, 40 * i)], -1).astype(np.uint8)
+        Image.fromarray(arr).save(root / "plate" / "test" / "scratch" / f"{i:03d}.png")
+        Image.fromarray(arr).save(root / "plate" / "train" / "good" / f"{i:03d}.png")
+        mask = np.zeros((h, w), np.uint8)
+        mask[10:40, 31] = 255  # a 1 px scratch: 2/3 px wide at the training scale
+        Image.fromarray(mask).save(root / "plate" / "ground_truth" / "scratch" / f"{i:03d}_mask.png")
+    return root
+
+
+def test_non_square_references_are_letterboxed_not_stretched(tmp_path):
+    """Pins training's aspect: a 96x48 reference goes into its 64 px square scaled by 2/3 (64x32, centred, the
+    rows above and below black padding marked invalid), not stretched to 64x64; its 1 px scratch survives the
+    shrink (any coverage counts)."""
+    from defectfill.train import load_references
+
+    root = _wide_dataset(tmp_path / "data")
+    images, masks, valid = load_references(make_split(open_layout(root), "plate", "scratch"), 64)
+    assert images.shape == (1, 3, 64, 64) and masks.shape == valid.shape == (1, 1, 64, 64)
+    assert valid[0, 0, 16:48].all() and not valid[0, 0, :16].any() and not valid[0, 0, 48:].any()
+    assert (images[0, :, :16] == -1).all() and (images[0, :, 48:] == -1).all()
+    source = load_rgb(root / "plate" / "test" / "scratch" / "000.png").resize((64, 32), Image.Resampling.BICUBIC)
+    expected = torch.from_numpy(np.asarray(source, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    torch.testing.assert_close(images[0, :, 16:48], expected)  # the aspect-kept resize, nothing stretched
+    ys, xs = torch.nonzero(masks[0, 0], as_tuple=True)
+    assert ys.min() >= 16 and ys.max() < 48 and set(xs.tolist()) <= {20, 21} and len(ys) >= 20
+
+
+def test_box_masks_stay_on_the_image_and_padding_follows_the_crop(tmp_path):
+    """The object branch's boxes are drawn inside the letterboxed image, and the valid region goes through the
+    same enlargement and crop as image and mask; a square reference draws exactly the boxes it drew before."""
+    from defectfill.config import TrainConfig
+    from defectfill.train import load_references, make_micro_batch
+
+    root = _wide_dataset(tmp_path / "data")
+    images, masks, valid = load_references(make_split(open_layout(root), "plate", "scratch"), 64)
+    config = TrainConfig(data=str(root), category="plate", defect_type="scratch", output=str(tmp_path / "run"),
+                         resolution=64, batch_size=2)
+    for step in range(5):
+        batch = make_micro_batch(images, masks, config, step, 0, 0, 1, valid)
+        assert batch.valid is not None and batch.valid.shape == (2, 1, 64, 64)
+        assert batch.box_masks.sum() > 0 and (batch.box_masks * (1 - batch.valid)).sum() == 0
+        assert (batch.masks * (1 - batch.valid)).sum() == 0 and batch.masks.sum() > 0
+        padding = (batch.valid[:, 0] == 0)[:, None].expand(-1, 3, -1, -1)  # black, up to the resize's blend at the edge
+        assert padding.any() and batch.images[padding].mean() < -0.95
+    square = torch.ones(1, 1, 64, 64)
+    with_valid = make_micro_batch(images, masks, config, 3, 0, 0, 1, square)
+    without = make_micro_batch(images, masks, config, 3, 0, 0, 1)
+    assert torch.equal(with_valid.box_masks, without.box_masks) and torch.equal(with_valid.images, without.images)

@@ -37,7 +37,7 @@ def setup(demo_root, tmp_path_factory):
             for n, p in module.named_parameters():
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    images, masks = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
+    images, masks, _ = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
     return config, models, images, masks, prompt_inputs(models.tokenizer, config)
 
 
@@ -63,6 +63,34 @@ def test_fast_path_gives_the_reference_losses_and_gradients(setup, step):
     assert any(n.startswith("text_encoder.") for n in fast_grads) and any(n.startswith("unet.") for n in fast_grads)
     for name in fast_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fast_path_equals_the_reference_on_letterboxed_references(setup):
+    """Both steps leave letterbox padding out of L_obj alike: references with 12 padding rows above and below (as
+    a 64x40 image letterboxed into 64 px) give the same losses and gradients in both, and differ from the
+    same pixels read as image."""
+    config, models, images, masks, prompts = setup
+    valid = torch.zeros(len(images), 1, 64, 64)
+    valid[:, :, 12:52] = 1
+    images, masks = torch.where(valid > 0, images, -1.0), masks * valid
+    assert masks.flatten(1).sum(1).min() > 0
+    cpu = torch.device("cpu")
+    fast = defectfill_losses(models, make_micro_batch(images, masks, config, 1, 0, 0, 1, valid), prompts, config, cpu)
+    fast.total.backward()
+    fast_grads = _grads(models)
+    with AttentionStore(models.unet) as store:
+        slow = naive_losses(models, make_micro_batch(images, masks, config, 1, 0, 0, 1, valid), prompts, config, cpu,
+                            store)
+        slow.total.backward()
+    slow_grads = _grads(models)
+    for name in TERMS:
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-6)
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        as_image = defectfill_losses(models, make_micro_batch(images, masks, config, 1, 0, 0, 1, torch.ones_like(valid)),
+                                     prompts, config, cpu)
+    assert not torch.isclose(as_image.object, fast.object)
 
 
 def test_attention_loss_alone_matches_the_reference(setup):

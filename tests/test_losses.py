@@ -59,3 +59,17 @@ def test_combine_uses_the_weights():
 def test_empty_latent_mask_gives_zero_not_nan():
     eps, pred, _ = _setup()
     assert defect_loss(eps, pred, torch.zeros(2, 1, 8, 8)) == 0
+
+
+def test_object_loss_gives_letterbox_padding_no_weight():
+    """Pins L_obj on a letterboxed reference: cells on the padding (valid 0) weigh nothing, the defect still counts."""
+    eps, pred, mask = _setup()
+    valid = torch.ones(2, 1, 8, 8)
+    valid[:, :, 6:] = 0  # two padding rows
+    changed = pred.clone()
+    changed[:, :, 6:] += 10.0
+    assert torch.equal(object_loss(eps, pred, mask, 0.3, valid), object_loss(eps, changed, mask, 0.3, valid))
+    assert object_loss(eps, pred, mask, 0.3, torch.ones_like(valid)) == object_loss(eps, pred, mask, 0.3)
+    w = mask + 0.3 * (1 - mask) * valid
+    expected = torch.stack([(w[i] * (eps[i] - pred[i]) ** 2).sum() / (4 * w[i].sum()) for i in range(2)]).mean()
+    torch.testing.assert_close(object_loss(eps, pred, mask, 0.3, valid), expected)

@@ -99,7 +99,7 @@ def models_and_batch(demo_root, tiny_model_dir, tmp_path):
             for n, p in module.named_parameters():
                 if "lora_B" in n:
                     p.normal_(0, 0.05)
-    images, masks = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
+    images, masks, _ = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
     return config, models, images, masks, prompt_inputs(models.tokenizer, config)
 
 

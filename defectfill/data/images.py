@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from defectfill.errors import DefectFillError
@@ -89,10 +90,34 @@ def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def mask_to_tensor(mask: np.ndarray, size: int) -> torch.Tensor:
-    """Boolean HxW -> (1, size, size) float in {0, 1} (area-resized, binarised at 0.5)."""
+def letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(w, h, x0, y0): an image of width x height scaled, aspect kept, so its longer side is `size`, and
+    where it sits centred in a size x size square."""
+    scale = size / max(width, height)
+    w, h = max(1, round(width * scale)), max(1, round(height * scale))
+    return w, h, (size - w) // 2, (size - h) // 2
 
-    m = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
-    if m.size != (size, size):
-        m = m.resize((size, size), Image.Resampling.BILINEAR)
-    return torch.from_numpy((np.asarray(m) >= 128).astype(np.float32))[None]
+
+def letterbox(image: Image.Image, mask: np.ndarray | None, size: int, fill: float = -1.0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An image (and its mask) in a size x size square without distortion.
+
+    The image is scaled (bicubic) so its longer side is `size`, centred, and the rest padded with `fill`
+    (in [-1, 1]; -1 is black). The mask is area-resized to the same scale with any coverage counting, so a
+    thin defect never vanishes, and padded with 0. Returns the image (3, S, S) in [-1, 1], the mask
+    (1, S, S) in {0, 1} (zeros when `mask` is None) and `valid` (1, S, S): 1 on the image, 0 on the padding.
+    A square image is only resized: `valid` is all ones.
+    """
+    w, h, x0, y0 = letterbox_box(*image.size, size)
+    scaled = image.resize((w, h), Image.Resampling.BICUBIC) if image.size != (w, h) else image
+    out = torch.full((3, size, size), float(fill))
+    out[:, y0:y0 + h, x0:x0 + w] = torch.from_numpy(np.asarray(scaled, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    out_mask = torch.zeros(1, size, size)
+    if mask is not None:
+        m = torch.from_numpy(mask.astype(np.float32))[None, None]
+        if m.shape[-2:] != (h, w):
+            m = (F.interpolate(m, size=(h, w), mode="area") > 0).float()
+        out_mask[:, y0:y0 + h, x0:x0 + w] = m[0]
+    valid = torch.zeros(1, size, size)
+    valid[:, y0:y0 + h, x0:x0 + w] = 1.0
+    return out, out_mask, valid
