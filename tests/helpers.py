@@ -1,4 +1,4 @@
-"""Small helpers shared by the trainer tests."""
+"""Small helpers shared by the tests: tiny training settings, stand-in networks, a written run folder."""
 
 from __future__ import annotations
 
@@ -35,3 +35,25 @@ class TinyClassifier(nn.Module):
 
     def forward(self, x):
         return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
+
+
+def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
+    """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
+    from defectfill.data import make_split, open_layout
+    from defectfill.model import add_lora, load_pipeline, save_lora_weights
+    from defectfill.run_folder import write_run_files
+
+    run.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(str(model_dir))
+    add_lora(pipe.unet, pipe.text_encoder, rank=4)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.text_encoder):
+            for name, p in module.named_parameters():
+                if "lora_B" in name:  # B starts at zero: make the LoRA change the model
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    save_lora_weights(run, pipe.unet, pipe.text_encoder)
+    config = TrainConfig(data=str(data_root), category="disc", defect_type=defect_type, output=str(run),
+                         model=str(model_dir), resolution=64, seed=seed)
+    write_run_files(run, config, make_split(open_layout(data_root), "disc", defect_type))
+    return run

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import write_run
 from PIL import Image
 
 from defectfill.config import GenerateConfig
@@ -20,31 +21,9 @@ from defectfill.masks import estimate_foreground
 from defectfill.sampler import DefectGenerator, LPIPSScorer, feather_alpha, paste_back, select_low_fidelity
 
 
-def _write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
-    """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
-    from defectfill.config import TrainConfig
-    from defectfill.model import add_lora, load_pipeline, save_lora_weights
-    from defectfill.run_folder import write_run_files
-
-    run.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(str(model_dir))
-    add_lora(pipe.unet, pipe.text_encoder, rank=4)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in (pipe.unet, pipe.text_encoder):
-            for name, p in module.named_parameters():
-                if "lora_B" in name:  # B starts at zero: make the LoRA change the model
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_lora_weights(run, pipe.unet, pipe.text_encoder)
-    config = TrainConfig(data=str(data_root), category="disc", defect_type=defect_type, output=str(run),
-                         model=str(model_dir), resolution=64, seed=seed)
-    write_run_files(run, config, make_split(open_layout(data_root), "disc", defect_type))
-    return run
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, demo_root):
-    return _write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
+    return write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
 
 
 @pytest.fixture(scope="module")
@@ -533,7 +512,7 @@ def test_plan_items_pairs_vary_and_are_deterministic(tmp_path):
 def test_refuses_other_runs_output_unless_told(run_dir, tiny_model_dir, demo_root, tmp_path):
     out = tmp_path / "out"
     run_generate(_args(run_dir, out, "--count", "1", "--candidates", "1"))
-    other = _write_run(tmp_path / "other", tiny_model_dir, demo_root, seed=1)
+    other = write_run(tmp_path / "other", tiny_model_dir, demo_root, seed=1)
     with pytest.raises(DefectFillError, match="another run.*--resume.*--overwrite"):
         run_generate(_args(other, out, "--count", "2", "--candidates", "1"))
     assert [r["index"] for r in _manifest(out)] == [0]  # nothing written was lost

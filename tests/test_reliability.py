@@ -1,0 +1,311 @@
+"""Reliability and safety: a job touches only its own folder, refuses what it cannot do cleanly, one writer at a time."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import abs_distance, tiny_config, write_run
+from PIL import Image
+
+from defectfill.cli import main
+from defectfill.config import EvaluateConfig, GenerateConfig, RunConfig
+from defectfill.errors import DefectFillError
+from defectfill.folders import folder_lock
+from defectfill.generate import run_generate
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir, demo_root):
+    return write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
+
+
+def _generate(run, out, *extra) -> GenerateConfig:
+    parser = argparse.ArgumentParser()
+    GenerateConfig.add_arguments(parser)
+    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", "1", *extra])
+    return GenerateConfig.from_args(args)
+
+
+def _run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+# --------------------------------------------------------------------------- files outside the job's folder
+
+
+@pytest.mark.parametrize("escape", ["../victim.png", "ABSOLUTE"])
+def test_overwrite_never_deletes_what_an_edited_manifest_names_outside_the_folder(run_dir, tmp_path, escape):
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "1"))
+    victim = tmp_path / "victim.png"
+    victim.write_text("precious")
+    manifest = out / "manifest.jsonl"
+    row = json.loads(manifest.read_text().splitlines()[0])
+    row["image"] = str(victim) if escape == "ABSOLUTE" else escape
+    manifest.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DefectFillError, match="outside"):
+        run_generate(_generate(run_dir, out, "--count", "1", "--overwrite"))
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize("field, value", [("category", "../escape"), ("defect_type", "../../escape"),
+                                          ("category", "ABSOLUTE")])
+def test_a_run_config_naming_paths_cannot_make_generate_write_outside(run_dir, tmp_path, field, value):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config[field] = str(tmp_path / "abs") if value == "ABSOLUTE" else value
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DefectFillError, match=r"config.json.*must be one plain name"):
+        run_generate(_generate(run, tmp_path / "out", "--count", "1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_edited_split_cannot_point_reads_outside_the_dataset(run_dir, tmp_path):
+    from defectfill.data import read_split
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    split = json.loads((run / "split.json").read_text())
+    split["held_out"][0]["mask"] = "../../../../etc/hostname"
+    (run / "split.json").write_text(json.dumps(split))
+    with pytest.raises(DefectFillError, match="split.json.*outside"):
+        read_split(run / "split.json")
+
+
+def _foreign(folder):
+    folder.mkdir(parents=True)
+    for name in ("report.html", "summary.json", "metrics.json"):
+        (folder / name).write_text("precious")
+    (folder / "synth" / "disc" / "test" / "scratch").mkdir(parents=True)
+    (folder / "synth" / "disc" / "test" / "scratch" / "000.png").write_text("precious")
+    return folder
+
+
+def _intact(folder):
+    assert all((folder / n).read_text() == "precious" for n in ("report.html", "summary.json", "metrics.json"))
+    assert (folder / "synth" / "disc" / "test" / "scratch" / "000.png").read_text() == "precious"
+
+
+def test_run_evaluate_and_demo_refuse_a_foreign_folder(demo_root, tmp_path, capsys):
+    from defectfill.runner import run_all
+
+    foreign = _foreign(tmp_path / "mine")
+    with pytest.raises(DefectFillError, match="not empty and was not written by `defectfill run`"):
+        run_all(RunConfig.from_settings({"data": str(demo_root), "output": str(foreign), "category": "disc"}))
+    with pytest.raises(DefectFillError, match="not written by `defectfill evaluate`"):
+        from defectfill.evaluate import evaluate
+
+        evaluate(EvaluateConfig.from_settings({"generated": str(demo_root), "output": str(foreign),
+                                               "data": str(demo_root), "category": "disc"}))
+    code, err = _run_cli(capsys, "demo", "--output", foreign, "--size", "test")
+    assert code == 2 and "not written by `defectfill demo`" in err
+    _intact(foreign)
+    # a folder another command wrote is refused too (the marker names its owner)
+    code, _ = _run_cli(capsys, "make-demo-data", tmp_path / "data")
+    assert code == 0
+    code, err = _run_cli(capsys, "demo", "--output", tmp_path / "data", "--size", "test")
+    assert code == 2 and "holds the output of `defectfill make-demo-data`" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "make-demo-data"])
+def test_an_output_that_is_a_file_gives_a_message(command, run_dir, demo_root, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("precious")
+    argv = {
+        "generate": ["generate", "--run", run_dir, "--output", target, "--count", "1", "--candidates", "1"],
+        "evaluate": ["evaluate", "--generated", demo_root, "--output", target, "--data", demo_root,
+                     "--category", "disc"],
+        "make-demo-data": ["make-demo-data", target],
+    }[command]
+    code, err = _run_cli(capsys, *argv)
+    assert code == 2 and "is a file, not a folder" in err
+    assert target.read_text() == "precious"
+
+
+# --------------------------------------------------------------------------- bad settings and damaged state
+
+
+@pytest.fixture
+def train_argv(demo_root, tiny_model_dir, tmp_path):
+    return ["train", "--data", demo_root, "--category", "disc", "--defect-type", "scratch", "--output",
+            tmp_path / "run", "--model", tiny_model_dir, "--resolution", "64", "--steps", "2", "--batch-size", "1",
+            "--warmup-steps", "1", "--save-every", "1", "--sample-every", "0"]
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--lr-unet", "nan"], "lr_unet: expected a finite number"),
+    (["--lr-text", "inf"], "lr_text: expected a finite number"),
+    (["--lr-unet=-1e-4"], "--lr-unet and --lr-text must be 0 or more"),
+    (["--object-prompt", "A {object with {token}"], "--object-prompt"),
+    (["--defect-prompt", "A {color} photo of {token}"], "--defect-prompt.*'color'"),
+    (["--token", ""], "--token must not be empty"),
+    (["--new-token", ""], "--new-token must not be empty"),
+    (["--category", "../disc"], "--category '../disc' must be one plain name"),
+])
+def test_bad_training_settings_are_refused_before_anything_is_written(capsys, train_argv, tmp_path, extra, pattern):
+    code, err = _run_cli(capsys, *train_argv, *extra)
+    assert code == 2 and __import__("re").search(pattern, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_existing_word_as_new_token_gets_a_clear_message():
+    from defectfill.model import add_trainable_token
+    from defectfill.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline()
+    for word in ("hole", "sks"):  # a vocabulary entry, and a word that encodes to one existing token
+        with pytest.raises(DefectFillError, match=f"--new-token '{word}' is already a word.*'<{word}>'"):
+            add_trainable_token(pipe.tokenizer, pipe.text_encoder, word)
+
+
+def test_a_damaged_checkpoint_names_the_earlier_one(capsys, train_argv, tmp_path):
+    assert _run_cli(capsys, *train_argv)[0] == 0
+    weights = tmp_path / "run" / "checkpoint-2" / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    argv = [a if a != "2" else "3" for a in train_argv]  # --steps 3
+    code, err = _run_cli(capsys, *argv, "--resume", "latest")
+    assert code == 2 and "checkpoint-2 is damaged" in err and "resume from checkpoint-1" in err
+
+
+@pytest.mark.parametrize("changed, shown", [(["--lora-rank", "4"], "lora_rank: 8 -> 4"),
+                                            (["--lr-unet", "1e-3"], "lr_unet: 0.0002 -> 0.001")])
+def test_resume_from_a_checkpoint_made_with_other_settings_names_them(capsys, train_argv, tmp_path, changed, shown):
+    """Before: another --lora-rank crashed in a tensor copy; another --lr-unet continued at the checkpoint's rate."""
+    assert _run_cli(capsys, *train_argv)[0] == 0
+    other = [a if a != tmp_path / "run" else tmp_path / "other" for a in train_argv] + changed
+    assert _run_cli(capsys, *other)[0] == 0
+    steps3 = [a if a != "2" else "3" for a in other]
+    code, err = _run_cli(capsys, *steps3, "--resume", tmp_path / "run" / "checkpoint-1")
+    assert code == 2 and "was made with other settings" in err and shown in err
+
+
+def test_a_run_config_of_the_wrong_type_names_the_file(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    config = json.loads((run / "config.json").read_text())
+    config["resolution"] = "abc"
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DefectFillError, match=r"config.json: setting resolution: expected a whole number"):
+        run_generate(_generate(run, tmp_path / "out", "--count", "1"))
+
+
+def test_a_decompression_bomb_gives_a_message(tmp_path, monkeypatch):
+    from defectfill.data import load_rgb
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px is over twice the limit: PIL refuses
+    with pytest.raises(DefectFillError, match="huge.png: image is too large to read safely"):
+        load_rgb(path)
+
+
+def test_disk_full_gives_a_message_and_keeps_what_was_finished(capsys, run_dir, tmp_path, monkeypatch):
+    import defectfill.generate
+
+    out = tmp_path / "out"
+    real_save = defectfill.generate._save_png
+    saved = []
+
+    def fills_up(image, path):
+        if len(saved) >= 2:  # the first item's image and mask fit
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        saved.append(path)
+        real_save(image, path)
+
+    monkeypatch.setattr(defectfill.generate, "_save_png", fills_up)
+    code, err = _run_cli(capsys, "generate", "--run", run_dir, "--output", out, "--count", "2", "--candidates", "1",
+                         "--steps", "1")
+    assert code == 2 and "no space left on the disk" in err and "rerun the same command" in err
+    monkeypatch.setattr(defectfill.generate, "_save_png", real_save)
+    assert _run_cli(capsys, "generate", "--run", run_dir, "--output", out, "--count", "2", "--candidates", "1",
+                    "--steps", "1")[0] == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1]
+
+
+def test_make_demo_data_size_zero(capsys, tmp_path):
+    code, err = _run_cli(capsys, "make-demo-data", tmp_path / "d", "--size", "0")
+    assert code == 2 and "--size 0" in err and not (tmp_path / "d").exists()
+
+
+# --------------------------------------------------------------------------- two writers, reproducibility, modes
+
+
+def test_a_second_generate_on_the_same_folder_is_refused(run_dir, tmp_path):
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "1"))
+    before = (out / "disc" / "test" / "scratch" / "000.png").read_bytes()
+    with folder_lock(out, "generate"):  # as if another process were still writing here
+        with pytest.raises(DefectFillError, match=r"another defectfill job is writing here \(defectfill generate"):
+            run_generate(_generate(run_dir, out, "--count", "1", "--seed", "5", "--overwrite"))
+    assert (out / "disc" / "test" / "scratch" / "000.png").read_bytes() == before
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "run"])
+def test_other_jobs_take_the_lock_too(command, demo_root, tiny_model_dir, tmp_path):
+    from defectfill.evaluate import evaluate
+    from defectfill.runner import run_all
+    from defectfill.train import train
+
+    folder = tmp_path / "job"
+    folder.mkdir()
+    start = {
+        "train": lambda: train(tiny_config(demo_root, folder, tiny_model_dir)),
+        "evaluate": lambda: evaluate(EvaluateConfig.from_settings(
+            {"generated": str(demo_root), "output": str(folder), "data": str(demo_root), "category": "disc",
+             "ic_lpips": False, "kid_subsets": 2}), distance=abs_distance),
+        "run": lambda: run_all(RunConfig.from_settings({"data": str(demo_root), "output": str(folder),
+                                                        "model": str(tiny_model_dir), "category": "disc"})),
+    }[command]
+    with folder_lock(folder, "test"):
+        with pytest.raises(DefectFillError, match="another defectfill job is writing here"):
+            start()
+
+
+def test_the_random_lpips_backbone_is_the_same_every_time():
+    from defectfill.metrics.lpips import load_lpips
+
+    a, b = load_lpips(pretrained_backbone=False), load_lpips(pretrained_backbone=False)
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_written_files_follow_the_umask(run_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        run_generate(_generate(run_dir, out, "--count", "1"))
+    finally:
+        os.umask(old)
+    for path in (out / "generate.json", out / "manifest.jsonl", out / "disc" / "test" / "scratch" / "000.png",
+                 out / "disc" / "ground_truth" / "scratch" / "000_mask.png"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_generated_dataset_links_its_good_sources_for_anomalib(run_dir, demo_root, tmp_path):
+    from defectfill.data import open_layout
+
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "3"))
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    layout = open_layout(out, "mvtec")
+    goods = layout.good_images("disc")
+    assert sorted(p.name for p in goods) == sorted({os.path.basename(r["source_image"]) for r in rows})
+    for p in goods:  # linked, not copied
+        assert os.path.samefile(p, demo_root / "disc" / "train" / "good" / p.name)
+    assert np.array_equal(np.asarray(Image.open(goods[0])),
+                          np.asarray(Image.open(demo_root / "disc" / "train" / "good" / goods[0].name)))
+    bare = tmp_path / "bare"
+    run_generate(_generate(run_dir, bare, "--count", "1", "--no-with-good"))
+    assert not (bare / "disc" / "train").exists()
