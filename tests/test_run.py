@@ -45,6 +45,9 @@ def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
         assert r["kid_x1e3"] is not None and r["ic_lpips"] is not None
         assert f"<td>{r['defect_type']}</td>" in report
     assert "data:image/png;base64," in report and "untrained" in report
+    # each type's own evaluation report carries the note too, and no downstream settings (none ran there)
+    type_report = (work / "eval" / "disc-scratch" / "report.html").read_text()
+    assert "untrained" in type_report and "downstream_epochs" not in type_report
     # the combined synthetic dataset reads back with the project's own MVTec loader
     from defectfill.data import open_layout
 
@@ -115,7 +118,10 @@ def test_a_failing_type_is_reported_and_the_others_kept(demo_root, tiny_model_di
     assert by_type["scratch"].status == "done" and by_type["scratch"].n_generated == 2
     assert by_type["spot"].status == "failed" and "simulated crash" in by_type["spot"].error
     assert "simulated crash" in capsys.readouterr().out
-    assert "simulated crash" in (tmp_path / "work" / "report.html").read_text()
+    report = (tmp_path / "work" / "report.html").read_text()
+    assert "simulated crash" in report
+    # the failed type has no evaluation: its row links to no report
+    assert "eval/disc-scratch/report.html" in report and "eval/disc-spot/report.html" not in report
 
 
 def test_run_command_exit_status_and_unknown_type(demo_root, tiny_model_dir, tmp_path, capsys):
