@@ -144,7 +144,10 @@ def _summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
                 if k["available"] else f"unavailable: {k['reason']}")))
         ic = item.get("ic_lpips")
         if ic is not None:
-            rows.append((f"{head} IC-LPIPS", f"{ic['value']:.4f}" if ic["available"] else f"unavailable: {ic['reason']}"))
+            # DFMGAN's two values: the headline counts clusters without a pair as 0, the other leaves them out
+            rows.append((f"{head} IC-LPIPS", (
+                f"{ic['value']:.4f} (clusters without a pair left out: {ic['value_excluding_singletons']:.4f})"
+                if ic["available"] else f"unavailable: {ic['reason']}")))
     cls = metrics.get("downstream", {}).get("classify")
     if cls and "accuracy" in cls:
         rows.append(("classify accuracy", _fmt(cls["accuracy"])))

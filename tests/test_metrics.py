@@ -52,17 +52,31 @@ def test_kid_equals_independent_unbiased_mmd():
     assert std == 0.0  # the subsets all cover both whole sets
 
 
-def test_kid_subsets_average_of_subset_mmds():
+def test_kid_subset_sampling_matches_torchmetrics():
+    """Pins the subset sampling itself, with subsets smaller than both sets: each subset draws a permutation of the
+    real set then one of the generated set, as torchmetrics' KID does (with the same seed, the same subsets), and
+    the mean and population std over subsets equal its values. (Bounding the mean by the range of subset MMDs, the
+    old test, passed on any sampling.)"""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(10, 4))
-    y = rng.normal(size=(10, 4)) + 1
-    # every size-9 subset pair is a valid draw: the mean over random subsets lies within their range
-    values = [numpy_unbiased_mmd2(x[list(a)], y[list(b)])
-              for a in itertools.combinations(range(10), 9) for b in itertools.combinations(range(10), 9)]
-    mean, std = kid(x, y, subset_size=9, subsets=30, seed=3)
-    assert min(values) <= mean <= max(values)
-    assert std > 0
-    assert kid(x, y, subset_size=9, subsets=30, seed=3) == (mean, std)  # seeded
+    x = torch.tensor(rng.normal(size=(40, 6)), dtype=torch.float64)
+    y = torch.tensor(rng.normal(0.4, 1.3, size=(30, 6)), dtype=torch.float64)
+    metric = KernelInceptionDistance(feature=nn.Identity(), subset_size=9, subsets=25)
+    metric.update(x, real=True)
+    metric.update(y, real=False)
+    torch.manual_seed(3)  # torchmetrics draws its subsets from the global generator
+    tm_mean, tm_std = metric.compute()
+    mean, std = kid(x, y, subset_size=9, subsets=25, seed=3)
+    assert mean == pytest.approx(float(tm_mean), rel=1e-9) and std == pytest.approx(float(tm_std), rel=1e-9)
+    # each subset is an unbiased MMD of 9 real and 9 generated samples, independently drawn
+    gen = torch.Generator().manual_seed(3)
+    subsets = []
+    for _ in range(25):
+        a, b = torch.randperm(40, generator=gen)[:9], torch.randperm(30, generator=gen)[:9]
+        subsets.append(numpy_unbiased_mmd2(x[a].numpy(), y[b].numpy()))
+    assert mean == pytest.approx(np.mean(subsets), rel=1e-9) and std == pytest.approx(np.std(subsets), rel=1e-9)
+    assert kid(x, y, subset_size=9, subsets=25, seed=4) != (mean, std)  # the seed picks the subsets
 
 
 def test_kid_matches_torchmetrics_on_same_features():
@@ -161,11 +175,24 @@ def test_ic_lpips_hand_worked_value_and_differs_from_pairwise():
     assert rec["cluster_sizes"] == [3, 2] and rec["clusters_used"] == 2
 
 
-def test_ic_lpips_skips_singleton_clusters_and_reports_unavailable():
+def test_ic_lpips_reports_both_dfmgan_values_and_caps_clusters():
+    """Pins IC-LPIPS as DFMGAN computes it: the headline counts a cluster without a pair as 0 (clpips), the second
+    value leaves such clusters out (clpips_rz), and a cluster keeps its first `max_per_cluster` images."""
     refs = _scalar_images([0.0, 10.0, 20.0])
     gens = _scalar_images([1.0, 3.0, 19.0])  # clusters {1, 3}, {}, {19}
     rec = ic_lpips_details(gens, refs, _abs_distance)
-    assert rec["value"] == pytest.approx(2.0) and rec["cluster_means"][1:] == [None, None]
+    assert rec["cluster_means"] == [pytest.approx(2.0), None, None]
+    assert rec["value"] == pytest.approx(2.0 / 3) and rec["value_excluding_singletons"] == pytest.approx(2.0)
+    assert "count as 0" in rec["headline"] and rec["cluster_cap"] == 200 and rec["dropped_by_cap"] == 0
+    assert ic_lpips(gens, refs, _abs_distance) == pytest.approx(2.0 / 3)
+    # cap 3: the cluster around 0 keeps 1, 4, 2 (the first three in order; pairs 3, 1, 2) and drops 3 and 0.5
+    many = _scalar_images([1.0, 4.0, 2.0, 3.0, 0.5, 11.0, 14.0])
+    capped = ic_lpips_details(many, refs[:2], _abs_distance, max_per_cluster=3)
+    assert capped["cluster_sizes"] == [3, 2] and capped["dropped_by_cap"] == 2
+    assert capped["cluster_means"] == [pytest.approx(2.0), pytest.approx(3.0)]
+    assert capped["value"] == pytest.approx(2.5) == capped["value_excluding_singletons"]
+    assert ic_lpips_details(many, refs[:2], _abs_distance)["cluster_means"][0] == pytest.approx(
+        np.mean([abs(a - b) for a, b in itertools.combinations([1, 4, 2, 3, 0.5], 2)]))
     lonely = _scalar_images([1.0, 11.0])  # one image per cluster: no pair anywhere
     assert ic_lpips_details(lonely, refs, _abs_distance)["available"] is False
     with pytest.raises(DefectFillError, match="at least 2 generated"):
@@ -216,6 +243,65 @@ def test_pro_hand_worked():
     assert pro_score(mask.astype(float), mask) == pytest.approx(1.0)
     assert pro_score(1.0 - mask, mask) == pytest.approx(0.0)
     assert pro_score(score, np.zeros_like(mask)) is None
+
+
+def test_pro_regions_are_eight_connected():
+    """Pins PRO's regions as MVTec AD's evaluation labels them (8-connected): a defect pixel touching another only
+    diagonally belongs to its region. 4 x 4 map: defect pixels a = (0, 0) (score 1), b = (1, 1) and c = (1, 2)
+    (score 0.2); one of the 13 defect-free pixels scores 0.5, the rest 0.
+    8-connected, one region {a, b, c}: curve (0, 0) -> (0, 1/3) -> (1/13, 1/3) -> (1/13, 1) -> (1, 1);
+    area to FPR 0.3 = (1/13) * (1/3) + (0.3 - 1/13) * 1. (4-connected, {a} and {b, c}, the second point is 1/2.)"""
+    from defectfill.metrics.downstream import pro_score
+
+    mask = np.zeros((1, 4, 4), bool)
+    mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 1, 2] = True
+    score = np.zeros((1, 4, 4))
+    score[0, 0, 0] = 1.0
+    score[0, 1, 1] = score[0, 1, 2] = 0.2
+    score[0, 3, 3] = 0.5
+    assert pro_score(score, mask) == pytest.approx(((1 / 13) * (1 / 3) + (0.3 - 1 / 13)) / 0.3)
+    # pixels outside `valid` (letterbox padding) are neither regions nor false positives
+    padded = np.zeros((1, 4, 6), bool), np.zeros((1, 4, 6)), np.zeros((1, 4, 6), bool)
+    padded[0][:, :, :4], padded[1][:, :, :4], padded[2][:, :, :4] = mask, score, True
+    padded[1][:, :, 4:] = 0.9  # high scores on the padding change nothing
+    assert pro_score(padded[1], padded[0], valid=padded[2]) == pytest.approx(pro_score(score, mask))
+
+
+def test_f1_max_hand_worked_on_pixel_maps():
+    """F1-max is the best F1 over every threshold, on (N, 1, H, W) maps as the localiser passes them. Scores
+    0.9 .. 0.4 with labels 1 0 1 1 0 0: thresholds give F1 1/2, 2/5, 2/3, 6/7 (at 0.6: precision 3/4, recall 1),
+    3/4, 2/3; the F1 at a 0.5 threshold would be 3/4."""
+    from defectfill.metrics.downstream import binary_scores
+
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]).view(1, 1, 2, 3)
+    labels = torch.tensor([1, 0, 1, 1, 0, 0]).view(1, 1, 2, 3)
+    s = binary_scores(scores, labels)
+    assert s["f1_max"] == pytest.approx(6 / 7)
+    assert s["auroc"] == pytest.approx(7 / 9) and s["n_positive"] == 3
+
+
+def test_downstream_images_are_letterboxed_not_stretched(tmp_path):
+    """Pins the inspection models' input: a 64x32 image goes into a 32 px square as 32x16 rows in the middle,
+    padded with the ImageNet mean (0 after normalisation), its mask alike; no longer stretched to 32x32."""
+    from defectfill.metrics.downstream import IMAGENET_MEAN, IMAGENET_STD, _image_tensor, _mask_tensor, _valid_tensor
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    mask = np.zeros((32, 64), np.uint8)
+    mask[8:24, 10:20] = 255
+    Image.fromarray(mask).save(tmp_path / "wide_mask.png")
+    x = _image_tensor(tmp_path / "wide.png", 32)
+    v = _valid_tensor(tmp_path / "wide.png", 32)
+    m = _mask_tensor(tmp_path / "wide_mask.png", 32)
+    assert x.shape == (3, 32, 32) and (x[:, :8] == 0).all() and (x[:, 24:] == 0).all()
+    assert v[0, 8:24].all() and v.sum() == 32 * 16
+    small = np.asarray(Image.fromarray(arr).resize((32, 16), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    expected = (torch.from_numpy(small).permute(2, 0, 1) - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(
+        IMAGENET_STD).view(3, 1, 1)
+    torch.testing.assert_close(x[:, 8:24], expected, atol=1e-5, rtol=1e-5)
+    ys, xs = torch.nonzero(m[0], as_tuple=True)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (12, 19, 5, 9)
 
 
 def test_classification_scores_hand_worked():

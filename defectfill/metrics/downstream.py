@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from defectfill.data.images import load_mask, load_rgb
+from defectfill.data.images import letterbox, letterbox_box, load_mask, load_rgb
 from defectfill.errors import DefectFillError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,24 +65,38 @@ def seed_everything(seed: int) -> None:
 
 
 def _image_tensor(path: Path, size: int) -> torch.Tensor:
-    """An image file -> (3, size, size), ImageNet-normalised (the backbones' pretraining statistics)."""
-    image = load_rgb(path)
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BICUBIC)
-    arr = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    """An image file -> (3, size, size), ImageNet-normalised (the backbones' pretraining statistics).
+
+    Letterboxed, never stretched: scaled so its longer side is `size` (bicubic), centred, and padded with the
+    ImageNet mean (0 after normalisation). The specification resized every image to the square.
+    """
+    image, _, valid = letterbox(load_rgb(path), None, size)
+    arr = (image + 1.0) / 2.0
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (arr - mean) / std
+    return (arr - mean) / std * valid
+
+
+def _valid_tensor(path: Path, size: int) -> torch.Tensor:
+    """(1, size, size): 1 where the letterboxed image of `path` lies, 0 on its padding."""
+    with Image.open(path) as im:
+        w, h, x0, y0 = letterbox_box(*im.size, size)
+    valid = torch.zeros(1, size, size)
+    valid[:, y0:y0 + h, x0:x0 + w] = 1.0
+    return valid
 
 
 def _mask_tensor(path: Path | None, size: int) -> torch.Tensor:
-    """A mask file (or None: a good image) -> (1, size, size) in {0, 1}, nearest-resized to stay binary."""
+    """A mask file (or None: a good image) -> (1, size, size) in {0, 1}, letterboxed as its image is and
+    nearest-resized to stay binary (the usual way to bring ground truth to a model's size)."""
     if path is None:
         return torch.zeros((1, size, size))
-    mask = Image.fromarray(load_mask(path).astype(np.uint8) * 255)
-    if mask.size != (size, size):
-        mask = mask.resize((size, size), Image.Resampling.NEAREST)
-    return torch.from_numpy((np.asarray(mask) >= 128).astype(np.float32))[None]
+    mask = load_mask(path)
+    w, h, x0, y0 = letterbox_box(mask.shape[1], mask.shape[0], size)
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    out = torch.zeros(1, size, size)
+    out[0, y0:y0 + h, x0:x0 + w] = torch.from_numpy((np.asarray(small) >= 128).astype(np.float32))
+    return out
 
 
 # ---------------------------------------------------------------- metrics
@@ -117,11 +131,13 @@ def binary_scores(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, floa
 
 
 def pro_score(scores: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarray, max_fpr: float = 0.3,
-              max_thresholds: int = 2000) -> float | None:
+              max_thresholds: int = 2000, valid: torch.Tensor | np.ndarray | None = None) -> float | None:
     """Normalised area under the per-region-overlap curve up to `max_fpr` (MVTec AD's PRO).
 
-    scores (N, H, W) anomaly maps, masks (N, H, W) ground truth. Each connected
-    defect region counts equally however large it is: at a threshold, its
+    scores (N, H, W) anomaly maps, masks (N, H, W) ground truth, `valid` (N, H, W)
+    the pixels that belong to the images (letterbox padding excluded; default
+    all). Each connected defect region (8-connected, as in the MVTec AD
+    reference implementation) counts equally however large it is: at a threshold, its
     overlap is the fraction of its pixels above the threshold; PRO is the mean
     over regions, plotted against the false-positive rate of the defect-free
     pixels; the area up to `max_fpr` is divided by `max_fpr` (1.0 is perfect).
@@ -129,16 +145,22 @@ def pro_score(scores: torch.Tensor | np.ndarray, masks: torch.Tensor | np.ndarra
     """
     from scipy import ndimage
 
-    scores = np.asarray(scores.detach().cpu() if torch.is_tensor(scores) else scores, dtype=np.float64)
-    masks = np.asarray(masks.detach().cpu() if torch.is_tensor(masks) else masks).astype(bool)
+    def array(x):
+        return np.asarray(x.detach().cpu() if torch.is_tensor(x) else x)
+
+    scores = array(scores).astype(np.float64)
+    masks = array(masks).astype(bool)
+    valid = np.ones_like(masks) if valid is None else array(valid).astype(bool)
+    masks = masks & valid
     regions = []
+    eight = np.ones((3, 3), dtype=bool)  # diagonal neighbours join a region, as MVTec AD's evaluation labels them
     for score, mask in zip(scores, masks, strict=True):
-        labels, count = ndimage.label(mask)  # 4-connected regions
+        labels, count = ndimage.label(mask, structure=eight)
         regions += [np.sort(score[labels == i]) for i in range(1, count + 1)]
-    normal = np.sort(scores[~masks])
+    normal = np.sort(scores[~masks & valid])
     if not regions or normal.size == 0:
         return None
-    thresholds = np.unique(scores)
+    thresholds = np.unique(scores[valid])
     if thresholds.size > max_thresholds:  # quantiles keep the curve's shape at a bounded cost
         thresholds = np.unique(np.quantile(scores, np.linspace(0, 1, max_thresholds)))
     thresholds = np.concatenate([[np.inf], thresholds[::-1]])  # descending: FPR and PRO grow from (0, 0)
@@ -329,26 +351,30 @@ def train_localiser(
         raise DefectFillError(f"--image-size must be a multiple of 32 for the U-Net (got {size}).")
     x_train = torch.stack([_image_tensor(p, size) for p, _ in tqdm(train, desc="localize: load", leave=False)])
     m_train = torch.stack([_mask_tensor(m, size) for _, m in train])
+    v_train = torch.stack([_valid_tensor(p, size) for p, _ in train])
     x_test = torch.stack([_image_tensor(p, size) for p, _ in test])
     m_test = torch.stack([_mask_tensor(m, size) for _, m in test])
+    v_test = torch.stack([_valid_tensor(p, size) for p, _ in test])  # letterbox padding is no part of an image
     model = (model_factory or unet_localiser)(settings.pretrained).to(device)
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        xb, mb = _flip(x_train[idx], m_train[idx], gen=gen)
+        xb, mb, vb = _flip(x_train[idx], m_train[idx], v_train[idx], gen=gen)
         logits = model(xb.to(device))
-        prob = torch.sigmoid(logits)
-        mb = mb.to(device)
-        # BCE for every pixel plus soft Dice, since defect pixels are a small minority
+        mb, vb = mb.to(device), vb.to(device)
+        prob = torch.sigmoid(logits) * vb
+        # BCE for every image pixel (not the padding) plus soft Dice, since defect pixels are a small minority
         dice = 1 - (2 * (prob * mb).sum() + 1) / (prob.sum() + mb.sum() + 1)
-        return F.binary_cross_entropy_with_logits(logits, mb) + dice
+        bce = (F.binary_cross_entropy_with_logits(logits, mb, reduction="none") * vb).sum() / vb.sum()
+        return bce + dice
 
     losses = _fit(model, len(train), batch_loss, settings, gen, on_progress, "localize: train")
     probs = []
     with torch.no_grad():
         for idx in _batches(len(test), settings.batch_size, False, gen):
             probs.append(torch.sigmoid(model(x_test[idx].to(device))).cpu())
-    prob = torch.cat(probs)
+    prob = torch.cat(probs) * v_test  # padding scores 0 and is left out of every pixel metric below
     image_scores = prob.flatten(1).max(dim=1).values
+    inside = v_test > 0
     # the label is whether the image is a defect sample: a tiny defect may vanish from its resized mask
     image_labels = torch.tensor([int(m is not None) for _, m in test])
     return {
@@ -358,9 +384,9 @@ def train_localiser(
         "n_test_defect": int(image_labels.sum()),
         "n_test_good": int((image_labels == 0).sum()),
         "image": binary_scores(image_scores, image_labels),
-        "pixel": binary_scores(prob, m_test),
+        "pixel": binary_scores(prob[inside], m_test[inside]),
         # at the training resolution; a region smaller than a resized pixel may vanish
-        "pro": pro_score(prob[:, 0], m_test[:, 0] > 0.5),
+        "pro": pro_score(prob[:, 0], m_test[:, 0] > 0.5, valid=inside[:, 0]),
         "pro_max_fpr": 0.3,
         "train_loss": losses,
     }

@@ -6,9 +6,20 @@ its nearest reference image (by LPIPS), takes the mean pairwise LPIPS among the
 generated images of each group, and averages these over the groups: a generator
 that only reproduces its references scores near 0.
 
-A group with fewer than two generated images has no pair, so no value; it is
-left out of the average and reported (as in the reference implementations,
-whose per-cluster mean is undefined there).
+DFMGAN's implementation (the one DefectFill's numbers follow) reports two
+values, and so does this module:
+
+- `value`, the headline (DFMGAN's `clpips`): the mean over every reference's
+  cluster, where a cluster with fewer than two images (no pair) counts as 0.
+  A generator that sends everything to a few references is penalised for the
+  empty clusters, which is what IC-LPIPS is meant to measure;
+- `value_excluding_singletons` (DFMGAN's `clpips_rz`): the mean over the
+  clusters that hold a pair only.
+
+Cluster cap: as in DFMGAN, a cluster keeps its first `max_per_cluster` (200)
+generated images in the order given; later ones are dropped (and counted), so
+pairwise work stays bounded. With no cluster holding a pair both values are
+undefined and the record says so.
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from typing import Any
 import torch
 
 from defectfill.errors import DefectFillError
+
+DFMGAN_CLUSTER_CAP = 200  # DFMGAN keeps at most this many generated images per cluster
 
 # distance(a, b) with a, b of shape (N, 3, H, W) in [-1, 1] -> (N,) distances of the pairs (a[i], b[i])
 Distance = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -53,20 +66,23 @@ def ic_lpips_details(
     references: torch.Tensor,
     distance: Distance | None = None,
     batch_size: int = 64,
+    max_per_cluster: int = DFMGAN_CLUSTER_CAP,
 ) -> dict[str, Any]:
-    """IC-LPIPS with its clusters, as a JSON-ready record.
+    """IC-LPIPS with its clusters, as a JSON-ready record (both of DFMGAN's values, see the module docstring).
 
     generated (N, 3, H, W) and references (K, 3, H, W), in [-1, 1] for LPIPS.
     Returns {"available": False, "reason": ...} when no cluster holds two images.
     """
     n, k = generated.shape[0], references.shape[0]
-    record: dict[str, Any] = {"n_generated": n, "n_references": k}
+    record: dict[str, Any] = {"n_generated": n, "n_references": k, "cluster_cap": max_per_cluster}
     if k < 1:
         record.update(available=False, reason="IC-LPIPS needs at least one reference image; got none.")
         return record
     if n < 2:
         record.update(available=False, reason=f"IC-LPIPS needs at least 2 generated images; got {n}.")
         return record
+    if max_per_cluster < 2:
+        raise DefectFillError(f"IC-LPIPS: the cluster cap must be at least 2 (got {max_per_cluster}).")
     if generated.shape[1:] != references.shape[1:]:
         raise DefectFillError(
             f"IC-LPIPS: generated images {tuple(generated.shape[1:])} and reference images "
@@ -78,8 +94,11 @@ def ic_lpips_details(
     nearest = to_ref.argmin(dim=1)  # ties go to the first reference, deterministically
     cluster_means: list[float | None] = []
     sizes: list[int] = []
+    dropped = 0
     for c in range(k):
         members = torch.nonzero(nearest == c).flatten().tolist()
+        dropped += max(0, len(members) - max_per_cluster)
+        members = members[:max_per_cluster]  # DFMGAN's cap: the first ones in generation order
         sizes.append(len(members))
         pairs = [(members[a], members[b]) for a in range(len(members)) for b in range(a + 1, len(members))]
         if not pairs:
@@ -87,14 +106,21 @@ def ic_lpips_details(
             continue
         cluster_means.append(float(_pair_distances(distance, generated, generated, pairs, batch_size).mean()))
     used = [v for v in cluster_means if v is not None]
-    record.update(cluster_sizes=sizes, cluster_means=cluster_means, clusters_used=len(used))
+    record.update(cluster_sizes=sizes, cluster_means=cluster_means, clusters_used=len(used),
+                  dropped_by_cap=dropped)
     if not used:
         record.update(available=False, reason=(
             "IC-LPIPS needs a cluster with at least 2 generated images; every reference image drew at most one "
             f"(cluster sizes {sizes}). Generate more images."
         ))
         return record
-    record.update(available=True, value=sum(used) / len(used))
+    record.update(
+        available=True,
+        value=sum(used) / k,  # headline: a cluster without a pair counts as 0 (DFMGAN's clpips)
+        value_excluding_singletons=sum(used) / len(used),  # DFMGAN's clpips_rz
+        headline="value: clusters with fewer than two images count as 0 (DFMGAN's clpips); "
+                 "value_excluding_singletons leaves them out (DFMGAN's clpips_rz)",
+    )
     return record
 
 
@@ -104,7 +130,7 @@ def ic_lpips(
     distance: Distance | None = None,
     batch_size: int = 64,
 ) -> float:
-    """IC-LPIPS of generated images clustered around reference images (see `ic_lpips_details`).
+    """IC-LPIPS of generated images clustered around reference images: the headline value of `ic_lpips_details`.
 
     Raises DefectFillError when it is undefined (too few images), never returns a made-up number.
     """
