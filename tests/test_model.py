@@ -133,15 +133,30 @@ def test_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
 
 
 def test_lora_targets_exactly_the_design_modules():
+    """Pins the LoRA: every UNet attention layer (self and cross) carries it on exactly to_q, to_k, to_v and
+    to_out.0, every text-encoder attention on exactly q_proj, k_proj, v_proj and out_proj, all of rank 8 with
+    alpha = rank (scale 1), and nothing else trains. (The old test, `all(name ends with one of them)`, passed
+    with a target missing.)"""
+    from diffusers.models.attention_processor import Attention
+    from transformers.models.clip.modeling_clip import CLIPAttention
+
     pipe = build_tiny_pipeline()
     add_lora(pipe.unet, pipe.text_encoder, rank=8)
-    unet_lora = {n.split(".lora_")[0] for n, p in pipe.unet.named_parameters() if p.requires_grad}
-    text_lora = {n.split(".lora_")[0] for n, p in pipe.text_encoder.named_parameters() if p.requires_grad}
-    assert unet_lora and all(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n in unet_lora)
-    assert text_lora and all(n.endswith(("q_proj", "k_proj", "v_proj", "out_proj")) for n in text_lora)
-    ranks = {p.shape[0] for n, p in pipe.unet.named_parameters() if "lora_A" in n}
-    assert ranks == {8}
-    assert all(p.requires_grad == ("lora_" in n) for n, p in pipe.text_encoder.named_parameters())
+    for model, kind, targets in ((pipe.unet, Attention, {"to_q", "to_k", "to_v", "to_out.0"}),
+                                 (pipe.text_encoder, CLIPAttention, {"q_proj", "k_proj", "v_proj", "out_proj"})):
+        attention = [n for n, m in model.named_modules() if isinstance(m, kind)]
+        adapted = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in module.lora_A:
+                parent, _, leaf = name.rpartition(".")
+                if leaf == "0" and parent.endswith(".to_out"):  # to_out is a ModuleList: [Linear, Dropout]
+                    parent, leaf = parent[: -len(".to_out")], "to_out.0"
+                adapted.setdefault(parent, set()).add(leaf)
+                assert module.r["default"] == 8 and module.lora_alpha["default"] == 8, name
+                assert module.scaling["default"] == 1.0, name
+        assert attention and sorted(adapted) == sorted(attention)
+        assert all(leaves == targets for leaves in adapted.values()), adapted
+        assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 
 def test_recorder_only_on_decoder_cross_attention():

@@ -171,6 +171,59 @@ def test_attention_loss_reaches_every_recorded_layer_and_every_cell(models_and_b
         assert bool((m.grad != 0).all()), f"{int((m.grad == 0).sum())} of {m.grad.numel()} cells get no gradient"
 
 
+def test_each_branch_gets_its_own_prompt_and_the_token_map_comes_from_the_defect_rows(models_and_batch, monkeypatch):
+    """Pins which prompt reaches which branch: UNet rows 0..B-1 (defect mask) see the defect prompt's encoding, rows
+    B..2B-1 (box masks) the object prompt's, and the attention maps are read from the defect rows at the token's
+    position in the defect prompt. (The token sits at position 4 in both default prompts, so swapped prompts went
+    unseen.) Templates with the token at different positions tell the prompts apart everywhere."""
+    import dataclasses
+
+    from defectfill.attention import ExplicitAttnProcessor
+
+    config, models, images, masks, _ = models_and_batch
+    config = dataclasses.replace(config, defect_prompt="a close photo of {token} damage",
+                                 object_prompt="{token} on a {object}")
+    prompts = prompt_inputs(models.tokenizer, config)
+    tok = models.tokenizer
+    assert prompts.token_weights[0].nonzero().flatten().tolist() == [5]  # <start> a close photo of sks
+    seen, probs, token_maps = {}, [], []
+    unet_forward = models.unet.forward
+
+    def spy(sample, t, encoder_hidden_states=None, **kwargs):
+        seen["text"], seen["mask"] = encoder_hidden_states.detach().clone(), sample[:, 4:5].detach().clone()
+        return unet_forward(sample, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+
+    monkeypatch.setattr(models.unet, "forward", spy)
+    processor = next(p for p in models.unet.attn_processors.values() if isinstance(p, ExplicitAttnProcessor))
+    record = processor.on_probs
+
+    def on_probs(p):
+        probs.append(p.detach().clone())
+        record(p)
+        token_maps.append(models.recorder.maps[-1].detach().clone())
+
+    monkeypatch.setattr(processor, "on_probs", on_probs)
+    batch = make_micro_batch(images, masks, config, 0, 0, 0, 1)
+    with torch.no_grad():
+        defectfill_losses(models, batch, prompts, config, torch.device("cpu"))
+        expected = {}
+        for name in ("defect_prompt", "object_prompt"):
+            ids = tok(config.prompt(getattr(config, name)), padding="max_length", max_length=tok.model_max_length,
+                      truncation=True, return_tensors="pt").input_ids
+            expected[name] = models.text_encoder(ids)[0][0]
+    b = config.batch_size
+    for i in range(b):
+        torch.testing.assert_close(seen["text"][i], expected["defect_prompt"])
+        torch.testing.assert_close(seen["text"][b + i], expected["object_prompt"])
+    # rows 0..B-1 carry the defect masks, rows B..2B-1 the box masks (tiny VAE: 4x4 px latent cells)
+    assert torch.equal(seen["mask"][:b], torch.nn.functional.max_pool2d(batch.masks, 4))
+    assert torch.equal(seen["mask"][b:], torch.nn.functional.max_pool2d(batch.box_masks, 4))
+    # every recorded token map: the defect rows' probabilities at the token's position, mean over heads
+    assert len(probs) == len(models.recorder.names) and all(p.shape[0] == 2 * b for p in probs)
+    for p, m in zip(probs, token_maps, strict=True):
+        torch.testing.assert_close(m, p[:b, :, :, 5].mean(1))
+
+
 def test_attention_only_training_changes_lora(demo_root, tiny_model_dir, tmp_path):
     pipe = load_pipeline(str(tiny_model_dir))
     before = _state(pipe)
@@ -254,6 +307,38 @@ def test_saved_lora_loads_into_the_stock_pipeline_and_changes_its_output(demo_ro
     assert n_unet > 0 and n_text > 0, "LoRA not loaded into both UNet and text encoder"
     with_lora = inpaint(pipe)
     assert np.abs(with_lora - plain).max() > 1e-3
+
+
+def test_saved_lora_reproduces_the_trained_modules_exactly(demo_root, tiny_model_dir, tmp_path):
+    """Pins the saved LoRA: the stock pipeline with `load_lora_weights(run)` computes what the trained modules
+    computed (text encoder, UNet and a whole inpainting), not merely something different from the base model."""
+    trained = load_pipeline(str(tiny_model_dir))
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=3, warmup_steps=0, lr_unet=5e-2,
+                            lr_text=5e-2), pipe=trained)
+    trained.unet.eval()
+    trained.text_encoder.eval()
+    fresh = StableDiffusionInpaintPipeline.from_pretrained(str(tiny_model_dir))
+    base = StableDiffusionInpaintPipeline.from_pretrained(str(tiny_model_dir))
+    fresh.load_lora_weights(str(run))
+    ids = trained.tokenizer("A disc with sks", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    x = torch.randn(2, 9, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        outs = {}
+        for name, pipe in (("trained", trained), ("loaded", fresh), ("base", base)):
+            text = pipe.text_encoder(ids)[0]
+            outs[name] = (text, pipe.unet(x, t, encoder_hidden_states=text.expand(2, -1, -1)).sample)
+    for a, b in zip(outs["loaded"], outs["trained"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (outs["base"][1] - outs["trained"][1]).abs().max() > 1e-3  # training did change the model
+    image = Image.open(demo_root / "disc" / "train" / "good" / "000.png").convert("RGB")
+    mask = Image.fromarray((np.arange(64)[None, :] > 20).repeat(64, 0).astype(np.uint8) * 255)
+
+    def inpaint(pipe):
+        return pipe(prompt="A disc with sks", image=image, mask_image=mask, height=64, width=64,
+                    num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+    np.testing.assert_allclose(inpaint(fresh), inpaint(trained), atol=1e-4)
 
 
 def test_run_folder_contents(demo_root, tiny_model_dir, tmp_path):
