@@ -81,7 +81,8 @@ def run_demo(output: str | Path, size: str = "small") -> int:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="demo-output", help="folder for the dataset, model and results")
     parser.add_argument("--size", default="small", choices=sorted(SIZES),
-                        help="small: about half a minute on 2 CPU cores; test: seconds (the test suite's setting)")
+                        help="small: half a minute (idle) to a few minutes (busy) on 2 CPU cores; "
+                             "test: seconds (the test suite's setting)")
 
 
 def demo_command(args: argparse.Namespace) -> int:
