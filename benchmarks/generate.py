@@ -31,8 +31,9 @@ from _common import build_pipeline, gib, header, measured, median, synthetic_ima
 
 from defectfill.generate import _save_png  # noqa: E402
 from defectfill.metrics.lpips import load_lpips  # noqa: E402
-from defectfill.model import add_lora  # noqa: E402
-from defectfill.sampler import DefectGenerator, LPIPSScorer  # noqa: E402
+from defectfill.model import LORA_WEIGHTS_NAME, add_lora, save_lora_weights  # noqa: E402
+from defectfill.sampler import DefectGenerator, LPIPSScorer, merge_lora_weights  # noqa: E402
+from defectfill.settings import compile_module  # noqa: E402
 
 PARTS = ("unet", "vae", "text", "lpips", "save")
 
@@ -67,8 +68,17 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype, torch.float32)
     pipe = build_pipeline(args.size)
+    # the LoRA goes through a saved file and diffusers' loader, as `DefectGenerator.from_run` loads a run
     add_lora(pipe.unet, pipe.text_encoder, 8)
+    lora_dir = tempfile.mkdtemp(prefix="defectfill-bench-lora-")
+    save_lora_weights(lora_dir, pipe.unet, pipe.text_encoder)
+    pipe = build_pipeline(args.size)
+    pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS_NAME)
+    if args.merge_lora:
+        merge_lora_weights(pipe)
     pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
+    if args.compile == "yes":
+        pipe.unet = compile_module(pipe.unet)
     pipe.set_progress_bar_config(disable=True)
     timers = Timers(device)
     # instance attributes shadow the methods the pipeline calls
@@ -95,7 +105,8 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
             save()
         return m, dict(timers.seconds)
 
-    one(args.candidates, 1, 999)  # warm-up: first calls allocate and pick kernels
+    # warm-up: first calls allocate and pick kernels (and compile, with --compile yes)
+    warm_up_seconds = one(args.candidates, 1, 999)[0]["seconds"]
     rows = []
     for label, bs in (("batched", args.candidates), ("one at a time", 1)):
         if label.split()[0] not in args.ways:
@@ -107,6 +118,8 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
         parts = {p: median([s[p] for _, s in runs]) for p in PARTS}
         row = {
             "size": args.size, "px": resolution, "device": args.device, "dtype": args.dtype,
+            "LoRA": "merged" if args.merge_lora else "layers", "compile": args.compile,
+            "warm-up s": f"{warm_up_seconds:.1f}",
             "steps": args.steps, "N": args.candidates, "candidates": label,
             "s/selected image": f"{total:.3f}",
             **{f"{p} %": f"{100 * parts[p] / total:.1f}" for p in PARTS},
@@ -134,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="batched: all candidates in one pipeline call; one: one candidate per call")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge the LoRA into the weights, as generation does (--no-merge-lora: LoRA layers)")
+    p.add_argument("--compile", choices=["no", "yes"], default="no", help="torch.compile the UNet")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for res in args.resolution:
         rows += bench_resolution(args, res)
-    cols = ["size", "px", "device", "dtype", "steps", "N", "candidates", "s/selected image",
+    cols = ["size", "px", "device", "dtype", "LoRA", "compile", "warm-up s", "steps", "N", "candidates", "s/selected image",
             *(f"{p} %" for p in PARTS), "rest %", "outside UNet %", "peak RSS GiB", "peak GPU alloc GiB",
             "one-at-a-time/batched"]
     print(header(f"generate --size {args.size}  (warm-up 1 image at 1 step, {args.repeats} timed image(s) each)"))

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurements of benchmarks/README.md in one script, plus a CUDA smoke run of the trainer and
-# the generator. Each part has its own time limit (about 12 minutes at most in all), so a part that
+# The GPU measurements of benchmarks/README.md, part by part, each with its own time limit, so a part that
 # hangs or fails still leaves time and output for the rest.
 #
 #   bash benchmarks/gpu_session.sh                  # on a CUDA machine; output in ./gpu-out (or $OUT)
+#   PARTS="floor_compiled ckpt_compiled" bash benchmarks/gpu_session.sh   # what does not fit in the first call
+#   PARTS="train_eager generate_eager" bash benchmarks/gpu_session.sh     # the eager step and LoRA layers
 #   CHECK_ON_CPU=1 bash benchmarks/gpu_session.sh   # the same parts on a CPU with the tiny pipeline and
 #                                                   # small sizes (minutes): checks the script first
 #
-# Results: $OUT/session.log (everything) and the tables in $OUT/train_step.json and $OUT/generate.json
-# (benchmarks/README.md explains the columns).
-# Parts, in order of priority: a CUDA smoke run of the real trainer and generator (tiny pipeline, bf16,
-# checkpointing, resume), then the 512 px batch 4 bf16 training step without and with gradient
-# checkpointing (ours, floor, naive; peak GPU memory: the 10 GB target), then generation at 512 px
-# with 50 DDIM steps and 8 candidates, batched against one at a time.
+# The default parts fit one call of 9 minutes, in order of priority: a CUDA smoke run of the real trainer
+# and generator (tiny pipeline, bf16, checkpointing, resume, compiled, merged LoRA); the compiled 512 px
+# batch 4 bf16 training step ("first s" is the step that compiles); the same in a new process with the
+# compile cache warm (what a second defect type pays); generation at 512 px with 50 DDIM steps and 8
+# candidates, LoRA merged and UNet compiled. Results: $OUT/session.log (everything) and one JSON table per
+# part in $OUT (benchmarks/README.md explains the columns).
 #
 # The machine's python3, torch and accelerate are used. On a GPU machine without network access that
 # lacks diffusers, transformers, peft, lpips or open_clip_torch, run benchmarks/gpu_wheels.sh first on
@@ -22,6 +23,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${CHECK_ON_CPU:-0}" = 1 ]; then
     DEV=cpu SIZE=tiny RES=64 STEPS=2 WARMUP=1 ITERS=1 REPEATS=1 PY=.venv/bin/python
+    export DEFECTFILL_COMPILE_BACKEND=aot_eager  # compiles in seconds on a CPU; inductor would take minutes
 else
     DEV=cuda SIZE=sd2 RES=512 STEPS=50 WARMUP=2 ITERS=5 REPEATS=3 PY=python3
 fi
@@ -64,21 +66,52 @@ from defectfill.tiny import save_tiny_pipeline
 make_demo_dataset('$w/data'); save_tiny_pipeline('$w/model')" || return 1
     local common=(--data "$w/data" --category disc --defect-type scratch --model "$w/model" --output "$w/run"
                   --resolution 64 --batch-size 2 --mixed-precision bf16 --gradient-checkpointing --save-every 4
-                  --sample-every 0 --log-every 2)
+                  --sample-every 0 --log-every 2 --compile yes)
     "$PY" -m defectfill train "${common[@]}" --steps 4 || return 1
     "$PY" -m defectfill train "${common[@]}" --steps 8 --resume latest || return 1
     "$PY" -m defectfill generate --run "$w/run" --output "$w/gen" --count 2 --steps 5 --candidates 4 \
-        --lpips-random-backbone --device "$DEV" --mixed-precision bf16 || return 1
+        --lpips-random-backbone --device "$DEV" --mixed-precision bf16 --compile yes || return 1
     find "$w/run" "$w/gen" -maxdepth 2 | sort | head -40
     tail -3 "$w/run/train.log"
 }
 
 export -f smoke
 export PY DEV
-part smoke 150 bash -c smoke  # timeout runs programs, not shell functions
-part train_step 300 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
-    --resolution "$RES" --batch-size 4 --gradient-checkpointing both --warmup "$WARMUP" --iters "$ITERS" \
-    --json "$OUT/train_step.json"
-part generate 240 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 --resolution "$RES" \
-    --steps "$STEPS" --repeats "$REPEATS" --json "$OUT/generate.json"
+# Parts, each with its own limit. The default set fits one call of 9 minutes; the second set measures what
+# does not fit in it: PARTS="floor_compiled ckpt_compiled" bash benchmarks/gpu_session.sh
+PARTS=${PARTS:-"smoke train_compiled train_warm generate_merged"}
+for name in $PARTS; do
+    case $name in
+    smoke)  # 140 s: trainer (compiled, bf16, checkpointing, resume) and generator (merged LoRA, compiled) on CUDA
+        part smoke 140 bash -c smoke ;;
+    train_compiled)  # 180 s: our step compiled (UNet and VAE encoder), 512 px, batch 4, bf16; "first s" = compile
+        part train_compiled 180 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
+            --resolution "$RES" --batch-size 4 --compile yes --modes ours --warmup "$WARMUP" --iters "$ITERS" \
+            --json "$OUT/train_compiled.json" ;;
+    train_warm)  # 100 s: the same in a new process: the first step with inductor's on-disk cache warm
+        part train_warm 100 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
+            --resolution "$RES" --batch-size 4 --compile yes --modes ours --warmup 1 --iters 2 \
+            --json "$OUT/train_warm.json" ;;
+    generate_merged)  # 120 s: 8 candidates, 50 DDIM steps, 512 px, merged LoRA, UNet compiled
+        part generate_merged 120 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 \
+            --resolution "$RES" --steps "$STEPS" --repeats "$REPEATS" --ways batched --merge-lora --compile yes \
+            --json "$OUT/generate_merged.json" ;;
+    floor_compiled)  # 240 s: the floor compiled the same way (ours/floor), and its eager-cache-warm ours
+        part floor_compiled 240 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
+            --resolution "$RES" --batch-size 4 --compile yes --modes ours floor --warmup "$WARMUP" --iters "$ITERS" \
+            --json "$OUT/floor_compiled.json" ;;
+    ckpt_compiled)  # 240 s: peak memory of the compiled step with gradient checkpointing
+        part ckpt_compiled 240 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
+            --resolution "$RES" --batch-size 4 --compile yes --gradient-checkpointing yes --modes ours \
+            --warmup "$WARMUP" --iters "$ITERS" --json "$OUT/ckpt_compiled.json" ;;
+    train_eager)  # 300 s: ours, floor and naive eager, without and with gradient checkpointing
+        part train_eager 300 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
+            --resolution "$RES" --batch-size 4 --gradient-checkpointing both --warmup "$WARMUP" --iters "$ITERS" \
+            --json "$OUT/train_eager.json" ;;
+    generate_eager)  # 240 s: LoRA layers (not merged), eager, batched against one at a time
+        part generate_eager 240 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 \
+            --resolution "$RES" --steps "$STEPS" --repeats "$REPEATS" --no-merge-lora --json "$OUT/generate_eager.json" ;;
+    *) echo "unknown part $name" ;;
+    esac
+done
 date -u

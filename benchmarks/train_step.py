@@ -14,6 +14,8 @@ Modes, on the same model, the same inputs and in the same process:
          attention layer (how the public re-implementations do it, but with the maps' gradient kept).
 Each step = losses + backward + AdamW step + zero_grad. Rounds interleave the modes (order rotated each
 round) so a shared machine's load affects them alike; warm-up rounds are not timed; medians are reported.
+With --compile yes, ours and floor run the UNet and VAE encoder compiled the same way (`train.compile_models`);
+"first s" is each mode's first step, compilation included (naive is left out: it is the eager reference).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from _common import build_pipeline, gib, header, measured, median, synthetic_ref
 from defectfill.config import TrainConfig  # noqa: E402
 from defectfill.model import encode_inpaint_condition, unet_input  # noqa: E402
 from defectfill.naive_step import AttentionStore, naive_losses  # noqa: E402
-from defectfill.train import build_models, defectfill_losses, make_micro_batch, prompt_inputs  # noqa: E402
+from defectfill.train import build_models, compile_models, defectfill_losses, make_micro_batch, prompt_inputs  # noqa: E402
 
 MODES = ("ours", "floor", "naive")
 
@@ -52,10 +54,11 @@ def floor_loss(models, batch, prompts, device: torch.device, autocast=nullcontex
     noise = torch.randn(latents.shape, generator=gen).to(device)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
+    unet_call = unet if models.unet_call is None else models.unet_call  # compiled with --compile yes
     with autocast():
         text = models.text_encoder(prompts.input_ids.to(device))[0]
         text = torch.cat([text[0:1].expand(b, -1, -1), text[1:2].expand(b, -1, -1)])
-        pred = unet(unet_input(torch.cat([noisy, noisy]), mask_lat, masked_lat).to(unet.dtype),
+        pred = unet_call(unet_input(torch.cat([noisy, noisy]), mask_lat, masked_lat).to(unet.dtype),
                     torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample
     return F.mse_loss(pred.float(), torch.cat([noise, noise]))
 
@@ -67,6 +70,8 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
     config = TrainConfig(category="metal_nut", defect_type="scratch", resolution=resolution,
                          batch_size=args.batch_size, mixed_precision=args.mixed_precision, seed=0)
     models = build_models(config, device, weight_dtype, pipe=build_pipeline(args.size))
+    if args.compile == "yes":
+        compile_models(models)
     rows = []
     for ckpt in (["no", "yes"] if args.gradient_checkpointing == "both" else [args.gradient_checkpointing]):
         if ckpt == "yes":
@@ -111,10 +116,12 @@ def bench_modes(args: argparse.Namespace, models, config: TrainConfig, device: t
 
     modes = [m for m in MODES if m in args.modes]
     results: dict[str, list[dict]] = {m: [] for m in modes}
+    first: dict[str, float] = {}
     for r in range(args.warmup + args.iters):
         order = modes[r % len(modes):] + modes[:r % len(modes)]
         for mode in order:
             m = step(mode, r)
+            first.setdefault(mode, m["seconds"])
             if r >= args.warmup:
                 results[mode].append(m)
             print(f"  {args.size} {resolution}px ckpt {ckpt} round {r}{' (warm-up)' if r < args.warmup else ''} "
@@ -137,8 +144,8 @@ def bench_modes(args: argparse.Namespace, models, config: TrainConfig, device: t
         peak = max(m["rss_peak"] for m in ms)
         rows.append({
             "size": args.size, "px": resolution, "B": args.batch_size, "device": args.device,
-            "precision": args.mixed_precision, "ckpt": ckpt,
-            "mode": mode, "median s/step": f"{med[mode]:.4f}",
+            "precision": args.mixed_precision, "ckpt": ckpt, "compile": args.compile,
+            "mode": mode, "first s": f"{first[mode]:.1f}", "median s/step": f"{med[mode]:.4f}",
             "min s": f"{min(m['seconds'] for m in ms):.4f}", "max s": f"{max(m['seconds'] for m in ms):.4f}",
             "peak RSS GiB": gib(peak), "RSS rise GiB": gib(max(m["rss_peak"] - m["rss_start"] for m in ms)),
             "peak GPU alloc GiB": gib(max(m["gpu_peak"] for m in ms)) if device.type == "cuda" else "-",
@@ -160,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds (default tiny 3, sd2 1)")
     p.add_argument("--iters", type=int, default=None, help="timed rounds (default tiny 10, sd2 3)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--compile", choices=["no", "yes"], default="no",
+                   help="torch.compile the UNet and VAE encoder for ours and floor (backend: $DEFECTFILL_COMPILE_BACKEND "
+                        "or inductor)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after timing, profile one step per mode with torch.profiler and print its top N ops")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -172,11 +182,15 @@ def main(argv: list[str] | None = None) -> None:
     args.batch_size = args.batch_size or (4 if tiny else 1)
     args.warmup = args.warmup if args.warmup is not None else (3 if tiny else 1)
     args.iters = args.iters if args.iters is not None else (10 if tiny else 3)
+    if args.compile == "yes" and "naive" in args.modes:  # naive swaps every processor: a graph of its own
+        args.modes = [m for m in args.modes if m != "naive"]
+        print("--compile yes: naive left out (it is the eager reference)", file=sys.stderr)
 
     rows = []
     for res in args.resolution:
         rows += bench_resolution(args, res)
-    cols = ["size", "px", "B", "device", "precision", "ckpt", "mode", "median s/step", "min s", "max s",
+    cols = ["size", "px", "B", "device", "precision", "ckpt", "compile", "mode", "first s", "median s/step", "min s",
+            "max s",
             "peak RSS GiB", "RSS rise GiB", "peak GPU alloc GiB", "ours/mode"]
     print(header(f"train_step --size {args.size}  (warm-up {args.warmup}, timed {args.iters} rounds)"))
     print(table(rows, cols))

@@ -28,6 +28,8 @@ from defectfill.settings import PRECISIONS, Settings, check_all
 LAYOUTS = ["auto", *DATA_LAYOUTS]
 SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
+COMPILE_CHOICES = ["auto", "yes", "no"]
+COMPILE_HELP = "torch.compile (auto: on a GPU, where it pays; not on a CPU, where it was measured slower):"
 PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other CUDA GPUs, full on a CPU), "
                   "no (full), fp16, bf16")
 
@@ -70,6 +72,7 @@ class TrainConfig(Settings):
     new_token: str | None = field(default=None, metadata={"help": "add this new word (e.g. '<hole>') with a trained embedding row instead of --token"})
     mixed_precision: str = field(default="auto", metadata={"help": "autocast " + PRECISION_HELP + "; trainable weights stay fp32", "choices": PRECISIONS})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations to save memory"})
+    compile: str = field(default="auto", metadata={"help": COMPILE_HELP + " the UNet and the VAE encoder", "choices": COMPILE_CHOICES})
     save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps"})
     sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)"})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples"})
@@ -129,7 +132,7 @@ class TrainConfig(Settings):
 
 # Settings that may differ between a run and its continuation.
 NON_IDENTITY_KEYS = {"output", "resume", "steps", "save_every", "sample_every", "sample_steps", "log_every", "data",
-                     "mixed_precision"}
+                     "mixed_precision", "compile"}
 
 
 def make_config(settings: dict[str, Any], config_file: str | None = None, require: bool = True) -> TrainConfig:
@@ -177,6 +180,8 @@ class GenerateConfig(Settings):
     preview_rows: int = field(default=8, metadata={"help": "rows of preview.png"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: accelerate's device)"})
     mixed_precision: str = field(default="auto", metadata={"help": "pipeline weights " + PRECISION_HELP, "choices": PRECISIONS})
+    merge_lora: bool = field(default=True, metadata={"help": "merge the LoRA into the weights for sampling (the run's files stay as they are); --no-merge-lora keeps the LoRA layers"})
+    compile: str = field(default="auto", metadata={"help": COMPILE_HELP + " the UNet", "choices": COMPILE_CHOICES})
     resume: bool = field(default=False, metadata={"help": "add to an output folder holding other results"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results in the output folder"})
 
@@ -294,7 +299,8 @@ class RunConfig(Settings):
         "candidates": "candidates", "steps": "generate_steps", "guidance": "guidance", "scheduler": "scheduler",
         "prompt": "prompt", "feather": "feather", "batch_size": "generate_batch_size",
         "with_good": "with_good", "save_candidates": "save_candidates", "save_attention": "save_attention", "lpips_weights": "lpips_weights",
-        "lpips_random_backbone": "lpips_random_backbone", "preview_rows": "preview_rows", "device": "device"}})
+        "lpips_random_backbone": "lpips_random_backbone", "preview_rows": "preview_rows", "device": "device",
+        "merge_lora": "merge_lora"}})
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig, metadata={"stage": {
         "kid_subset_size": "kid_subset_size", "kid_subsets": "kid_subsets", "inception_weights": "inception_weights",
         "lpips_size": "lpips_size", "grid_samples": "grid_samples", "epochs": "downstream_epochs",
@@ -328,7 +334,8 @@ class RunConfig(Settings):
         folders = self.folders(category, defect_type)
         # the run's precision and seed carry over, so one setting decides both stages
         return dataclasses.replace(self.generate, run=str(folders["run"]), output=str(folders["generated"]),
-                                   seed=self.train.seed, mixed_precision=self.train.mixed_precision)
+                                   seed=self.train.seed, mixed_precision=self.train.mixed_precision,
+                                   compile=self.train.compile)
 
     def evaluate_config(self, category: str, defect_type: str) -> EvaluateConfig:
         folders = self.folders(category, defect_type)

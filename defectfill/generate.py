@@ -370,6 +370,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                 candidates=settings.candidates, steps=settings.steps, guidance=settings.guidance,
                 feather=settings.feather, batch_size=settings.batch_size, lpips_weights=settings.lpips_weights,
                 save_attention=settings.save_attention, lpips_pretrained=not settings.lpips_random_backbone,
+                merge_lora=settings.merge_lora, compile=settings.compile,
             )
             if settings.candidates > 1:
                 generator.scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling

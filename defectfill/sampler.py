@@ -33,7 +33,7 @@ from defectfill.model import (
     vae_scale_factor,
 )
 from defectfill.run_folder import read_trained_run
-from defectfill.settings import check_all, precision_dtype, resolve_precision
+from defectfill.settings import check_all, compile_module, precision_dtype, resolve_compile, resolve_precision
 
 # (candidates (N,3,h,w) in [-1,1], source (1,3,h,w) in [-1,1]) -> (N,) scores, higher = less like the source
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -210,6 +210,15 @@ def run_prompt(config: TrainConfig, template: str | None = None) -> tuple[str, s
         raise DefectFillError(f"--prompt {template!r}: {exc}; use only {{object}} and {{token}} as placeholders.") from None
 
 
+def merge_lora_weights(pipe) -> None:
+    """Fold the loaded LoRA into the UNet's and text encoder's weights and remove the LoRA layers.
+
+    A sampling step then costs what the base model costs: no extra LoRA matmuls per projection.
+    """
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()  # the fused weights stay; only the LoRA layers go
+
+
 class DefectGenerator:
     """Generate defect images on defect-free ones with a trained run.
 
@@ -255,11 +264,15 @@ class DefectGenerator:
         scorer: Scorer | None = None,
         prompt: str | None = None,
         scheduler: str = "ddim",
+        merge_lora: bool = True,
+        compile: str = "no",
         **settings: Any,
     ) -> "DefectGenerator":
         """Load the run's base model, LoRA and (if trained) new token; settings go to __init__.
 
-        `mixed_precision` (auto, no, fp16, bf16) is the dtype of the pipeline's weights.
+        `mixed_precision` (auto, no, fp16, bf16) is the dtype of the pipeline's weights. `merge_lora` folds
+        the LoRA into the weights it adapts and drops the LoRA layers (only in memory: the run's files stay
+        as they are), so each sampling step runs the plain networks. `compile` (auto, yes, no) compiles the UNet.
         """
         run_dir = Path(run_dir).expanduser()
         config = read_trained_run(run_dir)
@@ -275,8 +288,12 @@ class DefectGenerator:
                 f"{run_dir}: cannot load the trained weights into {config.model} "
                 f"({str(exc).splitlines()[0]}). Was the run trained on this base model?"
             ) from None
+        if merge_lora:
+            merge_lora_weights(pipe)
         pipe.scheduler = _scheduler(pipe, scheduler)
         pipe = pipe.to(device)
+        if resolve_compile(compile, str(device)):
+            pipe.unet = compile_module(pipe.unet)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device, **settings)
 

@@ -280,6 +280,29 @@ def resolve_precision(setting: str, device: str | None = None) -> str:
     return setting
 
 
+def resolve_compile(setting: str, device: str | None = None) -> bool:
+    """`auto` compiles on a CUDA GPU only: on a 2-core CPU the compiled tiny step was measured 1.24x slower
+    (benchmarks/README.md)."""
+    import torch
+
+    if setting not in ("auto", "yes", "no"):
+        raise DefectFillError(f"--compile {setting!r}: choose auto, yes or no.")
+    if setting == "auto":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return device.startswith("cuda") and torch.cuda.is_available()
+    return setting == "yes"
+
+
+def compile_module(module, **kwargs):
+    """torch.compile with the backend named by $DEFECTFILL_COMPILE_BACKEND (default inductor; tests use a
+    backend that runs quickly on a CPU)."""
+    import os
+
+    import torch
+
+    return torch.compile(module, backend=os.environ.get("DEFECTFILL_COMPILE_BACKEND", "inductor"), **kwargs)
+
+
 def precision_dtype(resolved: str):
     """The torch dtype of a resolved precision name."""
     import torch

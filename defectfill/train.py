@@ -62,7 +62,7 @@ from defectfill.model import (
     vae_scale_factor,
 )
 from defectfill.run_folder import RUN_FILES, read_recorded_config, write_run_files
-from defectfill.settings import precision_dtype, resolve_precision
+from defectfill.settings import compile_module, precision_dtype, resolve_compile, resolve_precision
 
 log = logging.getLogger("defectfill.train")
 
@@ -124,6 +124,18 @@ def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     recorder = AttentionRecorder(unet)
     return TrainingModels(unet, text_encoder, vae, tokenizer, noise_scheduler, recorder, token_embedding)
+
+
+def compile_models(models: TrainingModels) -> None:
+    """torch.compile what the step calls: the (wrapped) UNet and the VAE encoder.
+
+    The plain modules stay as they are, so parameter names, checkpoints and the saved LoRA do not
+    change. The attention recorder compiles without a graph break (tests/test_compile.py counts them).
+    """
+    unet = models.unet if models.unet_call is None else models.unet_call
+    models.unet_call = compile_module(unet)
+    # the encoder runs under no_grad twice a micro-batch (B images, 2B masked images): two graphs, no recompiles
+    models.vae.encoder = compile_module(models.vae.encoder)
 
 
 def trainable_parameters(models: TrainingModels) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -552,6 +564,8 @@ def train(config: TrainConfig, pipe=None) -> Path:
 
     models.unet_call, models.text_encoder_call, optimizer = accelerator.prepare(
         models.unet, models.text_encoder, optimizer)
+    if resolve_compile(config.compile, device.type):
+        compile_models(models)
     models.unet.train()
     models.text_encoder.train()
 

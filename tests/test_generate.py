@@ -76,12 +76,33 @@ def _manifest(out):
 # --------------------------------------------------------------------------- API
 
 
-def test_run_weights_are_loaded(generator):
-    names = [n for n, _ in generator.pipe.unet.named_parameters() if "lora" in n]
-    text_names = [n for n, _ in generator.pipe.text_encoder.named_parameters() if "lora" in n]
+def test_run_weights_are_loaded(run_dir, generator):
+    unmerged = DefectGenerator.from_run(run_dir, steps=2, candidates=1, merge_lora=False)
+    names = [n for n, _ in unmerged.pipe.unet.named_parameters() if "lora" in n]
+    text_names = [n for n, _ in unmerged.pipe.text_encoder.named_parameters() if "lora" in n]
     assert names and text_names
     assert generator.prompt == "A disc with sks"
     assert isinstance(generator.pipe.scheduler, __import__("diffusers").DDIMScheduler)
+
+
+def test_merged_lora_samples_what_the_lora_layers_sample_and_leaves_the_run_alone(run_dir, tiny_model_dir, demo_root):
+    """Generation folds the LoRA into the weights (no LoRA layers left, the base weights changed in memory only)
+    and samples the same images as the unmerged LoRA layers."""
+    from defectfill.model import load_pipeline
+
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    merged = DefectGenerator.from_run(run_dir, steps=2, candidates=2, scorer=FixedScorer([0.0, 1.0]))
+    layers = DefectGenerator.from_run(run_dir, steps=2, candidates=2, scorer=FixedScorer([0.0, 1.0]), merge_lora=False)
+    for module in (merged.pipe.unet, merged.pipe.text_encoder):
+        assert not [n for n, _ in module.named_parameters() if "lora" in n], "LoRA layers left after merging"
+    base = load_pipeline(str(tiny_model_dir))
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q.weight"
+    assert not torch.equal(merged.pipe.unet.state_dict()[q], base.unet.state_dict()[q]), "LoRA not merged"
+    image, mask = _good(demo_root), _box_mask()
+    a, b = merged(image, mask, seed=3), layers(image, mask, seed=3)
+    for x, y in zip(a.candidates, b.candidates, strict=True):
+        assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
 
 
 def test_outside_mask_equals_input_and_inside_changes(generator, demo_root):
