@@ -37,6 +37,17 @@ class TinyClassifier(nn.Module):
         return self.fc(self.conv(x).relu().mean(dim=(2, 3)))
 
 
+def perturb_lora(*modules: nn.Module, seed: int = 1, scale: float = 0.05) -> None:
+    """Set every LoRA B (zero at initialisation) to seeded noise, so the LoRA changes the model and every
+    LoRA tensor gets a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+
+
 def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
     """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
     from defectfill.data import make_split, open_layout
@@ -46,12 +57,7 @@ def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
     run.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(str(model_dir))
     add_lora(pipe.unet, pipe.text_encoder, rank=4)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in (pipe.unet, pipe.text_encoder):
-            for name, p in module.named_parameters():
-                if "lora_B" in name:  # B starts at zero: make the LoRA change the model
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb_lora(pipe.unet, pipe.text_encoder, seed=seed)  # B starts at zero: make the LoRA change the model
     save_lora_weights(run, pipe.unet, pipe.text_encoder)
     config = TrainConfig(data=str(data_root), category="disc", defect_type=defect_type, output=str(run),
                          model=str(model_dir), resolution=64, seed=seed)

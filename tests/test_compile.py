@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import perturb_lora, tiny_config
 from safetensors.torch import load_file
 
 from defectfill.tiny import build_tiny_pipeline
@@ -38,12 +38,7 @@ def _models_and_data(demo_root, tmp_path):
 
     config = tiny_config(demo_root, tmp_path / "run", "unused")
     models = build_models(config, torch.device("cpu"), torch.float32, pipe=build_tiny_pipeline(0))
-    with torch.no_grad():  # non-zero LoRA B so every LoRA tensor gets a gradient
-        gen = torch.Generator().manual_seed(1)
-        for module in (models.unet, models.text_encoder):
-            for n, p in module.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb_lora(models.unet, models.text_encoder)  # every LoRA tensor gets a gradient
     refs = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
     return config, models, refs, prompt_inputs(models.tokenizer, config)
 

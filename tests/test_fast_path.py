@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import perturb_lora, tiny_config
 
 from defectfill.attention import ExplicitAttnProcessor, decoder_cross_attention_names
 from defectfill.naive_step import AttentionStore, naive_losses
@@ -31,12 +31,7 @@ def setup(demo_root, tmp_path_factory):
 
     config = tiny_config(demo_root, tmp_path_factory.mktemp("run") / "run", "unused")
     models = build_models(config, torch.device("cpu"), torch.float32, pipe=build_tiny_pipeline(0))
-    with torch.no_grad():  # non-zero LoRA B so every LoRA tensor gets a gradient
-        gen = torch.Generator().manual_seed(1)
-        for module in (models.unet, models.text_encoder):
-            for n, p in module.named_parameters():
-                if "lora_B" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb_lora(models.unet, models.text_encoder)  # every LoRA tensor gets a gradient
     images, masks, _ = load_references(make_split(open_layout(demo_root), "disc", "scratch"), 64)
     return config, models, images, masks, prompt_inputs(models.tokenizer, config)
 
