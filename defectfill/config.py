@@ -34,8 +34,8 @@ PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other 
                   "no (full), fp16, bf16")
 
 
-def _prompt_error(template: str, what: str) -> str | None:
-    """Why a prompt template cannot be filled, or None."""
+def prompt_problem(template: str, what: str) -> str | None:
+    """Why a prompt template cannot be filled (no {token}, another placeholder, a stray brace), or None."""
     if "{token}" not in template:
         return f"{what} {template!r} must contain {{token}} (the trained defect word)"
     try:
@@ -117,10 +117,9 @@ class TrainConfig(Settings):
             (0 < self.box_min <= self.box_max <= 1, "need 0 < --box-min <= --box-max <= 1"),
             (self.max_scale >= 1, "--max-scale must be 1 or more"),
             (bool(self.token.strip()), "--token must not be empty"),
-            ("{token}" in self.defect_prompt and "{token}" in self.object_prompt, "prompts must contain {token}"),
         ])
         for template, what in ((self.defect_prompt, "--defect-prompt"), (self.object_prompt, "--object-prompt")):
-            problem = _prompt_error(template, what)
+            problem = prompt_problem(template, what)
             if problem:
                 raise DefectFillError(problem + ".")
         for name, what in ((self.category, "--category"), (self.defect_type, "--defect-type")):
@@ -198,7 +197,7 @@ class GenerateConfig(Settings):
         if self.masks == "shapes":
             parse_shapes(self.shapes)
         if self.prompt is not None:
-            problem = _prompt_error(self.prompt, "--prompt")
+            problem = prompt_problem(self.prompt, "--prompt")
             if problem:
                 raise DefectFillError(problem + ".")
 

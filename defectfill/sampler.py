@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectfill.config import TrainConfig, sampling_checks
+from defectfill.config import TrainConfig, prompt_problem, sampling_checks
 from defectfill.errors import DefectFillError
 from defectfill.masks import fit_mask
 from defectfill.model import (
@@ -202,12 +202,10 @@ def _scheduler(pipe, name: str):
 def run_prompt(config: TrainConfig, template: str | None = None) -> tuple[str, str]:
     """(prompt, token) of a run: the template (default the run's object prompt) filled in by `TrainConfig.prompt`."""
     template = template or config.object_prompt
-    if "{token}" not in template:
-        raise DefectFillError(f"--prompt {template!r} must contain {{token}} (the trained defect word).")
-    try:
-        return config.prompt(template), config.prompt_token
-    except (KeyError, IndexError, ValueError) as exc:
-        raise DefectFillError(f"--prompt {template!r}: {exc}; use only {{object}} and {{token}} as placeholders.") from None
+    problem = prompt_problem(template, "--prompt")
+    if problem:
+        raise DefectFillError(problem + ".")
+    return config.prompt(template), config.prompt_token
 
 
 def merge_lora_weights(pipe) -> None:

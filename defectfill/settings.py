@@ -156,8 +156,7 @@ class Settings:
                 kwargs["type"] = {"int": int, "float": float}.get(kind, str)
                 if "choices" in f.field.metadata:
                     kwargs["choices"] = f.field.metadata["choices"]
-            names = [flag(f.name)] + list(f.field.metadata.get("aliases", ()))
-            parser.add_argument(*names, **kwargs)
+            parser.add_argument(flag(f.name), **kwargs)
 
     @classmethod
     def from_args(cls: type[S], args: argparse.Namespace, require: bool = True) -> S:
