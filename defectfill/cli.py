@@ -1,4 +1,4 @@
-"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data.
+"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data.
 
 User-input problems raise `DefectFillError`; they are printed as one clear
 message (no traceback) and the command exits with status 2.
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     from defectfill.demo import add_demo_arguments, demo_command
     from defectfill.evaluate import evaluate_command
     from defectfill.generate import generate_command
+    from defectfill.inspect_data import add_arguments as add_data_arguments
+    from defectfill.inspect_data import data_command
     from defectfill.runner import run_command
 
     parser = argparse.ArgumentParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
@@ -70,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder to write")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.set_defaults(func=_make_demo_data)
+
+    help_text = ("what a dataset holds as train reads it: layout, categories, defect types with their counts, "
+                 "the reference/held-out split and every problem (reads no model, writes nothing)")
+    p = sub.add_parser("data", help=help_text, description=help_text)
+    add_data_arguments(p)
+    p.set_defaults(func=data_command)
     return parser
 
 

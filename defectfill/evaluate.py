@@ -15,6 +15,7 @@ without downloading Inception, AlexNet or ImageNet weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -67,11 +68,11 @@ def _rebase(split: Split, root: Path) -> Split:
                 raise DefectFillError(
                     f"{s.image}: outside the split's dataset root {split.data_root}; cannot move it to {root}."
                 ) from None
-            out.append(DefectSample(image, mask, s.defect_type))
+            out.append(dataclasses.replace(s, image=image, mask=mask))
         return out
 
     return Split(split.layout, root, split.category, split.defect_type, move(split.reference),
-                 move(split.held_out), move(split.skipped_empty))
+                 move(split.held_out), move(split.skipped_empty), move(split.multi_type))
 
 
 def _generated_samples(generated: Layout, category: str, defect_type: str) -> list[DefectSample]:

@@ -51,6 +51,7 @@ class Item:
     image: Path
     mask_source: str  # a mask file path, or "shape:<name>"
     seed: int
+    mask_rule: str = "half"  # how a mask file is read: "nonzero" for VisA's held-out masks (`load_mask`)
 
 
 def _image_list(settings: GenerateConfig, config: TrainConfig) -> list[Path]:
@@ -103,13 +104,14 @@ def _mask_sources(settings: GenerateConfig, run_dir: Path) -> list[str]:
     return [str(p) for p in list_user_masks(settings.masks)]
 
 
-def plan_items(count: int, images: list[Path], mask_sources: list[str], seed: int) -> list[Item]:
+def plan_items(count: int, images: list[Path], mask_sources: list[str], seed: int,
+               mask_rule: str = "half") -> list[Item]:
     """Deterministic item list: image k cycles through the images, the mask shifts each cycle so pairs vary."""
     items = []
     for k in range(count):
         mask = mask_sources[(k + k // len(images)) % len(mask_sources)]
         item_seed = int(np.random.SeedSequence([seed, k]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        items.append(Item(k, images[k % len(images)], mask, item_seed))
+        items.append(Item(k, images[k % len(images)], mask, item_seed, mask_rule))
     return items
 
 
@@ -117,7 +119,7 @@ def _item_mask(item: Item, image: Image.Image, scale: tuple[float, float]) -> np
     if item.mask_source.startswith("shape:"):
         rng = np.random.default_rng(np.random.SeedSequence([item.seed, 1]))
         return shape_mask(item.mask_source[len("shape:"):], estimate_foreground(image), scale, rng)
-    mask = fit_mask(load_mask(item.mask_source), image.size)
+    mask = fit_mask(load_mask(item.mask_source, item.mask_rule), image.size)
     if not mask.any():
         raise DefectFillError(f"{item.mask_source}: empty after resizing to {image.size[0]}x{image.size[1]}.")
     return mask
@@ -338,7 +340,8 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
     category, defect_type = config.category, config.defect_type
     images = _image_list(settings, config)
     mask_sources = _mask_sources(settings, run_dir)
-    items = plan_items(settings.count, images, mask_sources, settings.seed)
+    mask_rule = read_run_split(run_dir).mask_rule if settings.masks == "held-out" else "half"
+    items = plan_items(settings.count, images, mask_sources, settings.seed, mask_rule)
 
     rank, world, state = _process_info(settings.device, rank, world_size)
     distributed = state.num_processes > 1

@@ -67,7 +67,7 @@ def plan_types(layout, categories: list[str] | None, defect_types: list[str] | N
         types = defect_types or layout.defect_types(cat)
         for t in types:
             layout.check_defect_type(cat, t)
-            pairs.append((cat, t))
+            pairs.append((cat, layout.canonical_defect_type(cat, t)))  # VisA: folders use the underscore form
     return pairs
 
 

@@ -187,7 +187,7 @@ def load_references(split: Split, resolution: int) -> References:
     """
     images, masks, valid = [], [], []
     for sample in split.reference:
-        image, mask, inside = letterbox(load_rgb(sample.image), load_mask(sample.mask), resolution)
+        image, mask, inside = letterbox(load_rgb(sample.image), load_mask(sample.mask, sample.mask_rule), resolution)
         images.append(image)
         masks.append(mask)
         valid.append(inside)
@@ -479,7 +479,7 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
 
     source = load_rgb(split.reference[0].image)
     mask_sample = (split.held_out or split.reference)[0]
-    canvas, source, mask = prepare_canvas(source, fit_mask(load_mask(mask_sample.mask), source.size),
+    canvas, source, mask = prepare_canvas(source, fit_mask(load_mask(mask_sample.mask, mask_sample.mask_rule), source.size),
                                           config.resolution, vae_scale_factor(models.vae))
     pipe = StableDiffusionInpaintPipeline(
         vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, unet=models.unet,
@@ -522,9 +522,12 @@ def train(config: TrainConfig, pipe=None) -> Path:
 
     config.validate()  # also when called from Python with a hand-made config
     out = Path(config.output).expanduser()
-    _check_output(config, out)
     layout = open_layout(config.data, config.layout)
     layout.check_defect_type(config.category, config.defect_type)
+    # the layout's spelling of the type (VisA: "chunk of wax missing" -> chunk_of_wax_missing), so config.json,
+    # split.json and the folders named after the type agree however it was written
+    config = dataclasses.replace(config, defect_type=layout.canonical_defect_type(config.category, config.defect_type))
+    _check_output(config, out)
     split = make_split(layout, config.category, config.defect_type)
     ref_images, ref_masks, ref_valid = load_references(split, config.resolution)
 

@@ -61,13 +61,28 @@ def load_rgb(path: str | Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_mask(path: str | Path) -> np.ndarray:
+MASK_RULES = ("half", "nonzero")
+
+
+def load_mask(path: str | Path, rule: str = "half") -> np.ndarray:
     """Open a mask as a boolean HxW array (True = defect).
 
-    Masks stored as 0/1, 0/255, anti-aliased 8-bit, 16-bit or colour all work:
-    the brightest channel is taken and binarised at half of the full range.
+    `rule` "half" (every layout but VisA): masks stored as 0/1, 0/255, anti-aliased 8-bit, 16-bit or colour
+    all work: the brightest channel is taken and binarised at half of the full range.
+    `rule` "nonzero" (VisA, whose masks hold small instance ids 1, 2, ... rather than 255): every pixel whose
+    stored value is not 0 is defect; a palette image is read by its indices, as VisA's own preparation reads it.
     """
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}; one of {', '.join(MASK_RULES)}")
     image = _open(path)
+    if rule == "nonzero":
+        if image.mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
+            image = image.convert("RGB")
+        arr = np.asarray(image)
+        if arr.ndim == 3:  # colour channels only: alpha says nothing about the defect
+            arr = arr[..., :1] if image.mode in ("LA", "PA") else arr[..., :3]
+            arr = arr.max(axis=2)
+        return arr != 0
     if image.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
         image = image.convert("RGB")
     arr = _to_uint8_array(image) if image.mode not in ("1",) else np.asarray(image).astype(np.uint8) * 255

@@ -2,20 +2,21 @@
 
 Per docs/method.md: sorted by file name, the first third (at least one) trains, the
 rest is held out for evaluation and for the masks of generation. Samples whose
-mask is empty are skipped with a warning before splitting.
+mask is empty are skipped with a warning before splitting; images that show
+several defect types (VisA) are left out of a single-type split and counted.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from defectfill.atomic import write_json
-from defectfill.data.images import load_mask
+from defectfill.data.images import MASK_RULES, load_mask
 from defectfill.data.layouts import DefectSample, Layout
 from defectfill.errors import DefectFillError
 from defectfill.folders import contained
@@ -32,6 +33,12 @@ class Split:
     reference: list[DefectSample]
     held_out: list[DefectSample]
     skipped_empty: list[DefectSample]
+    multi_type: list[DefectSample] = field(default_factory=list)  # left out: they show other types too
+
+    @property
+    def mask_rule(self) -> str:
+        """How this split's masks are read (`images.load_mask`)."""
+        return next((s.mask_rule for s in self.reference + self.held_out + self.skipped_empty), "half")
 
     def to_json(self) -> dict:
         def rel(p: Path | None) -> str | None:
@@ -50,9 +57,11 @@ class Split:
             "data_root": str(self.data_root.resolve()),
             "category": self.category,
             "defect_type": self.defect_type,
+            "mask_rule": self.mask_rule,
             "reference": rows(self.reference),
             "held_out": rows(self.held_out),
             "skipped_empty_masks": rows(self.skipped_empty),
+            "left_out_multi_type": rows(self.multi_type),
         }
 
     def save(self, path: str | Path) -> None:
@@ -69,44 +78,81 @@ def read_split(path: str | Path) -> Split:
     try:
         data = json.loads(path.read_text())
         root = Path(data["data_root"])
+        rule = data.get("mask_rule", "half")  # split files written before VisA have no rule: all were "half"
+        if rule not in MASK_RULES:
+            raise ValueError(f"unknown mask_rule {rule!r}")
 
         def samples(rows: list[dict]) -> list[DefectSample]:
             # every file stays inside the dataset root: an edited split must not point reads elsewhere
             return [
                 DefectSample(contained(root, r["image"], path),
-                             contained(root, r["mask"], path) if r["mask"] else None, data["defect_type"])
+                             contained(root, r["mask"], path) if r["mask"] else None, data["defect_type"], rule)
                 for r in rows
             ]
 
         return Split(
             data["layout"], root, data["category"], data["defect_type"],
             samples(data["reference"]), samples(data["held_out"]), samples(data.get("skipped_empty_masks", [])),
+            samples(data.get("left_out_multi_type", [])),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise DefectFillError(f"{path}: not a valid split file ({exc}).") from None
 
 
+def sample_problem(sample: DefectSample) -> tuple[str, str | None]:
+    """What is wrong with one defect sample, without raising: (kind, message).
+
+    kind is "ok", "empty" (an all-zero mask: skipped), "no_mask", "missing_image", "missing_mask",
+    "size" (mask and image differ in size) or "unreadable"; message is None for "ok".
+    """
+    if not sample.image.is_file():
+        return "missing_image", f"{sample.image}: defect image not found (the dataset's listing names it)."
+    if sample.mask is None:
+        return "no_mask", (f"{sample.image}: defect image has no mask. Add <stem>_mask.png to the mask folder "
+                           "of this defect type, or remove the image.")
+    if not sample.mask.is_file():
+        return "missing_mask", (f"{sample.mask}: mask file not found; it is named as the mask of {sample.image.name} "
+                                "(VisA: in the category's image_anno.csv). Restore the file or correct that row.")
+    try:
+        with Image.open(sample.image) as im:
+            size = im.size
+    except OSError as exc:
+        return "unreadable", f"{sample.image}: cannot read this file as an image ({exc})."
+    try:
+        mask = load_mask(sample.mask, sample.mask_rule)
+    except DefectFillError as exc:
+        return "unreadable", str(exc)
+    if (mask.shape[1], mask.shape[0]) != size:
+        return "size", (f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} "
+                        f"is {size[0]}x{size[1]}. Save the mask at the image's size.")
+    if not np.any(mask):
+        return "empty", f"{sample.mask}: mask is empty (no defect pixels); skipping this image."
+    return "ok", None
+
+
 def check_sample(sample: DefectSample) -> bool:
     """Raise a clear error for a missing or mis-sized mask; return False for an all-zero mask."""
-    if sample.mask is None:
-        raise DefectFillError(
-            f"{sample.image}: defect image has no mask. Add <stem>_mask.png to the mask folder "
-            "of this defect type, or remove the image."
-        )
-    with Image.open(sample.image) as im:
-        size = im.size
-    mask = load_mask(sample.mask)
-    if (mask.shape[1], mask.shape[0]) != size:
-        raise DefectFillError(
-            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} is "
-            f"{size[0]}x{size[1]}. Save the mask at the image's size."
-        )
-    return bool(np.any(mask))
+    kind, message = sample_problem(sample)
+    if kind not in ("ok", "empty"):
+        raise DefectFillError(message)
+    return kind == "ok"
+
+
+def divide(kept: list[DefectSample]) -> tuple[list[DefectSample], list[DefectSample]]:
+    """(reference, held out): sorted by file name, the first third (at least one) and the rest."""
+    kept = sorted(kept, key=lambda s: s.image.name)
+    n_ref = max(1, len(kept) // 3) if kept else 0
+    return kept[:n_ref], kept[n_ref:]
 
 
 def make_split(layout: Layout, category: str, defect_type: str) -> Split:
     """Validate every sample of the defect type and split it deterministically."""
     samples = layout.defect_samples(category, defect_type)
+    defect_type = layout.canonical_defect_type(category, defect_type)
+    multi = layout.multi_type_samples(category, defect_type)
+    if multi:
+        log.info("%s/%s: %d image(s) also show other defect types; left out of this single-type training: %s",
+                 category, defect_type, len(multi), ", ".join(s.image.name for s in multi))
     if not samples:
         raise DefectFillError(f"{layout.root}: no images of defect type {defect_type!r} in category {category!r}.")
     kept, empty = [], []
@@ -127,6 +173,5 @@ def make_split(layout: Layout, category: str, defect_type: str) -> Split:
             f"{layout.root}: every mask of defect type {defect_type!r} in {category!r} is empty; "
             "nothing to train on. Check the mask files (defect pixels must be white)."
         )
-    kept.sort(key=lambda s: s.image.name)
-    n_ref = max(1, len(kept) // 3)
-    return Split(layout.name, layout.root, category, defect_type, kept[:n_ref], kept[n_ref:], empty)
+    reference, held_out = divide(kept)
+    return Split(layout.name, layout.root, category, defect_type, reference, held_out, empty, multi)
