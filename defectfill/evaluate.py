@@ -226,7 +226,8 @@ def evaluate(
                         _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
                 metrics["image_metrics"].append(item)
                 pictures[f"samples_{split.category}_{split.defect_type}"] = sample_grid(
-                    _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples)
+                    _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples,
+                    real_mask_rule=split.mask_rule)
                 save()
 
         # ---- downstream inspection models on every defect type of the category
@@ -251,6 +252,7 @@ def evaluate(
                     "to test the downstream models on."
                 )
             settings.device = _device(settings.device)
+            settings.mask_rule = real_layout.mask_rule  # VisA's instance-id masks are read as non-zero
 
             if downstream in ("classify", "both"):
                 train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]

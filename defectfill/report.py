@@ -25,15 +25,18 @@ from defectfill.data.images import load_mask, load_rgb
 Pair = tuple[Path, Path | None]  # (image, mask or None)
 
 
-def _tile(path: Path, size: int, mask: bool = False) -> Image.Image:
+def _tile(path: Path, size: int, mask: bool = False, mask_rule: str = "half") -> Image.Image:
     if mask:
-        arr = load_mask(path).astype(np.uint8) * 255
+        arr = load_mask(path, mask_rule).astype(np.uint8) * 255
         return Image.fromarray(arr).convert("RGB").resize((size, size), Image.Resampling.NEAREST)
     return load_rgb(path).resize((size, size), Image.Resampling.BICUBIC)
 
 
-def sample_grid(real: Sequence[Pair], generated: Sequence[Pair], n: int = 8, tile: int = 96) -> Image.Image:
-    """Four rows: real held-out images, their masks, generated images, their masks (up to n columns)."""
+def sample_grid(real: Sequence[Pair], generated: Sequence[Pair], n: int = 8, tile: int = 96,
+                real_mask_rule: str = "half") -> Image.Image:
+    """Four rows: real held-out images, their masks, generated images, their masks (up to n columns).
+
+    `real_mask_rule`: how the real dataset's masks are read ("nonzero" for VisA); generated ones are 0/255."""
     real, generated = list(real)[:n], list(generated)[:n]
     cols = max(len(real), len(generated), 1)
     label_w, pad = 110, 4
@@ -49,7 +52,8 @@ def sample_grid(real: Sequence[Pair], generated: Sequence[Pair], n: int = 8, til
             if is_mask and mask is None:
                 draw.text((x + 4, y + tile // 2 - 6), "no mask", fill=(128, 0, 0))
                 continue
-            grid.paste(_tile(mask if is_mask else image, tile, mask=is_mask), (x, y))
+            rule = real_mask_rule if r == 1 else "half"  # row 1: the real masks
+            grid.paste(_tile(mask if is_mask else image, tile, mask=is_mask, mask_rule=rule), (x, y))
     return grid
 
 

@@ -273,3 +273,39 @@ def test_run_plans_visa_types_under_their_underscore_names(visa):
 
     pairs = plan_types(open_layout(visa), ["candle"], ["chunk of wax missing", "weird_candle_wick"])
     assert pairs == [("candle", "chunk_of_wax_missing"), ("candle", "weird_candle_wick")]
+
+
+def test_evaluation_reads_visa_masks_as_nonzero(tmp_path, monkeypatch):
+    """The report's real-mask row and the localiser's ground truth read VisA's instance ids (1, 2) as defect;
+    with the half-range rule both saw empty masks."""
+    import defectfill.evaluate
+    from defectfill.config import EvaluateConfig
+    from defectfill.metrics.downstream import _mask_tensor
+    from defectfill.report import sample_grid
+
+    labels = {f"{i:03d}": "chunk of wax missing" if i < 3 else "weird candle wick" for i in range(6)}
+    visa = make_visa(tmp_path / "visa", labels=labels)
+    split = make_split(open_layout(visa), "candle", "chunk_of_wax_missing")
+    sample = split.held_out[0]
+    assert _mask_tensor(sample.mask, 32, "nonzero").sum() > 0 and _mask_tensor(sample.mask, 32).sum() == 0
+    grid = np.asarray(sample_grid([(sample.image, sample.mask)], [], tile=32, real_mask_rule="nonzero"))
+    assert grid[36:68, 110:142].max() == 255  # the real mask row shows the defect
+    seen = {}
+
+    def localiser(train, test, settings, factory, on_progress):
+        seen["rule"] = settings.mask_rule
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(defectfill.evaluate, "train_localiser", localiser)
+    generated = tmp_path / "gen"
+    for t in ("chunk_of_wax_missing", "weird_candle_wick"):
+        (generated / "candle" / "test" / t).mkdir(parents=True)
+        (generated / "candle" / "ground_truth" / t).mkdir(parents=True)
+        Image.new("RGB", (SIZE, SIZE)).save(generated / "candle" / "test" / t / "000.png")
+        Image.new("L", (SIZE, SIZE), 255).save(generated / "candle" / "ground_truth" / t / "000_mask.png")
+    config = EvaluateConfig.from_settings({"generated": generated, "output": tmp_path / "eval", "data": visa,
+                                           "category": "candle", "downstream": "localize", "kid": False,
+                                           "ic_lpips": False, "pretrained": False})
+    with pytest.raises(RuntimeError, match="stop"):
+        defectfill.evaluate.evaluate(config)
+    assert seen["rule"] == "nonzero"

@@ -43,6 +43,9 @@ class DownstreamSettings:
     seed: int = 0
     pretrained: bool = True
     device: str = "cpu"
+    # how the real dataset's mask files are read (`images.load_mask`): "half", or "nonzero" for VisA's
+    # instance-id masks; generated masks are 0/255, which both rules read alike
+    mask_rule: str = "half"
 
     def check(self) -> None:
         if self.epochs < 1:
@@ -86,12 +89,12 @@ def _valid_tensor(path: Path, size: int) -> torch.Tensor:
     return valid
 
 
-def _mask_tensor(path: Path | None, size: int) -> torch.Tensor:
+def _mask_tensor(path: Path | None, size: int, rule: str = "half") -> torch.Tensor:
     """A mask file (or None: a good image) -> (1, size, size) in {0, 1}, letterboxed as its image is and
     nearest-resized to stay binary (the usual way to bring ground truth to a model's size)."""
     if path is None:
         return torch.zeros((1, size, size))
-    mask = load_mask(path)
+    mask = load_mask(path, rule)
     w, h, x0, y0 = letterbox_box(mask.shape[1], mask.shape[0], size)
     small = Image.fromarray(mask.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
     out = torch.zeros(1, size, size)
@@ -350,10 +353,10 @@ def train_localiser(
     if size % 32:
         raise DefectFillError(f"--image-size must be a multiple of 32 for the U-Net (got {size}).")
     x_train = torch.stack([_image_tensor(p, size) for p, _ in tqdm(train, desc="localize: load", leave=False)])
-    m_train = torch.stack([_mask_tensor(m, size) for _, m in train])
+    m_train = torch.stack([_mask_tensor(m, size, settings.mask_rule) for _, m in train])
     v_train = torch.stack([_valid_tensor(p, size) for p, _ in train])
     x_test = torch.stack([_image_tensor(p, size) for p, _ in test])
-    m_test = torch.stack([_mask_tensor(m, size) for _, m in test])
+    m_test = torch.stack([_mask_tensor(m, size, settings.mask_rule) for _, m in test])
     v_test = torch.stack([_valid_tensor(p, size) for p, _ in test])  # letterbox padding is no part of an image
     model = (model_factory or unet_localiser)(settings.pretrained).to(device)
 
