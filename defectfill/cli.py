@@ -1,4 +1,4 @@
-"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data.
+"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data, pretrain-base.
 
 User-input problems raise `DefectFillError`; they are printed as one clear
 message (no traceback) and the command exits with status 2.
@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="folder to write")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.set_defaults(func=_make_demo_data)
+
+    from defectfill.pretrain import add_arguments as add_pretrain_arguments
+    from defectfill.pretrain import pretrain_command
+
+    help_text = "pretrain a small inpainting base (defectfill-mini) on a procedurally drawn world, on the CPU"
+    p = sub.add_parser("pretrain-base", help=help_text, description=help_text)
+    add_pretrain_arguments(p)
+    p.set_defaults(func=pretrain_command)
 
     help_text = ("what a dataset holds as train reads it: layout, categories, defect types with their counts, "
                  "the reference/held-out split and every problem (reads no model, writes nothing)")

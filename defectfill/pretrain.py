@@ -1,0 +1,486 @@
+"""`defectfill pretrain-base`: pretrain a small SD2-inpainting-shaped base (`defectfill-mini`, issue 10) on the world.
+
+Two stages, both on images drawn by `defectfill.world`:
+
+1. the VAE (AutoencoderKL, factor-4 latents): L1 + L2 reconstruction and a small
+   KL term, AdamW with a short warm-up and a cosine decay;
+2. the 9-channel inpainting UNet (cross-attention in its decoder) and the CLIP
+   text encoder, trained together with the epsilon objective under SD2's DDPM
+   schedule, on (world image, inpainting mask, caption); the VAE frozen.
+   The text encoder is trained, not frozen: a randomly initialised encoder
+   carries no meaning to keep, and the fine-tune later learns a token and a
+   LoRA in it, which needs an encoder whose output the UNet actually reads.
+   Empty captions (the world's 10 %) teach the unconditional branch.
+
+Between the stages the VAE's latent scaling factor is measured (1 / std of the
+latents of 256 world images, as SD did), and written to its config.
+
+Every random draw of step k of stage s comes from generators seeded by
+(seed, s, k), and checkpoints (safetensors + JSON, written to a temporary folder
+and renamed) hold the weights and the optimiser state, so `--resume` continues
+exactly where the last checkpoint was: a run stopped and resumed gives the
+same weights as one uninterrupted. `--max-minutes` stops a run cleanly with a
+checkpoint (for sessions whose commands have a time limit). At the end,
+`assemble_inpaint_pipeline(unet, vae, text_encoder).save_pretrained(DIR)` writes
+a folder that `defectfill.model.load_pipeline` (and so `--model`) loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from defectfill.atomic import replace_dir, write_json
+from defectfill.errors import DefectFillError
+
+COMMAND = "pretrain-base"
+STATE_NAME = "pretrain.json"
+
+
+@dataclass
+class BaseArch:
+    """The architecture of the base: small enough for a CPU pretraining, same structure as SD2 inpainting."""
+
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: factor-4 latents
+    vae_layers: int = 1
+    vae_groups: int = 16
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers: int = 1
+    unet_groups: int = 16
+    unet_heads: tuple[int, ...] = (4, 8, 8)
+    text_hidden: int = 64  # also the UNet's cross_attention_dim
+    text_layers: int = 2
+    text_heads: int = 4
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BaseArch:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise DefectFillError(f"unknown architecture setting(s): {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+TINY_ARCH = BaseArch(vae_channels=(8, 16, 16), vae_groups=4, unet_channels=(16, 32, 32), unet_groups=8,
+                     unet_heads=(2, 4, 4), text_hidden=16, text_layers=1, text_heads=2)
+
+
+@dataclass
+class PretrainSettings:
+    output: str
+    size: int = 64
+    vae_steps: int = 3000
+    unet_steps: int = 6000
+    batch_size: int = 16
+    seed: int = 0
+    vae_lr: float = 1e-3
+    unet_lr: float = 5e-4
+    warmup_steps: int = 100
+    kl_weight: float = 1e-6
+    save_every: int = 250
+    arch: BaseArch = field(default_factory=BaseArch)
+
+    def check(self) -> None:
+        if self.size < 32 or self.size % 8:
+            raise DefectFillError(f"--size {self.size}: must be a multiple of 8 and at least 32 pixels.")
+        for name in ("vae_steps", "unet_steps"):
+            if getattr(self, name) < 1:
+                raise DefectFillError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.batch_size < 1:
+            raise DefectFillError("--batch-size must be at least 1.")
+        if self.save_every < 1:
+            raise DefectFillError("--save-every must be at least 1.")
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("output")
+        return data
+
+
+# --------------------------------------------------------------------------- networks
+
+
+def build_networks(arch: BaseArch, size: int, seed: int):
+    """(vae, unet, text_encoder) with seeded random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n = len(arch.unet_channels)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=arch.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
+            layers_per_block=arch.vae_layers, norm_num_groups=arch.vae_groups, sample_size=size,
+            scaling_factor=0.18215,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=size // 2 ** (len(arch.vae_channels) - 1), in_channels=9, out_channels=4,
+            layers_per_block=arch.unet_layers, block_out_channels=arch.unet_channels,
+            norm_num_groups=arch.unet_groups, cross_attention_dim=arch.text_hidden,
+            attention_head_dim=arch.unet_heads, use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 2,
+            num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads, max_position_embeddings=77,
+            projection_dim=arch.text_hidden, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407,
+            pad_token_id=0,
+        ))
+    return vae, unet, text_encoder
+
+
+def ddpm_scheduler():
+    """SD2's training schedule: the tiny pipeline's scheduler config as a DDPMScheduler."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1, clip_sample=False)
+
+
+def weights_megabytes(*modules: torch.nn.Module) -> float:
+    """fp32 safetensors size of these networks, in MB (10^6 bytes)."""
+    return sum(p.numel() * 4 for m in modules for p in m.state_dict().values()) / 1e6
+
+
+# --------------------------------------------------------------------------- draws
+
+
+def step_rngs(seed: int, stage: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The generators of one step: every draw of (seed, stage, step) comes from these."""
+    rng = np.random.default_rng([seed, stage, step])
+    gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    return rng, gen
+
+
+def world_batch(rng: np.random.Generator, n: int, size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Images in [-1, 1] (n,3,H,W), captions, masks (n,1,H,W) float 1 = repaint."""
+    from defectfill.world import sample_batch
+
+    images, captions, masks = sample_batch(rng, n, size)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, captions, torch.from_numpy(masks)[:, None].float()
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float) -> torch.Tensor:
+    posterior = vae.encode(images).latent_dist
+    recon = vae.decode(posterior.sample(gen)).sample
+    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
+
+
+def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen) -> torch.Tensor:
+    """The epsilon objective of SD inpainting on one batch (VAE frozen)."""
+    from defectfill.model import unet_input
+
+    sf = vae.config.scaling_factor
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.no_grad():
+        both = vae.encode(torch.cat([images, images * (masks < 0.5)])).latent_dist
+        latents, masked = (both.sample(gen) * sf).chunk(2)
+    mask_latents = F.interpolate(masks, size=latents.shape[-2:], mode="nearest") if factor > 1 else masks
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
+    noisy = scheduler.add_noise(latents, noise, t)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    hidden = text_encoder(ids)[0]
+    pred = unet(unet_input(noisy, mask_latents, masked), t, encoder_hidden_states=hidden).sample
+    return F.mse_loss(pred, noise)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def _save(folder: Path, stage: int, step: int, modules: dict[str, torch.nn.Module], optimizer,
+          extra: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    from defectfill.checkpoint import _optimizer_to_files
+
+    ckpt = folder / "checkpoints"
+    final = ckpt / f"stage{stage}-{step}"
+    tmp = ckpt / f".stage{stage}-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in modules.items():
+        tensors.update(_module_tensors(name, module))
+    save_file(tensors, str(tmp / "weights.safetensors"))
+    if optimizer is not None:
+        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step, **extra}, indent=2))
+    replace_dir(tmp, final)
+    for old in ckpt.glob(f"stage{stage}-*"):  # only the newest of a stage is kept
+        if old != final and old.is_dir() and not old.name.endswith(".tmp"):
+            shutil.rmtree(old)
+    return final
+
+
+def _latest(folder: Path, stage: int) -> Path | None:
+    found = []
+    for p in (folder / "checkpoints").glob(f"stage{stage}-*"):
+        if p.is_dir() and (p / "state.json").is_file() and p.name.split("-")[-1].isdigit():
+            found.append((int(p.name.split("-")[-1]), p))
+    return max(found)[1] if found else None
+
+
+def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from defectfill.checkpoint import _optimizer_from_files
+
+    try:
+        tensors = load_file(str(path / "weights.safetensors"))
+        for name, module in modules.items():
+            own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            module.load_state_dict(own)
+        if optimizer is not None:
+            _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
+                                  json.loads((path / "optimizer.json").read_text()))
+        return json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise DefectFillError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); remove it and "
+                              "rerun with --resume, or start again in a new folder.") from None
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _prepare_folder(settings: PretrainSettings, resume: bool) -> Path:
+    from defectfill.folders import claim_folder
+
+    folder = Path(settings.output).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise DefectFillError(f"--output {folder}: is a file, not a folder. Choose a folder (a new one is made).")
+    state_file = folder / STATE_NAME
+    if resume:
+        if not state_file.is_file():
+            raise DefectFillError(f"--output {folder}: --resume given but no pretraining was started there "
+                                  f"(no {STATE_NAME}). Start without --resume.")
+        try:
+            saved = json.loads(state_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise DefectFillError(f"{state_file}: damaged ({exc}); start again in a new folder.") from None
+        mine = json.loads(json.dumps(settings.to_json()))
+        changed = sorted(k for k in set(saved) | set(mine) if k not in ("vae_steps", "unet_steps")
+                         and saved.get(k) != mine.get(k))
+        if changed:
+            raise DefectFillError(f"--resume: settings differ from the run in {folder}: {', '.join(changed)} "
+                                  "(only --vae-steps and --unet-steps may change on resume).")
+        for name in ("vae_steps", "unet_steps"):  # the LR schedule depends on the totals
+            if saved.get(name) != mine.get(name):
+                raise DefectFillError(f"--resume: --{name.replace('_', '-')} {mine.get(name)} differs from the "
+                                      f"run's {saved.get(name)}; the learning-rate schedule depends on it.")
+        return folder
+    if state_file.exists():
+        raise DefectFillError(f"--output {folder}: holds a pretraining already; add --resume to continue it, "
+                              "or choose a new folder.")
+    folder = claim_folder(folder, COMMAND)
+    write_json(state_file, settings.to_json())
+    return folder
+
+
+def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes: float | None = None,
+                  stop_after_steps: int | None = None, progress: bool = True) -> Path | None:
+    """Run (or continue) the two stages; returns the pipeline folder, or None if stopped early with a checkpoint.
+
+    `stop_after_steps` stops after that many steps of this call (both stages counted), as if interrupted
+    right after a checkpoint: for tests, and for running a long pretraining in pieces.
+    """
+    from tqdm.auto import tqdm
+
+    from defectfill.folders import folder_lock
+    from defectfill.tiny import assemble_inpaint_pipeline, clip_tokenizer
+
+    settings.check()
+    folder = _prepare_folder(settings, resume)
+    start = time.monotonic()
+    arch = settings.arch
+    vae, unet, text_encoder = build_networks(arch, settings.size, settings.seed)
+    done_here = 0
+
+    def should_stop() -> bool:
+        if stop_after_steps is not None and done_here >= stop_after_steps:
+            return True
+        return max_minutes is not None and time.monotonic() - start > max_minutes * 60
+
+    with folder_lock(folder, COMMAND):
+        # ---------------------------------------------------------------- stage 1: the VAE
+        vae_opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+        step = 0
+        last1 = _latest(folder, 1) if resume else None
+        if last1 is not None:
+            finished = "scaling_factor" in json.loads((last1 / "state.json").read_text())
+            step = _load(last1, {"vae": vae}, None if finished else vae_opt)["step"]
+        vae.train()
+        bar = tqdm(total=settings.vae_steps, initial=step, desc="pretrain: VAE", disable=not progress)
+        while step < settings.vae_steps:
+            if should_stop():
+                _save(folder, 1, step, {"vae": vae}, vae_opt, {})
+                bar.close()
+                return None
+            rng, gen = step_rngs(settings.seed, 1, step)
+            images, _, _ = world_batch(rng, settings.batch_size, settings.size)
+            for group in vae_opt.param_groups:
+                group["lr"] = lr_at(step, settings.vae_steps, settings.vae_lr, settings.warmup_steps)
+            loss = vae_loss(vae, images, gen, settings.kl_weight)
+            vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            vae_opt.step()
+            step += 1
+            done_here += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % settings.save_every == 0 or step == settings.vae_steps:
+                extra = {}
+                if step == settings.vae_steps:
+                    extra["scaling_factor"] = _measure_scaling(vae, settings)
+                _save(folder, 1, step, {"vae": vae}, vae_opt if step < settings.vae_steps else None, extra)
+        bar.close()
+        final1 = _load(_latest(folder, 1), {"vae": vae}, None)
+        vae.register_to_config(scaling_factor=final1["scaling_factor"])
+        vae.eval().requires_grad_(False)
+        del vae_opt
+
+        # ---------------------------------------------------------------- stage 2: UNet + text encoder
+        tokenizer = clip_tokenizer()
+        scheduler = ddpm_scheduler()
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=0.0)
+        step = 0
+        last2 = _latest(folder, 2) if resume else None
+        if last2 is not None:
+            step = _load(last2, {"unet": unet, "text_encoder": text_encoder}, opt)["step"]
+        unet.train()
+        text_encoder.train()
+        bar = tqdm(total=settings.unet_steps, initial=step, desc="pretrain: UNet", disable=not progress)
+        while step < settings.unet_steps:
+            if should_stop():
+                _save(folder, 2, step, {"unet": unet, "text_encoder": text_encoder}, opt, {})
+                bar.close()
+                return None
+            rng, gen = step_rngs(settings.seed, 2, step)
+            images, captions, masks = world_batch(rng, settings.batch_size, settings.size)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, settings.unet_steps, settings.unet_lr, settings.warmup_steps)
+            loss = unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            done_here += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % settings.save_every == 0 or step == settings.unet_steps:
+                _save(folder, 2, step, {"unet": unet, "text_encoder": text_encoder}, opt, {})
+        bar.close()
+
+        unet.eval()
+        text_encoder.eval()
+        pipe = assemble_inpaint_pipeline(unet, vae, text_encoder)
+        tmp = folder / ".pipeline.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        for item in sorted(tmp.iterdir()):  # each part replaced whole; model_index.json last
+            if item.name != "model_index.json":
+                target = folder / item.name
+                if target.is_dir():
+                    replace_dir(item, target)
+                else:
+                    item.replace(target)
+        (tmp / "model_index.json").replace(folder / "model_index.json")
+        shutil.rmtree(tmp)
+    return folder
+
+
+def _measure_scaling(vae, settings: PretrainSettings) -> float:
+    """1 / std of the latents of 256 world images (drawn from stage 1's own seed stream, step -1)."""
+    rng = np.random.default_rng([settings.seed, 1, 2**31])
+    images, _, _ = world_batch(rng, 256, settings.size)
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
+    std = float(latents.std())
+    return 1.0 / std if std > 1e-6 else 1.0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--output", required=True, help="folder for checkpoints and the finished pipeline")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 8, at least 32)")
+    p.add_argument("--vae-steps", type=int, default=PretrainSettings.vae_steps, help="stage 1 steps (VAE)")
+    p.add_argument("--unet-steps", type=int, default=PretrainSettings.unet_steps,
+                   help="stage 2 steps (UNet and text encoder)")
+    p.add_argument("--batch-size", type=int, default=PretrainSettings.batch_size)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=PretrainSettings.save_every, help="checkpoint every N steps")
+    p.add_argument("--arch", default=None, help="architecture as a JSON file or inline JSON (BaseArch fields); "
+                                                "'tiny' for a seconds-long test model")
+    p.add_argument("--resume", action="store_true", help="continue the pretraining in --output exactly")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="stop cleanly with a checkpoint after this long; continue with --resume")
+
+
+def _arch_from_arg(value: str | None) -> BaseArch:
+    if value is None:
+        return BaseArch()
+    if value == "tiny":
+        return TINY_ARCH
+    text = value
+    path = Path(value).expanduser()
+    if not value.lstrip().startswith("{"):
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise DefectFillError(f"--arch {value}: cannot read ({exc.strerror}).") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise DefectFillError(f"--arch: not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise DefectFillError("--arch: must be a JSON object of BaseArch fields.")
+    return BaseArch.from_dict(data)
+
+
+def pretrain_command(args) -> int:
+    settings = PretrainSettings(output=args.output, size=args.size, vae_steps=args.vae_steps,
+                                unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
+                                save_every=args.save_every, arch=_arch_from_arg(args.arch))
+    out = pretrain_base(settings, resume=args.resume, max_minutes=args.max_minutes)
+    if out is None:
+        print(f"stopped with a checkpoint in {args.output}/checkpoints; rerun with --resume to continue.")
+    else:
+        print(f"base pipeline written to {out} (use it as --model {out})")
+    return 0

@@ -1,0 +1,346 @@
+"""A procedurally drawn industrial world for pretraining the `defectfill-mini` base (issue 10).
+
+`sample_world(rng, size)` draws one captioned image: a part or a surface
+(discs/washers, hex nuts, screws, circuit boards, tiles, woven fabric, wood
+grain, brushed metal, cables) in one of a dozen named colours, at a random size
+and position, under a lighting gradient with sensor noise, and about half the
+time with one generic surface anomaly (a line, a stain, a hole, a fissure, a
+chip, a fleck of colour, a missing piece, a smudge). The caption names what was
+drawn in plain words ("a blue tile", "a silver nut with a dark stain"); a
+fraction `EMPTY_CAPTION_RATE` of captions are empty, for classifier-free
+guidance. `sample_inpaint_mask(rng, size)` draws an inpainting mask (a box, a
+blob, a brush stroke or a thin line); `sample_batch` draws both for a batch.
+
+Every draw comes from the numpy Generator passed in, so a seed gives the same
+images, captions and masks on every machine.
+
+Rule (kept by tests/test_world.py): the world is independent of the demo
+dataset. It does not import `defectfill.demo_data`, does not reuse its drawing,
+and its captions never use the demo's defect type names ("scratch", "spot",
+"crack"): a fine-tuning run on the demo must not find its defects already learnt
+by the base. Anomalies here have their own names and drawing.
+
+Textures keep their features at least ~3 px wide at 64 px (a factor-4 VAE
+loses finer detail, as the tiny weave showed), and everything is drawn at twice
+the size and downsampled, so edges are antialiased.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+EMPTY_CAPTION_RATE = 0.1
+ANOMALY_RATE = 0.5
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (178, 40, 36), "blue": (40, 74, 170), "green": (46, 130, 60), "yellow": (214, 186, 52),
+    "orange": (222, 120, 36), "grey": (128, 128, 128), "black": (32, 32, 34), "white": (228, 228, 222),
+    "brown": (120, 78, 44), "silver": (186, 190, 196), "gold": (196, 160, 70), "copper": (184, 108, 66),
+    "purple": (110, 60, 140),
+}
+# kind -> (caption noun, colours it comes in, object on a background or a surface filling the frame)
+KINDS: dict[str, tuple[str, tuple[str, ...], bool]] = {
+    "disc": ("round disc", ("silver", "grey", "black", "white", "red", "blue", "gold", "copper"), True),
+    "washer": ("washer", ("silver", "grey", "gold", "copper", "black"), True),
+    "nut": ("metal nut", ("silver", "grey", "gold", "black", "copper"), True),
+    "screw": ("screw", ("silver", "grey", "gold", "black", "copper"), True),
+    "cable": ("cable", ("red", "blue", "green", "yellow", "black", "white", "orange", "purple"), True),
+    "board": ("circuit board", ("green", "blue", "black", "red", "purple"), False),
+    "tile": ("tile", ("white", "grey", "blue", "red", "green", "yellow", "brown", "orange"), False),
+    "fabric": ("woven fabric", ("red", "blue", "green", "grey", "brown", "yellow", "purple", "white"), False),
+    "wood": ("wooden board", ("brown", "orange", "yellow", "grey"), False),
+    "metal": ("brushed metal plate", ("silver", "grey", "gold", "copper"), False),
+}
+# anomaly -> caption words (never "scratch", "spot" or "crack": see the module docstring)
+ANOMALIES: dict[str, str] = {
+    "line": "a thin line", "stain": "a dark stain", "hole": "a hole", "fissure": "a fissure",
+    "chip": "a chipped edge", "fleck": "a fleck of {colour}", "missing": "a missing piece", "smudge": "a smudge",
+}
+FORBIDDEN_WORDS = ("scratch", "spot", "crack")
+BACKGROUNDS = ("black", "grey", "white", "brown", "blue")
+
+
+def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int = 18) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
+
+
+def _shade(rgb, factor: float) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c * factor, 0, 255)) for c in rgb)
+
+
+# --------------------------------------------------------------------------- surfaces (fill the frame)
+
+
+def _surface(kind: str, rgb, s: int, rng: np.random.Generator) -> Image.Image:
+    """A frame-filling surface at side s (the doubled canvas)."""
+    base = np.array(rgb, dtype=np.float32)
+    y, x = np.mgrid[0:s, 0:s].astype(np.float32)
+    if kind == "fabric":  # over-under weave, threads >= 3 px at the final size
+        period = rng.uniform(10, 18)  # doubled canvas: 5-9 px at 64
+        angle = rng.uniform(-0.3, 0.3)
+        u, v = x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
+        cu, cv = (u / period) % 1.0, (v / period) % 1.0
+        over = ((np.floor(u / period) + np.floor(v / period)) % 2) == 0
+        thread = np.where(over, np.sin(np.pi * cv), np.sin(np.pi * cu))
+        img = base * (0.65 + 0.45 * thread[..., None])
+    elif kind == "wood":  # rings bent by a low-frequency wobble
+        freq = rng.uniform(0.05, 0.1)
+        wobble = 6 * np.sin(y / rng.uniform(20, 40) + rng.uniform(0, 6)) + 3 * np.sin(y / 9 + rng.uniform(0, 6))
+        rings = 0.5 + 0.5 * np.sin((x + wobble) * freq * 2 * np.pi / 4 + rng.uniform(0, 6))
+        img = base * (0.7 + 0.35 * rings[..., None])
+    elif kind == "metal":  # brushed streaks along one direction
+        streaks = rng.normal(0, 1, s).astype(np.float32)
+        streaks = np.convolve(streaks, np.ones(5) / 5, mode="same")
+        along = streaks[None, :] if rng.random() < 0.5 else streaks[:, None]
+        img = base * (0.92 + 0.12 * along[..., None]) + np.zeros((s, s, 1), np.float32)
+    elif kind == "tile":  # tiles with grout lines
+        n = int(rng.integers(1, 4))
+        step = s / n
+        grout = _shade(rgb, 0.45) if sum(rgb) > 300 else (200, 200, 196)
+        img = np.broadcast_to(base, (s, s, 3)).copy()
+        gw = max(6, int(step * 0.06))
+        off = rng.uniform(0, step)
+        on = (((x + off) % step) < gw) | (((y + off) % step) < gw)
+        img[on] = grout
+    else:  # board: a coloured substrate with copper traces and pads
+        img = np.broadcast_to(base * 0.8, (s, s, 3)).copy()
+        pil = Image.fromarray(img.astype(np.uint8))
+        draw = ImageDraw.Draw(pil)
+        trace = _jitter(COLOURS["gold"] if rng.random() < 0.5 else COLOURS["silver"], rng)
+        for _ in range(int(rng.integers(3, 8))):
+            x0, y0 = rng.uniform(0, s, 2)
+            pts = [(x0, y0)]
+            for _ in range(int(rng.integers(2, 4))):
+                if rng.random() < 0.5:
+                    x0 = float(rng.uniform(0, s))
+                else:
+                    y0 = float(rng.uniform(0, s))
+                pts.append((x0, y0))
+            draw.line(pts, fill=trace, width=int(rng.integers(6, 10)))
+        for _ in range(int(rng.integers(2, 7))):
+            cx, cy = rng.uniform(8, s - 8, 2)
+            r = rng.uniform(5, 10)
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=trace)
+        if rng.random() < 0.6:  # a black chip
+            cx, cy = rng.uniform(s * 0.2, s * 0.8, 2)
+            w, h = rng.uniform(s * 0.1, s * 0.25, 2)
+            draw.rectangle([cx - w, cy - h, cx + w, cy + h], fill=(24, 24, 28))
+        return pil
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- parts (on a background)
+
+
+def _background(s: int, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int]]:
+    rgb = _jitter(_shade(COLOURS[BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]], rng.uniform(0.5, 1.0)), rng)
+    return Image.new("RGB", (s, s), rgb), rgb
+
+
+def _part(kind: str, rgb, s: int, rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int], tuple]:
+    """A part drawn on a plain background; returns (image, background colour, (cx, cy, r) of the part)."""
+    image, bg = _background(s, rng)
+    draw = ImageDraw.Draw(image)
+    r = s * rng.uniform(0.2, 0.42)
+    cx, cy = rng.uniform(r, s - r), rng.uniform(r, s - r)
+    dark, light = _shade(rgb, 0.6), _shade(rgb, 1.25)
+    if kind in ("disc", "washer"):
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb, outline=dark, width=max(2, int(r * 0.08)))
+        if kind == "washer":
+            ri = r * rng.uniform(0.3, 0.5)
+            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=bg)
+        elif rng.random() < 0.5:  # a raised centre
+            ri = r * rng.uniform(0.2, 0.5)
+            draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=light)
+    elif kind == "nut":
+        turn = rng.uniform(0, np.pi / 3)
+        hexagon = [(cx + r * np.cos(turn + k * np.pi / 3), cy + r * np.sin(turn + k * np.pi / 3)) for k in range(6)]
+        draw.polygon(hexagon, fill=rgb, outline=dark)
+        ri = r * rng.uniform(0.35, 0.5)
+        draw.ellipse([cx - ri * 1.2, cy - ri * 1.2, cx + ri * 1.2, cy + ri * 1.2], fill=dark)
+        draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=bg)
+    elif kind == "screw":
+        angle = rng.uniform(0, np.pi)
+        ux, uy = np.cos(angle), np.sin(angle)
+        half, w = r, max(5.0, r * 0.22)
+        a, b = (cx - ux * half, cy - uy * half), (cx + ux * half * 0.6, cy + uy * half * 0.6)
+        draw.line([a, b], fill=rgb, width=int(w * 2))
+        for t in np.arange(0.05, 1.0, rng.uniform(0.1, 0.16)):  # thread ridges
+            px, py = a[0] + (b[0] - a[0]) * t, a[1] + (b[1] - a[1]) * t
+            draw.line([(px - uy * w, py + ux * w), (px + uy * w, py - ux * w)], fill=dark, width=3)
+        hr = w * 1.9
+        hx, hy = cx + ux * half * 0.75, cy + uy * half * 0.75
+        draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=light, outline=dark, width=2)
+        draw.line([(hx - uy * hr * 0.7, hy + ux * hr * 0.7), (hx + uy * hr * 0.7, hy - ux * hr * 0.7)], fill=dark,
+                  width=4)
+    else:  # cable: a thick curve with a highlight
+        pts = []
+        x0, y0 = rng.uniform(0, s, 2)
+        heading = rng.uniform(0, 2 * np.pi)
+        for _ in range(12):
+            pts.append((float(x0), float(y0)))
+            heading += rng.uniform(-0.5, 0.5)
+            x0, y0 = x0 + np.cos(heading) * s / 8, y0 + np.sin(heading) * s / 8
+        width = int(rng.uniform(s * 0.06, s * 0.14))
+        draw.line(pts, fill=dark, width=width + 4, joint="curve")
+        draw.line(pts, fill=rgb, width=width, joint="curve")
+        draw.line([(x + width * 0.15, y - width * 0.15) for x, y in pts], fill=light, width=max(3, width // 5),
+                  joint="curve")
+        cx, cy = pts[len(pts) // 2]
+        r = width
+    return image, bg, (cx, cy, r)
+
+
+# --------------------------------------------------------------------------- anomalies
+
+
+def _anomaly(image: Image.Image, name: str, where: tuple, bg, rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """Draw one anomaly near `where` = (cx, cy, r); returns the image and the anomaly's caption words."""
+    s = image.size[0]
+    cx, cy, r = where
+    px = float(np.clip(cx + rng.uniform(-0.6, 0.6) * r, 4, s - 4))
+    py = float(np.clip(cy + rng.uniform(-0.6, 0.6) * r, 4, s - 4))
+    layer = image.copy()
+    draw = ImageDraw.Draw(layer)
+    words = ANOMALIES[name]
+    if name == "line":  # a straight thin mark, lighter or darker than the part
+        angle, length = rng.uniform(0, np.pi), s * rng.uniform(0.15, 0.45)
+        dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
+        tone = (245, 245, 240) if rng.random() < 0.5 else (20, 20, 22)
+        draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=tone, width=int(rng.integers(4, 7)))
+    elif name == "stain":  # a soft irregular dark patch, blended
+        blob = Image.new("L", image.size, 0)
+        bd = ImageDraw.Draw(blob)
+        for _ in range(int(rng.integers(3, 6))):
+            rr = s * rng.uniform(0.04, 0.1)
+            ox, oy = px + rng.uniform(-rr, rr), py + rng.uniform(-rr, rr)
+            bd.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=int(rng.integers(140, 230)))
+        blob = blob.filter(ImageFilter.GaussianBlur(s * 0.02))
+        tint = Image.new("RGB", image.size, (int(rng.integers(30, 70)), int(rng.integers(20, 50)), 10))
+        layer = Image.composite(tint, layer, blob)
+    elif name == "hole":  # a dark round hole with a light rim
+        rr = s * rng.uniform(0.03, 0.07)
+        draw.ellipse([px - rr * 1.3, py - rr * 1.3, px + rr * 1.3, py + rr * 1.3], fill=(200, 200, 196))
+        draw.ellipse([px - rr, py - rr, px + rr, py + rr], fill=(8, 8, 10))
+    elif name == "fissure":  # a branching split that narrows from its start
+        def branch(x, y, heading, width, depth):
+            for _ in range(int(rng.integers(3, 6))):
+                heading += rng.uniform(-0.7, 0.7)
+                nx, ny = x + np.cos(heading) * s * 0.05, y + np.sin(heading) * s * 0.05
+                draw.line([(x, y), (nx, ny)], fill=(14, 12, 12), width=max(3, int(width)))
+                x, y, width = nx, ny, width * 0.85
+                if depth < 1 and rng.random() < 0.3:
+                    branch(x, y, heading + rng.choice([-1.0, 1.0]), width * 0.7, depth + 1)
+        branch(px, py, rng.uniform(0, 2 * np.pi), rng.uniform(5, 8), 0)
+    elif name in ("chip", "missing"):  # the part's edge or a piece of it gone: background shows
+        angle = rng.uniform(0, 2 * np.pi)
+        ex, ey = cx + np.cos(angle) * r, cy + np.sin(angle) * r
+        if name == "missing":
+            ex, ey = px, py
+        size = s * (rng.uniform(0.05, 0.09) if name == "chip" else rng.uniform(0.08, 0.15))
+        corners = [(ex + np.cos(a) * size * rng.uniform(0.6, 1.2), ey + np.sin(a) * size * rng.uniform(0.6, 1.2))
+                   for a in np.sort(rng.uniform(0, 2 * np.pi, 5))]
+        draw.polygon(corners, fill=bg)
+    elif name == "fleck":  # small bright blots of another colour
+        colour_name = str(rng.choice(["red", "blue", "green", "yellow", "orange", "purple", "white"]))
+        words = words.format(colour=colour_name)
+        for _ in range(int(rng.integers(1, 4))):
+            rr = s * rng.uniform(0.025, 0.05)
+            ox, oy = px + rng.uniform(-3, 3) * rr, py + rng.uniform(-3, 3) * rr
+            draw.regular_polygon((ox, oy, rr), int(rng.integers(3, 7)), rotation=float(rng.uniform(0, 360)),
+                                 fill=_jitter(COLOURS[colour_name], rng))
+    else:  # smudge: a blurred, lightened band
+        band = Image.new("L", image.size, 0)
+        angle = rng.uniform(0, np.pi)
+        dx, dy = np.cos(angle) * s * 0.15, np.sin(angle) * s * 0.15
+        ImageDraw.Draw(band).line([(px - dx, py - dy), (px + dx, py + dy)], fill=180, width=int(s * 0.1))
+        band = band.filter(ImageFilter.GaussianBlur(s * 0.03))
+        layer = Image.composite(Image.new("RGB", image.size, (235, 235, 230)), layer, band)
+    return layer, words
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def _finish(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Image:
+    """Downsample, light with a gradient, add sensor noise."""
+    arr = np.asarray(image.resize((size, size), Image.LANCZOS), dtype=np.float32)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
+    angle = rng.uniform(0, 2 * np.pi)
+    gain = 1.0 + rng.uniform(0, 0.35) * (np.cos(angle) * x + np.sin(angle) * y) * 2
+    arr = arr * gain[..., None] * rng.uniform(0.85, 1.15) + rng.normal(0, rng.uniform(0.5, 5.0), arr.shape)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def sample_world(rng: np.random.Generator, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+                 anomaly_rate: float = ANOMALY_RATE) -> tuple[Image.Image, str]:
+    """One image of the world (PIL RGB, size x size) and its caption ("" with probability empty_caption_rate)."""
+    kinds = list(KINDS)
+    kind = kinds[int(rng.integers(len(kinds)))]
+    noun, colours, is_part = KINDS[kind]
+    colour = colours[int(rng.integers(len(colours)))]
+    rgb = _jitter(COLOURS[colour], rng)
+    s = size * 2
+    if is_part:
+        image, bg, where = _part(kind, rgb, s, rng)
+    else:
+        image = _surface(kind, rgb, s, rng)
+        bg, where = (10, 10, 12), (s / 2, s / 2, s / 2)
+    caption = f"a {colour} {noun}"
+    if rng.random() < anomaly_rate:
+        names = list(ANOMALIES)
+        if not is_part:  # a surface has no edge to chip
+            names.remove("chip")
+        image, words = _anomaly(image, names[int(rng.integers(len(names)))], where, bg, rng)
+        caption += f" with {words}"
+    image = _finish(image, size, rng)
+    if rng.random() < empty_caption_rate:
+        caption = ""
+    return image, caption
+
+
+MASK_KINDS = ("box", "blob", "stroke", "line", "large")
+
+
+def sample_inpaint_mask(rng: np.random.Generator, size: int = 64) -> np.ndarray:
+    """An inpainting mask (size x size, bool, never empty): a box, a blob, a brush stroke, a thin line or a
+    large box covering a third to most of the frame."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    kind = MASK_KINDS[int(rng.integers(len(MASK_KINDS)))]
+    cx, cy = rng.uniform(0.15, 0.85, 2) * size
+    if kind in ("box", "large"):
+        w, h = rng.uniform(0.08, 0.3, 2) * size if kind == "box" else rng.uniform(0.3, 0.45, 2) * size
+        draw.rectangle([cx - w, cy - h, cx + w, cy + h], fill=255)
+    elif kind == "blob":
+        for _ in range(int(rng.integers(2, 6))):
+            rr = size * rng.uniform(0.05, 0.15)
+            ox, oy = cx + rng.uniform(-1.5, 1.5) * rr, cy + rng.uniform(-1.5, 1.5) * rr
+            draw.ellipse([ox - rr, oy - rr, ox + rr, oy + rr], fill=255)
+    else:
+        pts, heading = [(cx, cy)], rng.uniform(0, 2 * np.pi)
+        for _ in range(int(rng.integers(1, 5 if kind == "stroke" else 2))):
+            heading += rng.uniform(-1.0, 1.0)
+            step = size * rng.uniform(0.1, 0.3)
+            pts.append((pts[-1][0] + np.cos(heading) * step, pts[-1][1] + np.sin(heading) * step))
+        width = int(size * rng.uniform(0.06, 0.14)) if kind == "stroke" else int(rng.integers(2, 4))
+        draw.line(pts, fill=255, width=max(2, width), joint="curve")
+    out = np.asarray(mask) >= 128
+    if not out.any():  # a stroke that left the frame: fall back to a small box at its start
+        x0, y0 = int(np.clip(cx, 2, size - 6)), int(np.clip(cy, 2, size - 6))
+        out = out.copy()
+        out[y0:y0 + 4, x0:x0 + 4] = True
+    return out
+
+
+def sample_batch(rng: np.random.Generator, n: int, size: int = 64,
+                 empty_caption_rate: float = EMPTY_CAPTION_RATE) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """n samples: images (n, size, size, 3) uint8, captions, inpainting masks (n, size, size) bool."""
+    images, captions, masks = [], [], []
+    for _ in range(n):
+        image, caption = sample_world(rng, size, empty_caption_rate)
+        images.append(np.asarray(image))
+        captions.append(caption)
+        masks.append(sample_inpaint_mask(rng, size))
+    return np.stack(images), captions, np.stack(masks)
