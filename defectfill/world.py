@@ -20,6 +20,11 @@ and its captions never use the demo's defect type names ("scratch", "spot",
 "crack"): a fine-tuning run on the demo must not find its defects already learnt
 by the base. Anomalies here have their own names and drawing.
 
+Beyond the names, the drawing differs too: the world's lines are dark or coloured (the demo's scratches
+are bright), its fissures are branching grooves with a light lip and never on woven fabric (the demo's cracks
+are flat dark polylines on its weave), its holes have a rim and its stains are soft and blurred (the demo's
+spots are flat dark ellipses), and its discs come in named colours at any position and size.
+
 Textures keep their features at least ~3 px wide at 64 px (a factor-4 VAE
 loses finer detail, as the tiny weave showed), and everything is drawn at twice
 the size and downsampled, so edges are antialiased.
@@ -207,7 +212,8 @@ def _anomaly(image: Image.Image, name: str, where: tuple, bg, rng: np.random.Gen
     if name == "line":  # a straight thin mark, lighter or darker than the part
         angle, length = rng.uniform(0, np.pi), s * rng.uniform(0.15, 0.45)
         dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
-        tone = (245, 245, 240) if rng.random() < 0.5 else (20, 20, 22)
+        # dark or coloured, never near-white: the demo's scratches are bright lines on a disc
+        tone = (20, 20, 22) if rng.random() < 0.5 else _jitter(COLOURS[str(rng.choice(["red", "blue", "green"]))], rng)
         draw.line([(px - dx, py - dy), (px + dx, py + dy)], fill=tone, width=int(rng.integers(4, 7)))
     elif name == "stain":  # a soft irregular dark patch, blended
         blob = Image.new("L", image.size, 0)
@@ -228,6 +234,8 @@ def _anomaly(image: Image.Image, name: str, where: tuple, bg, rng: np.random.Gen
             for _ in range(int(rng.integers(3, 6))):
                 heading += rng.uniform(-0.7, 0.7)
                 nx, ny = x + np.cos(heading) * s * 0.05, y + np.sin(heading) * s * 0.05
+                # a groove: a light lip beside a dark core (the demo's cracks are flat dark polylines)
+                draw.line([(x + 2, y + 2), (nx + 2, ny + 2)], fill=(225, 222, 215), width=max(3, int(width)))
                 draw.line([(x, y), (nx, ny)], fill=(14, 12, 12), width=max(3, int(width)))
                 x, y, width = nx, ny, width * 0.85
                 if depth < 1 and rng.random() < 0.3:
@@ -292,6 +300,8 @@ def sample_world(rng: np.random.Generator, size: int = 64, empty_caption_rate: f
         names = list(ANOMALIES)
         if not is_part:  # a surface has no edge to chip
             names.remove("chip")
+        if kind == "fabric":  # the demo's defect on its weave is a dark crack: no fissures on fabric
+            names.remove("fissure")
         image, words = _anomaly(image, names[int(rng.integers(len(names)))], where, bg, rng)
         caption += f" with {words}"
     image = _finish(image, size, rng)
