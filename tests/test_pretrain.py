@@ -103,3 +103,16 @@ def test_bad_input_gives_a_clear_message(capsys, tmp_path, case, pattern):
     assert code == 2
     assert re.search(pattern, err), err
     assert "Traceback" not in err
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(capsys, tmp_path):
+    out = tmp_path / "base"
+    args = ["pretrain-base", "--output", out, "--arch", "tiny", "--size", "32", "--vae-steps", "1",
+            "--unet-steps", "1", "--batch-size", "1", "--max-minutes", "0"]
+    code, _ = _run(capsys, *args)
+    assert code == 0
+    assert (out / "checkpoints" / "stage1-0" / "weights.safetensors").is_file()
+    assert not (out / "model_index.json").exists()
+    code, err = _run(capsys, *args[:-2], "--resume")
+    assert code == 0, err
+    assert (out / "model_index.json").is_file()
