@@ -339,6 +339,37 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
             return True
         return max_minutes is not None and time.monotonic() - start > max_minutes * 60
 
+    def run_stage(stage: int, step: int, total: int, peak_lr: float, modules: dict[str, torch.nn.Module], opt,
+                  params: list[torch.nn.Parameter], loss_at: Any, finish: Any, desc: str) -> bool:
+        """Steps `step`..`total` of a stage, a checkpoint every --save-every steps and `finish()` at the end;
+        False when stopped early (after writing a checkpoint to resume from)."""
+        nonlocal done_here
+        bar = tqdm(total=total, initial=step, desc=desc, disable=not progress)
+        try:
+            while step < total:
+                if should_stop():
+                    _save(folder, stage, step, modules, opt, {})
+                    return False
+                rng, gen = step_rngs(settings.seed, stage, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, peak_lr, settings.warmup_steps)
+                loss = loss_at(rng, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                step += 1
+                done_here += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                if step == total:
+                    finish()
+                elif step % settings.save_every == 0:
+                    _save(folder, stage, step, modules, opt, {})
+        finally:
+            bar.close()
+        return True
+
     with folder_lock(folder, COMMAND):
         # ---------------------------------------------------------------- stage 1: the VAE
         vae_opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
@@ -348,31 +379,18 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
             finished = "scaling_factor" in json.loads((last1 / "state.json").read_text())
             step = _load(last1, {"vae": vae}, None if finished else vae_opt)["step"]
         vae.train()
-        bar = tqdm(total=settings.vae_steps, initial=step, desc="pretrain: VAE", disable=not progress)
-        while step < settings.vae_steps:
-            if should_stop():
-                _save(folder, 1, step, {"vae": vae}, vae_opt, {})
-                bar.close()
-                return None
-            rng, gen = step_rngs(settings.seed, 1, step)
+
+        def vae_step(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
             images, _, _ = world_batch(rng, settings.batch_size, settings.size)
-            for group in vae_opt.param_groups:
-                group["lr"] = lr_at(step, settings.vae_steps, settings.vae_lr, settings.warmup_steps)
-            loss = vae_loss(vae, images, gen, settings.kl_weight)
-            vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            vae_opt.step()
-            step += 1
-            done_here += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % settings.save_every == 0 or step == settings.vae_steps:
-                extra = {}
-                if step == settings.vae_steps:
-                    extra["scaling_factor"] = _measure_scaling(vae, settings)
-                _save(folder, 1, step, {"vae": vae}, vae_opt if step < settings.vae_steps else None, extra)
-        bar.close()
+            return vae_loss(vae, images, gen, settings.kl_weight)
+
+        def vae_finish() -> None:  # the last checkpoint of stage 1 holds the measured latent scale, no optimiser
+            _save(folder, 1, settings.vae_steps, {"vae": vae}, None,
+                  {"scaling_factor": _measure_scaling(vae, settings)})
+
+        if not run_stage(1, step, settings.vae_steps, settings.vae_lr, {"vae": vae}, vae_opt,
+                         list(vae.parameters()), vae_step, vae_finish, "pretrain: VAE"):
+            return None
         final1 = _load(_latest(folder, 1), {"vae": vae}, None)
         vae.register_to_config(scaling_factor=final1["scaling_factor"])
         vae.eval().requires_grad_(False)
@@ -389,28 +407,15 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
             step = _load(last2, {"unet": unet, "text_encoder": text_encoder}, opt)["step"]
         unet.train()
         text_encoder.train()
-        bar = tqdm(total=settings.unet_steps, initial=step, desc="pretrain: UNet", disable=not progress)
-        while step < settings.unet_steps:
-            if should_stop():
-                _save(folder, 2, step, {"unet": unet, "text_encoder": text_encoder}, opt, {})
-                bar.close()
-                return None
-            rng, gen = step_rngs(settings.seed, 2, step)
+        networks = {"unet": unet, "text_encoder": text_encoder}
+
+        def unet_step(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
             images, captions, masks = world_batch(rng, settings.batch_size, settings.size)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, settings.unet_steps, settings.unet_lr, settings.warmup_steps)
-            loss = unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            done_here += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step % settings.save_every == 0 or step == settings.unet_steps:
-                _save(folder, 2, step, {"unet": unet, "text_encoder": text_encoder}, opt, {})
-        bar.close()
+            return unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen)
+
+        if not run_stage(2, step, settings.unet_steps, settings.unet_lr, networks, opt, params, unet_step,
+                         lambda: _save(folder, 2, settings.unet_steps, networks, opt, {}), "pretrain: UNet"):
+            return None
 
         unet.eval()
         text_encoder.eval()
