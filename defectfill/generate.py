@@ -32,7 +32,7 @@ from defectfill.errors import DefectFillError
 from defectfill.folders import IGNORED, contained, folder_lock
 from defectfill.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
 from defectfill.run_folder import SPLIT_NAME, read_recorded_config, read_run_split, read_trained_run
-from defectfill.sampler import DefectGenerator, GenerationResult
+from defectfill.sampler import DefectGenerator, GenerationResult, derived_seed
 from defectfill.settings import resolve_precision
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,7 @@ def plan_items(count: int, images: list[Path], mask_sources: list[str], seed: in
     items = []
     for k in range(count):
         mask = mask_sources[(k + k // len(images)) % len(mask_sources)]
-        item_seed = int(np.random.SeedSequence([seed, k]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        item_seed = derived_seed(seed, k)
         items.append(Item(k, images[k % len(images)], mask, item_seed, mask_rule))
     return items
 

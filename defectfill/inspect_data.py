@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from defectfill.data.layouts import LAYOUTS, FolderLayout, Layout, VisALayout, open_layout
-from defectfill.data.split import divide, sample_problem
+from defectfill.data.split import divide, relative_name, sample_problem
 
 PROBLEM_KINDS = ("missing_image", "no_mask", "missing_mask", "size", "unreadable")
 
@@ -25,15 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--category", help="only this category (a plain folder dataset: the object's name)")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-
-
-def _rel(layout: Layout, path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return str(path.relative_to(layout.root))
-    except ValueError:
-        return str(path)
 
 
 def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict[str, Any]:
@@ -74,7 +65,8 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
     reference, held_out = divide(kept) if not any(p["kind"] in PROBLEM_KINDS for p in problems) else ([], [])
 
     def rows(items):
-        return [{"image": _rel(layout, s.image), "mask": _rel(layout, s.mask)} for s in items]
+        return [{"image": relative_name(layout.root, s.image), "mask": relative_name(layout.root, s.mask)}
+                for s in items]
 
     return {
         "defect_type": defect_type,

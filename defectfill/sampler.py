@@ -184,8 +184,8 @@ class GenerationResult:
     seeds: list[int] = field(default_factory=list)
 
 
-def candidate_seed(seed: int, index: int) -> int:
-    """Seed of candidate `index` of an item: independent streams, reproducible, fits torch's range."""
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of item or candidate `index` under `seed`: independent streams, reproducible, fits torch's range."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -326,7 +326,7 @@ class DefectGenerator:
         factor = vae_scale_factor(self.pipe.vae)
         canvas, image_c, mask_c = prepare_canvas(image, mask, self.resolution, factor)
         (sw, sh), (cw, ch) = canvas.scaled, canvas.size
-        seeds = [candidate_seed(seed, i) for i in range(self.candidates)]
+        seeds = [derived_seed(seed, i) for i in range(self.candidates)]
         gen_device = "cpu" if self.device.type == "mps" else self.device
         outputs, maps = [], []
         recorder = None

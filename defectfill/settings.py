@@ -234,17 +234,14 @@ def load_yaml_settings(path: str | Path, cls: type[Settings]) -> dict[str, Any]:
         raise DefectFillError(f"{path}: cannot read the config file ({exc}).") from None
     if not isinstance(data, dict):
         raise DefectFillError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}.")
-    known = {f.name for f in cls.flat_fields()}
+    flat = {f.name: f for f in cls.flat_fields()}
     settings = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            raise DefectFillError(f"{path}: unknown setting {key!r}. Known settings: {', '.join(sorted(known))}.")
-        settings[name] = value
-    # a type error names the file it came from
-    flat = {f.name: f for f in cls.flat_fields()}
-    for name, value in settings.items():
-        coerce(name, flat[name].field, value, str(path))
+        if name not in flat:
+            raise DefectFillError(f"{path}: unknown setting {key!r}. Known settings: {', '.join(sorted(flat))}.")
+        # a type error names the file it came from
+        settings[name] = coerce(name, flat[name].field, value, str(path))
     return settings
 
 

@@ -48,6 +48,17 @@ def perturb_lora(*modules: nn.Module, seed: int = 1, scale: float = 0.05) -> Non
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
 
 
+def take_grads(models) -> dict[str, torch.Tensor]:
+    """Every trainable tensor's gradient by name ("unet."/"text_encoder." prefixed), then zeroed for the next step."""
+    out = {}
+    for prefix, module in (("unet.", models.unet), ("text_encoder.", models.text_encoder)):
+        for n, p in module.named_parameters():
+            if p.grad is not None:
+                out[prefix + n] = p.grad.clone()
+        module.zero_grad(set_to_none=True)
+    return out
+
+
 def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
     """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
     from defectfill.data import make_split, open_layout

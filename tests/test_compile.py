@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import perturb_lora, tiny_config
+from helpers import perturb_lora, take_grads, tiny_config
 from safetensors.torch import load_file
 
 from defectfill.tiny import build_tiny_pipeline
@@ -47,13 +47,7 @@ def _step(models, config, refs, prompts):
     batch = make_micro_batch(refs.images, refs.masks, config, 0, 0, 0, 1, refs.valid)  # same draws every call
     terms = defectfill_losses(models, batch, prompts, config, torch.device("cpu"))
     terms.total.backward()
-    grads = {}
-    for prefix, module in (("unet.", models.unet), ("text_encoder.", models.text_encoder)):
-        for n, p in module.named_parameters():
-            if p.grad is not None:
-                grads[prefix + n] = p.grad.clone()
-        module.zero_grad(set_to_none=True)
-    return {k: float(v) for k, v in terms.detached().items()}, grads
+    return {k: float(v) for k, v in terms.detached().items()}, take_grads(models)
 
 
 def test_the_compiled_step_computes_the_eager_losses_and_gradients(demo_root, tmp_path):

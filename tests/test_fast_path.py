@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturb_lora, tiny_config
+from helpers import perturb_lora, take_grads, tiny_config
 
 from defectfill.attention import ExplicitAttnProcessor, decoder_cross_attention_names
 from defectfill.naive_step import AttentionStore, naive_losses
@@ -13,16 +13,6 @@ from defectfill.tiny import build_tiny_pipeline
 from defectfill.train import build_models, defectfill_losses, load_references, make_micro_batch, prompt_inputs
 
 TERMS = ("defect", "object", "attention", "total")
-
-
-def _grads(models) -> dict[str, torch.Tensor]:
-    out = {}
-    for prefix, module in (("unet.", models.unet), ("text_encoder.", models.text_encoder)):
-        for n, p in module.named_parameters():
-            if p.grad is not None:
-                out[prefix + n] = p.grad.clone()
-        module.zero_grad(set_to_none=True)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +31,11 @@ def _both(setup, step: int = 0):
     cpu = torch.device("cpu")
     fast = defectfill_losses(models, make_micro_batch(images, masks, config, step, 0, 0, 1), prompts, config, cpu)
     fast.total.backward()
-    fast_grads = _grads(models)
+    fast_grads = take_grads(models)
     with AttentionStore(models.unet) as store:
         slow = naive_losses(models, make_micro_batch(images, masks, config, step, 0, 0, 1), prompts, config, cpu, store)
         slow.total.backward()
-    return fast, fast_grads, slow, _grads(models)
+    return fast, fast_grads, slow, take_grads(models)
 
 
 @pytest.mark.parametrize("step", [0, 3])
@@ -72,12 +62,12 @@ def test_fast_path_equals_the_reference_on_letterboxed_references(setup):
     cpu = torch.device("cpu")
     fast = defectfill_losses(models, make_micro_batch(images, masks, config, 1, 0, 0, 1, valid), prompts, config, cpu)
     fast.total.backward()
-    fast_grads = _grads(models)
+    fast_grads = take_grads(models)
     with AttentionStore(models.unet) as store:
         slow = naive_losses(models, make_micro_batch(images, masks, config, 1, 0, 0, 1, valid), prompts, config, cpu,
                             store)
         slow.total.backward()
-    slow_grads = _grads(models)
+    slow_grads = take_grads(models)
     for name in TERMS:
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-6)
     for name in fast_grads:

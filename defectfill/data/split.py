@@ -41,16 +41,9 @@ class Split:
         return next((s.mask_rule for s in self.reference + self.held_out + self.skipped_empty), "half")
 
     def to_json(self) -> dict:
-        def rel(p: Path | None) -> str | None:
-            if p is None:
-                return None
-            try:
-                return str(p.relative_to(self.data_root))
-            except ValueError:
-                return str(p)
-
         def rows(samples: list[DefectSample]) -> list[dict]:
-            return [{"image": rel(s.image), "mask": rel(s.mask)} for s in samples]
+            return [{"image": relative_name(self.data_root, s.image), "mask": relative_name(self.data_root, s.mask)}
+                    for s in samples]
 
         return {
             "layout": self.layout,
@@ -66,6 +59,16 @@ class Split:
 
     def save(self, path: str | Path) -> None:
         write_json(path, self.to_json())
+
+
+def relative_name(root: Path, path: Path | None) -> str | None:
+    """`path` as written relative to the dataset root (as split files and `defectfill data` show it)."""
+    if path is None:
+        return None
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def read_split(path: str | Path) -> Split:
