@@ -134,11 +134,6 @@ NON_IDENTITY_KEYS = {"output", "resume", "steps", "save_every", "sample_every", 
                      "mixed_precision", "compile"}
 
 
-def make_config(settings: dict[str, Any], config_file: str | None = None, require: bool = True) -> TrainConfig:
-    """Training settings: defaults <- YAML file <- `settings`, type-checked and validated."""
-    return TrainConfig.from_settings({k: v for k, v in settings.items() if k != "config"}, config_file, require)
-
-
 # --------------------------------------------------------------------------- generate
 
 

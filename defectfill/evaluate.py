@@ -37,7 +37,7 @@ from defectfill.metrics.downstream import train_classifier, train_localiser
 from defectfill.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
 from defectfill.metrics.kid import kid_images
 from defectfill.report import confusion_picture, sample_grid, write_report
-from defectfill.run_folder import read_recorded_config, read_run_config, read_run_split
+from defectfill.run_folder import read_run_config, read_run_split
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _read_run(run: Path) -> tuple[TrainConfig | None, Split]:
     """The run's settings (None for a run folder without config.json) and its split."""
     if not run.is_dir():
         raise DefectFillError(f"{run}: run folder not found.")
-    config = read_run_config(run, strict=False) if read_recorded_config(run) is not None else None
+    config = read_run_config(run, strict=False)
     return config, read_run_split(run)
 
 

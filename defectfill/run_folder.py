@@ -55,15 +55,18 @@ def read_recorded_config(run_dir: str | Path) -> dict | None:
     return data
 
 
-def read_run_config(run_dir: str | Path, strict: bool = True) -> TrainConfig:
+def read_run_config(run_dir: str | Path, strict: bool = True) -> TrainConfig | None:
     """The TrainConfig a run was trained with, type-checked; `model` is the recorded base model.
 
-    `strict`: the settings generation needs must be there (evaluation reads older, partial files too).
+    `strict`: config.json and the settings generation needs must be there. Otherwise (evaluation, which
+    reads older and partial run folders too) a folder without config.json gives None.
     """
     run_dir = Path(run_dir).expanduser()
     path = run_dir / CONFIG_NAME
     recorded = read_recorded_config(run_dir)
     if recorded is None:
+        if not strict:
+            return None
         raise DefectFillError(f"{run_dir}: no {CONFIG_NAME}; this is not a finished defectfill run folder.")
     missing = [k for k in ("category", "defect_type", "token", "resolution") if not recorded.get(k)]
     if not (recorded.get("base_model") or recorded.get("model")):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from defectfill.cli import main
-from defectfill.config import TrainConfig, make_config
+from defectfill.config import TrainConfig
 
 
 def test_defaults_are_the_design_values():
@@ -25,7 +25,7 @@ def test_defaults_are_the_design_values():
 def test_yaml_file_then_flags_override(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("data: /d\ncategory: nut\ndefect-type: hole\noutput: /o\nsteps: 50\nlr_unet: 0.001\n")
-    c = make_config({"steps": 7}, str(cfg))
+    c = TrainConfig.from_settings({"steps": 7}, str(cfg))
     assert (c.data, c.category, c.defect_type, c.steps, c.lr_unet) == ("/d", "nut", "hole", 7, 0.001)
 
 
@@ -33,7 +33,7 @@ def test_yaml_unknown_key_is_named(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("stepz: 5\n")
     with pytest.raises(Exception, match="c.yaml: unknown setting 'stepz'"):
-        make_config({}, str(cfg))
+        TrainConfig.from_settings({}, str(cfg))
 
 
 def _run(capsys, *argv):
@@ -156,7 +156,7 @@ def test_output_that_is_some_other_folder_is_refused(capsys, base_args, tmp_path
 
 def test_resume_with_no_checkpoint_in_a_run(capsys, base_args, tmp_path):
     (tmp_path / "run").mkdir()
-    cfg = make_config({k.lstrip("-").replace("-", "_"): v for k, v in zip(base_args[1::2], base_args[2::2], strict=True)})
+    cfg = TrainConfig.from_settings({k.lstrip("-").replace("-", "_"): v for k, v in zip(base_args[1::2], base_args[2::2], strict=True)})
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
     code, err = _run(capsys, *(base_args + ["--resume", "latest"]))
     assert code == 2 and "found no checkpoint-N folder" in err
