@@ -94,6 +94,9 @@ class PretrainSettings:
     unet_lr: float = 5e-4
     warmup_steps: int = 100
     kl_weight: float = 1e-6
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction; it
+    # down-weights the easy low-noise steps and converges faster, which matters on a CPU budget. 0 = off.
+    min_snr_gamma: float = 5.0
     save_every: int = 250
     arch: BaseArch = field(default_factory=BaseArch)
 
@@ -195,8 +198,9 @@ def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float) 
     return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
 
 
-def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen) -> torch.Tensor:
-    """The epsilon objective of SD inpainting on one batch (VAE frozen)."""
+def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen,
+              min_snr_gamma: float = 0.0) -> torch.Tensor:
+    """The epsilon objective of SD inpainting on one batch (VAE frozen), Min-SNR weighted when gamma > 0."""
     from defectfill.model import unet_input
 
     sf = vae.config.scaling_factor
@@ -212,7 +216,12 @@ def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, m
                     return_tensors="pt").input_ids
     hidden = text_encoder(ids)[0]
     pred = unet(unet_input(noisy, mask_latents, masked), t, encoder_hidden_states=hidden).sample
-    return F.mse_loss(pred, noise)
+    if min_snr_gamma <= 0:
+        return F.mse_loss(pred, noise)
+    alpha_bar = scheduler.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    weight = torch.clamp(snr, max=min_snr_gamma) / snr  # (B,)
+    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -411,7 +420,8 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
 
         def unet_step(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
             images, captions, masks = world_batch(rng, settings.batch_size, settings.size)
-            return unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen)
+            return unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen,
+                             settings.min_snr_gamma)
 
         if not run_stage(2, step, settings.unet_steps, settings.unet_lr, networks, opt, params, unet_step,
                          lambda: _save(folder, 2, settings.unet_steps, networks, opt, {}), "pretrain: UNet"):
