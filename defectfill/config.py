@@ -54,7 +54,7 @@ class TrainConfig(Settings):
     category: str | None = field(default=None, metadata={"help": "object category, e.g. hazelnut"})
     defect_type: str | None = field(default=None, metadata={"help": "defect type, e.g. hole"})
     output: str | None = field(default=None, metadata={"help": "run folder to write"})
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id or folder"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id, folder, or the built-in defectfill-mini"})
     layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": LAYOUTS})
     resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
     steps: int = field(default=2000, metadata={"help": "optimiser steps"})

@@ -24,18 +24,43 @@ UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 TOKEN_WEIGHTS_NAME = "learned_embeds.safetensors"
+# Bases shipped inside the package (made by `defectfill pretrain-base`; see README "defectfill-mini").
+BUILTIN_MODELS = ("defectfill-mini",)
 
 
 # --------------------------------------------------------------------------- loading
 
 
+def builtin_model_dir(name: str) -> Path:
+    """The package-data folder of a built-in base, e.g. `defectfill/models/defectfill-mini`."""
+    return Path(__file__).resolve().parent / "models" / name
+
+
+def resolve_model(model: str) -> str:
+    """A built-in name (`defectfill-mini`) becomes its package folder; anything else is returned as given.
+
+    A local folder of that name wins, as a path always does.
+    """
+    if model in BUILTIN_MODELS and not Path(model).exists():
+        folder = builtin_model_dir(model)
+        if not (folder / "model_index.json").is_file():
+            raise DefectFillError(
+                f"--model {model}: the built-in base is not in this install ({folder} has no model_index.json). "
+                f"Reinstall defectfill from a release or a full git checkout, or make one with "
+                f"`defectfill pretrain-base --output DIR` and pass --model DIR."
+            )
+        return str(folder)
+    return model
+
+
 def load_pipeline(model: str, torch_dtype: torch.dtype = torch.float32):
-    """Load a diffusers inpainting pipeline from a hub id or a local folder.
+    """Load a diffusers inpainting pipeline from a hub id, a local folder or a built-in name (`defectfill-mini`).
 
     Refuses a model whose UNet does not take the 9 inpainting channels.
     """
     from diffusers import StableDiffusionInpaintPipeline
 
+    model = resolve_model(model)
     path = Path(model).expanduser()
     source = str(path) if path.exists() else model
     if path.exists() and not (path / "model_index.json").is_file():

@@ -87,7 +87,7 @@ class PretrainSettings:
     # measured on 2 CPU cores at 64 px, batch 16 (default BaseArch): stage 1 25-27 img/s, stage 2 34-41 img/s,
     # so about 20-21 + 46-55 minutes (plus checkpoints) for these defaults, inside the issue's 90 minutes
     vae_steps: int = 2000
-    unet_steps: int = 7000
+    unet_steps: int = 5000
     batch_size: int = 16
     seed: int = 0
     vae_lr: float = 1e-3
@@ -97,6 +97,11 @@ class PretrainSettings:
     # Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction; it
     # down-weights the easy low-noise steps and converges faster, which matters on a CPU budget. 0 = off.
     min_snr_gamma: float = 5.0
+    # v-prediction (as SD 2's 768 px models): at high noise an epsilon-predicting UNet must get epsilon nearly
+    # exact for its image estimate to hold the colours of the unmasked surround (errors grow by
+    # sqrt((1 - abar) / abar), about 13 at t = 950); measured on this base at 3000 of 7000 UNet steps, the
+    # epsilon objective still repainted whole images in other colours. With v the surround is read off directly.
+    prediction_type: str = "v_prediction"
     save_every: int = 250
     arch: BaseArch = field(default_factory=BaseArch)
 
@@ -110,6 +115,8 @@ class PretrainSettings:
             raise DefectFillError("--batch-size must be at least 1.")
         if self.save_every < 1:
             raise DefectFillError("--save-every must be at least 1.")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise DefectFillError(f"--prediction-type {self.prediction_type}: epsilon or v_prediction.")
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -152,12 +159,13 @@ def build_networks(arch: BaseArch, size: int, seed: int):
     return vae, unet, text_encoder
 
 
-def ddpm_scheduler():
+def ddpm_scheduler(prediction_type: str = "epsilon"):
     """SD2's training schedule: the tiny pipeline's scheduler config as a DDPMScheduler."""
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         num_train_timesteps=1000, prediction_type="epsilon", steps_offset=1, clip_sample=False)
+                         num_train_timesteps=1000, prediction_type=prediction_type, steps_offset=1,
+                         clip_sample=False)
 
 
 def weights_megabytes(*modules: torch.nn.Module) -> float:
@@ -200,7 +208,8 @@ def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float) 
 
 def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen,
               min_snr_gamma: float = 0.0) -> torch.Tensor:
-    """The epsilon objective of SD inpainting on one batch (VAE frozen), Min-SNR weighted when gamma > 0."""
+    """The objective of SD inpainting on one batch (VAE frozen): epsilon or v as the scheduler predicts, Min-SNR
+    weighted when gamma > 0 (min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v)."""
     from defectfill.model import unet_input
 
     sf = vae.config.scaling_factor
@@ -216,12 +225,14 @@ def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, m
                     return_tensors="pt").input_ids
     hidden = text_encoder(ids)[0]
     pred = unet(unet_input(noisy, mask_latents, masked), t, encoder_hidden_states=hidden).sample
+    v_pred = scheduler.config.prediction_type == "v_prediction"
+    target = scheduler.get_velocity(latents, noise, t) if v_pred else noise
     if min_snr_gamma <= 0:
-        return F.mse_loss(pred, noise)
+        return F.mse_loss(pred, target)
     alpha_bar = scheduler.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
-    weight = torch.clamp(snr, max=min_snr_gamma) / snr  # (B,)
-    return (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+    weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_pred else snr)  # (B,)
+    return (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -407,7 +418,7 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
 
         # ---------------------------------------------------------------- stage 2: UNet + text encoder
         tokenizer = clip_tokenizer()
-        scheduler = ddpm_scheduler()
+        scheduler = ddpm_scheduler(settings.prediction_type)
         params = list(unet.parameters()) + list(text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=0.0)
         step = 0
@@ -429,11 +440,12 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
 
         unet.eval()
         text_encoder.eval()
-        pipe = assemble_inpaint_pipeline(unet, vae, text_encoder)
+        pipe = assemble_inpaint_pipeline(unet, vae, text_encoder, settings.prediction_type)
         tmp = folder / ".pipeline.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        add_slow_tokenizer_files(tmp / "tokenizer")
         for item in sorted(tmp.iterdir()):  # each part replaced whole; model_index.json last
             if item.name != "model_index.json":
                 target = folder / item.name
@@ -444,6 +456,18 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
         (tmp / "model_index.json").replace(folder / "model_index.json")
         shutil.rmtree(tmp)
     return folder
+
+
+def add_slow_tokenizer_files(folder: Path) -> None:
+    """Write vocab.json and merges.txt beside tokenizer.json: transformers 4 reads a CLIPTokenizer from these
+    (transformers 5 saves only tokenizer.json), and pyproject admits both."""
+    from defectfill.tiny import _clip_tokenizer_folder
+
+    source = Path(_clip_tokenizer_folder())
+    for name in ("vocab.json", "merges.txt"):
+        if not (folder / name).exists():
+            shutil.copyfile(source / name, folder / name)
+    shutil.rmtree(source, ignore_errors=True)
 
 
 def _measure_scaling(vae, settings: PretrainSettings) -> float:
@@ -470,6 +494,8 @@ def add_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=PretrainSettings.save_every, help="checkpoint every N steps")
     p.add_argument("--arch", default=None, help="architecture as a JSON file or inline JSON (BaseArch fields); "
                                                 "'tiny' for a seconds-long test model")
+    p.add_argument("--prediction-type", default=PretrainSettings.prediction_type,
+                   choices=("v_prediction", "epsilon"), help="what the UNet predicts")
     p.add_argument("--resume", action="store_true", help="continue the pretraining in --output exactly")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop cleanly with a checkpoint after this long; continue with --resume")
@@ -499,7 +525,8 @@ def _arch_from_arg(value: str | None) -> BaseArch:
 def pretrain_command(args) -> int:
     settings = PretrainSettings(output=args.output, size=args.size, vae_steps=args.vae_steps,
                                 unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
-                                save_every=args.save_every, arch=_arch_from_arg(args.arch))
+                                save_every=args.save_every, prediction_type=args.prediction_type,
+                                arch=_arch_from_arg(args.arch))
     out = pretrain_base(settings, resume=args.resume, max_minutes=args.max_minutes)
     if out is None:
         print(f"stopped with a checkpoint in {args.output}/checkpoints; rerun with --resume to continue.")

@@ -95,13 +95,14 @@ def build_tiny_pipeline(seed: int = 0):
     return assemble_inpaint_pipeline(unet, vae, text_encoder)
 
 
-def assemble_inpaint_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module):
+def assemble_inpaint_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
+                              prediction_type: str = "epsilon"):
     """An inpainting pipeline of these networks with the CLIP tokenizer and SD2's DDIM schedule."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+        prediction_type=prediction_type, steps_offset=1, clip_sample=False, set_alpha_to_one=False,
     )
     return StableDiffusionInpaintPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,

@@ -254,3 +254,30 @@ def test_token_positions_and_trainable_token_row():
     assert torch.equal(emb.base.weight, base)
     with pytest.raises(DefectFillError, match="already a word"):
         add_trainable_token(tok, pipe.text_encoder, "<hole>")
+
+
+# --------------------------------------------------------------------------- the built-in base
+
+
+def test_defectfill_mini_is_shipped_as_safetensors_under_30_mb_and_loads_by_name():
+    """`--model defectfill-mini` names the package's own folder, through the real from_pretrained path; the
+    weights are safetensors only (nothing pickled) and at most 30 MB, as issue 10 asks."""
+    from defectfill.model import builtin_model_dir, resolve_model
+
+    folder = builtin_model_dir("defectfill-mini")
+    assert resolve_model("defectfill-mini") == str(folder)
+    weights = [p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in weights) <= 30e6
+    assert not (folder / "checkpoints").exists()
+    pipe = load_pipeline("defectfill-mini")
+    assert pipe.unet.config.in_channels == 9 and pipe.vae.config.scaling_factor != 0.18215  # measured, not SD's
+
+
+def test_a_missing_builtin_base_names_the_fix(tmp_path, monkeypatch):
+    import defectfill.model as model
+
+    monkeypatch.setattr(model, "builtin_model_dir", lambda name: tmp_path / name)
+    with pytest.raises(DefectFillError, match="pretrain-base --output DIR"):
+        load_pipeline("defectfill-mini")
+    assert model.resolve_model("some/hub-id") == "some/hub-id"  # other names pass through unchanged

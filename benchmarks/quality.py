@@ -1,0 +1,251 @@
+"""Defect quality on `defectfill-mini` with the paper's ablations (issue 10, part 4).
+
+Defect types: the demo's disc/scratch, disc/spot and weave/crack, which the base's pretraining world never
+drew or named (tests/test_world.py). Per seed, each variant is one `defectfill run` over the three types
+(train, generate, evaluate, downstream) into its own folder under --output:
+
+    a  full DefectFill                      b  without L_attn (lambda_attn 0)
+    c  without L_obj (lambda_obj 0)         d  without LFS: one candidate, i.e. a random one kept (a's LoRA)
+    e  plain LoRA inpainting: one MSE inside the mask with the generation prompt, no object branch, no L_attn
+    f  the base with no fine-tuning (learning rates 0: the LoRA stays the identity)
+    g  copy-paste: a real reference defect (its masked pixels) moved onto the target mask's centre
+
+KID and IC-LPIPS use the base's own VAE encoder (defectfill.metrics.base_features; no ImageNet network is
+available offline), and the table adds the mask-region feature distance of defectfill.metrics.mask_stats.
+The downstream classifier (ResNet-34) and localiser (U-Net) train from scratch on each variant's images.
+Every variant's folder is resumable: rerun the same command and finished stages are skipped.
+
+    .venv/bin/python benchmarks/quality.py --output bench-quality --seeds 0 --json bench-quality/rows.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+VARIANTS = {
+    "a": ("full DefectFill", {}),
+    "b": ("without L_attn", {"lambda_attn": 0.0}),
+    "c": ("without L_obj", {"lambda_obj": 0.0}),
+    "d": ("without LFS (random candidate)", {"candidates": 1}),
+    "e": ("plain LoRA inpainting", {"lambda_obj": 0.0, "lambda_attn": 0.0, "lambda_def": 1.0,
+                                    "defect_prompt": "A {object} with {token}"}),
+    "f": ("base, no fine-tuning", {"lr_unet": 0.0, "lr_text": 0.0, "steps": 1, "warmup_steps": 0}),
+    "g": ("copy-paste of a real defect", {}),
+}
+
+
+def base_settings(args: argparse.Namespace, data: Path, seed: int) -> dict:
+    return dict(
+        data=str(data), model=args.model, resolution=64, steps=args.steps, batch_size=3,
+        lr_unet=1e-3, lr_text=2e-4, warmup_steps=20, save_every=10**6, sample_every=0, log_every=50,
+        mixed_precision="no", compile="no", seed=seed,
+        count=args.count, candidates=args.candidates, generate_steps=args.generate_steps, guidance=args.guidance,
+        lpips_random_backbone=True, preview_rows=8,
+        downstream="both", downstream_epochs=args.downstream_epochs, downstream_image_size=64,
+        downstream_pretrained=False, kid_subsets=50, lpips_size=64,
+    )
+
+
+def copy_paste(run_config, output: Path, seed: int) -> None:
+    """Variant g: per type, `count` images in the layout `defectfill generate` writes, each a defect-free image
+    with a reference's defect pixels moved onto the centre of a held-out mask (the mask moves with them)."""
+    from defectfill.atomic import write_json
+    from defectfill.run_folder import read_trained_run
+
+    rng = np.random.default_rng(seed)
+    for cat, t in run_config.plan:
+        folders = run_config.config.folders(cat, t)
+        gen = folders["generated"]
+        if (gen / "manifest.jsonl").is_file():
+            continue
+        split = json.loads((folders["run"] / "split.json").read_text())
+        root = Path(split["data_root"])
+        refs = [(root / r["image"], root / r["mask"]) for r in split["reference"]]
+        held = [root / r["mask"] for r in split["held_out"]]
+        goods = sorted((root / cat / "train" / "good").glob("*.png"))
+        tmp = gen.with_name(gen.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        rows = []
+        for i in range(run_config.config.generate.count):
+            good = np.asarray(Image.open(goods[i % len(goods)]).convert("RGB")).copy()
+            ref_img, ref_mask = refs[int(rng.integers(len(refs)))]
+            src = np.asarray(Image.open(ref_img).convert("RGB"))
+            src_mask = np.asarray(Image.open(ref_mask).convert("L")) >= 128
+            target = np.asarray(Image.open(held[i % len(held)]).convert("L")) >= 128
+            (ty, tx), (sy, sx) = (np.argwhere(m).mean(axis=0).round().astype(int) for m in (target, src_mask))
+            moved = np.roll(np.roll(src_mask, ty - sy, axis=0), tx - sx, axis=1)
+            pixels = np.roll(np.roll(src, ty - sy, axis=0), tx - sx, axis=1)
+            # no wrap-around: keep only what was shifted in from inside the image
+            valid = np.zeros_like(moved)
+            valid[max(0, ty - sy):min(moved.shape[0], moved.shape[0] + ty - sy),
+                  max(0, tx - sx):min(moved.shape[1], moved.shape[1] + tx - sx)] = True
+            moved &= valid
+            if not moved.any():
+                moved, pixels = src_mask, src
+            good[moved] = pixels[moved]
+            name = f"{i:06d}"
+            for sub, arr in ((f"{cat}/test/{t}/{name}.png", good),
+                             (f"{cat}/ground_truth/{t}/{name}_mask.png", moved.astype(np.uint8) * 255)):
+                (tmp / sub).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(tmp / sub)
+            rows.append({"index": i, "image": f"{cat}/test/{t}/{name}.png",
+                         "mask": f"{cat}/ground_truth/{t}/{name}_mask.png",
+                         "source_image": str(goods[i % len(goods)]), "prompt": "copy-paste", "seed": seed})
+        (tmp / cat / "train" / "good").mkdir(parents=True, exist_ok=True)
+        for g in goods:
+            shutil.copy2(g, tmp / cat / "train" / "good" / g.name)
+        write_json(tmp / "generate.json", {"variant": "copy-paste", "seed": seed})
+        (tmp / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shutil.rmtree(gen, ignore_errors=True)
+        tmp.rename(gen)
+        read_trained_run(folders["run"])  # the run a borrowed must be readable: evaluation uses its split
+
+
+class Plan:
+    def __init__(self, config, plan):
+        self.config, self.plan = config, plan
+
+
+def mask_feature_distance(config, cat: str, t: str) -> float:
+    """Distance in the mask-region feature space between generated defects and the held-out real ones."""
+    from defectfill.metrics.mask_stats import feature_distance, mask_region_features
+
+    folders = config.folders(cat, t)
+    split = json.loads((folders["run"] / "split.json").read_text())
+    root = Path(split["data_root"])
+
+    def feats(pairs):
+        out = []
+        for img, mask in pairs:
+            m = np.asarray(Image.open(mask).convert("L")) >= 128
+            if m.any():
+                out.append(mask_region_features(np.asarray(Image.open(img).convert("RGB")), m))
+        return np.stack(out)
+
+    real = feats([(root / r["image"], root / r["mask"]) for r in split["held_out"]])
+    gen_root = folders["generated"]
+    rows = [json.loads(line) for line in (gen_root / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return feature_distance(feats([(gen_root / r["image"], gen_root / r["mask"]) for r in rows]), real)
+
+
+def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> list[dict]:
+    from diffusers import AutoencoderKL
+
+    from defectfill.config import RunConfig
+    from defectfill.data import open_layout
+    from defectfill.metrics.base_features import EncoderFeatures, encoder_distance
+    from defectfill.model import resolve_model
+    from defectfill.runner import plan_types, run_all
+
+    name, overrides = VARIANTS[key]
+    out = Path(args.output) / f"{key}-seed{seed}"
+    settings = base_settings(args, data, seed)
+    settings.update(overrides)
+    settings["output"] = str(out)
+    cats = args.categories.split(",") if args.categories else None
+    settings["categories"] = cats
+    config = RunConfig.from_settings(settings)
+    pairs = plan_types(open_layout(data), cats, None)
+    if key in ("d", "g"):  # d and g reuse a's trained runs (d only changes the sampling; g needs the split)
+        source = Path(args.output) / f"a-seed{seed}" / "runs"
+        if not source.is_dir():
+            raise SystemExit(f"variant {key} needs variant a first (missing {source})")
+        if not (out / "runs").is_dir():
+            from defectfill.folders import claim_folder
+
+            claim_folder(out, "run")  # first, while it is empty: `run` then accepts the folder as its own
+            shutil.copytree(source, out / "runs")
+    if key == "g":
+        copy_paste(Plan(config, pairs), out, seed)
+    vae = AutoencoderKL.from_pretrained(resolve_model(args.model), subfolder="vae")
+    started = time.time()
+    results = run_all(config, feature_extractor=EncoderFeatures(vae), distance=encoder_distance(vae),
+                      note=f"quality benchmark, variant {key}: {name}")
+    seconds = time.time() - started
+    summary = json.loads((out / "summary.json").read_text())
+    rows = []
+    for r in results:
+        down_path = out / "eval" / f"{r.category}-downstream" / "metrics.json"
+        down = json.loads(down_path.read_text()).get("downstream", {}) if down_path.is_file() else {}
+        rows.append({
+            "variant": key, "name": name, "seed": seed, "category": r.category, "defect_type": r.defect_type,
+            "status": r.status, "n_generated": r.n_generated, "kid_x1e3": r.kid_x1e3, "kid_std_x1e3": r.kid_std_x1e3,
+            "ic_lpips": r.ic_lpips,
+            "mask_feature_distance": mask_feature_distance(config, r.category, r.defect_type)
+            if r.n_generated else None,
+            "downstream": down, "seconds_whole_variant": round(seconds, 1),
+        })
+    del summary
+    return rows
+
+
+def downstream_numbers(down: dict) -> tuple[str, str, str, str]:
+    """(classifier accuracy, localiser image AUROC, pixel AUROC, PRO) of a category's downstream record."""
+    cls, loc = down.get("classify") or {}, down.get("localize") or {}
+
+    def fmt(v):
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    return (fmt(cls.get("accuracy")), fmt((loc.get("image") or {}).get("auroc")),
+            fmt((loc.get("pixel") or {}).get("auroc")), fmt(loc.get("pro")))
+
+
+def print_table(rows: list[dict]) -> None:
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+    print("| variant | seed | category/type | KID x10^3 | IC-LPIPS | mask-feature dist. | "
+          "category: classifier acc. | image AUROC | pixel AUROC | PRO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        acc, img_auroc, px_auroc, pro = downstream_numbers(r["downstream"])
+        print(f"| {r['variant']} {r['name']} | {r['seed']} | {r['category']}/{r['defect_type']} | "
+              f"{fmt(r['kid_x1e3'], '.2f')} | {fmt(r['ic_lpips'], '.3f')} | {fmt(r['mask_feature_distance'], '.4f')} | "
+              f"{acc} | {img_auroc} | {px_auroc} | {pro} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="bench-quality")
+    p.add_argument("--model", default="defectfill-mini")
+    p.add_argument("--variants", default="a,b,c,d,e,f,g")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--categories", default=None, help="comma-separated (default: disc and weave, every type)")
+    p.add_argument("--steps", type=int, default=150, help="DefectFill steps per type")
+    p.add_argument("--count", type=int, default=24, help="generated images per type")
+    p.add_argument("--candidates", type=int, default=4)
+    p.add_argument("--generate-steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--downstream-epochs", type=int, default=10)
+    p.add_argument("--json", default=None, help="write every row (with the full downstream records) here")
+    args = p.parse_args(argv)
+    from defectfill.demo_data import make_demo_dataset
+
+    data = Path(args.output) / "data"
+    if not (data / ".complete").is_file():
+        make_demo_dataset(data, n_good=12, n_defect=9, n_good_test=6)
+        (data / ".complete").write_text("")
+    rows = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for key in args.variants.split(","):
+            print(f"== variant {key} ({VARIANTS[key][0]}), seed {seed}", file=sys.stderr)
+            rows.extend(run_variant(key, args, data, seed))
+    print_table(rows)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
