@@ -194,18 +194,20 @@ def ray_cluster():
         import ray  # CI installs the extra (scripts/setup.sh): a missing Ray fails there, never skips
     else:
         ray = pytest.importorskip("ray")
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), str(ROOT), saved) if p)
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "tests"), str(ROOT), saved["PYTHONPATH"]) if p)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the workers' torch threads: one, as the reference run's
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
         yield ray
     finally:
         if ray.is_initialized():
             ray.shutdown()
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def test_ray_run_equals_the_local_run(ray_cluster, local_run, demo_root, tiny_model_dir, tmp_path):
