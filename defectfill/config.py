@@ -13,6 +13,7 @@ field name by `defectfill.settings.Settings`, so the three stay in step.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ LAYOUTS = ["auto", *DATA_LAYOUTS]
 SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
+EXECUTORS = ["local", "ray"]
 COMPILE_HELP = "torch.compile (auto: on a GPU, where it pays; not on a CPU, where it was measured slower):"
 PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other CUDA GPUs, full on a CPU), "
                   "no (full), fp16, bf16")
@@ -132,6 +134,11 @@ class TrainConfig(Settings):
 # Settings that may differ between a run and its continuation.
 NON_IDENTITY_KEYS = {"output", "resume", "steps", "save_every", "sample_every", "sample_steps", "log_every", "data",
                      "mixed_precision", "compile"}
+
+
+# How `defectfill run` is carried out, not what it produces: left out of run.json, and free to differ between
+# the shards, the Ray run and the local run of one job (the types' own settings decide their folders).
+RUN_NON_IDENTITY_KEYS = {"executor", "ray_address", "gpus_per_task", "task_retries", "shard", "report_only"}
 
 
 # --------------------------------------------------------------------------- generate
@@ -285,6 +292,12 @@ class RunConfig(Settings):
     defect_type: str | None = field(default=None, metadata={"help": "one defect type (as --defect-types T)"})
     downstream: str = field(default="none", metadata={"help": "also train and test the inspection models per category", "choices": DOWNSTREAM})
     dry_run: bool = field(default=False, metadata={"help": "print the plan; load no model"})
+    executor: str = field(default="local", metadata={"help": "where each defect type is trained, generated and evaluated: local (one after another in this process) or ray (one Ray task per type, over the cluster; pip install 'defectfill[ray]')", "choices": EXECUTORS})
+    ray_address: str | None = field(default=None, metadata={"help": "with --executor ray: the Ray cluster to join ('auto': the one this machine is part of, or ADDRESS:PORT of its head); default: start a Ray on this machine for this run"})
+    gpus_per_task: float = field(default=1.0, metadata={"help": "with --executor ray: GPUs each defect type's task asks for (0: CPU only; 0.5: two types share a GPU)"})
+    task_retries: int = field(default=3, metadata={"help": "with --executor ray: times a task whose worker or node died is run again; it resumes from its last checkpoint"})
+    shard: str | None = field(default=None, metadata={"help": "I/N: process only the I-th of N disjoint slices of the plan (e.g. one Slurm array job each); writes no report, --report-only assembles it"})
+    report_only: bool = field(default=False, metadata={"help": "train, generate and evaluate nothing: assemble synth/, the report and summary.json from what the output folder holds (after --shard jobs); runs --downstream"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"stage": {
         name: name for name in (f.name for f in dataclasses.fields(TrainConfig))
         if name not in ("category", "defect_type", "output", "resume")}})
@@ -310,6 +323,25 @@ class RunConfig(Settings):
     def selected_defect_types(self) -> list[str] | None:
         """The defect types to run; None for every type of each category."""
         return _selection(self.defect_types, self.defect_type)
+
+    def shard_slice(self) -> tuple[int, int] | None:
+        """(I, N) of --shard I/N (1 <= I <= N), or None for the whole plan."""
+        if self.shard is None:
+            return None
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", self.shard)
+        if not match:
+            raise DefectFillError(f"--shard {self.shard!r}: expected I/N, e.g. --shard 1/4 for the first of four "
+                                  "slices (a Slurm array: --shard $SLURM_ARRAY_TASK_ID/N with --array=1-N).")
+        index, count = int(match.group(1)), int(match.group(2))
+        if count < 1 or not 1 <= index <= count:
+            raise DefectFillError(f"--shard {self.shard}: I must be between 1 and N (N at least 1): --shard 1/{max(count, 1)} "
+                                  f"... --shard {max(count, 1)}/{max(count, 1)}.")
+        return index, count
+
+    def recorded(self) -> dict[str, Any]:
+        """run.json: every flat setting except those of the invocation (RUN_NON_IDENTITY_KEYS), so the local,
+        Ray and sharded runs of one job record the same run."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_NON_IDENTITY_KEYS}
 
     # ------------------------------------------------------------------ each type's stage settings
 
@@ -349,6 +381,16 @@ class RunConfig(Settings):
 
     def validate(self) -> None:
         """Every stage's settings are checked here, before any work starts."""
+        check_all([
+            (self.gpus_per_task >= 0, f"--gpus-per-task {self.gpus_per_task}: must be 0 (CPU only) or more"),
+            (self.task_retries >= 0, f"--task-retries {self.task_retries}: must be 0 or more"),
+            (self.ray_address is None or self.executor == "ray",
+             f"--ray-address {self.ray_address}: only used with --executor ray; add --executor ray"),
+            (not (self.report_only and self.shard),
+             "--report-only assembles the report of every shard: pass it without --shard"),
+            (not (self.report_only and self.dry_run), "--report-only and --dry-run exclude each other; pass one"),
+        ])
+        self.shard_slice()
         if self.train.resume:
             raise DefectFillError("--resume is not needed with `run`: finished stages are skipped and training "
                                   "resumes by itself.")

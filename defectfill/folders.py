@@ -67,25 +67,30 @@ def claim_folder(folder: str | Path, command: str, flag: str = "--output") -> Pa
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, command: str) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (which must exist); a second holder is refused at once."""
+def folder_lock(folder: str | Path, command: str, shared: bool = False, name: str = LOCK) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (which must exist); a second holder is refused at once.
+
+    `shared`: many shared holders at once (the shards of one `run`), none beside an exclusive one.
+    `name`: the lock file in `folder` (`.defectfill.lock`; `run` also locks each defect type by its own file).
+    """
     try:
         import fcntl
     except ImportError:  # no flock (Windows): run without the lock
         yield
         return
-    path = Path(folder) / LOCK
+    path = Path(folder) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            what = "writing here" if name == LOCK else f"holding {path.name}"
             raise DefectFillError(
-                f"{folder}: another defectfill job is writing here ({holder}). Wait for it to finish, "
+                f"{folder}: another defectfill job is {what} ({holder}). Wait for it to finish, "
                 "or choose another folder."
             ) from None
-        os.ftruncate(fd, 0)
+        os.ftruncate(fd, 0)  # shared holders: the latest one is named
         os.pwrite(fd, f"defectfill {command}, pid {os.getpid()}\n".encode(), 0)
         yield
     finally:

@@ -10,19 +10,25 @@ outputs are complete is skipped, so a killed `run` continues where it stopped.
       synth/                         every generated image, one MVTec-layout dataset (hard links)
       eval/<category>-<type>/        KID, IC-LPIPS and their report
       eval/<category>-downstream/    the inspection models (with --downstream)
+      results/<category>-<type>.json each type's result as it finished (what --report-only reads)
       report.html, report.md, summary.json
+
+Each type is processed under its own lock (`results/.<category>-<type>.lock`), so two jobs never work on one
+type; the run folder's lock is exclusive for a whole run and for --report-only, shared among the --shard jobs
+(which write no report), and never taken by a Ray task, whose driver holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +44,15 @@ from defectfill.model import LORA_WEIGHTS_NAME
 from defectfill.report import write_run_report
 
 log = logging.getLogger("defectfill.run")
-RUN_SETTINGS = "run.json"  # the RunConfig of the run, every flat setting
+RUN_SETTINGS = "run.json"  # the RunConfig of the run, every flat setting but those of the invocation
+RESULTS = "results"  # results/<category>-<type>.json: each type's TypeResult, as it finished
 
 
 @dataclass
 class TypeResult:
     category: str
     defect_type: str
-    status: str = "pending"  # done | failed
+    status: str = "pending"  # done | failed | missing (--report-only: no job has finished the type)
     stages: dict[str, str] = field(default_factory=dict)  # stage -> ran | skipped | failed
     error: str | None = None
     n_references: int = 0
@@ -69,6 +76,19 @@ def plan_types(layout, categories: list[str] | None, defect_types: list[str] | N
             layout.check_defect_type(cat, t)
             pairs.append((cat, layout.canonical_defect_type(cat, t)))  # VisA: folders use the underscore form
     return pairs
+
+
+def shard_pairs(pairs: list[tuple[str, str]], shard: tuple[int, int] | None) -> list[tuple[str, str]]:
+    """The pairs of --shard I/N: the plan sorted by (category, type), then every N-th from position I.
+
+    The slices are disjoint and together the whole plan, whatever order the categories were listed in;
+    round-robin spreads each category's types over the shards. Plan order is kept within a slice.
+    """
+    if shard is None:
+        return pairs
+    index, count = shard
+    mine = set(sorted(pairs)[index - 1::count])
+    return [p for p in pairs if p in mine]
 
 
 def _train_state(run_dir: Path, steps: int) -> str:
@@ -124,8 +144,56 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def process_type(cat: str, defect_type: str, config: RunConfig, position: str,
-                 evaluate_kwargs: dict[str, Any]) -> TypeResult:
-    """Train, generate and evaluate one defect type; each stage skipped when already complete."""
+                 evaluate_kwargs: dict[str, Any], lock_wait_s: float = 0) -> TypeResult:
+    """Train, generate and evaluate one defect type; each stage skipped when already complete.
+
+    Runs under the type's own lock, so a second job (an overlapping shard) is refused this type instead of
+    writing beside it; the result is recorded in results/ for --report-only. The same function runs in a
+    Ray task, which waits up to `lock_wait_s` for the lock: a retry may start before a shared file system
+    has dropped the lock of the attempt whose node was lost.
+    """
+    results = Path(config.output).expanduser() / RESULTS
+    results.mkdir(parents=True, exist_ok=True)
+    key = config.type_key(cat, defect_type)
+    deadline = time.monotonic() + lock_wait_s
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(folder_lock(results, f"run {cat}/{defect_type}", name=f".{key}.lock"))
+                break
+            except DefectFillError as exc:  # the other job records its own result
+                if time.monotonic() >= deadline:
+                    return TypeResult(cat, defect_type, status="failed", error=f"not run: {exc}")
+                time.sleep(5)
+        result = _process_type(cat, defect_type, config, position, evaluate_kwargs)
+        record_result(config, result)
+        return result
+
+
+def record_result(config: RunConfig, result: TypeResult) -> None:
+    write_json(Path(config.output).expanduser() / RESULTS / f"{config.type_key(result.category, result.defect_type)}.json",
+               asdict(result))
+
+
+def read_result(config: RunConfig, cat: str, defect_type: str) -> TypeResult:
+    """The recorded result of a type (--report-only); status `missing` when no job has finished it."""
+    path = Path(config.output).expanduser() / RESULTS / f"{config.type_key(cat, defect_type)}.json"
+    if not path.is_file():
+        return TypeResult(cat, defect_type, status="missing",
+                          error="not run yet: no job has finished this type; rerun the --shard job that holds it "
+                                "(or `defectfill run` without --report-only)")
+    known = {f.name for f in fields(TypeResult)}
+    try:
+        data = json.loads(path.read_text())
+        result = TypeResult(**{k: v for k, v in data.items() if k in known})
+    except (OSError, ValueError, TypeError) as exc:
+        return TypeResult(cat, defect_type, status="failed",
+                          error=f"{path}: unreadable ({exc}); rerun the --shard job that holds this type")
+    return result
+
+
+def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
+                  evaluate_kwargs: dict[str, Any]) -> TypeResult:
     import defectfill.train
     from defectfill.evaluate import evaluate
     from defectfill.generate import run_generate
@@ -215,59 +283,135 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
     """The whole job; returns one result per defect type (failures included) after writing the report.
 
     `feature_extractor` (KID) and `distance` (IC-LPIPS) replace the standard networks (offline demos,
-    tests); `note` is shown at the top of the report.
+    tests); `note` is shown at the top of the report. With --shard I/N only that slice of the plan is
+    processed and no report is written; --report-only writes it from the recorded results.
     """
     config.validate()  # every stage's settings, before any work
     output = Path(config.output).expanduser()
     layout = open_layout(config.train.data, config.train.layout)
     pairs = plan_types(layout, config.selected_categories(), config.selected_defect_types())
+    shard = config.shard_slice()
+    mine = shard_pairs(pairs, shard)
     if config.dry_run:
-        print_plan(layout, pairs, config)
+        if shard:
+            print(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the plan's {len(pairs)} defect type(s)")
+        print_plan(layout, mine, config)
         return []
+    if config.executor == "ray":
+        from defectfill.ray_executor import import_ray
+
+        import_ray()  # a missing extra is named before anything is written
+    evaluate_kwargs = {"feature_extractor": feature_extractor, "distance": distance, "note": note}
+    if config.report_only:
+        return _report_only(config, output, pairs, evaluate_kwargs)
     claim_folder(output, "run")  # an empty or new folder, or one `run` wrote: never a foreign one
-    with folder_lock(output, "run"):  # one writer at a time
-        return _run_types(config, output, pairs, {"feature_extractor": feature_extractor, "distance": distance,
-                                                  "note": note})
+    # a whole run is the only writer; the shards of one job share the folder (each type has its own lock)
+    holder = f"run --shard {shard[0]}/{shard[1]}" if shard else "run"
+    with folder_lock(output, holder, shared=shard is not None), _executor(config) as executor:
+        return _run_types(config, output, pairs, mine, evaluate_kwargs, executor)
 
 
-def _run_types(config: RunConfig, output: Path, pairs: list[tuple[str, str]],
-               evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
-    """Every type's stages, the combined dataset, the downstream models and the report (in a claimed folder)."""
+class LocalExecutor:
+    """Each type in this process, one after another (the default)."""
+
+    def types(self, config: RunConfig, pairs: list[tuple[str, str]],
+              evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
+        return [process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", evaluate_kwargs)
+                for i, (cat, t) in enumerate(pairs)]
+
+    def downstream(self, config: RunConfig, categories: list[str], synth: Path, note: str | None) -> dict[str, str]:
+        return {cat: run_downstream(config, cat, synth, note) for cat in categories}
+
+
+@contextlib.contextmanager
+def _executor(config: RunConfig):
+    if config.executor == "ray":
+        from defectfill.ray_executor import RayExecutor  # Ray is an optional extra: imported only here
+
+        with RayExecutor(config) as executor:
+            yield executor
+    else:
+        yield LocalExecutor()
+
+
+def run_downstream(config: RunConfig, cat: str, synth: Path, note: str | None) -> str:
+    """The inspection models of one category on the combined dataset: their report, or why they failed."""
     from defectfill.evaluate import evaluate
 
-    write_json(output / RUN_SETTINGS, config.to_dict())
+    eval_dir = Path(config.output).expanduser() / "eval" / f"{cat}-downstream"
+    print(f"downstream {config.downstream} on {cat}")
+    try:
+        evaluate(config.downstream_config(cat, synth, eval_dir), note=note)
+        return str(eval_dir / "report.html")
+    except DefectFillError as exc:
+        return f"failed: {exc}"
+
+
+@contextlib.contextmanager
+def _run_log(output: Path):
     handler = logging.FileHandler(output / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.getLogger("defectfill").addHandler(handler)
-    started = time.time()
-    results: list[TypeResult] = []
     try:
-        for i, (cat, t) in enumerate(pairs):
-            results.append(process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", evaluate_kwargs))
-        synth = _assemble_synth(config, output, [r for r in results if r.n_generated])
-        downstream: dict[str, str] = {}
-        if config.downstream != "none":
-            for cat in sorted({c for c, _ in pairs}):
-                cat_results = [r for r in results if r.category == cat]
-                if any(r.status != "done" for r in cat_results):
-                    downstream[cat] = "not run: a defect type of this category failed"
-                    continue
-                eval_dir = output / "eval" / f"{cat}-downstream"
-                print(f"downstream {config.downstream} on {cat}")
-                try:
-                    evaluate(config.downstream_config(cat, synth, eval_dir), note=evaluate_kwargs["note"])
-                    downstream[cat] = str(eval_dir / "report.html")
-                except DefectFillError as exc:
-                    downstream[cat] = f"failed: {exc}"
-        _write_report(config, output, results, downstream, evaluate_kwargs["note"], time.time() - started)
+        yield
     finally:
         logging.getLogger("defectfill").removeHandler(handler)
         handler.close()
+
+
+def _run_types(config: RunConfig, output: Path, pairs: list[tuple[str, str]], mine: list[tuple[str, str]],
+               evaluate_kwargs: dict[str, Any], executor) -> list[TypeResult]:
+    """Every type's stages, then (a whole run) the combined dataset, the downstream models and the report."""
+    write_json(output / RUN_SETTINGS, config.recorded())
+    started = time.time()
+    with _run_log(output):
+        results = executor.types(config, mine, evaluate_kwargs)
+        shard = config.shard_slice()
+        if shard is None:
+            _finish(config, output, pairs, results, evaluate_kwargs["note"], time.time() - started, executor)
+    print_summary(results, output, report=shard is None)
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]} finished its {len(mine)} defect type(s); once every shard has, write the "
+              "report with the same command and --report-only instead of --shard.")
+    return results
+
+
+def _report_only(config: RunConfig, output: Path, pairs: list[tuple[str, str]],
+                 evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
+    """The combined dataset, the downstream models and the report from the results the jobs recorded."""
+    if not (output / RUN_SETTINGS).is_file():
+        raise DefectFillError(f"--report-only: {output} holds no run ({RUN_SETTINGS} is missing). Run `defectfill run` "
+                              "(or its --shard jobs) with this --output first, or point --output at the run's folder.")
+    claim_folder(output, "run")  # refuses a folder some other command wrote
+    started = time.time()
+    # exclusive: refused while a shard still writes here; Ray is joined only for the downstream models
+    executor = _executor(config) if config.downstream != "none" else contextlib.nullcontext(LocalExecutor())
+    with folder_lock(output, "run --report-only"), executor as executor, _run_log(output):
+        results = [read_result(config, cat, t) for cat, t in pairs]
+        _finish(config, output, pairs, results, evaluate_kwargs["note"], time.time() - started, executor)
     print_summary(results, output)
     return results
 
 
-def print_summary(results: list[TypeResult], output: Path) -> None:
+def _finish(config: RunConfig, output: Path, pairs: list[tuple[str, str]], results: list[TypeResult],
+            note: str | None, seconds: float, executor) -> None:
+    """synth/, the downstream models of each category whose types are all done, and the report."""
+    started = time.time()
+    synth = _assemble_synth(config, output, [r for r in results if r.n_generated])
+    downstream: dict[str, str] = {}
+    if config.downstream != "none":
+        ready = []
+        for cat in sorted({c for c, _ in pairs}):
+            if any(r.status != "done" for r in results if r.category == cat):
+                downstream[cat] = "not run: a defect type of this category failed or has not run"
+            else:
+                ready.append(cat)
+        downstream.update(executor.downstream(config, ready, synth, note))
+        downstream = {cat: downstream[cat] for cat in sorted(downstream)}
+    _write_report(config, output, results, downstream, note, seconds + time.time() - started)
+
+
+def print_summary(results: list[TypeResult], output: Path, report: bool = True) -> None:
     print(f"\n{'category/type':28} {'status':7} {'images':>6} {'KID x1e3':>10} {'IC-LPIPS':>9}")
     for r in results:
         kid = f"{r.kid_x1e3:.2f}" if r.kid_x1e3 is not None else "-"
@@ -275,7 +419,8 @@ def print_summary(results: list[TypeResult], output: Path) -> None:
         print(f"{r.category + '/' + r.defect_type:28} {r.status:7} {r.n_generated:>6} {kid:>10} {ic:>9}")
         if r.error:
             print(f"    {r.error}")
-    print(f"\nreport: {output / 'report.html'}")
+    if report:
+        print(f"\nreport: {output / 'report.html'}")
 
 
 def _write_report(config: RunConfig, output: Path, results: list[TypeResult], downstream: dict[str, str],
