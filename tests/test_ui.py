@@ -76,12 +76,16 @@ def test_without_gradio_the_command_names_the_extra(runs_root):
     assert "pip install 'defectfill[ui]'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_paths_typed_into_the_app_stay_inside_its_folders(runs_root, tmp_path):
-    ws = Workspace([runs_root], tmp_path / "datasets", device="cpu")
+def test_dataset_names_typed_into_the_app_stay_inside_its_folder(tmp_path):
+    ws = Workspace([tmp_path / "runs"], tmp_path / "datasets", device="cpu")
     assert ws.dataset_path("disc/scratch") == tmp_path / "datasets" / "disc" / "scratch"
     for name in ("../escape", "/tmp/escape", "a/../../escape", str(tmp_path)):
         with pytest.raises(DefectFillError, match="outside"):
             ws.dataset_path(name)
+
+
+def test_run_and_image_names_stay_inside_the_runs(runs_root, tmp_path):
+    ws = Workspace([runs_root], tmp_path / "datasets", device="cpu")
     with pytest.raises(DefectFillError, match="not one of the finished runs"):
         ws.run_dir("../runs/disc-scratch")
     for name in ("../../good/000.png", "/etc/passwd", "000_mask.png"):

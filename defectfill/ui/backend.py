@@ -330,6 +330,8 @@ class Workspace:
             gen = DefectGenerator.from_run(run_dir, device=self.device, mixed_precision=self.precision,
                                            scheduler=self.scheduler, lpips_weights=self.lpips_weights,
                                            lpips_pretrained=not self.lpips_random_backbone)
+            # the pipeline's own step bar back on: gradio's Progress(track_tqdm=True) shows it in the page
+            gen.pipe.set_progress_bar_config(disable=False, leave=False, desc="sampling")
             self._loaded = (run_dir, gen)
         return self._loaded[1]
 
