@@ -1,4 +1,4 @@
-"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data, pretrain-base.
+"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data, pretrain-base, ui.
 
 User-input problems raise `DefectFillError`; they are printed as one clear
 message (no traceback) and the command exits with status 2.
@@ -86,7 +86,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help=help_text, description=help_text)
     add_data_arguments(p)
     p.set_defaults(func=data_command)
+
+    from defectfill.ui import add_arguments as add_ui_arguments  # no gradio import: the extra is optional
+
+    help_text = ("a local browser app: draw a mask on a defect-free image, see the candidates with their LFS "
+                 "scores, add the good ones to a dataset, curate it (needs pip install 'defectfill[ui]')")
+    p = sub.add_parser("ui", help=help_text, description=help_text)
+    add_ui_arguments(p)
+    p.set_defaults(func=_ui)
     return parser
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from defectfill.ui import ui_command
+
+    return ui_command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

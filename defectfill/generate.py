@@ -308,6 +308,49 @@ def _write_preview(out: OutputFolder) -> None:
     _save_png(sheet, out.root / PREVIEW)
 
 
+def write_item(out: OutputFolder, item: Item, source: Image.Image, result: GenerationResult, prompt: str,
+               settings_identity: dict[str, Any], part: Path, save_candidates: bool = False,
+               preview_rows: int = 0) -> dict[str, Any]:
+    """Write one generated item (image, mask, candidates, attention map, preview strip), then append its
+    manifest row to `part`; returns the row. The row is written last, so a row always means a finished item.
+    `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
+    _save_png(result.image, out.image_path(item.index))
+    _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
+    if save_candidates:
+        for c, cand in enumerate(result.candidates):
+            _save_png(cand, out.candidate_path(item.index, c))
+    if result.attention is not None:
+        heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
+        _save_png(heat, out.attention_path(item.index))
+    if item.index < preview_rows:
+        _save_png(_preview_strip(source, result), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
+    row = {
+        "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
+        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+        "mask_source": item.mask_source, "prompt": prompt, "seed": item.seed,
+        "candidate_seeds": result.seeds,
+        "scores": result.scores, "chosen": result.chosen, "settings": settings_identity,
+    }
+    if result.attention is not None:
+        row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
+    # appended only now that image and mask exist: a manifest row always means a finished item
+    with open(part, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return row
+
+
+def finish_output(out: OutputFolder, with_good: bool) -> int:
+    """One manifest.jsonl from the parts, the defect-free sources linked (with_good), preview.png; returns the
+    manifest's row count."""
+    total = out.merge_manifest()
+    if with_good:
+        out.link_good_images()
+    _write_preview(out)
+    return total
+
+
 def _process_info(device: str | None, rank: int | None, world_size: int | None):
     """(rank, world size, accelerate's state); tests may simulate rank and world size."""
     from accelerate import PartialState
@@ -386,38 +429,13 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                 source = load_rgb(item.image)
                 mask = _item_mask(item, source, scale)
                 result = generator(source, mask, item.seed)
-                _save_png(result.image, out.image_path(item.index))
-                _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
-                if settings.save_candidates:
-                    for c, cand in enumerate(result.candidates):
-                        _save_png(cand, out.candidate_path(item.index, c))
-                if result.attention is not None:
-                    heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
-                    _save_png(heat, out.attention_path(item.index))
-                if item.index < settings.preview_rows:
-                    _save_png(_preview_strip(source, result), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
-                row = {
-                    "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
-                    "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
-                    "mask_source": item.mask_source, "prompt": generator.prompt, "seed": item.seed,
-                    "candidate_seeds": result.seeds,
-                    "scores": result.scores, "chosen": result.chosen, "settings": identity["settings"],
-                }
-                if result.attention is not None:
-                    row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
-                # appended only now that image and mask exist: a manifest row always means a finished item
-                with open(part, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                write_item(out, item, source, result, generator.prompt, identity["settings"], part,
+                           save_candidates=settings.save_candidates, preview_rows=settings.preview_rows)
             bar.close()
         if distributed:
             state.wait_for_everyone()
         if is_main:
-            total = out.merge_manifest()
-            if settings.with_good:
-                out.link_good_images()
-            _write_preview(out)
+            total = finish_output(out, settings.with_good)
             log.info("%s: %d of %d images written.", out.root, total, settings.count)
         return 0
 

@@ -1,0 +1,337 @@
+"""The gradio page of `defectfill ui`: three tabs over a `backend.Workspace`.
+
+- Generate: a run, a defect-free image (the run's data or an upload), a mask painted with the brush or a
+  shape placed on the object, the sampling settings; every candidate with its LFS score, the chosen one
+  framed, the token's attention optionally laid over it; "Add to dataset".
+- Dataset: a generated dataset's items by category and type, each with its mask, candidates and scores;
+  reject (moved aside, marked in the manifest).
+- Run: the run's settings, loss curves and logged sample inpaintings.
+
+Every action is a named API endpoint (`gradio_client` drives them in the tests). A `DefectFillError`
+becomes a `gr.Error`: a message in the page, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# no usage reporting from a local tool (and CI machines have no network)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from defectfill.errors import DefectFillError  # noqa: E402
+from defectfill.masks import SHAPES  # noqa: E402
+from defectfill.ui.backend import (  # noqa: E402
+    Outcome,
+    Source,
+    Workspace,
+    attention_overlay,
+    framed,
+    mask_from_layers,
+    mask_layer,
+    place_shape,
+)
+
+_THUMB = 256  # px: the run's defect-free images are shown as thumbnails, not served from its data folder
+
+
+def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input shows as a message in the page (and a clean error to API clients), not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DefectFillError as exc:
+            raise gr.Error(str(exc)) from None
+
+    return wrapper
+
+
+def _thumb(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((_THUMB, _THUMB))
+        return im
+
+
+def _editor_value(image: Image.Image, mask: np.ndarray | None = None) -> dict[str, Any]:
+    layer = mask_layer(mask if mask is not None else np.zeros((image.height, image.width), dtype=bool))
+    return {"background": image.convert("RGBA"), "layers": [layer], "composite": None}
+
+
+def build_app(ws: Workspace) -> gr.Blocks:
+    """The page. Handlers close over `ws`; per-browser-tab state (source, placed shape, last result) is gr.State."""
+    runs = list(ws.runs())
+
+    # ------------------------------------------------------------------ handlers: generate tab
+
+    @_friendly
+    def select_run(run: str):
+        config = ws.run_config(run)
+        try:
+            images = ws.good_images(run)
+            message = f"{len(images)} defect-free image(s) of **{config.category}** in `{config.data}`."
+        except DefectFillError as exc:  # data moved: uploads still work
+            images, message = [], f"{exc}"
+        names = [p.name for p in images]
+        gallery = [(_thumb(p), p.name) for p in images[:60]]
+        return (gr.update(choices=names, value=names[0] if names else None), gallery, message,
+                f"{config.category}-{config.defect_type}")
+
+    @_friendly
+    def select_image(run: str, name: str):
+        if not name:
+            return gr.update(), None, None
+        source = ws.source(run, name)
+        return _editor_value(source.image), source, None
+
+    @_friendly
+    def pick_from_gallery(run: str, evt: gr.SelectData):
+        names = [p.name for p in ws.good_images(run)]
+        return names[evt.index] if evt.index is not None and evt.index < len(names) else gr.update()
+
+    @_friendly
+    def upload_image(image: Image.Image | None):
+        if image is None:
+            return gr.update(), None, None
+        source = Source(image.convert("RGB"), None, "upload")
+        return _editor_value(source.image), source, None
+
+    @_friendly
+    def place(source: Source | None, shape: str, size: float, seed: float):
+        if source is None:
+            raise DefectFillError("choose or upload a defect-free image first.")
+        mask = place_shape(source.image, shape, float(size), int(seed))
+        return _editor_value(source.image, mask), {"shape": shape, "size": float(size), "mask": mask}
+
+    @_friendly
+    def generate(run: str, source: Source | None, editor: dict | None, placed: dict | None, candidates: float,
+                 steps: float, guidance: float, seed: float, attention: bool,
+                 progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress idiom
+        if source is None:
+            raise DefectFillError("choose or upload a defect-free image first.")
+        mask = mask_from_layers(list((editor or {}).get("layers") or []), source.image.size)
+        shape = None
+        if placed is not None and np.array_equal(placed["mask"], mask):
+            shape = placed["shape"]  # the placed shape, unedited: recorded as `generate --masks shapes` does
+        outcome = ws.generate(run, source, mask, candidates=int(candidates), steps=int(steps),
+                              guidance=float(guidance), seed=int(seed), attention=bool(attention),
+                              shape=shape, shape_size=placed["size"] if shape else None,
+                              progress=lambda f, text: progress(f, desc=text))
+        result = outcome.result
+        gallery = []
+        for i, cand in enumerate(result.candidates):
+            score = f"LFS {result.scores[i]:.4f}" if result.scores else "LFS n/a (1 candidate)"
+            chosen = i == result.chosen
+            gallery.append((framed(cand) if chosen else cand, f"{'CHOSEN · ' if chosen else ''}#{i} · {score}"))
+        shown = result.image
+        if result.attention is not None:
+            shown = attention_overlay(result.image, result.attention)
+        lines = [f"**{len(result.candidates)} candidate(s)**, seed {outcome.settings['seed']}, mask "
+                 f"`{outcome.mask_source}` ({int(result.mask.sum())} px). Low-Fidelity Selection keeps the "
+                 "candidate least like the input inside the mask's box (highest LPIPS).", "",
+                 "| candidate | LFS score | |", "|---|---|---|"]
+        for i in range(len(result.candidates)):
+            score = f"{result.scores[i]:.4f}" if result.scores else "-"
+            lines.append(f"| #{i} | {score} | {'chosen' if i == result.chosen else ''} |")
+        return gallery, shown, "\n".join(lines), outcome
+
+    @_friendly
+    def add(outcome: Outcome | None, dataset: str):
+        if outcome is None:
+            raise DefectFillError("generate first, then add the result to a dataset.")
+        row = ws.add_to_dataset(outcome, dataset)
+        root = ws.dataset_path(dataset)
+        message = f"Added item {row['index']} to `{root}`: `{row['image']}` and `{row['mask']}`."
+        return message, gr.update(choices=ws.datasets(), value=str(root.relative_to(ws.datasets_root)))
+
+    # ------------------------------------------------------------------ handlers: dataset tab
+
+    @_friendly
+    def open_dataset(dataset: str | None):
+        if not dataset:
+            return gr.update(choices=[], value=None), gr.update(choices=[], value=None)
+        items = ws.dataset_items(dataset, rejected=True)
+        cats = sorted({i["category"] for i in items})
+        types = sorted({i["defect_type"] for i in items})
+        return (gr.update(choices=["(all)"] + cats, value="(all)"),
+                gr.update(choices=["(all)"] + types, value="(all)"))
+
+    @_friendly
+    def browse(dataset: str | None, category: str | None, defect_type: str | None, rejected: bool):
+        if not dataset:
+            return [], []
+        items = ws.dataset_items(dataset, None if category in (None, "(all)") else category,
+                                 None if defect_type in (None, "(all)") else defect_type, bool(rejected))
+        root = ws.dataset_path(dataset)
+        gallery = []
+        for it in items:
+            score = f" · LFS {max(it['scores']):.4f}" if it.get("scores") else ""
+            gallery.append((str(root / it["image"]), f"#{it['index']} {it['category']}/{it['defect_type']}{score}"
+                            + (" · REJECTED" if it["is_rejected"] else "")))
+        return gallery, [it["index"] for it in items]
+
+    def pick_item(shown: list[int], evt: gr.SelectData):
+        return shown[evt.index] if shown and evt.index is not None and evt.index < len(shown) else gr.update()
+
+    @_friendly
+    def show_item(dataset: str | None, index: float | None):
+        if not dataset or index is None or index < 0:
+            return None, None, None, [], None
+        files = ws.item_files(dataset, int(index))
+        row = files["row"]
+        scores = row.get("scores") or []
+        candidates = [(str(p), f"#{c}" + (f" · LFS {scores[c]:.4f}" if c < len(scores) else "")
+                       + (" · CHOSEN" if c == row.get("chosen") else "")) for c, p in enumerate(files["candidates"])]
+        # the source lies in the run's data folder, which is not served: sent as an image
+        source = _thumb(files["source"]) if files["source"] else None
+        return str(files["image"]), str(files["mask"]), source, candidates, row
+
+    @_friendly
+    def reject(dataset: str | None, index: float | None, reason: str):
+        if not dataset or index is None or index < 0:
+            raise DefectFillError("choose an item in the grid first.")
+        row = ws.reject(dataset, int(index), reason or "")
+        return f"Item {int(index)} rejected: moved to `{row['image']}` (nothing deleted)."
+
+    # ------------------------------------------------------------------ handlers: run tab
+
+    @_friendly
+    def show_run(run: str):
+        import pandas as pd
+
+        info = ws.run_info(run)
+        losses = pd.DataFrame(info["losses"] or [], columns=["step", "loss", "value"])
+        samples = [(str(p), p.stem) for p in info["samples"]]
+        return info["settings"], losses, samples, f"Run folder: `{info['folder']}`"
+
+    # ------------------------------------------------------------------ layout
+
+    with gr.Blocks(title="defectfill") as demo:
+        gr.Markdown("# defectfill\nPaint a defect onto a defect-free image with a trained run, pick what is good, "
+                    "and curate the generated dataset.")
+        with gr.Row():
+            # custom values allowed: every name is checked by the workspace (a run found under the roots)
+            run_dd = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run", scale=3,
+                                 allow_custom_value=True)
+            runs_btn = gr.Button("Rescan runs", scale=0)
+        source_state = gr.State(None)
+        placed_state = gr.State(None)
+        outcome_state = gr.State(None)
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column(scale=1):
+                    data_note = gr.Markdown()
+                    image_dd = gr.Dropdown([], label="Defect-free image", elem_id="image", allow_custom_value=True)
+                    good_gallery = gr.Gallery(label="The run's defect-free images (click one)", columns=4,
+                                              height=260, allow_preview=False, format="png")
+                    upload = gr.Image(type="pil", sources=["upload"], label="...or upload one", height=160)
+                with gr.Column(scale=2):
+                    editor = gr.ImageEditor(
+                        label="Paint where the defect goes (or place a shape)", type="numpy", image_mode="RGBA",
+                        sources=[], format="png", transforms=[], layers=False, elem_id="editor",
+                        brush=gr.Brush(colors=["#ff0000"], color_mode="fixed", default_size="auto"),
+                    )
+                    with gr.Row():
+                        shape_dd = gr.Dropdown(list(SHAPES), value="ellipse", label="Shape")
+                        size = gr.Slider(0.002, 0.3, value=0.03, step=0.001, label="Shape size (area fraction)")
+                        place_btn = gr.Button("Place shape", elem_id="place")
+            with gr.Row():
+                candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates", elem_id="n-candidates")
+                steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
+                guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance")
+                seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+                attention = gr.Checkbox(False, label="Show the token's attention")
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Row():
+                cand_gallery = gr.Gallery(label="Candidates (LFS score; the chosen one is framed)", columns=4,
+                                          height=320, format="png", elem_id="candidates")
+                chosen_img = gr.Image(label="Chosen", type="pil", format="png", height=320, elem_id="chosen")
+            scores_md = gr.Markdown()
+            with gr.Row():
+                dataset_name = gr.Textbox(label="Dataset folder (inside the datasets folder)", elem_id="dataset")
+                add_btn = gr.Button("Add to dataset", elem_id="add")
+            add_md = gr.Markdown(elem_id="add-status")
+        with gr.Tab("Dataset"):
+            with gr.Row():
+                ds_dd = gr.Dropdown(ws.datasets(), label="Dataset", elem_id="ds", allow_custom_value=True)
+                refresh_btn = gr.Button("Refresh")
+                cat_dd = gr.Dropdown([], label="Category")
+                type_dd = gr.Dropdown([], label="Defect type")
+                show_rejected = gr.Checkbox(False, label="Show rejected")
+            shown_state = gr.State([])
+            items_gallery = gr.Gallery(label="Items", columns=6, height=300, allow_preview=False)
+            item_index = gr.Number(-1, precision=0, label="Item index")
+            with gr.Row():
+                item_image = gr.Image(label="Image", type="filepath", height=220)
+                item_mask = gr.Image(label="Mask", type="filepath", height=220)
+                item_source = gr.Image(label="Source", type="filepath", height=220)
+            item_cands = gr.Gallery(label="Candidates (saved ones)", columns=8, height=200, allow_preview=False)
+            item_row = gr.JSON(label="Manifest row")
+            with gr.Row():
+                reason = gr.Textbox(label="Why rejected (optional)")
+                reject_btn = gr.Button("Reject (move aside)", variant="stop")
+            reject_md = gr.Markdown()
+        with gr.Tab("Run"):
+            run_md = gr.Markdown()
+            settings_json = gr.JSON(label="Settings (config.json)")
+            loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="Losses (train.log)", height=300)
+            samples_gallery = gr.Gallery(label="Logged sample inpaintings: source | mask | inpainting", columns=1,
+                                         height=300)
+
+        # ------------------------------------------------------------------ wiring
+        run_outputs = [image_dd, good_gallery, data_note, dataset_name]
+        run_dd.change(select_run, run_dd, run_outputs, api_name="select_run")
+        run_dd.change(show_run, run_dd, [settings_json, loss_plot, samples_gallery, run_md], api_name="run_info")
+        demo.load(select_run, run_dd, run_outputs, api_visibility="private")
+        demo.load(show_run, run_dd, [settings_json, loss_plot, samples_gallery, run_md], api_visibility="private")
+        image_dd.change(select_image, [run_dd, image_dd], [editor, source_state, placed_state],
+                        api_name="select_image")
+        good_gallery.select(pick_from_gallery, run_dd, image_dd, api_visibility="private")
+        upload.upload(upload_image, upload, [editor, source_state, placed_state], api_name="upload_image")
+        place_btn.click(place, [source_state, shape_dd, size, seed], [editor, placed_state], api_name="place_shape")
+        # one generation at a time on the device: two tabs queue instead of sharing its memory
+        generate_btn.click(generate, [run_dd, source_state, editor, placed_state, candidates, steps, guidance, seed,
+                                      attention], [cand_gallery, chosen_img, scores_md, outcome_state],
+                           api_name="generate", concurrency_limit=1, concurrency_id="device")
+        add_btn.click(add, [outcome_state, dataset_name], [add_md, ds_dd], api_name="add_to_dataset",
+                      concurrency_limit=1, concurrency_id="write")
+        browse_inputs = [ds_dd, cat_dd, type_dd, show_rejected]
+        ds_dd.change(open_dataset, ds_dd, [cat_dd, type_dd], api_visibility="private").then(
+            browse, browse_inputs, [items_gallery, shown_state], api_visibility="private")
+        for trigger in (cat_dd.change, type_dd.change, show_rejected.change):
+            trigger(browse, browse_inputs, [items_gallery, shown_state], api_visibility="private")
+        runs_btn.click(lambda: gr.update(choices=list(ws.runs())), None, run_dd, api_visibility="private")
+        refresh_btn.click(lambda: gr.update(choices=ws.datasets()), None, ds_dd, api_visibility="private")
+        items_gallery.select(pick_item, shown_state, item_index, api_visibility="private")
+        item_index.change(show_item, [ds_dd, item_index], [item_image, item_mask, item_source, item_cands, item_row],
+                          api_name="item")
+        reject_btn.click(reject, [ds_dd, item_index, reason], reject_md, api_name="reject",
+                         concurrency_limit=1, concurrency_id="write").then(
+            browse, browse_inputs, [items_gallery, shown_state], api_visibility="private")
+
+        @_friendly
+        def items(dataset: str, category: str = "", defect_type: str = "", rejected: bool = False) -> list[dict]:
+            """For scripts: a dataset's items as manifest rows, filtered."""
+            return ws.dataset_items(dataset, category or None, defect_type or None, bool(rejected))
+
+        gr.api(items, api_name="items")
+    return demo
+
+
+def launch(demo: gr.Blocks, ws: Workspace, host: str = "127.0.0.1", port: int = 7860,
+           logins: list[tuple[str, str]] | None = None, block: bool = True) -> Any:
+    """Serve the page. Only the datasets and runs folders are served as files (gallery images)."""
+    demo.queue(default_concurrency_limit=4)  # light events in parallel; generate and writes have their own limit
+    allowed = [str(ws.datasets_root.resolve())] + [str(r.resolve()) for r in ws.run_roots]
+    return demo.launch(server_name=host, server_port=port, auth=logins, allowed_paths=allowed, share=False,
+                       inbrowser=False, show_error=True, prevent_thread_lock=not block, quiet=not block)

@@ -1,0 +1,554 @@
+"""What the browser UI does, without gradio: runs, sources, masks, generation, datasets, rejection.
+
+Everything here works on plain values (paths, PIL images, numpy masks), so it is tested without a
+browser and the app module (`defectfill.ui.app`) is only layout and wiring. Every name that comes
+from the page (a run, an image, a dataset, an item) is checked against the folders the app was
+started with: a run must be one found under them, a dataset path must stay inside the datasets
+folder (`folders.contained`), an image must be one of the run's defect-free images.
+
+Items are written by `generate.write_item` and `generate.finish_output`, the code behind
+`defectfill generate`, so a folder the UI writes is one `evaluate`, `train --layout mvtec` and
+anomalib read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from defectfill.atomic import atomic_write
+from defectfill.errors import DefectFillError
+from defectfill.folders import IGNORED, contained, folder_lock
+from defectfill.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
+
+log = logging.getLogger(__name__)
+
+REJECTED_DIR = "rejected"  # rejected items are moved here, keeping their relative paths
+UPLOADS_DIR = "uploads"  # uploaded source images, inside the dataset that uses them
+_RUN_SCAN_DEPTH = 3  # runs/<name>, work/<cat>/runs/<name>: deep enough for `defectfill run` folders
+_SKIP_DIRS = {"logs", "__pycache__"}
+
+ProgressFn = Callable[[float, str], None]
+
+
+# --------------------------------------------------------------------------- binding and login
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (localhost, 127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_credential(text: str, where: str) -> tuple[str, str]:
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise DefectFillError(f"{where}: expected USER:PASSWORD (both non-empty).")
+    return user, password
+
+
+def read_auth(auth: str | None, auth_file: str | None) -> list[tuple[str, str]] | None:
+    """The logins from `--auth USER:PASSWORD` and `--auth-file FILE` (one USER:PASSWORD a line, # comments)."""
+    logins: list[tuple[str, str]] = []
+    if auth:
+        logins.append(_parse_credential(auth, "--auth"))
+    if auth_file:
+        path = Path(auth_file).expanduser()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise DefectFillError(f"--auth-file {path}: cannot read it ({exc.strerror or exc}).") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                logins.append(_parse_credential(line.strip(), f"--auth-file {path}, line {n}"))
+        if not logins:
+            raise DefectFillError(f"--auth-file {path}: no USER:PASSWORD line in it.")
+    return logins or None
+
+
+def check_bind(host: str, logins: list[tuple[str, str]] | None) -> None:
+    """Refuse to serve beyond this machine without a login: the app writes files and runs the model."""
+    if not is_loopback(host) and not logins:
+        raise DefectFillError(
+            f"--host {host} makes the app reachable from other machines, and it writes files there. "
+            "Pass --auth USER:PASSWORD or --auth-file FILE, or keep the default --host 127.0.0.1."
+        )
+
+
+# --------------------------------------------------------------------------- masks from the page
+
+
+def mask_from_layers(layers: list[np.ndarray | None], size: tuple[int, int]) -> np.ndarray:
+    """Bool (H, W) at `size` (w, h): every pixel painted (alpha > 0) on any editor layer."""
+    mask: np.ndarray | None = None
+    for layer in layers:
+        if layer is None:
+            continue
+        arr = np.asarray(layer)
+        painted = arr[..., 3] > 0 if arr.ndim == 3 and arr.shape[2] == 4 else (
+            arr.max(axis=2) > 0 if arr.ndim == 3 else arr > 0)
+        mask = painted if mask is None else (mask | fit_mask(painted, (mask.shape[1], mask.shape[0])))
+    if mask is None:
+        return np.zeros((size[1], size[0]), dtype=bool)
+    return fit_mask(mask, size)
+
+
+def mask_layer(mask: np.ndarray, colour: tuple[int, int, int] = (255, 0, 0), alpha: int = 160) -> Image.Image:
+    """An RGBA editor layer showing `mask` in `colour`, transparent elsewhere."""
+    rgba = np.zeros((*mask.shape, 4), dtype=np.uint8)
+    rgba[mask] = (*colour, alpha)
+    return Image.fromarray(rgba, mode="RGBA")
+
+
+def shape_scale(size: float) -> tuple[float, float]:
+    """The area range of a shape placed with the size slider (a fraction of the image): +-20 % around it,
+    since a shape's rasterised area only approximates its target."""
+    if not 0 < size < 1:
+        raise DefectFillError(f"shape size {size}: choose a fraction of the image area between 0 and 1.")
+    return max(size * 0.8, 1e-6), min(size * 1.2, 0.99)
+
+
+def place_shape(image: Image.Image, shape: str, size: float, seed: int) -> np.ndarray:
+    """A `shape` mask of about `size` of the image area on the object's foreground, as `generate --masks
+    shapes` places one (`masks.shape_mask` on `masks.estimate_foreground`); the seed decides where."""
+    if shape not in SHAPES:
+        raise DefectFillError(f"shape {shape!r}: choose one of {', '.join(SHAPES)}.")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
+    return shape_mask(shape, estimate_foreground(image.convert("RGB")), shape_scale(size), rng)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _is_run(folder: Path) -> bool:
+    from defectfill.model import LORA_WEIGHTS_NAME
+    from defectfill.run_folder import CONFIG_NAME
+
+    return (folder / CONFIG_NAME).is_file() and (folder / LORA_WEIGHTS_NAME).is_file()
+
+
+def find_runs(roots: list[Path]) -> dict[str, Path]:
+    """Finished runs under `roots` (a root may itself be a run), by a name relative to their root."""
+    found: dict[str, Path] = {}
+
+    def add(name: str, path: Path) -> None:
+        key, n = name, 2
+        while key in found:  # two roots with runs of the same relative name
+            key, n = f"{name} ({n})", n + 1
+        found[key] = path
+
+    for root in roots:
+        if _is_run(root):
+            add(root.name, root)
+            continue
+        if not root.is_dir():
+            continue
+        level = [root]
+        for _ in range(_RUN_SCAN_DEPTH):
+            below: list[Path] = []
+            for folder in level:
+                try:
+                    children = sorted(p for p in folder.iterdir() if p.is_dir())
+                except OSError:
+                    continue
+                for child in children:
+                    if child.name.startswith(".") or child.name.startswith("checkpoint-") or child.name in _SKIP_DIRS:
+                        continue
+                    if _is_run(child):
+                        add(str(child.relative_to(root)), child)
+                    else:
+                        below.append(child)
+            level = below
+    return found
+
+
+def read_losses(run_dir: Path) -> list[dict[str, Any]]:
+    """The loss curves of a run from its train.log: one row per (step, loss); a resumed run's repeated
+    steps keep their last value."""
+    path = run_dir / "train.log"
+    if not path.is_file():
+        return []
+    pattern = re.compile(r"step (\d+) loss (\S+) def (\S+) obj (\S+) attn (\S+)")
+    by_step: dict[int, tuple[float, ...]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        m = pattern.search(line)
+        if m:
+            try:
+                by_step[int(m.group(1))] = tuple(float(v) for v in m.groups()[1:])
+            except ValueError:
+                continue
+    rows = []
+    for step in sorted(by_step):
+        for name, value in zip(("total", "defect", "object", "attention"), by_step[step], strict=True):
+            if math.isfinite(value):
+                rows.append({"step": step, "loss": name, "value": value})
+    return rows
+
+
+# --------------------------------------------------------------------------- sources and outcomes
+
+
+@dataclass
+class Source:
+    """The defect-free image a defect is painted on: one of the run's images (`path`) or an upload."""
+
+    image: Image.Image
+    path: Path | None
+    label: str
+
+
+@dataclass
+class Outcome:
+    """One generation, with everything needed to add it to a dataset."""
+
+    run: str
+    run_dir: Path
+    source: Source
+    result: Any  # sampler.GenerationResult
+    mask_source: str  # "shape:<name>" (a placed shape, unedited) or "drawn"
+    settings: dict[str, Any]  # candidates, steps, guidance, seed, attention, shape, mask_scale
+    prompt: str
+    added_to: list[str] = field(default_factory=list)  # datasets it was added to (one add per dataset)
+
+
+def attention_overlay(image: Image.Image, attention: np.ndarray, strength: float = 0.6) -> Image.Image:
+    """The image with the token's attention map laid over it in red-yellow (brighter = more attention)."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    a = np.clip(attention, 0, 1)[..., None]
+    heat = np.concatenate([np.ones_like(a), a, np.zeros_like(a)], axis=2) * 255  # red -> yellow
+    out = base * (1 - strength * a) + heat * strength * a
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+def framed(image: Image.Image, colour: tuple[int, int, int] = (0, 200, 0)) -> Image.Image:
+    """A copy with a frame a few pixels wide, to mark the chosen candidate in the page."""
+    from PIL import ImageDraw
+
+    im = image.convert("RGB").copy()
+    width = max(2, min(im.size) // 32)
+    ImageDraw.Draw(im).rectangle([0, 0, im.width - 1, im.height - 1], outline=colour, width=width)
+    return im
+
+
+# --------------------------------------------------------------------------- the workspace
+
+
+class Workspace:
+    """The folders the app was started with, the loaded model, and every action of the page.
+
+    One model is kept loaded (the last run used) between requests; `generate` holds a lock, so even
+    outside gradio's queue two generations never run at once on the device.
+    """
+
+    def __init__(self, runs: list[str | Path], datasets: str | Path, device: str | None = None,
+                 mixed_precision: str = "auto", lpips_weights: str | None = None,
+                 lpips_random_backbone: bool = False, scheduler: str = "ddim"):
+        import torch
+
+        self.run_roots = [Path(r).expanduser() for r in runs]
+        self.datasets_root = Path(datasets).expanduser()
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        from defectfill.settings import resolve_precision
+
+        self.precision = resolve_precision(mixed_precision, self.device)
+        self.lpips_weights, self.lpips_random_backbone = lpips_weights, lpips_random_backbone
+        self.scheduler = scheduler
+        self._loaded: tuple[Path, Any] | None = None  # (run folder, DefectGenerator)
+        self._scorer: Any = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ runs
+
+    def runs(self) -> dict[str, Path]:
+        """Rescanned on each call, so a run that finishes while the app is open appears."""
+        return find_runs(self.run_roots)
+
+    def run_dir(self, name: str) -> Path:
+        runs = self.runs()
+        if name not in runs:
+            where = ", ".join(str(r) for r in self.run_roots)
+            raise DefectFillError(f"run {name!r} is not one of the finished runs under {where}. "
+                                  "Choose one from the list (train one with `defectfill train`).")
+        return runs[name]
+
+    def run_config(self, name: str):
+        from defectfill.run_folder import read_trained_run
+
+        return read_trained_run(self.run_dir(name))
+
+    def good_images(self, name: str) -> list[Path]:
+        """The defect-free images of the run's category in its data folder (what `generate` uses by default)."""
+        from defectfill.data import open_layout
+
+        config = self.run_config(name)
+        data = Path(config.data).expanduser() if config.data else None
+        if data is None or not data.is_dir():
+            raise DefectFillError(f"the run's data folder {config.data} is not there (moved or on another "
+                                  "machine); upload a defect-free image instead.")
+        return open_layout(data, config.layout).good_images(config.category)
+
+    def source(self, run: str, image_name: str) -> Source:
+        """One of the run's defect-free images by file name (names from the page are never paths)."""
+        from defectfill.data import load_rgb
+
+        for path in self.good_images(run):
+            if path.name == image_name:
+                return Source(load_rgb(path), path, path.name)
+        raise DefectFillError(f"image {image_name!r} is not one of the defect-free images of run {run!r}; "
+                              "choose one from the list or upload one.")
+
+    # ------------------------------------------------------------------ generation
+
+    def generator(self, run: str, progress: ProgressFn | None = None):
+        """The run's DefectGenerator, loaded once and kept until another run is used."""
+        from defectfill.sampler import DefectGenerator
+
+        run_dir = self.run_dir(run)
+        if self._loaded is None or self._loaded[0] != run_dir:
+            if progress:
+                progress(0.0, f"loading the model of {run}")
+            self._loaded = None  # free the previous model first
+            gen = DefectGenerator.from_run(run_dir, device=self.device, mixed_precision=self.precision,
+                                           scheduler=self.scheduler, lpips_weights=self.lpips_weights,
+                                           lpips_pretrained=not self.lpips_random_backbone)
+            # the pipeline's own step bar back on: gradio's Progress(track_tqdm=True) shows it in the page
+            gen.pipe.set_progress_bar_config(disable=False, leave=False, desc="sampling")
+            self._loaded = (run_dir, gen)
+        return self._loaded[1]
+
+    def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = 8, steps: int = 50,
+                 guidance: float = 7.5, seed: int = 0, attention: bool = False, shape: str | None = None,
+                 shape_size: float | None = None, progress: ProgressFn | None = None) -> Outcome:
+        """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s."""
+        from defectfill.config import sampling_checks
+        from defectfill.sampler import DefectGenerator
+        from defectfill.settings import check_all
+
+        candidates, steps, seed = int(candidates), int(steps), int(seed)
+        check_all(sampling_checks(candidates, steps, float(guidance), 0, None))
+        mask = fit_mask(np.asarray(mask, dtype=bool), source.image.size)
+        if not mask.any():
+            raise DefectFillError("the mask is empty: paint where the defect goes, or place a shape.")
+        with self._lock:
+            loaded = self.generator(run, progress)
+            # a generator per request over the loaded pipeline: the settings are the request's, the model is kept
+            gen = DefectGenerator(loaded.pipe, loaded.prompt, loaded.token, loaded.resolution, candidates=candidates,
+                                  steps=steps, guidance=float(guidance), device=self.device,
+                                  scorer=self._scorer, lpips_weights=self.lpips_weights,
+                                  lpips_pretrained=not self.lpips_random_backbone, save_attention=bool(attention))
+            if progress:
+                progress(0.1, f"sampling {candidates} candidate(s), {steps} steps")
+            result = gen(source.image, mask, seed=seed)
+            if candidates > 1:
+                self._scorer = gen.scorer  # LPIPS loaded once, kept with the model
+        settings = {"candidates": candidates, "steps": steps, "guidance": float(guidance), "seed": seed,
+                    "attention": bool(attention)}
+        if shape:
+            settings.update(shape=shape, mask_scale=list(shape_scale(float(shape_size or 0.02))))
+        return Outcome(run, self.run_dir(run), source, result, f"shape:{shape}" if shape else "drawn", settings,
+                       loaded.prompt)
+
+    # ------------------------------------------------------------------ datasets
+
+    def dataset_path(self, name: str) -> Path:
+        """A dataset folder named in the page: relative to the datasets folder and never outside it."""
+        name = (name or "").strip()
+        if not name:
+            raise DefectFillError("name the dataset folder (e.g. disc-scratch).")
+        return contained(self.datasets_root, name, "the dataset name")
+
+    def datasets(self) -> list[str]:
+        """Generated datasets under the datasets folder (a generate.json marks one), by relative name."""
+        from defectfill.generate import STATE
+
+        root = self.datasets_root
+        if not root.is_dir():
+            return []
+        found = ["."] if (root / STATE).is_file() else []
+        for path in sorted(root.rglob(STATE)):
+            rel = path.parent.relative_to(root)
+            if rel != Path(".") and len(rel.parts) <= 3 and not any(p.startswith(".") for p in rel.parts):
+                found.append(str(rel))
+        return found
+
+    @contextlib.contextmanager
+    def _writing(self, root: Path) -> Iterator[None]:
+        root.mkdir(parents=True, exist_ok=True)
+        with folder_lock(root, "ui"):  # a `defectfill generate` writing here is named, never mixed in
+            yield
+
+    def add_to_dataset(self, outcome: Outcome, dataset: str) -> dict[str, Any]:
+        """Write the outcome as the next item of `dataset`, as `defectfill generate` writes an item."""
+        from defectfill.config import GenerateConfig
+        from defectfill.generate import STATE, Item, OutputFolder, _identity, _prepare_output, finish_output, write_item
+
+        root = self.dataset_path(dataset)
+        if dataset in outcome.added_to:
+            raise DefectFillError(f"this result is already in {root}; generate again for another item.")
+        config = self.run_config(outcome.run)
+        if root.exists() and not root.is_dir():
+            raise DefectFillError(f"{root}: is a file, not a folder. Choose another dataset name.")
+        state = root / STATE
+        if state.is_file():
+            try:
+                recorded_run = json.loads(state.read_text()).get("run")
+            except (ValueError, AttributeError):
+                recorded_run = None
+            if recorded_run != str(outcome.run_dir.resolve()):
+                raise DefectFillError(f"{root}: holds the results of another run ({recorded_run}). One dataset "
+                                      f"folder per run: choose another name, such as {config.category}-"
+                                      f"{config.defect_type}.")
+        elif root.is_dir() and any(p.name not in IGNORED for p in root.iterdir()):
+            raise DefectFillError(f"{root}: folder is not empty and was not written by defectfill. "
+                                  "Choose another dataset name.")
+        with self._writing(root):
+            # every finished row counts, rejected ones too: an index (and its file names) is never reused
+            rows = OutputFolder(root, config.category, config.defect_type, 1).finished()
+            index = max(rows, default=-1) + 1
+            out = OutputFolder(root, config.category, config.defect_type, index + 1)
+            source_path = outcome.source.path
+            if source_path is None:  # an upload: kept inside the dataset, so the folder stays complete
+                png = _png_bytes(outcome.source.image)
+                source_path = root / UPLOADS_DIR / f"{hashlib.sha256(png).hexdigest()[:16]}.png"
+                if not source_path.is_file():
+                    atomic_write(source_path, lambda p: p.write_bytes(png))
+            s = outcome.settings
+            settings = GenerateConfig.build(dict(
+                run=str(outcome.run_dir), output=str(root), count=index + 1,
+                images=str(root / UPLOADS_DIR) if outcome.source.path is None else None,
+                masks="shapes" if s.get("shape") else "drawn", shapes=s.get("shape") or ",".join(SHAPES),
+                mask_scale=",".join(str(v) for v in s.get("mask_scale", DEFAULT_MASK_SCALE)),
+                candidates=s["candidates"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
+                scheduler=self.scheduler, save_candidates=True, save_attention=s["attention"],
+                lpips_weights=self.lpips_weights, lpips_random_backbone=self.lpips_random_backbone,
+                device=self.device, mixed_precision=self.precision,
+            ), require=False)
+            identity = _identity(outcome.run_dir, settings)
+            # resume: the UI adds item by item with the settings of each; generate.json records the latest
+            _prepare_output(out, identity, resume=True, overwrite=False,
+                            record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
+            item = Item(index, source_path, outcome.mask_source, s["seed"])
+            row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
+                             out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows)
+            finish_output(out, with_good=True)
+        outcome.added_to.append(dataset)
+        return row
+
+    def dataset_rows(self, dataset: str) -> dict[int, dict[str, Any]]:
+        from defectfill.generate import OutputFolder
+
+        root = self.dataset_path(dataset)
+        if not root.is_dir():
+            raise DefectFillError(f"{root}: no such dataset folder.")
+        return OutputFolder(root, "", "", 1).finished()
+
+    def dataset_items(self, dataset: str, category: str | None = None, defect_type: str | None = None,
+                      rejected: bool = False) -> list[dict[str, Any]]:
+        """The dataset's items (manifest rows with `category`, `defect_type`, `rejected` added), filtered."""
+        items = []
+        for index, row in sorted(self.dataset_rows(dataset).items()):
+            cat, kind = item_kind(row)
+            is_rejected = bool(row.get("rejected"))
+            if (category and cat != category) or (defect_type and kind != defect_type) or (is_rejected and not rejected):
+                continue
+            items.append({**row, "index": index, "category": cat, "defect_type": kind, "is_rejected": is_rejected})
+        return items
+
+    def item_files(self, dataset: str, index: int) -> dict[str, Any]:
+        """An item's row and its files: image, mask, source, candidates (saved ones), attention."""
+        root = self.dataset_path(dataset)
+        rows = self.dataset_rows(dataset)
+        if int(index) not in rows:
+            raise DefectFillError(f"{root}: no item {index} in its manifest.")
+        row = rows[int(index)]
+        image = contained(root, row["image"], root / "manifest.jsonl")
+        cat, kind = item_kind(row)
+        stem = Path(row["image"]).stem
+        candidates = []
+        for c in range(len(row.get("candidate_seeds") or [])):
+            path = root / "candidates" / cat / kind / f"{stem}_{c}.png"
+            if path.is_file():
+                candidates.append(path)
+        attention = contained(root, row["attention"], root / "manifest.jsonl") if row.get("attention") else None
+        source = Path(row.get("source_image") or "")
+        return {"row": row, "image": image, "mask": contained(root, row["mask"], root / "manifest.jsonl"),
+                "source": source if source.is_file() else None, "candidates": candidates,
+                "attention": attention if attention and attention.is_file() else None}
+
+    def reject(self, dataset: str, index: int, reason: str = "") -> dict[str, Any]:
+        """Move an item's image, mask and attention map under rejected/ (same relative paths) and mark its
+        manifest row; nothing is deleted. The MVTec tree no longer holds it, so evaluate and anomalib skip it."""
+        from defectfill.generate import MANIFEST, OutputFolder
+
+        root = self.dataset_path(dataset)
+        index = int(index)
+        with self._writing(root):
+            out = OutputFolder(root, "", "", 1)
+            out.merge_manifest()  # one manifest to edit
+            rows = out.finished()
+            if index not in rows:
+                raise DefectFillError(f"{root}: no item {index} in its manifest.")
+            row = rows[index]
+            if row.get("rejected"):
+                raise DefectFillError(f"{root}: item {index} is already rejected ({row['image']}).")
+            moved = {}
+            for key in ("image", "mask", "attention"):
+                if not row.get(key):
+                    continue
+                old = contained(root, row[key], root / MANIFEST)
+                new_rel = str(Path(REJECTED_DIR) / row[key])
+                new = contained(root, new_rel, root / MANIFEST)
+                if old.is_file():
+                    new.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(old, new)
+                moved[key] = row[key]
+                row[key] = new_rel
+            row["rejected"] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "from": moved, "reason": reason}
+            text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
+            atomic_write(root / MANIFEST, lambda p: p.write_text(text))
+        return row
+
+    # ------------------------------------------------------------------ the run tab
+
+    def run_info(self, run: str) -> dict[str, Any]:
+        """A run's settings (config.json), loss curves (train.log) and logged sample inpaintings."""
+        from defectfill.run_folder import read_recorded_config
+
+        run_dir = self.run_dir(run)
+        samples = sorted((run_dir / "logs" / "samples").glob("step-*.png"))
+        return {"settings": read_recorded_config(run_dir) or {}, "losses": read_losses(run_dir),
+                "samples": samples, "folder": run_dir}
+
+
+def item_kind(row: dict[str, Any]) -> tuple[str, str]:
+    """(category, defect type) of a manifest row, from its image path <category>/test/<type>/<name>."""
+    image = (row.get("rejected") or {}).get("from", {}).get("image") or row.get("image", "")
+    parts = Path(image).parts
+    return (parts[0], parts[2]) if len(parts) >= 4 else ("", "")
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,136 @@
+"""`defectfill ui` without a browser or gradio: binding and logins, the missing extra, path confinement,
+run discovery, loss curves, shapes on the foreground. (The app itself: tests/test_ui_app.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import write_run
+
+from defectfill.cli import main
+from defectfill.errors import DefectFillError
+from defectfill.masks import estimate_foreground
+from defectfill.ui.backend import (
+    Workspace,
+    check_bind,
+    find_runs,
+    mask_from_layers,
+    mask_layer,
+    place_shape,
+    read_auth,
+    read_losses,
+)
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_model_dir, demo_root):
+    root = tmp_path_factory.mktemp("runs")
+    write_run(root / "disc-scratch", tiny_model_dir, demo_root)
+    return root
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.5", "example.org", "::"])
+def test_non_local_bind_needs_a_login(host):
+    with pytest.raises(DefectFillError, match="--auth USER:PASSWORD"):
+        check_bind(host, None)
+    check_bind(host, [("u", "p")])
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_local_bind_needs_no_login(host):
+    check_bind(host, None)
+
+
+def test_auth_flag_and_file(tmp_path):
+    assert read_auth("ann:pw:with:colons", None) == [("ann", "pw:with:colons")]
+    good = tmp_path / "logins"
+    good.write_text("# who may log in\nann:one\n\nbob:two\n")
+    assert read_auth(None, str(good)) == [("ann", "one"), ("bob", "two")]
+    bad = tmp_path / "bad"
+    bad.write_text("ann:one\nbob\n")
+    with pytest.raises(DefectFillError, match=r"bad, line 2: expected USER:PASSWORD"):
+        read_auth(None, str(bad))
+    with pytest.raises(DefectFillError, match="--auth: expected USER:PASSWORD"):
+        read_auth(":nouser", None)
+
+
+def test_cli_refuses_public_bind_before_loading_anything(runs_root, capsys):
+    assert main(["ui", "--runs", str(runs_root), "--host", "0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert "--host 0.0.0.0" in err and "--auth" in err and "Traceback" not in err
+
+
+def test_without_gradio_the_command_names_the_extra(runs_root):
+    """The core imports and `defectfill ui` explains itself when gradio is not installed (blocked here)."""
+    code = (
+        "import sys; sys.modules['gradio'] = None; sys.modules['gradio_client'] = None\n"
+        "import defectfill, defectfill.cli, defectfill.generate, defectfill.ui, defectfill.ui.backend\n"
+        f"sys.exit(defectfill.cli.main(['ui', '--runs', {str(runs_root)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "pip install 'defectfill[ui]'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dataset_names_typed_into_the_app_stay_inside_its_folder(tmp_path):
+    ws = Workspace([tmp_path / "runs"], tmp_path / "datasets", device="cpu")
+    assert ws.dataset_path("disc/scratch") == tmp_path / "datasets" / "disc" / "scratch"
+    for name in ("../escape", "/tmp/escape", "a/../../escape", str(tmp_path)):
+        with pytest.raises(DefectFillError, match="outside"):
+            ws.dataset_path(name)
+
+
+def test_run_and_image_names_stay_inside_the_runs(runs_root, tmp_path):
+    ws = Workspace([runs_root], tmp_path / "datasets", device="cpu")
+    with pytest.raises(DefectFillError, match="not one of the finished runs"):
+        ws.run_dir("../runs/disc-scratch")
+    for name in ("../../good/000.png", "/etc/passwd", "000_mask.png"):
+        with pytest.raises(DefectFillError, match="not one of the defect-free images"):
+            ws.source("disc-scratch", name)
+    assert not (tmp_path / "escape").exists()
+
+
+def test_runs_are_found_below_the_roots(runs_root, tmp_path):
+    nested = tmp_path / "work" / "runs"
+    nested.mkdir(parents=True)
+    (nested / "unfinished").mkdir()
+    (nested / "unfinished" / "config.json").write_text("{}")  # no LoRA yet: not offered
+    assert find_runs([runs_root]) == {"disc-scratch": runs_root / "disc-scratch"}
+    assert find_runs([runs_root / "disc-scratch"]) == {"disc-scratch": runs_root / "disc-scratch"}
+    assert find_runs([tmp_path / "work"]) == {}
+
+
+def test_loss_curves_from_train_log(tmp_path):
+    (tmp_path / "train.log").write_text(
+        "2026-01-01 00:00:00 INFO training disc/scratch\n"
+        "2026-01-01 00:00:01 INFO step 1 loss 0.50000 def 0.40000 obj 0.30000 attn 0.20000 lr 2.00e-06 skipped 0\n"
+        "2026-01-01 00:00:02 INFO step 2 loss nan def 0.1 obj 0.1 attn 0.1 lr 4.00e-06 skipped 1\n"
+        "2026-01-01 00:00:03 INFO step 1 loss 0.25000 def 0.40000 obj 0.30000 attn 0.20000 lr 2.00e-06 skipped 0\n"
+    )
+    rows = read_losses(tmp_path)
+    assert {"step": 1, "loss": "total", "value": 0.25} in rows  # a resumed step keeps its last value
+    assert [r for r in rows if r["step"] == 2 and r["loss"] == "total"] == []  # non-finite: not drawn
+    assert len(rows) == 4 + 3
+
+
+def test_placed_shape_lies_on_the_foreground_and_survives_the_editor_layer(demo_root):
+    from defectfill.data import load_rgb
+
+    image = load_rgb(demo_root / "disc" / "train" / "good" / "000.png")
+    for shape in ("ellipse", "square", "star", "line", "blob"):
+        mask = place_shape(image, shape, 0.03, seed=4)
+        assert mask.any() and not (mask & ~estimate_foreground(image)).any()
+        assert 0.024 <= mask.mean() <= 0.036
+        assert np.array_equal(mask_from_layers([np.asarray(mask_layer(mask))], image.size), mask)
+    assert np.array_equal(place_shape(image, "star", 0.03, 4), place_shape(image, "star", 0.03, 4))
+    with pytest.raises(DefectFillError, match="choose one of"):
+        place_shape(image, "hexagon", 0.03, 0)
+
+
+def test_missing_source_folder_is_named(runs_root, tmp_path):
+    ws = Workspace([Path(runs_root)], tmp_path, device="cpu")
+    assert [p.name for p in ws.good_images("disc-scratch")][:1] == ["000.png"]

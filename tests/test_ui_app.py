@@ -1,0 +1,209 @@
+"""`defectfill ui` served on localhost: its API driven by gradio_client, and the page driven by a real headless
+Chromium (Debian's chromium + chromium-driver, installed by scripts/setup.sh; that test is skipped without them).
+
+The tiny model at 2 steps keeps a generation to seconds on a CPU."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import write_run
+from PIL import Image
+
+pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+
+from defectfill.config import GenerateConfig  # noqa: E402
+from defectfill.data import load_mask, open_layout  # noqa: E402
+from defectfill.generate import MANIFEST, run_generate  # noqa: E402
+from defectfill.sampler import derived_seed  # noqa: E402
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # git-ignored; CI keeps what is there
+RUN = "disc-scratch"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    GenerateConfig.add_arguments(parser)
+    return parser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model_dir, demo_root):
+    """The app on a free localhost port over one tiny run, and its workspace; closed after the module."""
+    base = tmp_path_factory.mktemp("ui")
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(base / "gradio-cache"))
+    from defectfill.ui.app import build_app, launch
+    from defectfill.ui.backend import Workspace
+
+    write_run(base / "runs" / RUN, tiny_model_dir, demo_root)
+    ws = Workspace([base / "runs"], base / "datasets", device="cpu", lpips_random_backbone=True)
+    demo = build_app(ws)
+    port = _free_port()
+    launch(demo, ws, port=port, block=False)
+    yield f"http://127.0.0.1:{port}/", ws, base
+    demo.close()
+
+
+def _editor_arg(value: dict) -> dict:
+    """An editor value returned by the client (local file paths) as the client sends it back."""
+    from gradio_client import handle_file
+
+    return {"background": handle_file(value["background"]), "layers": [handle_file(p) for p in value["layers"]],
+            "composite": None}
+
+
+def _files(root: Path) -> set[str]:
+    skip = {".defectfill.lock"}
+    return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name not in skip}
+
+
+def test_generate_add_reject_through_the_api_writes_what_generate_writes(served, demo_root, tmp_path):
+    url, ws, base = served
+    client = gradio_client.Client(url, verbose=False)
+    client.predict(RUN, api_name="/select_run")
+    client.predict(RUN, "000.png", api_name="/select_image")
+    placed = client.predict("ellipse", 0.05, 3, api_name="/place_shape")
+    seed = derived_seed(0, 0)  # the seed `defectfill generate --seed 0` gives item 0
+    t0 = time.perf_counter()
+    gallery, chosen, scores_md = client.predict(RUN, _editor_arg(placed), 2, 2, 7.5, seed, False,
+                                                api_name="/generate")
+    print(f"generate through the API: {time.perf_counter() - t0:.1f} s")
+    assert len(gallery) == 2 and sum("CHOSEN" in g["caption"] for g in gallery) == 1
+    assert all("LFS 0." in g["caption"] for g in gallery) and "| #1 |" in scores_md
+    status, _ = client.predict("disc-scratch", api_name="/add_to_dataset")
+    assert "Added item 0" in status
+    ui_root = ws.datasets_root / "disc-scratch"
+
+    # the same item written by `defectfill generate`: same image and mask, seed, settings
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    shutil.copy(demo_root / "disc" / "train" / "good" / "000.png", images / "000.png")
+    shutil.copy(ui_root / "disc" / "ground_truth" / "scratch" / "000_mask.png", masks / "m.png")
+    cli_root = tmp_path / "cli"
+    args = ["--run", str(ws.run_dir(RUN)), "--output", str(cli_root), "--count", "1", "--images", str(images),
+            "--masks", str(masks), "--candidates", "2", "--steps", "2", "--save-candidates", "--lpips-random-backbone"]
+    run_generate(GenerateConfig.from_args(_parser().parse_args(args)))
+    assert _files(ui_root) == _files(cli_root)  # the layout: MVTec tree, candidates, train/good, preview
+    ui_row, cli_row = (json.loads((r / MANIFEST).read_text()) for r in (ui_root, cli_root))
+    assert ui_row.keys() == cli_row.keys() and ui_row["settings"].keys() == cli_row["settings"].keys()
+    for key in ui_row.keys() - {"source_image", "mask_source", "settings"}:
+        assert ui_row[key] == cli_row[key], key
+    assert ui_row["mask_source"] == "shape:ellipse" and ui_row["settings"]["masks"] == "shapes"
+    for name in ("disc/test/scratch/000.png", "disc/ground_truth/scratch/000_mask.png",
+                 "candidates/disc/scratch/000_0.png", "candidates/disc/scratch/000_1.png"):
+        assert np.array_equal(np.asarray(Image.open(ui_root / name)), np.asarray(Image.open(cli_root / name))), name
+    state = json.loads((ui_root / "generate.json").read_text())
+    assert state.keys() == json.loads((cli_root / "generate.json").read_text()).keys()
+    assert state["config"]["candidates"] == 2 and state["config"]["mixed_precision"] == "no"
+    mask = load_mask(ui_root / "disc/ground_truth/scratch/000_mask.png")
+    assert 0.04 <= mask.mean() <= 0.06  # the placed shape's size
+    layout = open_layout(ui_root, "auto")
+    assert layout.name == "mvtec" and layout.defect_types("disc") == ["scratch"]
+
+    # the same result cannot be added twice; a second generation becomes item 1
+    with pytest.raises(gradio_client.exceptions.AppError, match="already in"):
+        client.predict("disc-scratch", api_name="/add_to_dataset")
+    client.predict(RUN, _editor_arg(placed), 1, 2, 7.5, 5, True, api_name="/generate")
+    assert "Added item 1" in client.predict("disc-scratch", api_name="/add_to_dataset")[0]
+
+    # the Dataset tab: the item with its candidates and scores; reject moves it aside and marks it
+    image, mask_file, source, cands, row = client.predict("disc-scratch", 0, api_name="/item")
+    assert len(cands) == 2 and row["scores"] == ui_row["scores"] and source is not None
+    before = (ui_root / "disc/test/scratch/000.png").read_bytes()
+    assert "rejected" in client.predict("disc-scratch", 0, "too faint", api_name="/reject")
+    assert not (ui_root / "disc/test/scratch/000.png").exists()
+    assert (ui_root / "rejected/disc/test/scratch/000.png").read_bytes() == before  # moved, not deleted
+    assert (ui_root / "rejected/disc/ground_truth/scratch/000_mask.png").is_file()
+    rows = [json.loads(line) for line in (ui_root / MANIFEST).read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and rows[0]["rejected"]["reason"] == "too faint"
+    assert rows[0]["rejected"]["from"]["image"] == "disc/test/scratch/000.png" and "rejected" not in rows[1]
+    assert [r["index"] for r in client.predict("disc-scratch", "disc", "scratch", False, api_name="/items")] == [1]
+    assert len(client.predict("disc-scratch", "", "", True, api_name="/items")) == 2
+    assert [s.image.name for s in open_layout(ui_root, "mvtec").defect_samples("disc", "scratch")] == ["001.png"]
+    with pytest.raises(gradio_client.exceptions.AppError, match="already rejected"):
+        client.predict("disc-scratch", 0, "", api_name="/reject")
+
+
+def test_the_api_refuses_paths_outside_its_folders(served):
+    url, ws, base = served
+    client = gradio_client.Client(url, verbose=False)
+    for dataset in ("../escape", "/tmp/escape", "x/../../escape"):
+        with pytest.raises(gradio_client.exceptions.AppError, match="outside"):
+            client.predict(dataset, 0, api_name="/item")
+    with pytest.raises(gradio_client.exceptions.AppError, match="not one of the defect-free images"):
+        client.predict(RUN, "../../../etc/passwd", api_name="/select_image")
+    with pytest.raises(gradio_client.exceptions.AppError, match="not one of the finished runs"):
+        client.predict("../runs/" + RUN, api_name="/select_run")
+    with pytest.raises(gradio_client.exceptions.AppError, match="generate first"):
+        client.predict("../escape", api_name="/add_to_dataset")
+    assert not (base / "escape").exists() and not (ws.datasets_root.parent / "escape").exists()
+
+
+def _browser():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("needs Debian's chromium and chromium-driver (scripts/setup.sh installs them as root)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,2000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+
+
+def _set_number(browser, elem_id: str, value: int) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    box = browser.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def test_a_real_browser_generates_through_the_buttons(served):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, _, _ = served
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 120)
+        browser.get(url)
+        # the run's first image is loaded into the editor on page load
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#editor canvas")))
+        wait.until(lambda b: "defect-free image(s) of" in b.page_source)
+        _set_number(browser, "steps", 2)
+        _set_number(browser, "n-candidates", 3)
+        browser.find_element(By.ID, "place").click()
+        time.sleep(1.0)  # the placed shape's layer reaches the editor
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#candidates img")) >= 3)
+        wait.until(lambda b: "CHOSEN" in b.page_source and "LFS 0." in b.page_source)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "ui-generate.png"
+        browser.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+        assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
+    finally:
+        browser.quit()
