@@ -1,7 +1,7 @@
 """`defectfill demo`: the whole job on a drawn dataset, offline, on a CPU.
 
 By default on the built-in base `defectfill-mini` (pretrained by `defectfill pretrain-base` on a drawn
-industrial world that has no scratches, spots or cracks): DefectFill learns each demo defect type from its
+industrial world that has no scratches, spots or cracks): DefectFill fine-tunes it on each demo defect type's
 references, generates it with Low-Fidelity Selection, and evaluates it with the base's own VAE encoder as
 the KID and IC-LPIPS network (`defectfill.metrics.base_features`), since nothing is downloaded.
 `--model tiny` runs the same job on a tiny untrained network: seconds, for tests; its pictures are noise.
@@ -22,7 +22,8 @@ from defectfill.runner import run_all
 NOTES = {
     "defectfill-mini": (
         "Demo on defectfill-mini, a 27 MB base pretrained by this project on drawn parts and surfaces at 64 px "
-        "(never on scratches, spots or cracks): each defect type is learnt from its 2 references. KID and "
+        "(never on scratches, spots or cracks), fine-tuned per defect type on its 2 references; the generated "
+        "defects are still faint (README: not yet learnt as well as the references show). KID and "
         "IC-LPIPS use the base's own VAE encoder as the feature network (offline), so they compare runs on this "
         "data and are not comparable to published values; the downstream models train from scratch."),
     "tiny": (

@@ -43,7 +43,8 @@ def test_the_base_inpaints_held_out_world_images_far_better_than_random_weights(
     mask is far below that of the same networks with random weights, and below a random UNet behind the
     base's own trained VAE and text encoder (so the UNet learnt, not only the autoencoder).
 
-    Measured: base TODO, random UNet with the base's VAE TODO, random pipeline TODO.
+    Measured (mean absolute error inside the mask, 0..1): base 0.077, random UNet with the base's VAE 0.297,
+    random pipeline 0.268.
     """
     from defectfill.model import load_pipeline
     from defectfill.pretrain import BaseArch, build_networks
@@ -136,12 +137,19 @@ def generated(runs, scratch_data):
     return out
 
 
+@pytest.mark.xfail(strict=True, reason="not reached yet on defectfill-mini (issue 10): 120-300 DefectFill steps "
+                   "move the painted region only slightly towards the real scratches; see the docstring")
 def test_defectfill_learns_a_defect_the_base_never_saw(generated, scratch_data):
     """In the mask-region feature space of `defectfill.metrics.mask_stats` (colour, contrast, edge energy),
     what the fine-tuned model paints into 6 held-out scratch masks on new discs is closer to the 6 held-out
     real scratches than what the un-fine-tuned base paints there with the same prompt, for each seed.
 
-    Measured distances to the real scratches: base TODO; fine-tuned seed 0 TODO, seed 1 TODO.
+    NOT REACHED (strict xfail: it fails the suite the day it passes, so the marker goes with the gap).
+    Measured distances to the real scratches (2026-11-30): base 0.438; fine-tuned seed 0 0.388, seed 1 0.366
+    (120 steps); 0.405 after 300 steps; 0.471 at 3x the learning rate. The real scratches' mean colour is
+    0.81 (near white), the base paints 0.60 (the disc) and the fine-tunes 0.64-0.65. On the demo's dark
+    spots the fine-tunes were no closer than the base either (0.44 and 0.49 against 0.38). On the same base
+    after 1000 of its 5000 UNet steps, the same fine-tune reached 0.28 against the base's 0.54.
     """
     targets = _targets(scratch_data)
     real = np.stack([mask_region_features(defect, mask) for _, defect, mask in targets])
@@ -161,7 +169,8 @@ def test_the_attention_loss_puts_the_token_on_the_defect(generated, scratch_data
     """At generation, the share of the token's decoder cross-attention inside the target mask is clearly
     higher after fine-tuning with L_attn than after the same fine-tune without it (same seed and steps).
 
-    Measured share inside the mask (the masks cover TODO of the image): with L_attn TODO, without TODO.
+    Measured share inside the mask (the masks cover 0.59 % of the image): with L_attn 0.032, without 0.0085,
+    the base 0.0079. (On the demo's spots: 0.126 with, 0.035 without.)
     """
     targets = _targets(scratch_data)
     shares = {name: _mass_inside(generated[name][1], targets) for name in ("base", "full0", "no_attn0")}

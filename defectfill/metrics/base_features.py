@@ -7,7 +7,7 @@ substitute for Inception on real photographs: numbers made with it compare metho
 and are not comparable to published KID or IC-LPIPS values.
 
 - `EncoderFeatures`: KID features, the mean and standard deviation over space of each channel of the
-  encoder's hidden state after its middle block (2 x channels numbers per image).
+  encoder's hidden state after its middle block (2 x channels numbers per image), scaled to norm sqrt(D).
 - `encoder_distance`: an LPIPS-shaped distance without learned layer weights: at the output of every
   encoder down block and of the middle block, channels are unit-normalised per position, the squared
   difference is averaged over space and channels, and the levels are averaged.
@@ -49,7 +49,10 @@ class EncoderFeatures(nn.Module):
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         h = _encoder_levels(self.vae, x.to(next(self.vae.parameters()).dtype))[-1]  # (N, C, h, w)
-        return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1).float()
+        feats = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1).float()  # (N, D)
+        # each vector scaled to norm sqrt(D): KID's kernel (x.y / D + 1)^3 then sees dot products in [-1, 1],
+        # as with Inception's pooled features; the raw encoder values are large enough to swamp it
+        return F.normalize(feats, dim=1) * feats.shape[1] ** 0.5
 
 
 def encoder_distance(vae: nn.Module) -> Distance:
