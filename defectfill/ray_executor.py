@@ -108,7 +108,7 @@ class RayExecutor:
     def _gather(self, refs: dict[Any, Any], what: str) -> dict[Any, Any]:
         """Each task's return value by its key, as the tasks finish; a task Ray gave up on -> its exception."""
         ray = self.ray
-        pending, out = list(refs), {}
+        pending, out = list(refs.values()), {}
         keys = {ref: key for key, ref in refs.items()}
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
