@@ -463,11 +463,10 @@ def add_slow_tokenizer_files(folder: Path) -> None:
     (transformers 5 saves only tokenizer.json), and pyproject admits both."""
     from defectfill.tiny import _clip_tokenizer_folder
 
-    source = Path(_clip_tokenizer_folder())
+    source = Path(_clip_tokenizer_folder())  # cached for the process: left in place for clip_tokenizer()
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).exists():
             shutil.copyfile(source / name, folder / name)
-    shutil.rmtree(source, ignore_errors=True)
 
 
 def _measure_scaling(vae, settings: PretrainSettings) -> float:

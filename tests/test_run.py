@@ -34,7 +34,9 @@ def _run_all(config: RunConfig):
 def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
     assert main(["demo", "--output", str(tmp_path / "demo"), "--size", "test"]) == 0
     out = capsys.readouterr().out
-    assert "untrained" in out and "defectfill run --data" in out
+    # the default demo runs on the built-in pretrained base, and says what its metric networks are
+    assert "defectfill-mini" in out and "VAE encoder" in out and "defectfill run --data" in out
+    assert json.loads((tmp_path / "demo" / "work" / "run.json").read_text())["model"] == "defectfill-mini"
     work = tmp_path / "demo" / "work"
     report = (work / "report.html").read_text()
     summary = json.loads((work / "summary.json").read_text())
@@ -43,11 +45,12 @@ def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
     for r in summary["results"]:
         assert r["status"] == "done" and r["n_generated"] == 3
         assert r["kid_x1e3"] is not None and r["ic_lpips"] is not None
+        assert abs(r["kid_x1e3"]) < 1e4  # the encoder features are scaled for KID's kernel
         assert f"<td>{r['defect_type']}</td>" in report
-    assert "data:image/png;base64," in report and "untrained" in report
+    assert "data:image/png;base64," in report and "defectfill-mini" in report
     # each type's own evaluation report carries the note too, and no downstream settings (none ran there)
     type_report = (work / "eval" / "disc-scratch" / "report.html").read_text()
-    assert "untrained" in type_report and "downstream_epochs" not in type_report
+    assert "defectfill-mini" in type_report and "downstream_epochs" not in type_report
     # the combined synthetic dataset reads back with the project's own MVTec loader
     from defectfill.data import open_layout
 
