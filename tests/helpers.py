@@ -74,3 +74,23 @@ def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
                          model=str(model_dir), resolution=64, seed=seed)
     write_run_files(run, config, make_split(open_layout(data_root), "disc", defect_type))
     return run
+
+
+def tiny_run_config(demo_root, tiny_model_dir, output, **overrides):
+    """`run` settings for a seconds-long CPU run over the demo's disc category on the tiny pipeline."""
+    from defectfill.config import RunConfig
+
+    settings = dict(data=str(demo_root), model=str(tiny_model_dir), output=str(output), resolution=64, steps=2,
+                    batch_size=1, warmup_steps=1, save_every=1, sample_every=0, mixed_precision="auto",
+                    categories=["disc"], count=2, candidates=2, generate_steps=1, kid_subsets=3, lpips_size=64,
+                    lpips_random_backbone=True)
+    settings.update(overrides)
+    return RunConfig.from_settings(settings)
+
+
+def run_with_stand_ins(config):
+    """`run_all` with stand-in KID and LPIPS networks (no download)."""
+    from defectfill.demo import UntrainedFeatures
+    from defectfill.runner import run_all
+
+    return run_all(config, feature_extractor=UntrainedFeatures(), distance=abs_distance)

@@ -7,28 +7,21 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import abs_distance
+from helpers import run_with_stand_ins, tiny_run_config
 
 import defectfill.train as train_module
 from defectfill.cli import main
 from defectfill.config import RunConfig
-from defectfill.demo import UntrainedFeatures
-from defectfill.runner import run_all
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(demo_root, tiny_model_dir, output, **overrides) -> RunConfig:
-    settings = dict(data=str(demo_root), model=str(tiny_model_dir), output=str(output), resolution=64, steps=2,
-                    batch_size=1, warmup_steps=1, save_every=1, sample_every=0, mixed_precision="auto",
-                    categories=["disc"], count=2, candidates=2, generate_steps=1, kid_subsets=3, lpips_size=64,
-                    lpips_random_backbone=True)
-    settings.update(overrides)
-    return RunConfig.from_settings(settings)
+    return tiny_run_config(demo_root, tiny_model_dir, output, **overrides)
 
 
 def _run_all(config: RunConfig):
-    return run_all(config, feature_extractor=UntrainedFeatures(), distance=abs_distance)
+    return run_with_stand_ins(config)
 
 
 def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
