@@ -56,32 +56,30 @@ def base_settings(args: argparse.Namespace, data: Path, seed: int) -> dict:
     )
 
 
-def copy_paste(run_config, output: Path, seed: int) -> None:
+def copy_paste(config, pairs: list[tuple[str, str]], seed: int) -> None:
     """Variant g: per type, `count` images in the layout `defectfill generate` writes, each a defect-free image
     with a reference's defect pixels moved onto the centre of a held-out mask (the mask moves with them)."""
     from defectfill.atomic import write_json
-    from defectfill.run_folder import read_trained_run
+    from defectfill.data.images import load_mask, load_rgb
+    from defectfill.run_folder import read_run_split
 
     rng = np.random.default_rng(seed)
-    for cat, t in run_config.plan:
-        folders = run_config.config.folders(cat, t)
+    for cat, t in pairs:
+        folders = config.folders(cat, t)
         gen = folders["generated"]
         if (gen / "manifest.jsonl").is_file():
             continue
-        split = json.loads((folders["run"] / "split.json").read_text())
-        root = Path(split["data_root"])
-        refs = [(root / r["image"], root / r["mask"]) for r in split["reference"]]
-        held = [root / r["mask"] for r in split["held_out"]]
-        goods = sorted((root / cat / "train" / "good").glob("*.png"))
+        split = read_run_split(folders["run"])  # the run borrowed from variant a: its references and held-out masks
+        goods = sorted((split.data_root / cat / "train" / "good").glob("*.png"))
         tmp = gen.with_name(gen.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         rows = []
-        for i in range(run_config.config.generate.count):
-            good = np.asarray(Image.open(goods[i % len(goods)]).convert("RGB")).copy()
-            ref_img, ref_mask = refs[int(rng.integers(len(refs)))]
-            src = np.asarray(Image.open(ref_img).convert("RGB"))
-            src_mask = np.asarray(Image.open(ref_mask).convert("L")) >= 128
-            target = np.asarray(Image.open(held[i % len(held)]).convert("L")) >= 128
+        for i in range(config.generate.count):
+            good = np.asarray(load_rgb(goods[i % len(goods)])).copy()
+            ref = split.reference[int(rng.integers(len(split.reference)))]
+            src = np.asarray(load_rgb(ref.image))
+            src_mask = load_mask(ref.mask, split.mask_rule)
+            target = load_mask(split.held_out[i % len(split.held_out)].mask, split.mask_rule)
             (ty, tx), (sy, sx) = (np.argwhere(m).mean(axis=0).round().astype(int) for m in (target, src_mask))
             moved = np.roll(np.roll(src_mask, ty - sy, axis=0), tx - sx, axis=1)
             pixels = np.roll(np.roll(src, ty - sy, axis=0), tx - sx, axis=1)
@@ -108,43 +106,35 @@ def copy_paste(run_config, output: Path, seed: int) -> None:
         (tmp / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         shutil.rmtree(gen, ignore_errors=True)
         tmp.rename(gen)
-        read_trained_run(folders["run"])  # the run a borrowed must be readable: evaluation uses its split
-
-
-class Plan:
-    def __init__(self, config, plan):
-        self.config, self.plan = config, plan
 
 
 def mask_feature_distance(config, cat: str, t: str) -> float:
     """Distance in the mask-region feature space between generated defects and the held-out real ones."""
+    from defectfill.data.images import load_mask, load_rgb
     from defectfill.metrics.mask_stats import feature_distance, mask_region_features
+    from defectfill.run_folder import read_run_split
 
     folders = config.folders(cat, t)
-    split = json.loads((folders["run"] / "split.json").read_text())
-    root = Path(split["data_root"])
+    split = read_run_split(folders["run"])
 
-    def feats(pairs):
+    def feats(pairs, rule: str):
         out = []
         for img, mask in pairs:
-            m = np.asarray(Image.open(mask).convert("L")) >= 128
+            m = load_mask(mask, rule)
             if m.any():
-                out.append(mask_region_features(np.asarray(Image.open(img).convert("RGB")), m))
+                out.append(mask_region_features(np.asarray(load_rgb(img)), m))
         return np.stack(out)
 
-    real = feats([(root / r["image"], root / r["mask"]) for r in split["held_out"]])
+    real = feats([(s.image, s.mask) for s in split.held_out], split.mask_rule)
     gen_root = folders["generated"]
     rows = [json.loads(line) for line in (gen_root / "manifest.jsonl").read_text().splitlines() if line.strip()]
-    return feature_distance(feats([(gen_root / r["image"], gen_root / r["mask"]) for r in rows]), real)
+    return feature_distance(feats([(gen_root / r["image"], gen_root / r["mask"]) for r in rows], "half"), real)
 
 
 def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> list[dict]:
-    from diffusers import AutoencoderKL
-
     from defectfill.config import RunConfig
     from defectfill.data import open_layout
-    from defectfill.metrics.base_features import EncoderFeatures, encoder_distance
-    from defectfill.model import resolve_model
+    from defectfill.metrics.base_features import base_metric_networks
     from defectfill.runner import plan_types, run_all
 
     name, overrides = VARIANTS[key]
@@ -166,13 +156,12 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
             claim_folder(out, "run")  # first, while it is empty: `run` then accepts the folder as its own
             shutil.copytree(source, out / "runs")
     if key == "g":
-        copy_paste(Plan(config, pairs), out, seed)
-    vae = AutoencoderKL.from_pretrained(resolve_model(args.model), subfolder="vae")
+        copy_paste(config, pairs, seed)
+    feature_extractor, distance = base_metric_networks(args.model)
     started = time.time()
-    results = run_all(config, feature_extractor=EncoderFeatures(vae), distance=encoder_distance(vae),
+    results = run_all(config, feature_extractor=feature_extractor, distance=distance,
                       note=f"quality benchmark, variant {key}: {name}")
     seconds = time.time() - started
-    summary = json.loads((out / "summary.json").read_text())
     rows = []
     for r in results:
         down_path = out / "eval" / f"{r.category}-downstream" / "metrics.json"
@@ -185,7 +174,6 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
             if r.n_generated else None,
             "downstream": down, "seconds_whole_variant": round(seconds, 1),
         })
-    del summary
     return rows
 
 

@@ -71,13 +71,9 @@ def _metric_networks(model: str, model_path: str):
         from defectfill.metrics.lpips import load_lpips
 
         return UntrainedFeatures(), lpips_distance_fn(load_lpips(pretrained_backbone=False))
-    from diffusers import AutoencoderKL
+    from defectfill.metrics.base_features import base_metric_networks
 
-    from defectfill.metrics.base_features import EncoderFeatures, encoder_distance
-    from defectfill.model import resolve_model
-
-    vae = AutoencoderKL.from_pretrained(resolve_model(model_path), subfolder="vae")
-    return EncoderFeatures(vae), encoder_distance(vae)
+    return base_metric_networks(model_path)
 
 
 def run_demo(output: str | Path, size: str = "small", model: str = "defectfill-mini") -> int:

@@ -22,6 +22,16 @@ import torch.nn.functional as F
 from defectfill.metrics.ic_lpips import Distance
 
 
+def base_metric_networks(model: str) -> tuple[nn.Module, Distance]:
+    """(KID feature extractor, IC-LPIPS distance) from the VAE encoder of a base (a folder or `defectfill-mini`)."""
+    from diffusers import AutoencoderKL
+
+    from defectfill.model import resolve_model
+
+    vae = AutoencoderKL.from_pretrained(resolve_model(model), subfolder="vae")
+    return EncoderFeatures(vae), encoder_distance(vae)
+
+
 def _encoder_levels(vae: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     """x in [-1, 1] (N, 3, H, W) -> the hidden state after each down block and after the middle block."""
     enc = vae.encoder
