@@ -306,7 +306,10 @@ def plan_painters(settings: GenerateConfig, run_dirs: list[Path]) -> list[Painte
             raise DefectFillError(f"--run {settings.run}: trained the defect types {', '.join(known)}; name what "
                                   f"to draw with {what}.")
         asked = list(known)
-    listing = ", ".join(f"{t} ({d})" for t, (d, _) in known.items())
+    by_run: dict[Path, list[str]] = {}
+    for t, (d, _) in known.items():
+        by_run.setdefault(d, []).append(t)
+    listing = "; ".join(f"{', '.join(types)} ({d})" for d, types in by_run.items())
     painters = []
     for name in asked:
         match = next((t for t in known if name == t or type_key(name) == type_key(t)), None)
