@@ -46,7 +46,7 @@ def held_out_losses(pipe, config: TrainConfig, tokens: dict[str, str], data: Pat
     layout = open_layout(data)
     out = {}
     try:
-        for t in TYPES:
+        for t in tokens:  # the types this model draws
             split = make_split(layout, "disc", t)
             refs = load_references(dataclasses.replace(split, reference=split.held_out), config.resolution)
             prompts = prompt_inputs(pipe.tokenizer, config, [tokens[t]])
