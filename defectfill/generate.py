@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class Painter:
     defect_type: str
     run_dir: Path
     config: TrainConfig
-    mask_sources: list[str]
+    mask_sources: list[str] = field(default_factory=list)  # `add_mask_sources`
     mask_rule: str = "half"
 
 
@@ -109,7 +109,7 @@ def _mask_sources(settings: GenerateConfig, run_dir: Path, defect_type: str | No
         masks = [str(s.mask) for s in split.held_out if s.mask is not None]
         if not masks:
             raise DefectFillError(
-                f"{run_dir / SPLIT_NAME}: the held-out set of {split.defect_type!r} is empty (every defect image was "
+                f"{run_dir / SPLIT_NAME}: the held-out set is empty for {split.defect_type!r} (every defect image was "
                 "used for training), so there are no masks to reuse. Use --masks shapes or --masks DIR."
             )
         missing = [m for m in masks if not Path(m).is_file()]
@@ -318,14 +318,20 @@ def plan_painters(settings: GenerateConfig, run_dirs: list[Path]) -> list[Painte
             raise DefectFillError(f"{flag} {name}: no run given trained this defect type. The run(s) know: "
                                   f"{listing}.")
         run_dir, config = known[match]
-        sources = _mask_sources(settings, run_dir, match)
-        rule = read_run_split(run_dir, match).mask_rule if settings.masks == "held-out" else "half"
-        painters.append(Painter(match, run_dir, config, sources, rule))
+        painters.append(Painter(match, run_dir, config))
     unused = [str(d) for d, _ in runs if all(p.run_dir != d for p in painters)]
     if unused:
         raise DefectFillError(f"--run: {', '.join(unused)} trained none of the asked defect types "
                               f"({', '.join(asked)}); leave it out.")
     return painters
+
+
+def add_mask_sources(painters: list[Painter], settings: GenerateConfig) -> None:
+    """Each painter's mask sources (its own type's held-out masks, shapes, or DIR) and how its mask files read."""
+    for painter in painters:
+        painter.mask_sources = _mask_sources(settings, painter.run_dir, painter.defect_type)
+        if settings.masks == "held-out":
+            painter.mask_rule = read_run_split(painter.run_dir, painter.defect_type).mask_rule
 
 
 def _output_problem(out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
@@ -546,6 +552,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
     config = painters[0].config
     category, defect_type = config.category, "+".join(p.defect_type for p in painters)
     images = _image_list(settings, config)
+    add_mask_sources(painters, settings)  # after the images: a moved dataset is named by its images first
     multi = settings.defect_types is not None and len(settings.defect_types) > 1
     # one defect: items exactly as before; several: the image and seed of item k, each defect's mask chosen later
     items = plan_items(settings.count, images, painters[0].mask_sources, settings.seed, painters[0].mask_rule)
