@@ -54,7 +54,7 @@ def prompt_problem(template: str, what: str) -> str | None:
 class TrainConfig(Settings):
     data: str | None = field(default=None, metadata={"help": "dataset root folder"})
     category: str | None = field(default=None, metadata={"help": "object category, e.g. hazelnut"})
-    defect_type: str | None = field(default=None, metadata={"help": "defect type, e.g. hole"})
+    defect_type: str | None = field(default=None, metadata={"help": "defect type, e.g. hole; 'all' or a comma list (hole,crack) trains one model for the object, with a new token per type (<hole>, <crack>)"})
     output: str | None = field(default=None, metadata={"help": "run folder to write"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id, folder, or the built-in defectfill-mini"})
     layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": LAYOUTS})
@@ -96,11 +96,27 @@ class TrainConfig(Settings):
 
     @property
     def prompt_token(self) -> str:
+        """The token of a per-type run (`--new-token` or `--token`); per-object runs have one per type (`type_token`)."""
         return self.new_token or self.token
 
-    def prompt(self, template: str) -> str:
-        """A prompt template filled with this run's token and object name ("metal_nut" -> "metal nut")."""
-        return template.format(token=self.prompt_token, object=object_name(self.category or ""))
+    def prompt(self, template: str, token: str | None = None) -> str:
+        """A prompt template filled with a token (default this run's) and the object name ("metal_nut" -> "metal nut")."""
+        return template.format(token=token or self.prompt_token, object=object_name(self.category or ""))
+
+    @property
+    def per_object(self) -> bool:
+        """One model for the object: `--defect-type all` or a comma list (as recorded: the resolved list)."""
+        return per_object_types(self.defect_type)
+
+    def defect_types(self) -> list[str]:
+        """The types of `--defect-type` as written (one, a comma list, or ["all"] before `train` resolves it)."""
+        return split_types(self.defect_type)
+
+    def type_tokens(self) -> dict[str, str]:
+        """Each trained type's prompt token: per-object runs `<type>`, a per-type run its one token."""
+        if self.per_object:
+            return {t: type_token(t) for t in self.defect_types()}
+        return {self.defect_type or "": self.prompt_token}
 
     def validate(self) -> None:
         check_all([
@@ -124,11 +140,33 @@ class TrainConfig(Settings):
             problem = prompt_problem(template, what)
             if problem:
                 raise DefectFillError(problem + ".")
-        for name, what in ((self.category, "--category"), (self.defect_type, "--defect-type")):
+        names = [(self.category, "--category")] + [(t, "--defect-type") for t in self.defect_types()]
+        for name, what in names:
             if name is not None:  # each names a folder of the run, generated data and reports
                 check_plain_name(name, what)
+        if self.defect_type is not None and not self.defect_types():
+            raise DefectFillError(f"--defect-type {self.defect_type!r}: name a defect type, 'all' or a comma list.")
         if self.new_token is not None and not self.new_token.strip():
             raise DefectFillError("--new-token must not be empty (leave it out to use --token).")
+        if self.new_token is not None and self.per_object:
+            raise DefectFillError(f"--new-token with --defect-type {self.defect_type}: one model per object gives "
+                                  "each defect type its own new token (<type>); leave --new-token out.")
+
+
+def split_types(value: str | None) -> list[str]:
+    """`hole` -> [hole]; `hole, crack` -> [hole, crack] (order kept, repeats dropped); None -> []."""
+    return list(dict.fromkeys(t.strip() for t in (value or "").split(",") if t.strip()))
+
+
+def per_object_types(value: str | None) -> bool:
+    """Whether a `--defect-type` value asks for one model per object: `all`, or two or more types."""
+    types = split_types(value)
+    return types == ["all"] or len(types) > 1
+
+
+def type_token(defect_type: str) -> str:
+    """The new word of a defect type in a per-object run: `<hole>`, `<chunk_of_wax_missing>`."""
+    return f"<{defect_type}>"
 
 
 # Settings that may differ between a run and its continuation.
@@ -158,9 +196,11 @@ def sampling_checks(candidates: int, steps: int, guidance: float, feather: int,
 
 @dataclass
 class GenerateConfig(Settings):
-    run: str | None = field(default=None, metadata={"help": "run folder written by `defectfill train`"})
+    run: str | None = field(default=None, metadata={"help": "run folder written by `defectfill train`; with --defect-types, several per-type runs may be given, comma-separated"})
     output: str | None = field(default=None, metadata={"help": "output dataset folder (MVTec layout)"})
     count: int | None = field(default=None, metadata={"help": "number of defect images to write"})
+    defect_type: str | None = field(default=None, metadata={"help": "the defect type to draw from a run trained on several (one model per object); default: the run's one type"})
+    defect_types: list[str] | None = field(default=None, metadata={"help": "several defects in one image, comma-separated (e.g. broken_large,contamination): painted one after the other, each in its own mask with its own token and Low-Fidelity Selection; written as the combined type a+b with the union mask"})
     images: str | None = field(default=None, metadata={"help": "folder of defect-free images (default: the category's train/good)"})
     masks: str = field(default="held-out", metadata={"help": "'held-out' (masks of the run's held-out defect images), 'shapes', or a folder of masks"})
     shapes: str = field(default=",".join(SHAPES), metadata={"help": "shapes for --masks shapes, comma-separated"})
@@ -192,6 +232,8 @@ class GenerateConfig(Settings):
         check_all([
             (self.count is None or self.count >= 1, f"--count {self.count}: must be at least 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pass one"),
+            (not (self.defect_type and self.defect_types),
+             "--defect-type and --defect-types exclude each other: one type, or several painted into each image"),
             *sampling_checks(self.candidates, self.steps, self.guidance, self.feather, self.batch_size),
             (self.preview_rows >= 0, "--preview-rows must be 0 or more"),
         ])
@@ -207,12 +249,21 @@ class GenerateConfig(Settings):
         """The area range of shape masks, (min, max) fractions of the image."""
         return parse_mask_scale(self.mask_scale)
 
+    def painted_types(self) -> list[str] | None:
+        """The defect types asked for, in painting order (--defect-types, or --defect-type); None: the run's one."""
+        if self.defect_types:
+            return list(self.defect_types)
+        return [self.defect_type] if self.defect_type else None
+
     def identity(self) -> dict[str, Any]:
         """The settings that decide what an output folder holds: another value means other results."""
-        return {"masks": self.masks, "shapes": self.shapes, "mask_scale": list(self.scale()),
-                "candidates": self.candidates, "steps": self.steps, "guidance": self.guidance,
-                "scheduler": self.scheduler, "prompt": self.prompt, "feather": self.feather, "seed": self.seed,
-                "images": self.images}
+        identity = {"masks": self.masks, "shapes": self.shapes, "mask_scale": list(self.scale()),
+                    "candidates": self.candidates, "steps": self.steps, "guidance": self.guidance,
+                    "scheduler": self.scheduler, "prompt": self.prompt, "feather": self.feather, "seed": self.seed,
+                    "images": self.images}
+        if self.painted_types():  # only when asked: folders written before these settings keep their identity
+            identity["defect_types"] = self.painted_types()
+        return identity
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -225,7 +276,7 @@ class EvaluateConfig(Settings):
     run: str | None = field(default=None, metadata={"help": "training run folder: its category, defect type and held-out split"})
     data: str | None = field(default=None, metadata={"help": "real dataset root (instead of --run, or for --downstream)"})
     category: str | None = field(default=None, metadata={"help": "category to evaluate (with --data)"})
-    defect_type: str | None = field(default=None, metadata={"help": "one defect type (with --data); default: every type of the category"})
+    defect_type: str | None = field(default=None, metadata={"help": "one defect type (with --data; or with --run of a model trained on several types, where it is needed); default: every type of the category"})
     layout: str = field(default="auto", metadata={"help": "layout of --data", "choices": LAYOUTS})
     downstream: str = field(default="none", metadata={"help": "also train the inspection models on generated data and test them on real data", "choices": DOWNSTREAM})
     kid: bool = field(default=True, metadata={"help": "compute KID (--no-kid: skip)"})
@@ -298,6 +349,7 @@ class RunConfig(Settings):
     task_retries: int = field(default=3, metadata={"help": "with --executor ray: times a task whose worker or node died is run again; it resumes from its last checkpoint"})
     shard: str | None = field(default=None, metadata={"help": "I/N: process only the I-th of N disjoint slices of the plan (e.g. one Slurm array job each); writes no report, --report-only assembles it"})
     report_only: bool = field(default=False, metadata={"help": "train, generate and evaluate nothing: assemble synth/, the report and summary.json from what the output folder holds (after --shard jobs); runs --downstream"})
+    one_model_per_object: bool = field(default=False, metadata={"help": "train one model per category (a new token per defect type, runs/<category>/) instead of one per defect type; every type is generated from it"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"stage": {
         name: name for name in (f.name for f in dataclasses.fields(TrainConfig))
         if name not in ("category", "defect_type", "output", "resume")}})
@@ -350,10 +402,15 @@ class RunConfig(Settings):
 
     def folders(self, category: str, defect_type: str) -> dict[str, Path]:
         output, key = Path(self.output or ".").expanduser(), self.type_key(category, defect_type)
-        return {"run": output / "runs" / key, "generated": output / "generated" / key, "eval": output / "eval" / key}
+        # one model per object: every type of the category is drawn from runs/<category>/
+        run = output / "runs" / (category if self.one_model_per_object else key)
+        return {"run": run, "generated": output / "generated" / key, "eval": output / "eval" / key}
 
-    def train_config(self, category: str, defect_type: str) -> TrainConfig:
-        return dataclasses.replace(self.train, category=category, defect_type=defect_type,
+    def train_config(self, category: str, defect_type: str, object_types: list[str] | None = None) -> TrainConfig:
+        """The training of `defect_type`; one model per object: of `object_types` (the category's planned types)
+        together."""
+        trained = ",".join(object_types) if self.one_model_per_object and object_types else defect_type
+        return dataclasses.replace(self.train, category=category, defect_type=trained,
                                    output=str(self.folders(category, defect_type)["run"]))
 
     def generate_config(self, category: str, defect_type: str) -> GenerateConfig:
@@ -361,7 +418,8 @@ class RunConfig(Settings):
         # the run's precision and seed carry over, so one setting decides both stages
         return dataclasses.replace(self.generate, run=str(folders["run"]), output=str(folders["generated"]),
                                    seed=self.train.seed, mixed_precision=self.train.mixed_precision,
-                                   compile=self.train.compile)
+                                   compile=self.train.compile,
+                                   defect_type=defect_type if self.one_model_per_object else None)
 
     def evaluate_config(self, category: str, defect_type: str) -> EvaluateConfig:
         folders = self.folders(category, defect_type)
@@ -370,6 +428,7 @@ class RunConfig(Settings):
             downstream="none", lpips_weights=self.generate.lpips_weights,
             lpips_size=min(self.evaluate.lpips_size, self.train.resolution),
             device=self.generate.device or "auto",
+            defect_type=defect_type if self.one_model_per_object else self.evaluate.defect_type,
         )
 
     def downstream_config(self, category: str, synth: Path, output: Path) -> EvaluateConfig:
@@ -389,6 +448,12 @@ class RunConfig(Settings):
             (not (self.report_only and self.shard),
              "--report-only assembles the report of every shard: pass it without --shard"),
             (not (self.report_only and self.dry_run), "--report-only and --dry-run exclude each other; pass one"),
+            # the types of a category share one training (runs/<category>): tasks or shards split per type
+            # would train it side by side, so one model per object runs in one local job
+            (not (self.one_model_per_object and (self.executor != "local" or self.shard)),
+             "--one-model-per-object trains each category's types in one run, which per-type Ray tasks and "
+             "--shard jobs would train side by side: run it with --executor local and without --shard, or drop "
+             "--one-model-per-object (one model per defect type) to spread the work"),
         ])
         self.shard_slice()
         if self.train.resume:

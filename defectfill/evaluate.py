@@ -48,12 +48,13 @@ def _device(name: str) -> str:
     return name
 
 
-def _read_run(run: Path) -> tuple[TrainConfig | None, Split]:
-    """The run's settings (None for a run folder without config.json) and its split."""
+def _read_run(run: Path, defect_type: str | None = None) -> tuple[TrainConfig | None, Split]:
+    """The run's settings (None for a run folder without config.json) and its split (of a model trained on several
+    defect types: the split of `defect_type`)."""
     if not run.is_dir():
         raise DefectFillError(f"{run}: run folder not found.")
     config = read_run_config(run, strict=False)
-    return config, read_run_split(run)
+    return config, read_run_split(run, defect_type)
 
 
 def _rebase(split: Split, root: Path) -> Split:
@@ -139,7 +140,7 @@ def evaluate(
     # ---- what is compared
     run_config: TrainConfig | None = None
     if run is not None:
-        run_config, run_split = _read_run(Path(run))
+        run_config, run_split = _read_run(Path(run), defect_type)
         if data is not None:  # the dataset moved since training: the split's paths are relative to its root
             run_split = _rebase(run_split, Path(data))
         elif not run_split.data_root.is_dir():

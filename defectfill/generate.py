@@ -5,6 +5,12 @@ each chosen image and its mask in the MVTec AD layout, appends a manifest row
 only once both files exist, stacks a preview of the first items, and splits the
 items over processes (`accelerate launch` / `torchrun`). A killed run continues
 where it stopped; a folder holding another run's results is refused.
+
+With `--defect-types a,b` every image gets several defects, painted one after
+the other into the previous result, each in its own mask (kept apart from the
+earlier ones where the masks allow) with its own run or token and its own
+Low-Fidelity Selection; the image is written as the combined type `a+b` with the
+union mask, and each defect's mask, type and scores go to the manifest.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +34,7 @@ from defectfill.atomic import atomic_write, write_json
 from defectfill.config import GenerateConfig, TrainConfig
 from defectfill.data import load_mask, load_rgb, open_layout
 from defectfill.data.images import is_image_file
+from defectfill.data.layouts import type_key
 from defectfill.errors import DefectFillError
 from defectfill.folders import IGNORED, contained, folder_lock
 from defectfill.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
@@ -52,6 +59,17 @@ class Item:
     mask_source: str  # a mask file path, or "shape:<name>"
     seed: int
     mask_rule: str = "half"  # how a mask file is read: "nonzero" for VisA's held-out masks (`load_mask`)
+
+
+@dataclass
+class Painter:
+    """One defect type to paint: the run that trained it, and where its masks come from."""
+
+    defect_type: str
+    run_dir: Path
+    config: TrainConfig
+    mask_sources: list[str] = field(default_factory=list)  # `add_mask_sources`
+    mask_rule: str = "half"
 
 
 def _image_list(settings: GenerateConfig, config: TrainConfig) -> list[Path]:
@@ -83,16 +101,16 @@ def _image_list(settings: GenerateConfig, config: TrainConfig) -> list[Path]:
     return images
 
 
-def _mask_sources(settings: GenerateConfig, run_dir: Path) -> list[str]:
+def _mask_sources(settings: GenerateConfig, run_dir: Path, defect_type: str | None = None) -> list[str]:
     if settings.masks == "shapes":
         return [f"shape:{s}" for s in parse_shapes(settings.shapes)]
     if settings.masks == "held-out":
-        split = read_run_split(run_dir)
+        split = read_run_split(run_dir, defect_type)
         masks = [str(s.mask) for s in split.held_out if s.mask is not None]
         if not masks:
             raise DefectFillError(
-                f"{run_dir / SPLIT_NAME}: the held-out set is empty (every defect image was used for training), "
-                "so there are no masks to reuse. Use --masks shapes or --masks DIR."
+                f"{run_dir / SPLIT_NAME}: the held-out set is empty for {split.defect_type!r} (every defect image was "
+                "used for training), so there are no masks to reuse. Use --masks shapes or --masks DIR."
             )
         missing = [m for m in masks if not Path(m).is_file()]
         if missing:
@@ -125,6 +143,45 @@ def _item_mask(item: Item, image: Image.Image, scale: tuple[float, float]) -> np
     return mask
 
 
+def _grow(mask: np.ndarray, pixels: int = 2) -> np.ndarray:
+    """The mask grown by `pixels` (a 3x3 maximum filter, repeated): a gap kept between two defects."""
+    from PIL import ImageFilter
+
+    im = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    for _ in range(pixels):
+        im = im.filter(ImageFilter.MaxFilter(3))
+    return np.asarray(im) >= 128
+
+
+def defect_mask(painter: Painter, k: int, images: int, i: int, seed: int, image: Image.Image,
+                scale: tuple[float, float], taken: np.ndarray) -> tuple[np.ndarray, str]:
+    """The mask of defect `i` of item `k` (several defects in one image) and its source, kept off `taken`.
+
+    Mask files are tried from the planned one (which shifts with the item and the defect, as `plan_items`
+    shifts) on; the first that keeps 2 px from the earlier defects wins, else the planned one (its overlap then
+    belongs to this later defect). Shapes are drawn off the earlier defects where the object has room.
+    """
+    sources = painter.mask_sources
+    start = (k + k // images + i) % len(sources)
+    if sources[start].startswith("shape:"):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+        foreground = estimate_foreground(image)
+        name = sources[start][len("shape:"):]
+        try:
+            return shape_mask(name, foreground & ~_grow(taken), scale, rng), sources[start]
+        except DefectFillError:  # no room beside the earlier defects: overlap them
+            return shape_mask(name, foreground, scale, rng), sources[start]
+    planned = None
+    for j in range(len(sources)):
+        source = sources[(start + j) % len(sources)]
+        mask = _item_mask(Item(k, Path(), source, seed, painter.mask_rule), image, scale)
+        if planned is None:
+            planned = (mask, source)
+        if not (mask & _grow(taken)).any():
+            return mask, source
+    return planned
+
+
 class OutputFolder:
     """The files of one output folder: names, the finished-item manifest, the run identity."""
 
@@ -139,9 +196,15 @@ class OutputFolder:
     def mask_path(self, index: int) -> Path:
         return self.root / self.category / "ground_truth" / self.defect_type / f"{index:0{self.digits}d}_mask.png"
 
-    def candidate_path(self, index: int, c: int) -> Path:
+    def candidate_path(self, index: int, c: int, defect: int | None = None) -> Path:
         # outside the MVTec tree so dataset loaders never read candidates as test images
-        return self.root / "candidates" / self.category / self.defect_type / f"{index:0{self.digits}d}_{c}.png"
+        step = "" if defect is None else f"d{defect}_"
+        return self.root / "candidates" / self.category / self.defect_type / f"{index:0{self.digits}d}_{step}{c}.png"
+
+    def defect_mask_path(self, index: int, defect: int, defect_type: str) -> Path:
+        """One defect's own mask in an image with several (outside the MVTec tree, named in the manifest)."""
+        return (self.root / "defect_masks" / self.category / self.defect_type /
+                f"{index:0{self.digits}d}_{defect}_{defect_type}_mask.png")
 
     def good_path(self, source_image: str | None) -> Path | None:
         """Where a source (defect-free) image is linked as a training image: <category>/train/good/<name>."""
@@ -167,8 +230,9 @@ class OutputFolder:
             linked += 1
         return linked
 
-    def attention_path(self, index: int) -> Path:
-        return self.root / "attention" / self.category / self.defect_type / f"{index:0{self.digits}d}_attn.png"
+    def attention_path(self, index: int, defect: int | None = None) -> Path:
+        step = "" if defect is None else f"_{defect}"
+        return self.root / "attention" / self.category / self.defect_type / f"{index:0{self.digits}d}{step}_attn.png"
 
     def part_path(self, rank: int) -> Path:
         return self.root / f"manifest.part{rank}.jsonl"
@@ -206,11 +270,68 @@ class OutputFolder:
         return len(rows)
 
 
-def _identity(run_dir: Path, settings: GenerateConfig) -> dict[str, Any]:
-    """What decides the results in an output folder: the run (its exact config.json) and the settings."""
-    recorded = read_recorded_config(run_dir) or {}
-    config_hash = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()[:16]
-    return {"run": str(run_dir.resolve()), "run_config_sha256": config_hash, "settings": settings.identity()}
+def _identity(run_dirs: list[Path], settings: GenerateConfig) -> dict[str, Any]:
+    """What decides the results in an output folder: the run(s) (their exact config.json) and the settings."""
+    recorded = [read_recorded_config(d) or {} for d in run_dirs]
+    # one run hashes as it always did, so folders written before several runs were possible keep their identity
+    config_hash = hashlib.sha256(json.dumps(recorded[0] if len(recorded) == 1 else recorded,
+                                            sort_keys=True).encode()).hexdigest()[:16]
+    return {"run": ",".join(str(d.resolve()) for d in run_dirs), "run_config_sha256": config_hash,
+            "settings": settings.identity()}
+
+
+def run_folders(run: str) -> list[Path]:
+    """`--run`: one run folder, or several comma-separated (per-type runs painted together with --defect-types)."""
+    return [Path(r.strip()).expanduser() for r in run.split(",") if r.strip()]
+
+
+def plan_painters(settings: GenerateConfig, run_dirs: list[Path]) -> list[Painter]:
+    """Which run paints each asked defect type, in painting order; an unknown type names what the runs know."""
+    runs = [(d, read_trained_run(d)) for d in run_dirs]
+    categories = sorted({c.category for _, c in runs})
+    if len(categories) > 1:
+        raise DefectFillError(f"--run {settings.run}: the runs are of different categories ({', '.join(categories)}); "
+                              "several defects go into images of one object.")
+    known: dict[str, tuple[Path, TrainConfig]] = {}
+    for run_dir, config in runs:
+        for t in config.type_tokens():
+            if t in known:
+                raise DefectFillError(f"--run: defect type {t!r} is trained by both {known[t][0]} and {run_dir}; "
+                                      "give one run per type.")
+            known[t] = (run_dir, config)
+    asked = settings.painted_types()
+    if asked is None:
+        if len(known) > 1:
+            what = "--defect-types" if len(runs) > 1 else "--defect-type (or several with --defect-types)"
+            raise DefectFillError(f"--run {settings.run}: trained the defect types {', '.join(known)}; name what "
+                                  f"to draw with {what}.")
+        asked = list(known)
+    by_run: dict[Path, list[str]] = {}
+    for t, (d, _) in known.items():
+        by_run.setdefault(d, []).append(t)
+    listing = "; ".join(f"{', '.join(types)} ({d})" for d, types in by_run.items())
+    painters = []
+    for name in asked:
+        match = next((t for t in known if name == t or type_key(name) == type_key(t)), None)
+        if match is None:
+            flag = "--defect-types" if settings.defect_types else "--defect-type"
+            raise DefectFillError(f"{flag} {name}: no run given trained this defect type. The run(s) know: "
+                                  f"{listing}.")
+        run_dir, config = known[match]
+        painters.append(Painter(match, run_dir, config))
+    unused = [str(d) for d, _ in runs if all(p.run_dir != d for p in painters)]
+    if unused:
+        raise DefectFillError(f"--run: {', '.join(unused)} trained none of the asked defect types "
+                              f"({', '.join(asked)}); leave it out.")
+    return painters
+
+
+def add_mask_sources(painters: list[Painter], settings: GenerateConfig) -> None:
+    """Each painter's mask sources (its own type's held-out masks, shapes, or DIR) and how its mask files read."""
+    for painter in painters:
+        painter.mask_sources = _mask_sources(settings, painter.run_dir, painter.defect_type)
+        if settings.masks == "held-out":
+            painter.mask_rule = read_run_split(painter.run_dir, painter.defect_type).mask_rule
 
 
 def _output_problem(out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
@@ -255,7 +376,7 @@ def _prepare_output(
             good = out.good_path(row.get("source_image"))
             if good is not None:
                 good.unlink(missing_ok=True)
-        for name in ("candidates", "attention", _PREVIEW_DIR):
+        for name in ("candidates", "attention", "defect_masks", _PREVIEW_DIR):
             shutil.rmtree(out.root / name, ignore_errors=True)
         for p in out.manifest_files() + [out.root / PREVIEW, state_path]:
             p.unlink(missing_ok=True)
@@ -308,12 +429,21 @@ def _write_preview(out: OutputFolder) -> None:
     _save_png(sheet, out.root / PREVIEW)
 
 
+def append_row(part: Path, row: dict[str, Any]) -> None:
+    """Append one manifest row to `part`, flushed to disk: called only once the item's files exist, so a row
+    always means a finished item."""
+    with open(part, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def write_item(out: OutputFolder, item: Item, source: Image.Image, result: GenerationResult, prompt: str,
                settings_identity: dict[str, Any], part: Path, save_candidates: bool = False,
-               preview_rows: int = 0) -> dict[str, Any]:
+               preview_rows: int = 0, defect_type: str | None = None) -> dict[str, Any]:
     """Write one generated item (image, mask, candidates, attention map, preview strip), then append its
-    manifest row to `part`; returns the row. The row is written last, so a row always means a finished item.
-    `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
+    manifest row to `part`; returns the row. `defect_type` goes in the row when the output holds drawn types
+    (a per-object run). `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
     _save_png(result.image, out.image_path(item.index))
     _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
     if save_candidates:
@@ -328,16 +458,14 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
         "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
         "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
         "mask_source": item.mask_source, "prompt": prompt, "seed": item.seed,
-        "candidate_seeds": result.seeds,
-        "scores": result.scores, "chosen": result.chosen, "settings": settings_identity,
+        "candidate_seeds": result.seeds, "scores": result.scores, "chosen": result.chosen,
     }
+    if defect_type is not None:
+        row["defect_type"] = defect_type
     if result.attention is not None:
         row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
-    # appended only now that image and mask exist: a manifest row always means a finished item
-    with open(part, "a") as fh:
-        fh.write(json.dumps(row) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    row["settings"] = settings_identity
+    append_row(part, row)
     return row
 
 
@@ -349,6 +477,69 @@ def finish_output(out: OutputFolder, with_good: bool) -> int:
         out.link_good_images()
     _write_preview(out)
     return total
+
+
+def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters: list[Painter],
+                   drawers: list[DefectGenerator], n_images: int, scale: tuple[float, float],
+                   settings: GenerateConfig) -> dict[str, Any]:
+    """Several defects into one image, one after the other: defect i is painted into the result of defect i-1
+    inside its own mask with its own token and its own LFS (against the image it is painted into). Writes the
+    final image, the union mask and each defect's own mask; returns the manifest row."""
+    image = source
+    taken = np.zeros((source.size[1], source.size[0]), bool)
+    defects: list[dict[str, Any]] = []
+    own_masks: list[np.ndarray] = []
+    steps: list[tuple[str, np.ndarray, Image.Image]] = []
+    for i, (painter, drawer) in enumerate(zip(painters, drawers, strict=True)):
+        seed = derived_seed(item.seed, i)
+        mask, mask_source = defect_mask(painter, item.index, n_images, i, seed, image, scale, taken)
+        result = drawer(image, mask, seed)
+        for earlier in own_masks:  # a forced overlap: the later defect is what shows there
+            earlier &= ~result.mask
+        own_masks.append(result.mask.copy())
+        taken |= result.mask
+        if settings.save_candidates:
+            for c, cand in enumerate(result.candidates):
+                _save_png(cand, out.candidate_path(item.index, c, defect=i))
+        defect = {"defect_type": painter.defect_type, "run": str(painter.run_dir), "mask_source": mask_source,
+                  "prompt": drawer.prompt, "seed": seed, "candidate_seeds": result.seeds, "scores": result.scores,
+                  "chosen": result.chosen}
+        if result.attention is not None:
+            heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
+            _save_png(heat, out.attention_path(item.index, i))
+            defect["attention"] = str(out.attention_path(item.index, i).relative_to(out.root))
+        defects.append(defect)
+        image = result.image
+        steps.append((painter.defect_type, result.mask, image))
+    for i, (defect, own) in enumerate(zip(defects, own_masks, strict=True)):
+        path = out.defect_mask_path(item.index, i, defect["defect_type"])
+        _save_png(Image.fromarray(own.astype(np.uint8) * 255, mode="L"), path)
+        defect["mask"] = str(path.relative_to(out.root))
+    _save_png(image, out.image_path(item.index))
+    _save_png(Image.fromarray(taken.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
+    if item.index < settings.preview_rows:
+        _save_png(_several_preview_strip(source, taken, steps), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
+    return {
+        "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
+        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+        "seed": item.seed, "defect_type": out.defect_type, "defects": defects,
+    }
+
+
+def _several_preview_strip(source: Image.Image, union: np.ndarray, steps: list[tuple[str, np.ndarray, Image.Image]],
+                           side: int = 128) -> Image.Image:
+    """source | union mask | the image after each defect (captioned with its type); the last one is framed."""
+    from PIL import ImageDraw
+
+    tiles = [(source, "source"), (Image.fromarray(union.astype(np.uint8) * 255, mode="L"), "union mask")]
+    tiles += [(im, f"+ {t}") for t, _, im in steps]
+    strip = Image.new("RGB", (side * len(tiles), side + _CAPTION_H), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for k, (tile, caption) in enumerate(tiles):
+        strip.paste(_thumb(tile, side), (k * side, 0))
+        draw.text((k * side + 3, side + 1), caption, fill=(230, 230, 230))
+    draw.rectangle([(len(tiles) - 1) * side, 0, len(tiles) * side - 1, side - 1], outline=(0, 220, 0), width=2)
+    return strip
 
 
 def _process_info(device: str | None, rank: int | None, world_size: int | None):
@@ -378,20 +569,22 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
 
     settings.validate()  # checked before anything is written or loaded
     scale = settings.scale()
-    run_dir = Path(settings.run).expanduser()
-    config = read_trained_run(run_dir)
-    category, defect_type = config.category, config.defect_type
+    run_dirs = run_folders(settings.run)
+    painters = plan_painters(settings, run_dirs)
+    config = painters[0].config
+    category, defect_type = config.category, "+".join(p.defect_type for p in painters)
     images = _image_list(settings, config)
-    mask_sources = _mask_sources(settings, run_dir)
-    mask_rule = read_run_split(run_dir).mask_rule if settings.masks == "held-out" else "half"
-    items = plan_items(settings.count, images, mask_sources, settings.seed, mask_rule)
+    add_mask_sources(painters, settings)  # after the images: a moved dataset is named by its images first
+    multi = settings.defect_types is not None and len(settings.defect_types) > 1
+    # one defect: items exactly as before; several: the image and seed of item k, each defect's mask chosen later
+    items = plan_items(settings.count, images, painters[0].mask_sources, settings.seed, painters[0].mask_rule)
 
     rank, world, state = _process_info(settings.device, rank, world_size)
     distributed = state.num_processes > 1
     device = settings.device or (str(state.device) if distributed else ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = resolve_precision(settings.mixed_precision, device)
     out = OutputFolder(Path(settings.output).expanduser(), category, defect_type, settings.count)
-    identity = _identity(run_dir, settings)
+    identity = _identity(run_dirs, settings)
     is_main = rank == 0 or not distributed
     with contextlib.ExitStack() as stack:
         if is_main:
@@ -411,15 +604,20 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
         log.info("process %d of %d: %d item(s) to generate, %d of %d already finished.",
                  rank, world, len(mine), len(done), settings.count)
         if mine:
-            generator = DefectGenerator.from_run(
-                run_dir, device=device, mixed_precision=precision, prompt=settings.prompt, scheduler=settings.scheduler,
-                candidates=settings.candidates, steps=settings.steps, guidance=settings.guidance,
-                feather=settings.feather, batch_size=settings.batch_size, lpips_weights=settings.lpips_weights,
-                save_attention=settings.save_attention, lpips_pretrained=not settings.lpips_random_backbone,
-                merge_lora=settings.merge_lora, compile=settings.compile,
-            )
-            if settings.candidates > 1:
-                generator.scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
+            generators: dict[Path, DefectGenerator] = {}
+            for painter in painters:  # one pipeline per run; a per-object run's types share it
+                if painter.run_dir not in generators:
+                    generators[painter.run_dir] = DefectGenerator.from_run(
+                        painter.run_dir, device=device, mixed_precision=precision, prompt=settings.prompt,
+                        scheduler=settings.scheduler, candidates=settings.candidates, steps=settings.steps,
+                        guidance=settings.guidance, feather=settings.feather, batch_size=settings.batch_size,
+                        lpips_weights=settings.lpips_weights, save_attention=settings.save_attention,
+                        lpips_pretrained=not settings.lpips_random_backbone, merge_lora=settings.merge_lora,
+                        compile=settings.compile, defect_type=painter.defect_type,
+                    )
+                    if settings.candidates > 1:
+                        generators[painter.run_dir].scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
+            drawers = [generators[p.run_dir].for_type(p.defect_type) for p in painters]
             part = out.part_path(rank)
             bar = tqdm(mine, desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
                        position=rank if distributed else None, disable=None)
@@ -427,10 +625,15 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                 if stop_after is not None and n >= stop_after:
                     break
                 source = load_rgb(item.image)
-                mask = _item_mask(item, source, scale)
-                result = generator(source, mask, item.seed)
-                write_item(out, item, source, result, generator.prompt, identity["settings"], part,
-                           save_candidates=settings.save_candidates, preview_rows=settings.preview_rows)
+                if multi:
+                    row = _paint_several(out, item, source, painters, drawers, len(images), scale, settings)
+                    row["settings"] = identity["settings"]
+                    append_row(part, row)
+                else:
+                    result = drawers[0](source, _item_mask(item, source, scale), item.seed)
+                    write_item(out, item, source, result, drawers[0].prompt, identity["settings"], part,
+                               save_candidates=settings.save_candidates, preview_rows=settings.preview_rows,
+                               defect_type=drawers[0].defect_type if settings.painted_types() else None)
             bar.close()
         if distributed:
             state.wait_for_everyone()

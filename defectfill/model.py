@@ -222,20 +222,35 @@ def add_trainable_token(tokenizer, text_encoder: nn.Module, token: str, init_wor
 
     The row starts from the mean embedding of `init_word`'s sub-tokens.
     """
-    # A word the tokenizer already has (as an entry, or encoded as one existing token) is no new word:
-    # adding it would either do nothing or shadow a trained row.
-    known = tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
-    if known or len(tokenizer(token, add_special_tokens=False).input_ids) == 1 or tokenizer.add_tokens([token]) != 1:
-        raise DefectFillError(f"--new-token {token!r} is already a word of the tokenizer; choose a new one, "
-                              f"e.g. '<{token.strip('<>')}>' (or use --token {token} to learn the existing word).")
-    new_id = tokenizer.convert_tokens_to_ids(token)
+    return add_trainable_tokens(tokenizer, text_encoder, [token], init_word)
+
+
+def add_trainable_tokens(tokenizer, text_encoder: nn.Module, tokens: list[str], init_word: str = "sks",
+                         what: str = "--new-token") -> TokenEmbedding:
+    """Add each of `tokens` to the tokenizer as one new id, with one trainable embedding row each (row i: tokens[i]).
+
+    Every row starts from the mean embedding of `init_word`'s sub-tokens (one model per object: each defect
+    type's token starts alike and learns from its own references only).
+    """
+    for token in tokens:
+        # A word the tokenizer already has (as an entry, or encoded as one existing token) is no new word:
+        # adding it would either do nothing or shadow a trained row.
+        known = tokenizer.convert_tokens_to_ids(token) not in (None, tokenizer.unk_token_id)
+        if known or len(tokenizer(token, add_special_tokens=False).input_ids) == 1:
+            raise DefectFillError(f"{what} {token!r} is already a word of the tokenizer; choose a new one, "
+                                  f"e.g. '<{token.strip('<>')}>' (or use --token {token} to learn the existing word).")
+    if len(set(tokens)) != len(tokens) or tokenizer.add_tokens(list(tokens)) != len(tokens):
+        raise DefectFillError(f"{what}: the new words {', '.join(tokens)} are not all new and distinct.")
     embeddings = text_encoder.get_input_embeddings()
-    if new_id != embeddings.num_embeddings:
-        raise DefectFillError(f"tokenizer and text encoder disagree on the vocabulary size ({new_id} vs {embeddings.num_embeddings}).")
+    new_ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    expected = list(range(embeddings.num_embeddings, embeddings.num_embeddings + len(tokens)))
+    if new_ids != expected:
+        raise DefectFillError(f"tokenizer and text encoder disagree on the vocabulary size ({new_ids[0]} vs "
+                              f"{embeddings.num_embeddings}).")
     init_ids = tokenizer(init_word, add_special_tokens=False).input_ids
     with torch.no_grad():
         init = embeddings.weight[init_ids].float().mean(0, keepdim=True)
-    module = TokenEmbedding(embeddings, init)
+    module = TokenEmbedding(embeddings, init.repeat(len(tokens), 1))
     text_encoder.set_input_embeddings(module)
     return module
 

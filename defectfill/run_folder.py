@@ -5,6 +5,7 @@
       split.json                           which defect images trained and which are held out
       pytorch_lora_weights.safetensors     the LoRA, as diffusers' load_lora_weights reads it
       learned_embeds.safetensors           a new token's embedding row (with --new-token)
+      learned_embeds-<type>.safetensors    one model per object: each type's token row ({"<type>": row})
       checkpoint-N/                        resumable state (see checkpoint.py)
       logs/, train.log                     TensorBoard scalars and samples, the text log
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import defectfill
 from defectfill.atomic import write_json
 from defectfill.config import TrainConfig
-from defectfill.data.split import Split, read_split
+from defectfill.data.split import ObjectSplit, Split, read_split
 from defectfill.errors import DefectFillError
 from defectfill.model import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME
 
@@ -29,13 +30,24 @@ SPLIT_NAME = "split.json"
 RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, "logs", "train.log"}
 
 
+def type_token_file(defect_type: str) -> str:
+    """The file of one defect type's token in a per-object run, in the textual-inversion format diffusers'
+    `load_textual_inversion(path, token="<type>")` reads (one token per file: it accepts no more)."""
+    return f"learned_embeds-{defect_type}.safetensors"
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a name in a folder is one `defectfill train` writes."""
+    return name in RUN_FILES or (name.startswith("learned_embeds-") and name.endswith(".safetensors"))
+
+
 def write_run_config(run_dir: str | Path, config: TrainConfig) -> None:
     """config.json: every training setting, plus the package version and the base model."""
     write_json(Path(run_dir) / CONFIG_NAME, {**config.to_dict(), "defectfill_version": defectfill.__version__,
                                               "base_model": config.model})
 
 
-def write_run_files(run_dir: str | Path, config: TrainConfig, split: Split) -> None:
+def write_run_files(run_dir: str | Path, config: TrainConfig, split: Split | ObjectSplit) -> None:
     """The settings and the split of a run, written when training starts."""
     write_run_config(run_dir, config)
     split.save(Path(run_dir) / SPLIT_NAME)
@@ -98,8 +110,32 @@ def read_trained_run(run_dir: str | Path) -> TrainConfig:
     if config.new_token and not (run_dir / TOKEN_WEIGHTS_NAME).is_file():
         raise DefectFillError(f"{run_dir}: the run trained the token {config.new_token!r} but "
                               f"{TOKEN_WEIGHTS_NAME} is missing.")
+    if config.per_object:
+        missing = [type_token_file(t) for t in config.defect_types() if not (run_dir / type_token_file(t)).is_file()]
+        if missing:
+            raise DefectFillError(f"{run_dir}: the run trained one token per defect type but {', '.join(missing)} "
+                                  "is missing. Training has not finished; wait for it or resume it.")
     return config
 
 
-def read_run_split(run_dir: str | Path) -> Split:
-    return read_split(Path(run_dir) / SPLIT_NAME)
+def read_run_split(run_dir: str | Path, defect_type: str | None = None) -> Split:
+    """The run's split; of a per-object run, the split of `defect_type` (refused, with the types named, without)."""
+    return read_split(Path(run_dir) / SPLIT_NAME, defect_type)
+
+
+def pick_defect_type(run_dir: str | Path, config: TrainConfig, asked: str | None, flag: str = "--defect-type") -> str:
+    """The defect type to draw from a run: `asked` (any spelling the layout accepts: VisA names with spaces)
+    when the run trained it, the run's one type by default; otherwise an error listing the run's types."""
+    from defectfill.data.layouts import type_key
+
+    types = list(config.type_tokens())
+    if asked is None:
+        if len(types) == 1:
+            return types[0]
+        raise DefectFillError(f"--run {run_dir}: one model for {config.category} with the defect types "
+                              f"{', '.join(types)}; name the one to draw with {flag} (one of them).")
+    for t in types:
+        if asked == t or type_key(asked) == type_key(t):
+            return t
+    raise DefectFillError(f"{flag} {asked}: the run {run_dir} does not know this defect type; it trained "
+                          f"{', '.join(types)}.")

@@ -6,6 +6,7 @@ outputs are complete is skipped, so a killed `run` continues where it stopped.
 
     <output>/
       runs/<category>-<type>/        training run (LoRA, config, split, checkpoints)
+      runs/<category>/               with --one-model-per-object: the category's one run, every type's token
       generated/<category>-<type>/   generated images of that type (MVTec layout, manifest, preview)
       synth/                         every generated image, one MVTec-layout dataset (hard links)
       eval/<category>-<type>/        KID, IC-LPIPS and their report
@@ -144,13 +145,16 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def process_type(cat: str, defect_type: str, config: RunConfig, position: str,
-                 evaluate_kwargs: dict[str, Any], lock_wait_s: float = 0) -> TypeResult:
+                 evaluate_kwargs: dict[str, Any], lock_wait_s: float = 0,
+                 object_types: list[str] | None = None) -> TypeResult:
     """Train, generate and evaluate one defect type; each stage skipped when already complete.
 
     Runs under the type's own lock, so a second job (an overlapping shard) is refused this type instead of
     writing beside it; the result is recorded in results/ for --report-only. The same function runs in a
     Ray task, which waits up to `lock_wait_s` for the lock: a retry may start before a shared file system
-    has dropped the lock of the attempt whose node was lost.
+    has dropped the lock of the attempt whose node was lost. One model per object (`object_types`: the
+    category's planned types): the first type of the category trains the category's run, the others find it
+    complete.
     """
     results = Path(config.output).expanduser() / RESULTS
     results.mkdir(parents=True, exist_ok=True)
@@ -165,7 +169,7 @@ def process_type(cat: str, defect_type: str, config: RunConfig, position: str,
                 if time.monotonic() >= deadline:
                     return TypeResult(cat, defect_type, status="failed", error=f"not run: {exc}")
                 time.sleep(5)
-        result = _process_type(cat, defect_type, config, position, evaluate_kwargs)
+        result = _process_type(cat, defect_type, config, position, evaluate_kwargs, object_types)
         record_result(config, result)
         return result
 
@@ -193,7 +197,7 @@ def read_result(config: RunConfig, cat: str, defect_type: str) -> TypeResult:
 
 
 def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
-                  evaluate_kwargs: dict[str, Any]) -> TypeResult:
+                  evaluate_kwargs: dict[str, Any], object_types: list[str] | None) -> TypeResult:
     import defectfill.train
     from defectfill.evaluate import evaluate
     from defectfill.generate import run_generate
@@ -202,12 +206,12 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
     folders = config.folders(cat, defect_type)
     stage = "train"
     try:
-        train_config = config.train_config(cat, defect_type)
+        train_config = config.train_config(cat, defect_type, object_types)
         state = _train_state(folders["run"], train_config.steps)
         if state == "complete":
             result.stages["train"] = "skipped"
         else:
-            print(f"{position} {cat}/{defect_type}: train ({train_config.steps} steps"
+            print(f"{position} {cat}/{train_config.defect_type}: train ({train_config.steps} steps"
                   f"{', resuming' if state == 'partial' else ''})")
             train_config.resume = "latest" if state == "partial" else None
             defectfill.train.train(train_config)
@@ -263,18 +267,22 @@ def print_plan(layout, pairs: list[tuple[str, str]], config: RunConfig) -> None:
     header = f"{'category/type':28} {'refs':>4} {'held-out':>8} {'good':>5} {'train steps':>12} {'to generate':>12}"
     print(header)
     total_steps = 0
+    counted: set[Path] = set()  # one model per object: a category's run trains once
     for cat, t in pairs:
         folders = config.folders(cat, t)
         steps = config.train.steps
         split = make_split(layout, cat, t)
         checkpoints = list_checkpoints(folders["run"])
         done = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
-        steps_left = 0 if _train_state(folders["run"], steps) == "complete" else steps - done
+        steps_left = 0 if _train_state(folders["run"], steps) == "complete" or folders["run"] in counted \
+            else steps - done
+        counted.add(folders["run"])
         total_steps += steps_left
         to_generate = max(0, config.generate.count - _manifest_count(folders["generated"]))
         print(f"{cat + '/' + t:28} {len(split.reference):>4} {len(split.held_out):>8} "
               f"{len(layout.good_images(cat)):>5} {steps_left:>12} {to_generate:>12}")
-    print(f"{len(pairs)} defect type(s), {total_steps} training steps in all, batch {config.train.batch_size}, "
+    models = f" in {len(counted)} model(s), one per object" if config.one_model_per_object else ""
+    print(f"{len(pairs)} defect type(s){models}, {total_steps} training steps in all, batch {config.train.batch_size}, "
           f"{config.generate.candidates} candidates per image; downstream: {config.downstream}")
 
 
@@ -311,12 +319,18 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
         return _run_types(config, output, pairs, mine, evaluate_kwargs, executor)
 
 
+def object_types_of(config: RunConfig, pairs: list[tuple[str, str]], cat: str) -> list[str] | None:
+    """With --one-model-per-object, the planned types of `cat` (the category's one run trains them all)."""
+    return [t for c, t in pairs if c == cat] if config.one_model_per_object else None
+
+
 class LocalExecutor:
     """Each type in this process, one after another (the default)."""
 
     def types(self, config: RunConfig, pairs: list[tuple[str, str]],
               evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
-        return [process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", evaluate_kwargs)
+        return [process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", evaluate_kwargs,
+                             object_types=object_types_of(config, pairs, cat))
                 for i, (cat, t) in enumerate(pairs)]
 
     def downstream(self, config: RunConfig, categories: list[str], synth: Path, note: str | None) -> dict[str, str]:

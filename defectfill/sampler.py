@@ -12,6 +12,7 @@ is `generate.py`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from defectfill.model import (
     load_pipeline,
     vae_scale_factor,
 )
-from defectfill.run_folder import read_trained_run
+from defectfill.run_folder import pick_defect_type, read_trained_run, type_token_file
 from defectfill.settings import check_all, compile_module, precision_dtype, resolve_compile, resolve_precision
 
 # (candidates (N,3,h,w) in [-1,1], source (1,3,h,w) in [-1,1]) -> (N,) scores, higher = less like the source
@@ -199,13 +200,15 @@ def _scheduler(pipe, name: str):
     return classes[name].from_config(pipe.scheduler.config)
 
 
-def run_prompt(config: TrainConfig, template: str | None = None) -> tuple[str, str]:
-    """(prompt, token) of a run: the template (default the run's object prompt) filled in by `TrainConfig.prompt`."""
+def run_prompt(config: TrainConfig, template: str | None = None, defect_type: str | None = None) -> tuple[str, str]:
+    """(prompt, token) of a run: the template (default the run's object prompt) filled in by `TrainConfig.prompt`
+    with the token of `defect_type` (a per-object run has one per type; default: the run's one token)."""
     template = template or config.object_prompt
     problem = prompt_problem(template, "--prompt")
     if problem:
         raise DefectFillError(problem + ".")
-    return config.prompt(template), config.prompt_token
+    token = config.type_tokens()[defect_type] if defect_type is not None else config.prompt_token
+    return config.prompt(template, token), token
 
 
 def merge_lora_weights(pipe) -> None:
@@ -252,6 +255,19 @@ class DefectGenerator:
         self._lpips_weights = lpips_weights
         self._lpips_pretrained = lpips_pretrained
         self.save_attention = save_attention
+        self.defect_type: str | None = None
+        self.type_prompts: dict[str, tuple[str, str]] = {}  # each drawable type's (prompt, token), `from_run`
+
+    def for_type(self, defect_type: str) -> "DefectGenerator":
+        """The same pipeline drawing another defect type of its run (one model per object): a shallow copy with
+        that type's prompt and token."""
+        if defect_type not in self.type_prompts:
+            raise DefectFillError(f"defect type {defect_type!r}: this generator draws "
+                                  f"{', '.join(self.type_prompts) or 'only its own prompt'}.")
+        other = copy.copy(self)
+        other.prompt, other.token = self.type_prompts[defect_type]
+        other.defect_type = defect_type
+        return other
 
     @classmethod
     def from_run(
@@ -264,9 +280,13 @@ class DefectGenerator:
         scheduler: str = "ddim",
         merge_lora: bool = True,
         compile: str = "no",
+        defect_type: str | None = None,
         **settings: Any,
     ) -> "DefectGenerator":
-        """Load the run's base model, LoRA and (if trained) new token; settings go to __init__.
+        """Load the run's base model, LoRA and (if trained) new tokens; settings go to __init__.
+
+        `defect_type`: the type to draw; a run trained on several (one model per object) needs it, and
+        `for_type` switches to another of them without reloading.
 
         `mixed_precision` (auto, no, fp16, bf16) is the dtype of the pipeline's weights. `merge_lora` folds
         the LoRA into the weights it adapts and drops the LoRA layers (only in memory: the run's files stay
@@ -274,12 +294,18 @@ class DefectGenerator:
         """
         run_dir = Path(run_dir).expanduser()
         config = read_trained_run(run_dir)
-        prompt_text, token = run_prompt(config, prompt)
+        defect_type = pick_defect_type(run_dir, config, defect_type)
+        type_prompts = {t: run_prompt(config, prompt, t) for t in config.type_tokens()}
+        prompt_text, token = type_prompts[defect_type]
         dtype = precision_dtype(resolve_precision(mixed_precision, str(device)))
         pipe = load_pipeline(config.model, dtype)
         try:
             pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
-            if config.new_token:
+            if config.per_object:  # every type's token: one file each, as diffusers reads them
+                tokens = config.type_tokens()
+                pipe.load_textual_inversion([str(run_dir / type_token_file(t)) for t in tokens],
+                                            token=list(tokens.values()))
+            elif config.new_token:
                 pipe.load_textual_inversion(str(run_dir / TOKEN_WEIGHTS_NAME), token=config.new_token)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise DefectFillError(
@@ -293,7 +319,9 @@ class DefectGenerator:
         if resolve_compile(compile, str(device)):
             pipe.unet = compile_module(pipe.unet)
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device, **settings)
+        generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device, **settings)
+        generator.defect_type, generator.type_prompts = defect_type, type_prompts
+        return generator
 
     @property
     def scorer(self) -> Scorer:

@@ -1,4 +1,4 @@
-"""DefectFill training: one LoRA (UNet + text encoder) per (object, defect type).
+"""DefectFill training: one LoRA (UNet + text encoder) per (object, defect type), or one per object.
 
 One optimiser step = `grad_accum` micro-batches; one micro-batch = B reference
 images, each seen by both branches in ONE batched UNet call of size 2B:
@@ -6,6 +6,12 @@ images, each seen by both branches in ONE batched UNet call of size 2B:
     rows B..2B-1  object branch: inpaint mask M_rand,  prompt "A {object} with {token}"
 Both branches share the image, the noise and the timestep. The token's
 decoder cross-attention maps of the defect rows feed the attention loss.
+
+One model per object (`--defect-type all` or a comma list): each defect type
+gets its own new token `<type>` with a trained embedding row; each reference
+row of a micro-batch gets its own type's prompts (and the attention loss on its
+own token). A multi-type image (VisA) trains with all its types' tokens side by
+side, their attention averaged, against its one mask.
 
 Every random draw of a micro-batch comes from a generator seeded by
 (seed, step, micro-batch, process), so a resumed run draws exactly what an
@@ -45,6 +51,7 @@ from defectfill.config import NON_IDENTITY_KEYS, TrainConfig
 from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import letterbox
+from defectfill.data.split import ObjectSplit, make_object_split
 from defectfill.errors import DefectFillError
 from defectfill.folders import folder_lock
 from defectfill.model import (
@@ -53,6 +60,7 @@ from defectfill.model import (
     TokenEmbedding,
     add_lora,
     add_trainable_token,
+    add_trainable_tokens,
     encode_inpaint_condition,
     latent_cell_mask,
     load_pipeline,
@@ -61,7 +69,7 @@ from defectfill.model import (
     unet_input,
     vae_scale_factor,
 )
-from defectfill.run_folder import RUN_FILES, read_recorded_config, write_run_files
+from defectfill.run_folder import is_run_file, read_recorded_config, type_token_file, write_run_files
 from defectfill.settings import compile_module, precision_dtype, resolve_compile, resolve_precision
 
 log = logging.getLogger("defectfill.train")
@@ -110,7 +118,11 @@ def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.
             module.to(dtype=weight_dtype)
     add_lora(unet, text_encoder, config.lora_rank)  # freezes both, then adds the LoRA tensors
     token_embedding = None
-    if config.new_token:  # after add_lora, which would freeze the new row
+    if config.per_object:  # one new word per defect type, rows in the order of config.defect_types()
+        token_embedding = add_trainable_tokens(tokenizer, text_encoder, list(config.type_tokens().values()),
+                                               init_word=config.token, what="--defect-type token")
+        token_embedding.to(device)
+    elif config.new_token:  # after add_lora, which would freeze the new row
         token_embedding = add_trainable_token(tokenizer, text_encoder, config.new_token, init_word=config.token)
         token_embedding.to(device)
     for module in (unet, text_encoder):
@@ -194,6 +206,32 @@ def load_references(split: Split, resolution: int) -> References:
     return References(torch.stack(images), torch.stack(masks), torch.stack(valid))
 
 
+class ObjectReferences(NamedTuple):
+    references: References  # every type's reference images, then the multi-type ones
+    groups: torch.Tensor  # (N,) long: each reference's prompt group (index into `tokens`)
+    tokens: list[str]  # each group's {token}: one type's "<hole>", or a multi-type image's "<crack> <hole>"
+
+
+def load_object_references(split: ObjectSplit, config: TrainConfig, resolution: int) -> ObjectReferences:
+    """Every type's references, each with the prompt group of its own type; multi-type images with the group of
+    their types (their tokens side by side, in the run's type order)."""
+    tokens = config.type_tokens()
+    groups: list[str] = list(tokens.values())
+    samples, ids = [], []
+    for t, type_split in split.splits.items():
+        samples += type_split.reference
+        ids += [groups.index(tokens[t])] * len(type_split.reference)
+    for multi in split.multi_reference:
+        words = " ".join(tokens[t] for t in tokens if t in multi.types)
+        if words not in groups:
+            groups.append(words)
+        samples.append(multi.sample)
+        ids.append(groups.index(words))
+    first = next(iter(split.splits.values()))
+    references = load_references(dataclasses.replace(first, reference=samples), resolution)
+    return ObjectReferences(references, torch.tensor(ids, dtype=torch.long), groups)
+
+
 def _seed_for(*parts: int) -> int:
     digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
@@ -220,6 +258,7 @@ class MicroBatch:
     box_masks: torch.Tensor  # (B, 1, R, R) object-branch inpaint masks, {0, 1}
     generator: torch.Generator  # for VAE sampling, noise and timesteps of this micro-batch
     valid: torch.Tensor | None = None  # (B, 1, R, R): 0 on letterbox padding; None: all image
+    groups: torch.Tensor | None = None  # (B,) prompt group of each row (one model per object); None: all group 0
 
 
 def _boxes_inside(valid: torch.Tensor, gen: torch.Generator, config: TrainConfig) -> torch.Tensor:
@@ -233,14 +272,16 @@ def _boxes_inside(valid: torch.Tensor, gen: torch.Generator, config: TrainConfig
 
 def make_micro_batch(
     ref_images: torch.Tensor, ref_masks: torch.Tensor, config: TrainConfig, step: int, micro: int, rank: int, world: int,
-    ref_valid: torch.Tensor | None = None,
+    ref_valid: torch.Tensor | None = None, ref_groups: torch.Tensor | None = None,
 ) -> MicroBatch:
-    """B augmented references with their box masks; `ref_valid` (letterbox padding) follows the same crop."""
+    """B augmented references with their box masks; `ref_valid` (letterbox padding) follows the same crop,
+    `ref_groups` (one model per object) gives each row its prompt group."""
     gen = micro_batch_generator(config.seed, step, micro, rank)
     b = config.batch_size
     start = ((step * config.grad_accum + micro) * world + rank) * b
     images, masks, boxes, valid = [], [], [], []
-    for i in reference_indices(len(ref_images), start, b, config.seed):
+    indices = reference_indices(len(ref_images), start, b, config.seed)
+    for i in indices:
         # the valid region rides along as a second mask channel: one crop for image, defect and padding
         stacked = ref_masks[i] if ref_valid is None else torch.cat([ref_masks[i], ref_valid[i]])
         image, stacked = resize_crop_keep_defect(ref_images[i], stacked, gen, config.max_scale)
@@ -253,7 +294,8 @@ def make_micro_batch(
             valid.append(stacked[1:])
             boxes.append(_boxes_inside(valid[-1], gen, config))
     return MicroBatch(torch.stack(images), torch.stack(masks), torch.stack(boxes), gen,
-                      torch.stack(valid) if valid else None)
+                      torch.stack(valid) if valid else None,
+                      ref_groups[torch.tensor(indices)] if ref_groups is not None else None)
 
 
 # --------------------------------------------------------------------------- the step
@@ -261,18 +303,23 @@ def make_micro_batch(
 
 @dataclass
 class PromptInputs:
-    input_ids: torch.Tensor  # (2, 77): [defect prompt, object prompt]
-    token_weights: torch.Tensor  # (1, 77): 1/n at the n sub-tokens of [V*] in the defect prompt
+    """The prompts of G prompt groups (one: a per-type run; one per defect type: a per-object run)."""
+
+    input_ids: torch.Tensor  # (2G, 77): [defect prompt of each group, object prompt of each group]
+    token_weights: torch.Tensor  # (G, 77): 1/n at the n sub-tokens of the group's token in its defect prompt
 
 
-def prompt_inputs(tokenizer, config: TrainConfig) -> PromptInputs:
-    token = config.prompt_token
-    defect_prompt, object_prompt = config.prompt(config.defect_prompt), config.prompt(config.object_prompt)
-    ids = tokenizer([defect_prompt, object_prompt], padding="max_length", max_length=tokenizer.model_max_length,
+def prompt_inputs(tokenizer, config: TrainConfig, tokens: list[str] | None = None) -> PromptInputs:
+    """Each group's prompts; `tokens`: each group's {token} (default: the run's one token)."""
+    tokens = tokens or [config.prompt_token]
+    defect_prompts = [config.prompt(config.defect_prompt, t) for t in tokens]
+    object_prompts = [config.prompt(config.object_prompt, t) for t in tokens]
+    ids = tokenizer(defect_prompts + object_prompts, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    positions = token_positions(tokenizer, defect_prompt, token)
-    weights = torch.zeros(1, ids.shape[1])
-    weights[0, positions] = 1.0 / len(positions)
+    weights = torch.zeros(len(tokens), ids.shape[1])
+    for g, (prompt, token) in enumerate(zip(defect_prompts, tokens, strict=True)):
+        positions = token_positions(tokenizer, prompt, token)
+        weights[g, positions] = 1.0 / len(positions)
     return PromptInputs(ids, weights)
 
 
@@ -312,10 +359,17 @@ def defectfill_losses(
     with autocast():
         # The text encoder runs WITH grad: its LoRA (and a new token row) learn through it.
         unet_call, text_encoder = models.callables()
-        text = text_encoder(prompts.input_ids.to(device))[0]  # (2, 77, D)
-        text = torch.cat([text[0:1].expand(b, -1, -1), text[1:2].expand(b, -1, -1)])  # (2B, 77, D)
+        text = text_encoder(prompts.input_ids.to(device))[0]  # (2G, 77, D)
+        n_groups = prompts.token_weights.shape[0]
+        if batch.groups is None or n_groups == 1:  # one prompt pair for every row (a per-type run)
+            text = torch.cat([text[0:1].expand(b, -1, -1), text[1:2].expand(b, -1, -1)])  # (2B, 77, D)
+            token_weights = prompts.token_weights.to(device).expand(b, -1)
+        else:  # each row its own type's prompts, and its attention read at its own token
+            g = batch.groups.to(device)
+            text = torch.cat([text[g], text[n_groups + g]])  # (2B, 77, D)
+            token_weights = prompts.token_weights.to(device)[g]  # (B, 77)
         record = config.lambda_attn > 0
-        models.recorder.start(prompts.token_weights.to(device).expand(b, -1) if record else None)
+        models.recorder.start(token_weights if record else None)
         model_in = unet_input(torch.cat([noisy, noisy]), mask_latents, masked_latents).to(unet.dtype)  # (2B,9,h,w)
         pred = unet_call(model_in, torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample  # (2B,4,h,w)
         if record:
@@ -390,6 +444,23 @@ def warn_if_slow(unet: nn.Module, config: TrainConfig, device: torch.device) -> 
 # --------------------------------------------------------------------------- run folder
 
 
+def resolve_defect_types(layout, config: TrainConfig) -> str:
+    """`--defect-type` in the layout's spelling (VisA: "chunk of wax missing" -> chunk_of_wax_missing), so
+    config.json, split.json and the folders named after a type agree however it was written; `all` becomes
+    the category's types. Two or more types (a comma list) mean one model for the object; `all` on a category
+    with one type is that type's own (per-type) run."""
+    names = config.defect_types()
+    if names == ["all"]:
+        layout.check_category(config.category)
+        names = layout.defect_types(config.category)
+        if not names:
+            raise DefectFillError(f"{layout.root / config.category}: no defect types found for --defect-type all.")
+    for name in names:
+        layout.check_defect_type(config.category, name)
+    canonical = list(dict.fromkeys(layout.canonical_defect_type(config.category, n) for n in names))
+    return ",".join(canonical)
+
+
 def _check_output(config: TrainConfig, out: Path) -> None:
     """Refuse to write into a folder that holds something else, or another run without --resume."""
     if not out.exists():
@@ -410,7 +481,7 @@ def _check_output(config: TrainConfig, out: Path) -> None:
             raise DefectFillError(f"{out}: already holds this run. Pass --resume latest to continue it, "
                                   "or choose another --output.")
         return
-    others = [p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.startswith(".")]
+    others = [p.name for p in out.iterdir() if not is_run_file(p.name) and not p.name.startswith(".")]
     if others:
         raise DefectFillError(f"{out}: folder is not empty and is not a defectfill run ({', '.join(sorted(others)[:5])}). "
                               "Choose an empty or new --output.")
@@ -446,7 +517,12 @@ def write_weights(folder: Path, models: TrainingModels, config: TrainConfig) -> 
     from safetensors.torch import save_file
 
     save_lora_weights(folder, models.unet, models.text_encoder)
-    if models.token_embedding is not None:
+    if models.token_embedding is not None and config.per_object:
+        rows = models.token_embedding.new_rows.detach().float().cpu()
+        for i, (t, token) in enumerate(config.type_tokens().items()):
+            # one file per token: diffusers' load_textual_inversion reads one token from a file
+            save_file({token: rows[i].contiguous()}, str(folder / type_token_file(t)))
+    elif models.token_embedding is not None:
         row = models.token_embedding.new_rows.detach().float().cpu()[0].contiguous()
         # textual-inversion format {token: (D,)}, read by pipe.load_textual_inversion(path, token=...)
         save_file({config.new_token: row}, str(folder / TOKEN_WEIGHTS_NAME))
@@ -467,7 +543,8 @@ def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -
 
 
 @torch.no_grad()
-def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split, autocast=nullcontext) -> Image.Image:
+def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split | ObjectSplit,
+                       autocast=nullcontext) -> Image.Image:
     """Inpaint the first reference image inside a held-out (or its own) mask; [source | mask | sample] strip.
 
     The image is prepared as generation prepares it (`sampler.prepare_canvas`: its own aspect, the mask grown to
@@ -477,6 +554,11 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
     from defectfill.masks import fit_mask
     from defectfill.sampler import prepare_canvas
 
+    if isinstance(split, ObjectSplit):  # one model per object: the first type's sample
+        token = next(iter(config.type_tokens().values()))
+        split = next(iter(split.splits.values()))
+    else:
+        token = None
     source = load_rgb(split.reference[0].image)
     mask_sample = (split.held_out or split.reference)[0]
     canvas, source, mask = prepare_canvas(source, fit_mask(load_mask(mask_sample.mask, mask_sample.mask_rule), source.size),
@@ -487,7 +569,7 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    prompt = config.prompt(config.object_prompt)
+    prompt = config.prompt(config.object_prompt, token)
     models.recorder.start(None)  # plain cross-attention while sampling
     was_training = models.unet.training
     models.unet.eval()
@@ -523,13 +605,19 @@ def train(config: TrainConfig, pipe=None) -> Path:
     config.validate()  # also when called from Python with a hand-made config
     out = Path(config.output).expanduser()
     layout = open_layout(config.data, config.layout)
-    layout.check_defect_type(config.category, config.defect_type)
-    # the layout's spelling of the type (VisA: "chunk of wax missing" -> chunk_of_wax_missing), so config.json,
-    # split.json and the folders named after the type agree however it was written
-    config = dataclasses.replace(config, defect_type=layout.canonical_defect_type(config.category, config.defect_type))
+    config = dataclasses.replace(config, defect_type=resolve_defect_types(layout, config))
     _check_output(config, out)
-    split = make_split(layout, config.category, config.defect_type)
-    ref_images, ref_masks, ref_valid = load_references(split, config.resolution)
+    ref_groups, group_tokens = None, None
+    if config.per_object:
+        split = make_object_split(layout, config.category, config.defect_types())
+        object_refs = load_object_references(split, config, config.resolution)
+        (ref_images, ref_masks, ref_valid), ref_groups, group_tokens = object_refs
+        n_refs = len(ref_images)
+        n_held = sum(len(s.held_out) for s in split.splits.values())
+    else:
+        split = make_split(layout, config.category, config.defect_type)
+        ref_images, ref_masks, ref_valid = load_references(split, config.resolution)
+        n_refs, n_held = len(split.reference), len(split.held_out)
 
     # Several runs in one process (tests, `defectfill run`) may differ in precision; accelerate keeps
     # one global state, so forget the last run's (the distributed setup, PartialState, is kept).
@@ -548,7 +636,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
     set_seed(config.seed)  # the LoRA's random init draws from the global generator
     models = build_models(config, device, weight_dtype, pipe=pipe)
     warn_if_slow(models.unet, config, device)
-    prompts = prompt_inputs(models.tokenizer, config)
+    prompts = prompt_inputs(models.tokenizer, config, group_tokens)
 
     unet_params, text_params = trainable_parameters(models)
     optimizer = torch.optim.AdamW(
@@ -585,7 +673,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
 
         writer = SummaryWriter(str(out / "logs"))
         log.info("training %s/%s on %d reference images (%d held out), steps %d -> %d",
-                 config.category, config.defect_type, len(split.reference), len(split.held_out), start_step, config.steps)
+                 config.category, config.defect_type, n_refs, n_held, start_step, config.steps)
 
     def checkpoint(step: int) -> None:
         accelerator.wait_for_everyone()
@@ -605,7 +693,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
             step_sums = {k: torch.zeros((), device=device) for k in sums}
             for micro in range(config.grad_accum):
                 batch = make_micro_batch(ref_images, ref_masks, config, step, micro,
-                                         accelerator.process_index, accelerator.num_processes, ref_valid)
+                                         accelerator.process_index, accelerator.num_processes, ref_valid, ref_groups)
                 sync = micro == config.grad_accum - 1
                 with ExitStack() as no_sync:
                     if not sync:  # accumulate locally; gradients are all-reduced on the last micro-batch only

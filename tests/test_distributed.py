@@ -134,6 +134,9 @@ def test_dry_run_of_a_shard_prints_its_slice(demo_root, tmp_path, capsys):
     ({"shard": "1/2", "report_only": True}, r"--report-only .* without --shard"),
     ({"gpus_per_task": -1}, r"--gpus-per-task -1"),
     ({"ray_address": "auto"}, r"--ray-address auto: only used with --executor ray"),
+    # the types of a category share one training: per-type tasks or shards would train it side by side
+    ({"one_model_per_object": True, "executor": "ray"}, r"--one-model-per-object .* --executor local"),
+    ({"one_model_per_object": True, "shard": "1/2"}, r"--one-model-per-object .* without --shard"),
 ])
 def test_bad_distribution_settings_are_refused_with_the_flag(settings, message, tmp_path):
     with pytest.raises(DefectFillError, match=message):

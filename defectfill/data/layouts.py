@@ -103,6 +103,10 @@ class Layout:
         """Images that show this defect type together with others: left out of a single-type training."""
         return []
 
+    def multi_type_images(self, category: str) -> list[tuple[DefectSample, tuple[str, ...]]]:
+        """Every image labelled with several defect types, with its types (VisA); other layouts have none."""
+        return []
+
     @classmethod
     def matches(cls, root: Path) -> bool:
         raise NotImplementedError
@@ -363,6 +367,10 @@ class VisALayout(Layout):
         key = type_key(defect_type)
         return [DefectSample(r.image, r.mask, key, self.mask_rule)
                 for r in self._defect_rows(category) if len(r.types) > 1 and key in r.types]
+
+    def multi_type_images(self, category: str) -> list[tuple[DefectSample, tuple[str, ...]]]:
+        return [(DefectSample(r.image, r.mask, "+".join(r.types), self.mask_rule), r.types)
+                for r in self._defect_rows(category) if len(r.types) > 1]
 
     def _one_class_split(self) -> dict[str, dict[str, list[Path]]]:
         """``split_csv/1cls.csv``'s normal images: {category: {"train": [...], "test": [...]}}; {} without it."""

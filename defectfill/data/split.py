@@ -8,6 +8,7 @@ several defect types (VisA) are left out of a single-type split and counted.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from PIL import Image
 
 from defectfill.atomic import write_json
 from defectfill.data.images import MASK_RULES, load_mask
-from defectfill.data.layouts import DefectSample, Layout
+from defectfill.data.layouts import DefectSample, Layout, type_key
 from defectfill.errors import DefectFillError
 from defectfill.folders import contained
 
@@ -71,15 +72,77 @@ def relative_name(root: Path, path: Path | None) -> str | None:
         return str(path)
 
 
-def read_split(path: str | Path) -> Split:
-    """Read a ``split.json`` written by `Split.save`."""
-    import json
+@dataclass
+class MultiSample:
+    """An image labelled with several defect types (VisA), its one mask covering all of them."""
 
+    sample: DefectSample
+    types: tuple[str, ...]
+
+
+@dataclass
+class ObjectSplit:
+    """The split of a per-object run: each type's own `Split`, and the multi-type images whose types are all
+    trained (divided like a type's images: the first third by file name trains, the rest is held out)."""
+
+    category: str
+    splits: dict[str, Split]
+    multi_reference: list[MultiSample] = field(default_factory=list)
+    multi_held_out: list[MultiSample] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        first = next(iter(self.splits.values()))
+
+        def rows(samples: list[MultiSample]) -> list[dict]:
+            return [{"image": relative_name(first.data_root, m.sample.image),
+                     "mask": relative_name(first.data_root, m.sample.mask), "types": list(m.types)} for m in samples]
+
+        return {"per_object": True, "layout": first.layout, "data_root": str(first.data_root.resolve()),
+                "category": self.category, "defect_types": list(self.splits), "mask_rule": first.mask_rule,
+                "types": {t: s.to_json() for t, s in self.splits.items()},
+                "multi_type": {"reference": rows(self.multi_reference), "held_out": rows(self.multi_held_out)}}
+
+    def save(self, path: str | Path) -> None:
+        write_json(path, self.to_json())
+
+
+def make_object_split(layout: Layout, category: str, defect_types: list[str]) -> ObjectSplit:
+    """Each type's split, and the multi-type images (VisA) whose types are all among `defect_types`."""
+    splits = {t: make_split(layout, category, t) for t in defect_types}
+    kept = []
+    for sample, types in layout.multi_type_images(category):
+        if not set(types) <= set(defect_types):
+            continue  # it shows a type this model does not learn
+        if check_sample(sample):
+            kept.append(MultiSample(sample, types))
+        else:
+            log.warning("%s: mask is empty (no defect pixels); skipping this image.", sample.mask)
+    kept.sort(key=lambda m: m.sample.image.name)
+    n_ref = max(1, len(kept) // 3) if kept else 0
+    if kept:
+        log.info("%s: %d multi-type image(s) train with all their types' tokens, %d held out", category, n_ref,
+                 len(kept) - n_ref)
+    return ObjectSplit(category, splits, kept[:n_ref], kept[n_ref:])
+
+
+def read_split(path: str | Path, defect_type: str | None = None) -> Split:
+    """Read a ``split.json`` written by `Split.save`, or one type's split of a per-object run's
+    (`ObjectSplit.save`; `defect_type` names the type)."""
     path = Path(path)
     if not path.is_file():
         raise DefectFillError(f"{path}: split file not found; is this a defectfill run folder?")
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("per_object"):
+            types = list(data["types"])
+            # any spelling the layout accepts (VisA: the name with spaces)
+            defect_type = next((t for t in types if defect_type is not None and type_key(t) == type_key(defect_type)),
+                               defect_type)
+            if defect_type not in data["types"]:
+                asked = "no defect type named" if defect_type is None else f"{defect_type!r} is not one of them"
+                raise DefectFillError(f"{path}: the split of a model trained on several defect types "
+                                      f"({', '.join(types)}); {asked}. Name one with --defect-type.")
+            data = data["types"][defect_type]
         root = Path(data["data_root"])
         rule = data.get("mask_rule", "half")  # split files written before VisA have no rule: all were "half"
         if rule not in MASK_RULES:
@@ -98,7 +161,7 @@ def read_split(path: str | Path) -> Split:
             samples(data["reference"]), samples(data["held_out"]), samples(data.get("skipped_empty_masks", [])),
             samples(data.get("left_out_multi_type", [])),
         )
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DefectFillError(f"{path}: not a valid split file ({exc}).") from None
 
 

@@ -442,7 +442,7 @@ class Workspace:
                 lpips_weights=self.lpips_weights, lpips_random_backbone=self.lpips_random_backbone,
                 device=self.device, mixed_precision=self.precision,
             ), require=False)
-            identity = _identity(outcome.run_dir, settings)
+            identity = _identity([outcome.run_dir], settings)
             # resume: the UI adds item by item with the settings of each; generate.json records the latest
             _prepare_output(out, identity, resume=True, overwrite=False,
                             record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
