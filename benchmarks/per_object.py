@@ -1,13 +1,16 @@
-"""One model per object against one model per defect type, at equal training compute, on the tiny pipeline.
+"""One model per object against one model per defect type, at equal training compute.
 
-    .venv/bin/python benchmarks/per_object.py --steps 40      # per type 40 steps each; per object 40 x types
+    .venv/bin/python benchmarks/per_object.py --steps 120     # per type 120 steps each; per object 120 x types
+    .venv/bin/python benchmarks/per_object.py --model tiny --steps 40   # the untrained tiny pipeline
 
 Trains, on the drawn demo data's `disc` (scratch, spot), one run per type (`--token sks`, the default) and one
 per-object run (`--defect-type scratch,spot`, a new token per type) with as many steps as the per-type runs
 together, then scores every model on each type's HELD-OUT images with the training losses (L_def, L_obj,
 L_attn) under the same noise, timesteps and box masks for every model (paired draws), each model prompted with
-its own token for the type. The untrained base is the reference row. The tiny pipeline is untrained and
-drawn data is simple: the figures show whether per-object training keeps up, not defect quality.
+its own token for the type. On the built-in base (`defectfill-mini`, the default) each model also paints
+every held-out mask of each type into a new defect-free disc, and the table gives the distance of those
+regions to the real held-out defects in the colour/edge feature space of `defectfill.metrics.mask_stats`
+(lower is closer; one candidate, 20 DDIM steps, `--guidance`). The un-fine-tuned base is the reference row.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from defectfill.attention import AttentionRecorder  # noqa: E402
 from defectfill.config import TrainConfig  # noqa: E402
 from defectfill.data import make_split, open_layout  # noqa: E402
 from defectfill.data.augment import random_box_mask  # noqa: E402
+from defectfill.metrics.mask_stats import feature_distance, mask_region_features  # noqa: E402
 from defectfill.model import load_pipeline  # noqa: E402
+from defectfill.sampler import DefectGenerator  # noqa: E402
 from defectfill.train import MicroBatch, TrainingModels, defectfill_losses, load_references, prompt_inputs, train  # noqa: E402
 
 TYPES = ["scratch", "spot"]
@@ -67,10 +72,35 @@ def held_out_losses(pipe, config: TrainConfig, tokens: dict[str, str], data: Pat
     return out
 
 
+def held_out_look(generator_for: dict[str, DefectGenerator], data: Path) -> dict[str, float]:
+    """Per type: distance of what the generator paints into the held-out masks (each on a new defect-free disc)
+    to the real held-out defects, in the mask-region feature space."""
+    import numpy as np
+
+    from defectfill.data import load_mask, load_rgb
+
+    layout = open_layout(data)
+    goods = sorted(layout.good_images("disc"))
+    out = {}
+    for t, generator in generator_for.items():
+        split = make_split(layout, "disc", t)
+        painted, real = [], []
+        for i, (good, sample) in enumerate(zip(goods, split.held_out, strict=False)):
+            mask = load_mask(sample.mask, sample.mask_rule)
+            result = generator(load_rgb(good), mask, seed=i)
+            painted.append(mask_region_features(np.asarray(result.image), mask))
+            real.append(mask_region_features(np.asarray(load_rgb(sample.image)), mask))
+        out[t] = feature_distance(np.stack(painted), np.stack(real))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="steps of each per-type run")
+    parser.add_argument("--model", default="defectfill-mini", choices=("defectfill-mini", "tiny"),
+                        help="the built-in base, or the untrained tiny pipeline (losses only)")
+    parser.add_argument("--steps", type=int, default=120, help="steps of each per-type run")
     parser.add_argument("--draws", type=int, default=16, help="paired noise/timestep draws per held-out image")
+    parser.add_argument("--guidance", type=float, default=1.0, help="sampling guidance of the painted regions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     from defectfill.demo_data import make_demo_dataset
@@ -78,37 +108,55 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model, data = save_tiny_pipeline(tmp / "model"), make_demo_dataset(tmp / "data")
-        common = dict(data=str(data), category="disc", model=str(model), resolution=64, batch_size=2,
-                      warmup_steps=5, lr_unet=1e-3, lr_text=2e-4, save_every=10**6, sample_every=0, log_every=10**6,
+        data = make_demo_dataset(tmp / "data", n_defect=9, categories={"disc": ("object", tuple(TYPES))})
+        model = str(save_tiny_pipeline(tmp / "model")) if args.model == "tiny" else args.model
+        look = args.model != "tiny"  # the untrained pipeline paints noise: only its losses are compared
+        common = dict(data=str(data), category="disc", model=model, resolution=64, batch_size=3,
+                      warmup_steps=10, lr_unet=1e-3, lr_text=2e-4, save_every=10**6, sample_every=0, log_every=10**6,
                       seed=args.seed, mixed_precision="no", compile="no")
-        rows = {}
+        sampling = dict(candidates=1, steps=20, guidance=args.guidance)
+        rows, looks = {}, {}
         base = TrainConfig(**common, defect_type="scratch", output=str(tmp / "unused"))
-        rows["base (untrained)"] = held_out_losses(load_pipeline(str(model)), base,
-                                                   dict.fromkeys(TYPES, "sks"), data, args.draws)
-        per_type, seconds = {}, 0.0
+        name = f"base ({args.model})"
+        rows[name] = held_out_losses(load_pipeline(model), base, dict.fromkeys(TYPES, "sks"), data, args.draws)
+        if look:
+            plain = DefectGenerator(load_pipeline(model), "A disc with sks", "sks", 64, **sampling)
+            looks[name] = held_out_look(dict.fromkeys(TYPES, plain), data)
+        per_type, per_type_look, seconds = {}, {}, 0.0
         for t in TYPES:
-            pipe = load_pipeline(str(model))
+            pipe = load_pipeline(model)
             config = TrainConfig(**common, defect_type=t, steps=args.steps, output=str(tmp / f"disc-{t}"))
             start = time.perf_counter()
             train(config, pipe=pipe)
             seconds += time.perf_counter() - start
             per_type[t] = held_out_losses(pipe, config, {t: "sks"}, data, args.draws)[t]
-        rows[f"per type ({args.steps} steps each, {seconds:.0f} s)"] = per_type
-        pipe = load_pipeline(str(model))
+            if look:
+                per_type_look.update(held_out_look({t: DefectGenerator.from_run(config.output, **sampling)}, data))
+        name = f"per type ({args.steps} steps each, {seconds:.0f} s)"
+        rows[name], looks[name] = per_type, per_type_look
+        pipe = load_pipeline(model)
         config = TrainConfig(**common, defect_type=",".join(TYPES), steps=args.steps * len(TYPES),
                              output=str(tmp / "disc"))
         start = time.perf_counter()
         train(config, pipe=pipe)
         seconds = time.perf_counter() - start
-        rows[f"per object ({args.steps * len(TYPES)} steps, {seconds:.0f} s)"] = held_out_losses(
-            pipe, config, config.type_tokens(), data, args.draws)
-    print(header("one model per object vs one per type (tiny pipeline, demo disc: scratch, spot)"))
+        name = f"per object ({args.steps * len(TYPES)} steps, {seconds:.0f} s)"
+        rows[name] = held_out_losses(pipe, config, config.type_tokens(), data, args.draws)
+        if look:
+            drawer = DefectGenerator.from_run(config.output, defect_type=TYPES[0], **sampling)
+            looks[name] = held_out_look({t: drawer.for_type(t) for t in TYPES}, data)
+    print(header(f"one model per object vs one per type ({args.model}, demo disc: {', '.join(TYPES)})"))
     print(f"held-out losses, mean of {args.draws} paired draws per image (lower is better)")
     print(f"{'model':34} " + " ".join(f"{t + ' ' + k:>16}" for t in TYPES for k in ("L_def", "L_obj", "L_attn")))
     for name, losses in rows.items():
         print(f"{name:34} " + " ".join(f"{losses[t][k]:>16.5f}" for t in TYPES
                                        for k in ("defect", "object", "attention")))
+    if looks:
+        print(f"\npainted held-out masks: distance to the real defects (mask_stats features, guidance {args.guidance}; "
+              "lower is closer)")
+        print(f"{'model':34} " + " ".join(f"{t:>10}" for t in TYPES))
+        for name, per in looks.items():
+            print(f"{name:34} " + " ".join(f"{per[t]:>10.3f}" for t in TYPES))
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ from defectfill.runner import run_all
 NOTES = {
     "defectfill-mini": (
         "Demo on defectfill-mini, a 27 MB base pretrained by this project on drawn parts and surfaces at 64 px "
-        "(never on scratches, spots or cracks), fine-tuned per defect type on its 2 references; the generated "
-        "defects are still faint (README: not yet learnt as well as the references show). KID and "
+        "(never on scratches, spots or cracks), fine-tuned per defect type on its 2 references and sampled with "
+        "the defect prompt at guidance 1 (README: what was measured on it). KID and "
         "IC-LPIPS use the base's own VAE encoder as the feature network (offline), so they compare runs on this "
         "data and are not comparable to published values; the downstream models train from scratch."),
     "tiny": (
@@ -42,8 +42,9 @@ SIZES = {
     "small": dict(steps=100, count=8, candidates=4, generate_steps=10, downstream="both"),
 }
 # DefectFill settings for defectfill-mini at 64 px (beyond the size's steps): a higher rate than SD2's
-# defaults, since the base and the LoRA are small and the steps few
-MINI_TRAINING = dict(lr_unet=1e-3, lr_text=2e-4, guidance=3.0)
+# defaults, since the base and the LoRA are small and the steps few; sampled with the defect prompt and
+# guidance 1, as measured in docs/method.md ("Sampling on defectfill-mini")
+MINI_SETTINGS = dict(lr_unet=1e-3, lr_text=2e-4, guidance=1.0, prompt="A photo of {token}")
 
 
 class UntrainedFeatures(nn.Module):
@@ -95,7 +96,7 @@ def run_demo(output: str | Path, size: str = "small", model: str = "defectfill-m
         if not (output / "model" / "model_index.json").is_file():
             save_tiny_pipeline(output / "model")
     else:
-        extra = dict(MINI_TRAINING)
+        extra = dict(MINI_SETTINGS)
     config = RunConfig.from_settings(dict(
         data=str(data), model=model_path, output=str(output / "work"), resolution=64, steps=plan["steps"],
         batch_size=2, warmup_steps=min(10, plan["steps"]), save_every=max(1, plan["steps"] // 2),

@@ -13,6 +13,7 @@ is `generate.py`.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,23 @@ from defectfill.model import (
 )
 from defectfill.run_folder import pick_defect_type, read_trained_run, type_token_file
 from defectfill.settings import check_all, compile_module, precision_dtype, resolve_compile, resolve_precision
+
+log = logging.getLogger(__name__)
+
+# How runs on the built-in base sample best (docs/method.md, "Sampling on defectfill-mini"): its fine-tunes'
+# defects show under the defect prompt at guidance 1; the object prompt paints the part, guidance > 1 undoes them
+MINI_SAMPLING = {"prompt": "A photo of {token}", "guidance": 1.0}
+
+
+def warn_if_mini_sampling_differs(model: str, prompt: str | None, guidance: float) -> bool:
+    """Log a warning when a run on `defectfill-mini` samples otherwise than MINI_SAMPLING; True if it did."""
+    if Path(model).name != "defectfill-mini" or (prompt == MINI_SAMPLING["prompt"] and guidance <= 1.0):
+        return False
+    log.warning("this run's base is defectfill-mini, on which DefectFill's defects show with --prompt "
+                "\"A photo of {token}\" --guidance 1 (docs/method.md, \"Sampling on defectfill-mini\"); sampling "
+                "with %s at guidance %g mostly paints the part instead.", repr(prompt or "the object prompt"), guidance)
+    return True
+
 
 # (candidates (N,3,h,w) in [-1,1], source (1,3,h,w) in [-1,1]) -> (N,) scores, higher = less like the source
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -294,6 +312,7 @@ class DefectGenerator:
         """
         run_dir = Path(run_dir).expanduser()
         config = read_trained_run(run_dir)
+        warn_if_mini_sampling_differs(config.model, prompt, settings.get("guidance", 7.5))
         defect_type = pick_defect_type(run_dir, config, defect_type)
         type_prompts = {t: run_prompt(config, prompt, t) for t in config.type_tokens()}
         prompt_text, token = type_prompts[defect_type]

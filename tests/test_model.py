@@ -281,3 +281,16 @@ def test_a_missing_builtin_base_names_the_fix(tmp_path, monkeypatch):
     with pytest.raises(DefectFillError, match="pretrain-base --output DIR"):
         load_pipeline("defectfill-mini")
     assert model.resolve_model("some/hub-id") == "some/hub-id"  # other names pass through unchanged
+
+
+def test_runs_on_defectfill_mini_are_warned_when_sampled_otherwise_than_measured(caplog):
+    """The object prompt or guidance > 1 on defectfill-mini mostly paints the part (docs/method.md): warned;
+    the measured settings and other bases are not."""
+    from defectfill.sampler import MINI_SAMPLING, warn_if_mini_sampling_differs
+
+    with caplog.at_level("WARNING", logger="defectfill.sampler"):
+        assert warn_if_mini_sampling_differs("defectfill-mini", None, 7.5)
+        assert warn_if_mini_sampling_differs("/models/defectfill-mini", MINI_SAMPLING["prompt"], 3.0)
+        assert "--guidance 1" in caplog.text
+        assert not warn_if_mini_sampling_differs("defectfill-mini", MINI_SAMPLING["prompt"], 1.0)
+        assert not warn_if_mini_sampling_differs("stabilityai/stable-diffusion-2-inpainting", None, 7.5)
