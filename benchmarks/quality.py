@@ -13,7 +13,9 @@ drew or named (tests/test_world.py). Per seed, each variant is one `defectfill r
 KID and IC-LPIPS use the base's own VAE encoder (defectfill.metrics.base_features; no ImageNet network is
 available offline), and the table adds the mask-region feature distance of defectfill.metrics.mask_stats.
 The downstream classifier (ResNet-34) and localiser (U-Net) train from scratch on each variant's images.
-Every variant's folder is resumable: rerun the same command and finished stages are skipped.
+Generation samples as docs/method.md ("Sampling on defectfill-mini") measured: the defect prompt at guidance 1
+(`--prompt`, `--guidance`). Every variant's folder is resumable: rerun the same command and finished stages
+are skipped.
 
     .venv/bin/python benchmarks/quality.py --output bench-quality --seeds 0 --json bench-quality/rows.json
 """
@@ -32,13 +34,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from defectfill.sampler import MINI_SAMPLING  # noqa: E402
+
 VARIANTS = {
     "a": ("full DefectFill", {}),
     "b": ("without L_attn", {"lambda_attn": 0.0}),
     "c": ("without L_obj", {"lambda_obj": 0.0}),
     "d": ("without LFS (random candidate)", {"candidates": 1}),
-    "e": ("plain LoRA inpainting", {"lambda_obj": 0.0, "lambda_attn": 0.0, "lambda_def": 1.0,
-                                    "defect_prompt": "A {object} with {token}"}),
+    "e": ("plain LoRA inpainting", {"lambda_obj": 0.0, "lambda_attn": 0.0, "lambda_def": 1.0}),  # + the prompt
     "f": ("base, no fine-tuning", {"lr_unet": 0.0, "lr_text": 0.0, "steps": 1, "warmup_steps": 0}),
     "g": ("copy-paste of a real defect", {}),
 }
@@ -50,6 +53,7 @@ def base_settings(args: argparse.Namespace, data: Path, seed: int) -> dict:
         lr_unet=1e-3, lr_text=2e-4, warmup_steps=20, save_every=10**6, sample_every=0, log_every=50,
         mixed_precision="no", compile="no", seed=seed,
         count=args.count, candidates=args.candidates, generate_steps=args.generate_steps, guidance=args.guidance,
+        prompt=args.prompt,
         lpips_random_backbone=True, preview_rows=8,
         downstream="both", downstream_epochs=args.downstream_epochs, downstream_image_size=64,
         downstream_pretrained=False, kid_subsets=50, lpips_size=64,
@@ -141,6 +145,8 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     out = Path(args.output) / f"{key}-seed{seed}"
     settings = base_settings(args, data, seed)
     settings.update(overrides)
+    if key == "e":  # its one loss trains on the prompt it is sampled with
+        settings["defect_prompt"] = args.prompt
     settings["output"] = str(out)
     cats = args.categories.split(",") if args.categories else None
     settings["categories"] = cats
@@ -213,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=24, help="generated images per type")
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--generate-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=MINI_SAMPLING["guidance"])
+    p.add_argument("--prompt", default=MINI_SAMPLING["prompt"], help="generation prompt template")
     p.add_argument("--downstream-epochs", type=int, default=10)
     p.add_argument("--json", default=None, help="write every row (with the full downstream records) here")
     args = p.parse_args(argv)
