@@ -10,7 +10,8 @@ L_attn) under the same noise, timesteps and box masks for every model (paired dr
 its own token for the type. On the built-in base (`defectfill-mini`, the default) each model also paints
 every held-out mask of each type into a new defect-free disc, and the table gives the distance of those
 regions to the real held-out defects in the colour/edge feature space of `defectfill.metrics.mask_stats`
-(lower is closer; one candidate, 20 DDIM steps, `--guidance`). The un-fine-tuned base is the reference row.
+(lower is closer; one candidate, 20 DDIM steps, the defect prompt at `--guidance`, as docs/method.md's
+"Sampling on defectfill-mini" measured). The un-fine-tuned base is the reference row.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from defectfill.data import make_split, open_layout  # noqa: E402
 from defectfill.data.augment import random_box_mask  # noqa: E402
 from defectfill.metrics.mask_stats import feature_distance, mask_region_features  # noqa: E402
 from defectfill.model import load_pipeline  # noqa: E402
-from defectfill.sampler import DefectGenerator  # noqa: E402
+from defectfill.sampler import MINI_SAMPLING, DefectGenerator  # noqa: E402
 from defectfill.train import MicroBatch, TrainingModels, defectfill_losses, load_references, prompt_inputs, train  # noqa: E402
 
 TYPES = ["scratch", "spot"]
@@ -120,7 +121,8 @@ def main() -> None:
         name = f"base ({args.model})"
         rows[name] = held_out_losses(load_pipeline(model), base, dict.fromkeys(TYPES, "sks"), data, args.draws)
         if look:
-            plain = DefectGenerator(load_pipeline(model), "A disc with sks", "sks", 64, **sampling)
+            plain = DefectGenerator(load_pipeline(model), MINI_SAMPLING["prompt"].format(token="sks"), "sks", 64,
+                                    **sampling)
             looks[name] = held_out_look(dict.fromkeys(TYPES, plain), data)
         per_type, per_type_look, seconds = {}, {}, 0.0
         for t in TYPES:
@@ -131,7 +133,8 @@ def main() -> None:
             seconds += time.perf_counter() - start
             per_type[t] = held_out_losses(pipe, config, {t: "sks"}, data, args.draws)[t]
             if look:
-                per_type_look.update(held_out_look({t: DefectGenerator.from_run(config.output, **sampling)}, data))
+                per_type_look.update(held_out_look({t: DefectGenerator.from_run(config.output, prompt=MINI_SAMPLING[
+                    "prompt"], **sampling)}, data))
         name = f"per type ({args.steps} steps each, {seconds:.0f} s)"
         rows[name], looks[name] = per_type, per_type_look
         pipe = load_pipeline(model)
@@ -143,7 +146,8 @@ def main() -> None:
         name = f"per object ({args.steps * len(TYPES)} steps, {seconds:.0f} s)"
         rows[name] = held_out_losses(pipe, config, config.type_tokens(), data, args.draws)
         if look:
-            drawer = DefectGenerator.from_run(config.output, defect_type=TYPES[0], **sampling)
+            drawer = DefectGenerator.from_run(config.output, defect_type=TYPES[0], prompt=MINI_SAMPLING["prompt"],
+                                              **sampling)
             looks[name] = held_out_look({t: drawer.for_type(t) for t in TYPES}, data)
     print(header(f"one model per object vs one per type ({args.model}, demo disc: {', '.join(TYPES)})"))
     print(f"held-out losses, mean of {args.draws} paired draws per image (lower is better)")
