@@ -335,3 +335,26 @@ def test_dry_run_plans_one_model_per_object(demo_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 defect type(s) in 2 model(s), one per object, 60 training steps in all" in out
 
+
+
+def test_the_ui_draws_each_type_of_an_object_run_into_one_dataset(object_run, demo_root, tmp_path):
+    """`defectfill ui` on a per-object run: each type is drawn with its own token and added under its own
+    type in one dataset, with the type in the manifest row (the backend the page calls)."""
+    from defectfill.ui.backend import Source, Workspace
+
+    run, _ = object_run
+    ws = Workspace([run.parent], tmp_path / "datasets", device="cpu", lpips_random_backbone=True)
+    assert ws.defect_types(run.name) == ["scratch", "spot"]
+    good = sorted((demo_root / "disc" / "train" / "good").glob("*.png"))[0]
+    source = Source(load_rgb(good), good, good.name)
+    mask = np.zeros((source.image.size[1], source.image.size[0]), bool)
+    mask[20:30, 20:30] = True
+    for t in ("spot", "scratch"):
+        outcome = ws.generate(run.name, source, mask, candidates=1, steps=1, seed=0, defect_type=t)
+        assert outcome.defect_type == t and f"<{t}>" in outcome.prompt
+        row = ws.add_to_dataset(outcome, "disc")
+        assert row["defect_type"] == t and row["image"].startswith(f"disc/test/{t}/")
+    rows = _manifest(tmp_path / "datasets" / "disc")
+    assert [(r["index"], r["defect_type"]) for r in rows] == [(0, "spot"), (1, "scratch")]
+    with pytest.raises(DefectFillError, match="draws scratch, spot"):
+        ws.generate(run.name, source, mask, candidates=1, steps=1, defect_type="dent")

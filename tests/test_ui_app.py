@@ -80,7 +80,7 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
     placed = client.predict("ellipse", 0.05, 3, api_name="/place_shape")
     seed = derived_seed(0, 0)  # the seed `defectfill generate --seed 0` gives item 0
     t0 = time.perf_counter()
-    gallery, chosen, scores_md = client.predict(RUN, _editor_arg(placed), 2, 2, 7.5, seed, False,
+    gallery, chosen, scores_md = client.predict(RUN, _editor_arg(placed), 2, 2, 7.5, seed, False, "scratch",
                                                 api_name="/generate")
     print(f"generate through the API: {time.perf_counter() - t0:.1f} s")
     assert len(gallery) == 2 and sum("CHOSEN" in g["caption"] for g in gallery) == 1

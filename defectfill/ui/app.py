@@ -84,8 +84,10 @@ def build_app(ws: Workspace) -> gr.Blocks:
             images, message = [], f"{exc}"
         names = [p.name for p in images]
         gallery = [(_thumb(p), p.name) for p in images[:60]]
-        return (gr.update(choices=names, value=names[0] if names else None), gallery, message,
-                f"{config.category}-{config.defect_type}")
+        types = ws.defect_types(run)  # a per-object run draws each of its types; one dataset holds them all
+        suggested = config.category if config.per_object else f"{config.category}-{config.defect_type}"
+        return (gr.update(choices=names, value=names[0] if names else None), gallery, message, suggested,
+                gr.update(choices=types, value=types[0], interactive=len(types) > 1))
 
     @_friendly
     def select_image(run: str, name: str):
@@ -115,7 +117,7 @@ def build_app(ws: Workspace) -> gr.Blocks:
 
     @_friendly
     def generate(run: str, source: Source | None, editor: dict | None, placed: dict | None, candidates: float,
-                 steps: float, guidance: float, seed: float, attention: bool,
+                 steps: float, guidance: float, seed: float, attention: bool, defect_type: str | None = None,
                  progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress idiom
         if source is None:
             raise DefectFillError("choose or upload a defect-free image first.")
@@ -126,7 +128,7 @@ def build_app(ws: Workspace) -> gr.Blocks:
         outcome = ws.generate(run, source, mask, candidates=int(candidates), steps=int(steps),
                               guidance=float(guidance), seed=int(seed), attention=bool(attention),
                               shape=shape, shape_size=placed["size"] if shape else None,
-                              progress=lambda f, text: progress(f, desc=text))
+                              progress=lambda f, text: progress(f, desc=text), defect_type=defect_type or None)
         result = outcome.result
         gallery = []
         for i, cand in enumerate(result.candidates):
@@ -138,7 +140,8 @@ def build_app(ws: Workspace) -> gr.Blocks:
             shown = attention_overlay(result.image, result.attention)
         lines = [f"**{len(result.candidates)} candidate(s)**, seed {outcome.settings['seed']}, mask "
                  f"`{outcome.mask_source}` ({int(result.mask.sum())} px). Low-Fidelity Selection keeps the "
-                 "candidate least like the input inside the mask's box (highest LPIPS).", "",
+                 "candidate least like the input inside the mask's box (highest LPIPS). Prompt: "
+                 f"`{outcome.prompt}`.", "",
                  "| candidate | LFS score | |", "|---|---|---|"]
         for i in range(len(result.candidates)):
             score = f"{result.scores[i]:.4f}" if result.scores else "-"
@@ -223,6 +226,8 @@ def build_app(ws: Workspace) -> gr.Blocks:
             # custom values allowed: every name is checked by the workspace (a run found under the roots)
             run_dd = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run", scale=3,
                                  allow_custom_value=True)
+            run_type_dd = gr.Dropdown([], label="Defect type (a per-object run draws each of its types)",
+                                      elem_id="run-defect-type", scale=2)
             runs_btn = gr.Button("Rescan runs", scale=0)
         source_state = gr.State(None)
         placed_state = gr.State(None)
@@ -289,7 +294,7 @@ def build_app(ws: Workspace) -> gr.Blocks:
                                          height=300)
 
         # ------------------------------------------------------------------ wiring
-        run_outputs = [image_dd, good_gallery, data_note, dataset_name]
+        run_outputs = [image_dd, good_gallery, data_note, dataset_name, run_type_dd]
         run_dd.change(select_run, run_dd, run_outputs, api_name="select_run")
         run_dd.change(show_run, run_dd, [settings_json, loss_plot, samples_gallery, run_md], api_name="run_info")
         demo.load(select_run, run_dd, run_outputs, api_visibility="private")
@@ -301,7 +306,7 @@ def build_app(ws: Workspace) -> gr.Blocks:
         place_btn.click(place, [source_state, shape_dd, size, seed], [editor, placed_state], api_name="place_shape")
         # one generation at a time on the device: two tabs queue instead of sharing its memory
         generate_btn.click(generate, [run_dd, source_state, editor, placed_state, candidates, steps, guidance, seed,
-                                      attention], [cand_gallery, chosen_img, scores_md, outcome_state],
+                                      attention, run_type_dd], [cand_gallery, chosen_img, scores_md, outcome_state],
                            api_name="generate", concurrency_limit=1, concurrency_id="device")
         add_btn.click(add, [outcome_state, dataset_name], [add_md, ds_dd], api_name="add_to_dataset",
                       concurrency_limit=1, concurrency_id="write")

@@ -227,6 +227,7 @@ class Outcome:
     mask_source: str  # "shape:<name>" (a placed shape, unedited) or "drawn"
     settings: dict[str, Any]  # candidates, steps, guidance, seed, attention, shape, mask_scale
     prompt: str
+    defect_type: str | None = None  # the type drawn (a per-object run draws several; None: the run's one)
     added_to: list[str] = field(default_factory=list)  # datasets it was added to (one add per dataset)
 
 
@@ -295,6 +296,10 @@ class Workspace:
 
         return read_trained_run(self.run_dir(name))
 
+    def defect_types(self, name: str) -> list[str]:
+        """The defect types a run draws: its one type, or each type of a per-object run (`--defect-type all`)."""
+        return list(self.run_config(name).type_tokens())
+
     def good_images(self, name: str) -> list[Path]:
         """The defect-free images of the run's category in its data folder (what `generate` uses by default)."""
         from defectfill.data import open_layout
@@ -327,9 +332,11 @@ class Workspace:
             if progress:
                 progress(0.0, f"loading the model of {run}")
             self._loaded = None  # free the previous model first
+            # loaded with its first type; a per-object run's other types share the pipeline (`for_type`)
             gen = DefectGenerator.from_run(run_dir, device=self.device, mixed_precision=self.precision,
                                            scheduler=self.scheduler, lpips_weights=self.lpips_weights,
-                                           lpips_pretrained=not self.lpips_random_backbone)
+                                           lpips_pretrained=not self.lpips_random_backbone,
+                                           defect_type=self.defect_types(run)[0])
             # the pipeline's own step bar back on: gradio's Progress(track_tqdm=True) shows it in the page
             gen.pipe.set_progress_bar_config(disable=False, leave=False, desc="sampling")
             self._loaded = (run_dir, gen)
@@ -337,8 +344,10 @@ class Workspace:
 
     def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = 8, steps: int = 50,
                  guidance: float = 7.5, seed: int = 0, attention: bool = False, shape: str | None = None,
-                 shape_size: float | None = None, progress: ProgressFn | None = None) -> Outcome:
-        """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s."""
+                 shape_size: float | None = None, progress: ProgressFn | None = None,
+                 defect_type: str | None = None) -> Outcome:
+        """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s.
+        `defect_type`: the type to draw from a per-object run (default: the run's first)."""
         from defectfill.config import sampling_checks
         from defectfill.sampler import DefectGenerator
         from defectfill.settings import check_all
@@ -350,8 +359,9 @@ class Workspace:
             raise DefectFillError("the mask is empty: paint where the defect goes, or place a shape.")
         with self._lock:
             loaded = self.generator(run, progress)
+            drawer = loaded.for_type(defect_type) if defect_type else loaded  # that type's prompt and token
             # a generator per request over the loaded pipeline: the settings are the request's, the model is kept
-            gen = DefectGenerator(loaded.pipe, loaded.prompt, loaded.token, loaded.resolution, candidates=candidates,
+            gen = DefectGenerator(loaded.pipe, drawer.prompt, drawer.token, loaded.resolution, candidates=candidates,
                                   steps=steps, guidance=float(guidance), device=self.device,
                                   scorer=self._scorer, lpips_weights=self.lpips_weights,
                                   lpips_pretrained=not self.lpips_random_backbone, save_attention=bool(attention))
@@ -365,7 +375,7 @@ class Workspace:
         if shape:
             settings.update(shape=shape, mask_scale=list(shape_scale(float(shape_size or 0.02))))
         return Outcome(run, self.run_dir(run), source, result, f"shape:{shape}" if shape else "drawn", settings,
-                       loaded.prompt)
+                       drawer.prompt, drawer.defect_type)
 
     # ------------------------------------------------------------------ datasets
 
@@ -420,11 +430,13 @@ class Workspace:
         elif root.is_dir() and any(p.name not in IGNORED for p in root.iterdir()):
             raise DefectFillError(f"{root}: folder is not empty and was not written by defectfill. "
                                   "Choose another dataset name.")
+        # a per-object run's items go under the type drawn (one dataset holds every type, as MVTec's layout does)
+        drawn = outcome.defect_type if config.per_object else None
         with self._writing(root):
             # every finished row counts, rejected ones too: an index (and its file names) is never reused
-            rows = OutputFolder(root, config.category, config.defect_type, 1).finished()
+            rows = OutputFolder(root, config.category, drawn or config.defect_type, 1).finished()
             index = max(rows, default=-1) + 1
-            out = OutputFolder(root, config.category, config.defect_type, index + 1)
+            out = OutputFolder(root, config.category, drawn or config.defect_type, index + 1)
             source_path = outcome.source.path
             if source_path is None:  # an upload: kept inside the dataset, so the folder stays complete
                 png = _png_bytes(outcome.source.image)
@@ -440,7 +452,7 @@ class Workspace:
                 candidates=s["candidates"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
                 scheduler=self.scheduler, save_candidates=True, save_attention=s["attention"],
                 lpips_weights=self.lpips_weights, lpips_random_backbone=self.lpips_random_backbone,
-                device=self.device, mixed_precision=self.precision,
+                device=self.device, mixed_precision=self.precision, defect_type=drawn,
             ), require=False)
             identity = _identity([outcome.run_dir], settings)
             # resume: the UI adds item by item with the settings of each; generate.json records the latest
@@ -448,7 +460,8 @@ class Workspace:
                             record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
             item = Item(index, source_path, outcome.mask_source, s["seed"])
             row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
-                             out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows)
+                             out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows,
+                             defect_type=drawn)
             finish_output(out, with_good=True)
         outcome.added_to.append(dataset)
         return row
