@@ -119,10 +119,10 @@ def main() -> None:
         rows, looks = {}, {}
         base = TrainConfig(**common, defect_type="scratch", output=str(tmp / "unused"))
         name = f"base ({args.model})"
-        rows[name] = held_out_losses(load_pipeline(model), base, dict.fromkeys(TYPES, "sks"), data, args.draws)
+        base_pipe = load_pipeline(model)  # untouched by the loss pass (no_grad, its recorder removed after)
+        rows[name] = held_out_losses(base_pipe, base, dict.fromkeys(TYPES, "sks"), data, args.draws)
         if look:
-            plain = DefectGenerator(load_pipeline(model), MINI_SAMPLING["prompt"].format(token="sks"), "sks", 64,
-                                    **sampling)
+            plain = DefectGenerator(base_pipe, MINI_SAMPLING["prompt"].format(token="sks"), "sks", 64, **sampling)
             looks[name] = held_out_look(dict.fromkeys(TYPES, plain), data)
         per_type, per_type_look, seconds = {}, {}, 0.0
         for t in TYPES:

@@ -34,7 +34,7 @@ from defectfill.atomic import atomic_write, write_json
 from defectfill.config import GenerateConfig, TrainConfig
 from defectfill.data import load_mask, load_rgb, open_layout
 from defectfill.data.images import is_image_file
-from defectfill.data.layouts import type_key
+from defectfill.data.layouts import find_type
 from defectfill.errors import DefectFillError
 from defectfill.folders import IGNORED, contained, folder_lock
 from defectfill.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
@@ -101,9 +101,10 @@ def _image_list(settings: GenerateConfig, config: TrainConfig) -> list[Path]:
     return images
 
 
-def _mask_sources(settings: GenerateConfig, run_dir: Path, defect_type: str | None = None) -> list[str]:
+def _mask_sources(settings: GenerateConfig, run_dir: Path, defect_type: str | None = None) -> tuple[list[str], str]:
+    """(the mask sources of a type, how its mask files are read): held-out masks keep their split's rule."""
     if settings.masks == "shapes":
-        return [f"shape:{s}" for s in parse_shapes(settings.shapes)]
+        return [f"shape:{s}" for s in parse_shapes(settings.shapes)], "half"
     if settings.masks == "held-out":
         split = read_run_split(run_dir, defect_type)
         masks = [str(s.mask) for s in split.held_out if s.mask is not None]
@@ -118,8 +119,8 @@ def _mask_sources(settings: GenerateConfig, run_dir: Path, defect_type: str | No
                 f"{missing[0]}: held-out mask not found ({len(missing)} of {len(masks)} missing; has the dataset "
                 f"moved since training?). Use --masks DIR or --masks shapes."
             )
-        return masks
-    return [str(p) for p in list_user_masks(settings.masks)]
+        return masks, split.mask_rule
+    return [str(p) for p in list_user_masks(settings.masks)], "half"
 
 
 def plan_items(count: int, images: list[Path], mask_sources: list[str], seed: int,
@@ -312,7 +313,7 @@ def plan_painters(settings: GenerateConfig, run_dirs: list[Path]) -> list[Painte
     listing = "; ".join(f"{', '.join(types)} ({d})" for d, types in by_run.items())
     painters = []
     for name in asked:
-        match = next((t for t in known if name == t or type_key(name) == type_key(t)), None)
+        match = find_type(name, known)
         if match is None:
             flag = "--defect-types" if settings.defect_types else "--defect-type"
             raise DefectFillError(f"{flag} {name}: no run given trained this defect type. The run(s) know: "
@@ -329,9 +330,7 @@ def plan_painters(settings: GenerateConfig, run_dirs: list[Path]) -> list[Painte
 def add_mask_sources(painters: list[Painter], settings: GenerateConfig) -> None:
     """Each painter's mask sources (its own type's held-out masks, shapes, or DIR) and how its mask files read."""
     for painter in painters:
-        painter.mask_sources = _mask_sources(settings, painter.run_dir, painter.defect_type)
-        if settings.masks == "held-out":
-            painter.mask_rule = read_run_split(painter.run_dir, painter.defect_type).mask_rule
+        painter.mask_sources, painter.mask_rule = _mask_sources(settings, painter.run_dir, painter.defect_type)
 
 
 def _output_problem(out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
@@ -429,6 +428,24 @@ def _write_preview(out: OutputFolder) -> None:
     _save_png(sheet, out.root / PREVIEW)
 
 
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    _save_png(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"), path)
+
+
+def _save_candidates_and_attention(out: OutputFolder, index: int, result: GenerationResult, save_candidates: bool,
+                                   defect: int | None = None) -> str | None:
+    """The candidates (if asked) and the attention map (if recorded) of one painted defect; returns the map's path
+    relative to the output folder, for the manifest (None without one)."""
+    if save_candidates:
+        for c, cand in enumerate(result.candidates):
+            _save_png(cand, out.candidate_path(index, c, defect))
+    if result.attention is None:
+        return None
+    heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
+    _save_png(heat, out.attention_path(index, defect))
+    return str(out.attention_path(index, defect).relative_to(out.root))
+
+
 def append_row(part: Path, row: dict[str, Any]) -> None:
     """Append one manifest row to `part`, flushed to disk: called only once the item's files exist, so a row
     always means a finished item."""
@@ -445,13 +462,8 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
     manifest row to `part`; returns the row. `defect_type` goes in the row when the output holds drawn types
     (a per-object run). `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
     _save_png(result.image, out.image_path(item.index))
-    _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
-    if save_candidates:
-        for c, cand in enumerate(result.candidates):
-            _save_png(cand, out.candidate_path(item.index, c))
-    if result.attention is not None:
-        heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
-        _save_png(heat, out.attention_path(item.index))
+    _save_mask(result.mask, out.mask_path(item.index))
+    attention = _save_candidates_and_attention(out, item.index, result, save_candidates)
     if item.index < preview_rows:
         _save_png(_preview_strip(source, result), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
     row = {
@@ -462,8 +474,8 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
     }
     if defect_type is not None:
         row["defect_type"] = defect_type
-    if result.attention is not None:
-        row["attention"] = str(out.attention_path(item.index).relative_to(out.root))
+    if attention is not None:
+        row["attention"] = attention
     row["settings"] = settings_identity
     append_row(part, row)
     return row
@@ -498,25 +510,21 @@ def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters:
             earlier &= ~result.mask
         own_masks.append(result.mask.copy())
         taken |= result.mask
-        if settings.save_candidates:
-            for c, cand in enumerate(result.candidates):
-                _save_png(cand, out.candidate_path(item.index, c, defect=i))
+        attention = _save_candidates_and_attention(out, item.index, result, settings.save_candidates, defect=i)
         defect = {"defect_type": painter.defect_type, "run": str(painter.run_dir), "mask_source": mask_source,
                   "prompt": drawer.prompt, "seed": seed, "candidate_seeds": result.seeds, "scores": result.scores,
                   "chosen": result.chosen}
-        if result.attention is not None:
-            heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
-            _save_png(heat, out.attention_path(item.index, i))
-            defect["attention"] = str(out.attention_path(item.index, i).relative_to(out.root))
+        if attention is not None:
+            defect["attention"] = attention
         defects.append(defect)
         image = result.image
         steps.append((painter.defect_type, result.mask, image))
     for i, (defect, own) in enumerate(zip(defects, own_masks, strict=True)):
         path = out.defect_mask_path(item.index, i, defect["defect_type"])
-        _save_png(Image.fromarray(own.astype(np.uint8) * 255, mode="L"), path)
+        _save_mask(own, path)
         defect["mask"] = str(path.relative_to(out.root))
     _save_png(image, out.image_path(item.index))
-    _save_png(Image.fromarray(taken.astype(np.uint8) * 255, mode="L"), out.mask_path(item.index))
+    _save_mask(taken, out.mask_path(item.index))
     if item.index < settings.preview_rows:
         _save_png(_several_preview_strip(source, taken, steps), out.root / _PREVIEW_DIR / f"{item.index:06d}.png")
     return {

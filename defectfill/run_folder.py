@@ -126,7 +126,7 @@ def read_run_split(run_dir: str | Path, defect_type: str | None = None) -> Split
 def pick_defect_type(run_dir: str | Path, config: TrainConfig, asked: str | None, flag: str = "--defect-type") -> str:
     """The defect type to draw from a run: `asked` (any spelling the layout accepts: VisA names with spaces)
     when the run trained it, the run's one type by default; otherwise an error listing the run's types."""
-    from defectfill.data.layouts import type_key
+    from defectfill.data.layouts import find_type
 
     types = list(config.type_tokens())
     if asked is None:
@@ -134,8 +134,8 @@ def pick_defect_type(run_dir: str | Path, config: TrainConfig, asked: str | None
             return types[0]
         raise DefectFillError(f"--run {run_dir}: one model for {config.category} with the defect types "
                               f"{', '.join(types)}; name the one to draw with {flag} (one of them).")
-    for t in types:
-        if asked == t or type_key(asked) == type_key(t):
-            return t
+    match = find_type(asked, types)
+    if match is not None:
+        return match
     raise DefectFillError(f"{flag} {asked}: the run {run_dir} does not know this defect type; it trained "
                           f"{', '.join(types)}.")

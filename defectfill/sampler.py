@@ -48,9 +48,10 @@ def warn_if_mini_sampling_differs(model: str, prompt: str | None, guidance: floa
     """Log a warning when a run on `defectfill-mini` samples otherwise than MINI_SAMPLING; True if it did."""
     if Path(model).name != "defectfill-mini" or (prompt == MINI_SAMPLING["prompt"] and guidance <= 1.0):
         return False
-    log.warning("this run's base is defectfill-mini, on which DefectFill's defects show with --prompt "
-                "\"A photo of {token}\" --guidance 1 (docs/method.md, \"Sampling on defectfill-mini\"); sampling "
-                "with %s at guidance %g mostly paints the part instead.", repr(prompt or "the object prompt"), guidance)
+    log.warning("this run's base is defectfill-mini, on which DefectFill's defects show with --prompt \"%s\" "
+                "--guidance %g (docs/method.md, \"Sampling on defectfill-mini\"); sampling with %s at guidance %g "
+                "mostly paints the part instead.", MINI_SAMPLING["prompt"], MINI_SAMPLING["guidance"],
+                repr(prompt or "the object prompt"), guidance)
     return True
 
 
@@ -312,7 +313,6 @@ class DefectGenerator:
         """
         run_dir = Path(run_dir).expanduser()
         config = read_trained_run(run_dir)
-        warn_if_mini_sampling_differs(config.model, prompt, settings.get("guidance", 7.5))
         defect_type = pick_defect_type(run_dir, config, defect_type)
         type_prompts = {t: run_prompt(config, prompt, t) for t in config.type_tokens()}
         prompt_text, token = type_prompts[defect_type]
@@ -340,6 +340,7 @@ class DefectGenerator:
         pipe.set_progress_bar_config(disable=True)
         generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device, **settings)
         generator.defect_type, generator.type_prompts = defect_type, type_prompts
+        warn_if_mini_sampling_differs(config.model, prompt, generator.guidance)
         return generator
 
     @property

@@ -20,6 +20,7 @@ and the defect-free images of a category. Five layouts are supported:
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,6 +223,13 @@ def type_key(name: str) -> str:
     """A VisA defect type as folders and the command line use it: words joined by underscores
     ("chunk of wax missing" and "chunk_of_wax_missing" both give "chunk_of_wax_missing")."""
     return "_".join(name.replace("_", " ").split())
+
+
+def find_type(asked: str | None, types: Iterable[str]) -> str | None:
+    """The one of `types` that `asked` names in any spelling `type_key` accepts (VisA: with spaces), or None."""
+    if asked is None:
+        return None
+    return next((t for t in types if type_key(t) == type_key(asked)), None)
 
 
 @dataclass(frozen=True)

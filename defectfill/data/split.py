@@ -18,7 +18,7 @@ from PIL import Image
 
 from defectfill.atomic import write_json
 from defectfill.data.images import MASK_RULES, load_mask
-from defectfill.data.layouts import DefectSample, Layout, type_key
+from defectfill.data.layouts import DefectSample, Layout, find_type
 from defectfill.errors import DefectFillError
 from defectfill.folders import contained
 
@@ -136,8 +136,7 @@ def read_split(path: str | Path, defect_type: str | None = None) -> Split:
         if isinstance(data, dict) and data.get("per_object"):
             types = list(data["types"])
             # any spelling the layout accepts (VisA: the name with spaces)
-            defect_type = next((t for t in types if defect_type is not None and type_key(t) == type_key(defect_type)),
-                               defect_type)
+            defect_type = find_type(defect_type, types) or defect_type
             if defect_type not in data["types"]:
                 asked = "no defect type named" if defect_type is None else f"{defect_type!r} is not one of them"
                 raise DefectFillError(f"{path}: the split of a model trained on several defect types "
