@@ -22,7 +22,7 @@ def build_sd2_pipeline(seed: int = 0):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from defectfill.tiny import assemble_inpaint_pipeline
+    from defectfill.model.tiny import assemble_inpaint_pipeline
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -49,7 +49,7 @@ def build_sd2_pipeline(seed: int = 0):
 
 def build_pipeline(size: str, seed: int = 0):
     if size == "tiny":
-        from defectfill.tiny import build_tiny_pipeline
+        from defectfill.model.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(seed)
     if size == "sd2":

@@ -29,11 +29,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_pipeline, gib, header, measured, median, synthetic_image_and_mask, table  # noqa: E402
 
-from defectfill.generate import _save_png  # noqa: E402
-from defectfill.metrics.lpips import load_lpips  # noqa: E402
-from defectfill.model import LORA_WEIGHTS_NAME, add_lora, save_lora_weights  # noqa: E402
-from defectfill.sampler import DefectGenerator, LPIPSScorer, merge_lora_weights  # noqa: E402
-from defectfill.settings import compile_module  # noqa: E402
+from defectfill.config.settings import compile_module  # noqa: E402
+from defectfill.generate.generator import DefectGenerator, LPIPSScorer, merge_lora_weights  # noqa: E402
+from defectfill.generate.writer import _save_png  # noqa: E402
+from defectfill.model.lpips import load_lpips  # noqa: E402
+from defectfill.model.pipeline import LORA_WEIGHTS_NAME, add_lora, save_lora_weights  # noqa: E402
 
 PARTS = ("unet", "vae", "text", "lpips", "save")
 

@@ -61,8 +61,8 @@ smoke() {  # the trainer and generator on CUDA: bf16, checkpointing, checkpoint 
     local w=/tmp/smoke
     rm -rf "$w"
     "$PY" -c "
-from defectfill.demo_data import make_demo_dataset
-from defectfill.tiny import save_tiny_pipeline
+from defectfill.demo.dataset import make_demo_dataset
+from defectfill.model.tiny import save_tiny_pipeline
 make_demo_dataset('$w/data'); save_tiny_pipeline('$w/model')" || return 1
     local common=(--data "$w/data" --category disc --defect-type scratch --model "$w/model" --output "$w/run"
                   --resolution 64 --batch-size 2 --mixed-precision bf16 --gradient-checkpointing --save-every 4

@@ -9,7 +9,7 @@ together, then scores every model on each type's HELD-OUT images with the traini
 L_attn) under the same noise, timesteps and box masks for every model (paired draws), each model prompted with
 its own token for the type. On the built-in base (`defectfill-mini`, the default) each model also paints
 every held-out mask of each type into a new defect-free disc, and the table gives the distance of those
-regions to the real held-out defects in the colour/edge feature space of `defectfill.metrics.mask_stats`
+regions to the real held-out defects in the colour/edge feature space of `defectfill.evaluate.metrics.mask_stats`
 (lower is closer; one candidate, 20 DDIM steps, the defect prompt at `--guidance`, as docs/method.md's
 "Sampling on defectfill-mini" measured). The un-fine-tuned base is the reference row.
 """
@@ -28,14 +28,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
 
-from defectfill.attention import AttentionRecorder  # noqa: E402
-from defectfill.config import TrainConfig  # noqa: E402
+from defectfill.config.stages import TrainConfig  # noqa: E402
 from defectfill.data import make_split, open_layout  # noqa: E402
 from defectfill.data.augment import random_box_mask  # noqa: E402
-from defectfill.metrics.mask_stats import feature_distance, mask_region_features  # noqa: E402
-from defectfill.model import load_pipeline  # noqa: E402
-from defectfill.sampler import MINI_SAMPLING, DefectGenerator  # noqa: E402
-from defectfill.train import MicroBatch, TrainingModels, defectfill_losses, load_references, prompt_inputs, train  # noqa: E402
+from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features  # noqa: E402
+from defectfill.generate.generator import MINI_SAMPLING, DefectGenerator  # noqa: E402
+from defectfill.model.attention import AttentionRecorder  # noqa: E402
+from defectfill.model.pipeline import load_pipeline  # noqa: E402
+from defectfill.train.trainer import (  # noqa: E402
+    MicroBatch,
+    TrainingModels,
+    defectfill_losses,
+    load_references,
+    prompt_inputs,
+    train,
+)
 
 TYPES = ["scratch", "spot"]
 
@@ -104,8 +111,8 @@ def main() -> None:
     parser.add_argument("--guidance", type=float, default=1.0, help="sampling guidance of the painted regions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    from defectfill.demo_data import make_demo_dataset
-    from defectfill.tiny import save_tiny_pipeline
+    from defectfill.demo.dataset import make_demo_dataset
+    from defectfill.model.tiny import save_tiny_pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -10,8 +10,8 @@ drew or named (tests/test_world.py). Per seed, each variant is one `defectfill r
     f  the base with no fine-tuning (learning rates 0: the LoRA stays the identity)
     g  copy-paste: a real reference defect (its masked pixels) moved onto the target mask's centre
 
-KID and IC-LPIPS use the base's own VAE encoder (defectfill.metrics.base_features; no ImageNet network is
-available offline), and the table adds the mask-region feature distance of defectfill.metrics.mask_stats.
+KID and IC-LPIPS use the base's own VAE encoder (defectfill.evaluate.metrics.base_features; no ImageNet network is
+available offline), and the table adds the mask-region feature distance of defectfill.evaluate.metrics.mask_stats.
 The downstream classifier (ResNet-34) and localiser (U-Net) train from scratch on each variant's images.
 Generation samples as docs/method.md ("Sampling on defectfill-mini") measured: the defect prompt at guidance 1
 (`--prompt`, `--guidance`). Every variant's folder is resumable: rerun the same command and finished stages
@@ -34,7 +34,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from defectfill.sampler import MINI_SAMPLING  # noqa: E402
+from defectfill.generate.generator import MINI_SAMPLING  # noqa: E402
 
 VARIANTS = {
     "a": ("full DefectFill", {}),
@@ -63,9 +63,9 @@ def base_settings(args: argparse.Namespace, data: Path, seed: int) -> dict:
 def copy_paste(config, pairs: list[tuple[str, str]], seed: int) -> None:
     """Variant g: per type, `count` images in the layout `defectfill generate` writes, each a defect-free image
     with a reference's defect pixels moved onto the centre of a held-out mask (the mask moves with them)."""
-    from defectfill.atomic import write_json
+    from defectfill.core.atomic import write_json
     from defectfill.data.images import load_mask, load_rgb
-    from defectfill.run_folder import read_run_split
+    from defectfill.outputs.run_folder import read_run_split
 
     rng = np.random.default_rng(seed)
     for cat, t in pairs:
@@ -115,8 +115,8 @@ def copy_paste(config, pairs: list[tuple[str, str]], seed: int) -> None:
 def mask_feature_distance(config, cat: str, t: str) -> float:
     """Distance in the mask-region feature space between generated defects and the held-out real ones."""
     from defectfill.data.images import load_mask, load_rgb
-    from defectfill.metrics.mask_stats import feature_distance, mask_region_features
-    from defectfill.run_folder import read_run_split
+    from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features
+    from defectfill.outputs.run_folder import read_run_split
 
     folders = config.folders(cat, t)
     split = read_run_split(folders["run"])
@@ -136,10 +136,10 @@ def mask_feature_distance(config, cat: str, t: str) -> float:
 
 
 def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> list[dict]:
-    from defectfill.config import RunConfig
+    from defectfill.config.stages import RunConfig
     from defectfill.data import open_layout
-    from defectfill.metrics.base_features import base_metric_networks
-    from defectfill.runner import plan_types, run_all
+    from defectfill.evaluate.metrics.base_features import base_metric_networks
+    from defectfill.run.runner import plan_types, run_all
 
     name, overrides = VARIANTS[key]
     out = Path(args.output) / f"{key}-seed{seed}"
@@ -157,7 +157,7 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
         if not source.is_dir():
             raise SystemExit(f"variant {key} needs variant a first (missing {source})")
         if not (out / "runs").is_dir():
-            from defectfill.folders import claim_folder
+            from defectfill.core.folders import claim_folder
 
             claim_folder(out, "run")  # first, while it is empty: `run` then accepts the folder as its own
             shutil.copytree(source, out / "runs")
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--downstream-epochs", type=int, default=10)
     p.add_argument("--json", default=None, help="write every row (with the full downstream records) here")
     args = p.parse_args(argv)
-    from defectfill.demo_data import make_demo_dataset
+    from defectfill.demo.dataset import make_demo_dataset
 
     data = Path(args.output) / "data"
     if not (data / ".complete").is_file():

@@ -6,11 +6,11 @@
         --gradient-checkpointing --resolution 512 --batch-size 4     # on a GPU
 
 Modes, on the same model, the same inputs and in the same process:
-  ours   `defectfill.train.defectfill_losses`: both branches in one UNet call (batch 2B), the token's maps
+  ours   `defectfill.train.trainer.defectfill_losses`: both branches in one UNet call (batch 2B), the token's maps
          recorded on decoder cross-attention only, text encoded once per step.
   floor  a plain LoRA inpainting step at batch 2B: one UNet call, stock (SDPA) attention everywhere,
          one MSE; the same VAE/text work. What the UNet batch costs with none of DefectFill's extras.
-  naive  `defectfill.naive_step.naive_losses`: one UNet call per branch and an attention store on every
+  naive  `defectfill.train.naive_step.naive_losses`: one UNet call per branch and an attention store on every
          attention layer (how the public re-implementations do it, but with the maps' gradient kept).
 Each step = losses + backward + AdamW step + zero_grad. Rounds interleave the modes (order rotated each
 round) so a shared machine's load affects them alike; warm-up rounds are not timed; medians are reported.
@@ -32,10 +32,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_pipeline, gib, header, measured, median, synthetic_references, table  # noqa: E402
 
-from defectfill.config import TrainConfig  # noqa: E402
-from defectfill.model import encode_inpaint_condition, unet_input  # noqa: E402
-from defectfill.naive_step import AttentionStore, naive_losses  # noqa: E402
-from defectfill.train import build_models, compile_models, defectfill_losses, make_micro_batch, prompt_inputs  # noqa: E402
+from defectfill.config.stages import TrainConfig  # noqa: E402
+from defectfill.model.pipeline import encode_inpaint_condition, unet_input  # noqa: E402
+from defectfill.train.naive_step import AttentionStore, naive_losses  # noqa: E402
+from defectfill.train.trainer import build_models, compile_models, defectfill_losses, make_micro_batch, prompt_inputs  # noqa: E402
 
 MODES = ("ours", "floor", "naive")
 

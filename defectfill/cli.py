@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from defectfill import __version__
-from defectfill.errors import DefectFillError
+from defectfill.core.errors import DefectFillError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from defectfill.config import TrainConfig
-    from defectfill.train import train
+    from defectfill.config.stages import TrainConfig
+    from defectfill.train.trainer import train
 
     out = train(TrainConfig.from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
@@ -27,8 +30,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_demo_data(args: argparse.Namespace) -> int:
-    from defectfill.demo_data import make_demo_dataset
-    from defectfill.folders import claim_folder
+    from defectfill.core.folders import claim_folder
+    from defectfill.demo.dataset import make_demo_dataset
 
     if args.size < 32:
         raise DefectFillError(f"--size {args.size}: the drawn parts need at least 32 pixels a side.")
@@ -37,57 +40,89 @@ def _make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand's function, imported when the subcommand runs: building the parser imports no stage (and so
+    no torch), and a broken stage module fails loudly when its command is used."""
+
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(module), function)(args)
+
+    run.__qualname__ = run.__name__ = f"{module}.{function}"
+    return run
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser whose arguments may come from a module that imports torch (`add_arguments`
+    names it, as "module:function"): they are added when the subcommand is parsed or its help is shown, so
+    `defectfill --help` stays quick."""
+
+    def __init__(self, *args: Any, add_arguments: str | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._add_arguments = add_arguments
+
+    def _complete(self) -> None:
+        if self._add_arguments is not None:
+            module, function = self._add_arguments.split(":")
+            self._add_arguments = None
+            getattr(importlib.import_module(module), function)(self)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        self._complete()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._complete()
+        return super().format_help()
+
+    def format_usage(self) -> str:
+        self._complete()
+        return super().format_usage()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from defectfill.config import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
-    from defectfill.demo import add_demo_arguments, demo_command
-    from defectfill.evaluate import evaluate_command
-    from defectfill.generate import generate_command
-    from defectfill.inspect_data import add_arguments as add_data_arguments
-    from defectfill.inspect_data import data_command
-    from defectfill.runner import run_command
+    """Every subcommand. The settings classes and argument adders used here import no torch; demo's and
+    pretrain-base's arguments are added when those subcommands are parsed."""
+    from defectfill.config.stages import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
+    from defectfill.data.inspection import add_arguments as add_data_arguments
+    from defectfill.ui import add_arguments as add_ui_arguments  # no gradio import: the extra is optional
 
     parser = argparse.ArgumentParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
     parser.add_argument("--version", action="version", version=f"defectfill {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     # (name, help, settings class, command)
     stages = [
         ("train", "fine-tune SD2 inpainting with LoRA on one defect type", TrainConfig, _train),
         ("generate", "paint the learned defect into defect-free images (MVTec layout out)", GenerateConfig,
-         generate_command),
+         _command("defectfill.generate.writer", "generate_command")),
         ("evaluate", "KID, IC-LPIPS and downstream inspection metrics, with a report", EvaluateConfig,
-         evaluate_command),
+         _command("defectfill.evaluate.evaluator", "evaluate_command")),
         ("run", "train, generate and evaluate every defect type of a category, with one report", RunConfig,
-         run_command),
+         _command("defectfill.run.runner", "run_command")),
     ]
     for name, help_text, settings, command in stages:
         p = sub.add_parser(name, help=help_text, description=help_text)
         settings.add_arguments(p)
         p.set_defaults(func=command)
 
-    p = sub.add_parser("demo", help="the whole job on a drawn dataset and a tiny model: no data, GPU or network")
-    add_demo_arguments(p)
-    p.set_defaults(func=demo_command)
+    p = sub.add_parser("demo", help="the whole job on a drawn dataset and a tiny model: no data, GPU or network",
+                       add_arguments="defectfill.demo.job:add_demo_arguments")
+    p.set_defaults(func=_command("defectfill.demo.job", "demo_command"))
 
     p = sub.add_parser("make-demo-data", help="write a small procedurally drawn MVTec-layout dataset")
     p.add_argument("dir", help="folder to write")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.set_defaults(func=_make_demo_data)
 
-    from defectfill.pretrain import add_arguments as add_pretrain_arguments
-    from defectfill.pretrain import pretrain_command
-
     help_text = "pretrain a small inpainting base (defectfill-mini) on a procedurally drawn world, on the CPU"
-    p = sub.add_parser("pretrain-base", help=help_text, description=help_text)
-    add_pretrain_arguments(p)
-    p.set_defaults(func=pretrain_command)
+    p = sub.add_parser("pretrain-base", help=help_text, description=help_text,
+                       add_arguments="defectfill.pretrain.base:add_arguments")
+    p.set_defaults(func=_command("defectfill.pretrain.base", "pretrain_command"))
 
     help_text = ("what a dataset holds as train reads it: layout, categories, defect types with their counts, "
                  "the reference/held-out split and every problem (reads no model, writes nothing)")
     p = sub.add_parser("data", help=help_text, description=help_text)
     add_data_arguments(p)
-    p.set_defaults(func=data_command)
-
-    from defectfill.ui import add_arguments as add_ui_arguments  # no gradio import: the extra is optional
+    p.set_defaults(func=_command("defectfill.data.inspection", "data_command"))
 
     help_text = ("a local browser app: draw a mask on a defect-free image, see the candidates with their LFS "
                  "scores, add the good ones to a dataset, curate it (needs pip install 'defectfill[ui]')")

@@ -1,10 +1,8 @@
-"""The one exception type users see.
+"""Deprecated: use `from defectfill import DefectFillError` (or `defectfill.core.errors`). Goes in the next
+release."""
 
-Every error caused by user input (paths, data, settings) is raised as
-`DefectFillError` with a message naming the file and the fix; the CLI prints
-the message and exits with status 2 instead of a traceback.
-"""
+from defectfill.core.lazy import warn_moved
 
+warn_moved(__name__, "defectfill.core.errors (or `from defectfill import DefectFillError`)")
 
-class DefectFillError(Exception):
-    """A problem with the user's input, explained in the message."""
+from defectfill.core.errors import DefectFillError  # noqa: E402, F401

@@ -47,12 +47,8 @@ step() {  # step NAME COMMAND...: run quietly, show the end of its output if it 
     fi
 }
 step make-demo-data "$DF" make-demo-data data
-# save_tiny_pipeline lives in defectfill.tiny or (older) defectfill.model
 step tiny-model "$PY" -c "
-try:
-    from defectfill.tiny import save_tiny_pipeline
-except ImportError:
-    from defectfill.model import save_tiny_pipeline
+from defectfill.model.tiny import save_tiny_pipeline
 save_tiny_pipeline('model')"
 step train "$DF" train --data data --category disc --defect-type scratch --output run --model model \
     --resolution 64 --steps 2 --batch-size 2 --save-every 2 --sample-every 0

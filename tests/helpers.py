@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from defectfill.config import TrainConfig
+from defectfill.config.stages import TrainConfig
 
 
 def tiny_config(data: Path, output: Path, model: Path, **overrides) -> TrainConfig:
@@ -62,8 +62,8 @@ def take_grads(models) -> dict[str, torch.Tensor]:
 def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
     """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
     from defectfill.data import make_split, open_layout
-    from defectfill.model import add_lora, load_pipeline, save_lora_weights
-    from defectfill.run_folder import write_run_files
+    from defectfill.model.pipeline import add_lora, load_pipeline, save_lora_weights
+    from defectfill.outputs.run_folder import write_run_files
 
     run.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(str(model_dir))
@@ -78,7 +78,7 @@ def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
 
 def tiny_run_config(demo_root, tiny_model_dir, output, **overrides):
     """`run` settings for a seconds-long CPU run over the demo's disc category on the tiny pipeline."""
-    from defectfill.config import RunConfig
+    from defectfill.config.stages import RunConfig
 
     settings = dict(data=str(demo_root), model=str(tiny_model_dir), output=str(output), resolution=64, steps=2,
                     batch_size=1, warmup_steps=1, save_every=1, sample_every=0, mixed_precision="auto",
@@ -90,7 +90,7 @@ def tiny_run_config(demo_root, tiny_model_dir, output, **overrides):
 
 def run_with_stand_ins(config):
     """`run_all` with stand-in KID and LPIPS networks (no download)."""
-    from defectfill.demo import UntrainedFeatures
-    from defectfill.runner import run_all
+    from defectfill.demo.job import UntrainedFeatures
+    from defectfill.run.runner import run_all
 
     return run_all(config, feature_extractor=UntrainedFeatures(), distance=abs_distance)

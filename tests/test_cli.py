@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from defectfill.cli import main
-from defectfill.config import TrainConfig
+from defectfill.config.stages import TrainConfig
 
 
 def test_defaults_are_the_design_values():

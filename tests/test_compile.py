@@ -13,8 +13,8 @@ import torch
 from helpers import perturb_lora, take_grads, tiny_config
 from safetensors.torch import load_file
 
-from defectfill.tiny import build_tiny_pipeline
-from defectfill.train import (
+from defectfill.model.tiny import build_tiny_pipeline
+from defectfill.train.trainer import (
     build_models,
     compile_models,
     defectfill_losses,
@@ -101,7 +101,7 @@ def test_compiled_and_eager_training_write_the_same_checkpoints_and_lora(demo_ro
 
 
 def test_auto_compiles_on_a_gpu_only(demo_root, tiny_model_dir, tmp_path, monkeypatch):
-    from defectfill.settings import resolve_compile
+    from defectfill.config.settings import resolve_compile
 
     assert resolve_compile("auto", "cpu") is False and resolve_compile("yes", "cpu") is True
     assert resolve_compile("no", "cuda") is False

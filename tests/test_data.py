@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from defectfill.core.errors import DefectFillError
 from defectfill.data import load_mask, load_rgb, make_split, object_name, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
-from defectfill.errors import DefectFillError
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "I;16", "P", "LA", "CMYK"])
@@ -190,7 +190,7 @@ def test_non_square_references_are_letterboxed_not_stretched(tmp_path):
     """Pins training's aspect: a 96x48 reference goes into its 64 px square scaled by 2/3 (64x32, centred, the
     rows above and below black padding marked invalid), not stretched to 64x64; its 1 px scratch survives the
     shrink (any coverage counts)."""
-    from defectfill.train import load_references
+    from defectfill.train.trainer import load_references
 
     root = _wide_dataset(tmp_path / "data")
     images, masks, valid = load_references(make_split(open_layout(root), "plate", "scratch"), 64)
@@ -207,8 +207,8 @@ def test_non_square_references_are_letterboxed_not_stretched(tmp_path):
 def test_box_masks_stay_on_the_image_and_padding_follows_the_crop(tmp_path):
     """The object branch's boxes are drawn inside the letterboxed image, and the valid region goes through the
     same enlargement and crop as image and mask; a square reference draws exactly the boxes it drew before."""
-    from defectfill.config import TrainConfig
-    from defectfill.train import load_references, make_micro_batch
+    from defectfill.config.stages import TrainConfig
+    from defectfill.train.trainer import load_references, make_micro_batch
 
     root = _wide_dataset(tmp_path / "data")
     images, masks, valid = load_references(make_split(open_layout(root), "plate", "scratch"), 64)

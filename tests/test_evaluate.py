@@ -13,13 +13,13 @@ import torch.nn as nn
 from helpers import TinyClassifier, abs_distance
 from PIL import Image
 
-from defectfill.config import EvaluateConfig, TrainConfig
+from defectfill.config.stages import EvaluateConfig, TrainConfig
+from defectfill.core.errors import DefectFillError
 from defectfill.data import make_split, open_layout
-from defectfill.errors import DefectFillError
-from defectfill.evaluate import evaluate as evaluate_config
-from defectfill.evaluate import evaluate_command
-from defectfill.metrics import kid
-from defectfill.run_folder import write_run_files
+from defectfill.evaluate.evaluator import evaluate as evaluate_config
+from defectfill.evaluate.evaluator import evaluate_command
+from defectfill.evaluate.metrics import kid
+from defectfill.outputs.run_folder import write_run_files
 
 
 def evaluate(generated, output, *, settings=None, compute_kid=True, compute_ic_lpips=True, feature_extractor=None,
@@ -103,7 +103,7 @@ def test_evaluate_run_writes_metrics_and_report(demo_root, run_dir, tmp_path):
 
 
 def test_evaluate_data_mode_with_downstream_models(demo_root, tmp_path):
-    from defectfill.metrics.downstream import DownstreamSettings
+    from defectfill.evaluate.metrics.downstream import DownstreamSettings
 
     synth = make_generated(demo_root, tmp_path / "synth", n=4)
     out = tmp_path / "eval"
@@ -192,8 +192,8 @@ def test_cli_arguments_and_run_evaluate(demo_root, run_dir, tmp_path, monkeypatc
     import importlib
 
     # the package exports the function `kid`, which hides the submodule of that name as an attribute
-    kid_module = importlib.import_module("defectfill.metrics.kid")
-    lpips_module = importlib.import_module("defectfill.metrics.lpips")
+    kid_module = importlib.import_module("defectfill.evaluate.metrics.kid")
+    lpips_module = importlib.import_module("defectfill.model.lpips")
 
     real_load = lpips_module.load_lpips
     # stand-ins for the downloaded networks; the code path is the command's own
@@ -255,7 +255,7 @@ class FailsOnSecondEpoch(TinyClassifier):
 
 
 def test_results_are_saved_as_they_come(demo_root, tmp_path):
-    from defectfill.metrics.downstream import DownstreamSettings
+    from defectfill.evaluate.metrics.downstream import DownstreamSettings
 
     synth = make_generated(demo_root, tmp_path / "synth", n=4)
     settings = DownstreamSettings(epochs=3, batch_size=4, image_size=32, pretrained=False)
@@ -271,7 +271,7 @@ def test_results_are_saved_as_they_come(demo_root, tmp_path):
 
 
 def test_unreadable_inception_weights_file(tmp_path):
-    from defectfill.metrics.kid import inception_feature_extractor
+    from defectfill.evaluate.metrics.kid import inception_feature_extractor
 
     bad = tmp_path / "inception.pth"
     bad.write_bytes(b"not a checkpoint")

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import perturb_lora, take_grads, tiny_config
 
-from defectfill.attention import ExplicitAttnProcessor, decoder_cross_attention_names
-from defectfill.naive_step import AttentionStore, naive_losses
-from defectfill.tiny import build_tiny_pipeline
-from defectfill.train import build_models, defectfill_losses, load_references, make_micro_batch, prompt_inputs
+from defectfill.model.attention import ExplicitAttnProcessor, decoder_cross_attention_names
+from defectfill.model.tiny import build_tiny_pipeline
+from defectfill.train.naive_step import AttentionStore, naive_losses
+from defectfill.train.trainer import build_models, defectfill_losses, load_references, make_micro_batch, prompt_inputs
 
 TERMS = ("defect", "object", "attention", "total")
 

@@ -12,13 +12,14 @@ import torch
 from helpers import write_run
 from PIL import Image
 
-from defectfill.config import GenerateConfig
+from defectfill.config.stages import GenerateConfig
+from defectfill.core.errors import DefectFillError
 from defectfill.data import load_mask, load_rgb, make_split, open_layout
+from defectfill.data.masks import estimate_foreground
 from defectfill.data.split import check_sample
-from defectfill.errors import DefectFillError
-from defectfill.generate import _CAPTION_H, MANIFEST, plan_items, run_generate
-from defectfill.masks import estimate_foreground
-from defectfill.sampler import DefectGenerator, LPIPSScorer, feather_alpha, paste_back, select_low_fidelity
+from defectfill.generate.generator import DefectGenerator, LPIPSScorer, feather_alpha, paste_back, select_low_fidelity
+from defectfill.generate.writer import plan_items, run_generate
+from defectfill.outputs.generated import CAPTION_H, MANIFEST
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def generator(run_dir):
 @pytest.fixture
 def random_lpips(monkeypatch):
     """The real LPIPS path with a random AlexNet backbone (no download)."""
-    import defectfill.metrics.lpips as lp
+    import defectfill.model.lpips as lp
 
     real = lp.load_lpips
     monkeypatch.setattr(lp, "load_lpips", lambda *a, **k: real(pretrained_backbone=False))
@@ -88,7 +89,7 @@ def test_run_weights_are_loaded(run_dir, generator):
 def test_merged_lora_samples_what_the_lora_layers_sample_and_leaves_the_run_alone(run_dir, tiny_model_dir, demo_root):
     """Generation folds the LoRA into the weights (no LoRA layers left, the base weights changed in memory only)
     and samples the same images as the unmerged LoRA layers."""
-    from defectfill.model import load_pipeline
+    from defectfill.model.pipeline import load_pipeline
 
     files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     merged = DefectGenerator.from_run(run_dir, steps=2, candidates=2, scorer=FixedScorer([0.0, 1.0]))
@@ -210,7 +211,7 @@ def test_non_square_image_is_sampled_at_its_own_aspect_never_stretched(generator
         assert abs(scaled[0] / scaled[1] - w / h) < 0.02  # the aspect kept to a pixel
         assert result.image.size == (w, h)
         assert np.array_equal(np.asarray(result.image)[~mask], np.asarray(image)[~mask])
-    from defectfill.sampler import canvas_for
+    from defectfill.model.canvas import canvas_for
 
     assert canvas_for((800, 600), 512, 8).scaled == (512, 384) and canvas_for((800, 600), 512, 8).size == (512, 384)
     assert canvas_for((1000, 333), 512, 8).scaled == (512, 170) and canvas_for((1000, 333), 512, 8).size == (512, 176)
@@ -223,8 +224,8 @@ def test_ddim_settings_and_guidance_are_applied(generator, run_dir, demo_root, m
     uncond + guidance * (cond - uncond). (The old test only checked the scheduler's type.)"""
     from diffusers import DDIMScheduler
 
-    from defectfill.model import load_pipeline
-    from defectfill.run_folder import read_trained_run
+    from defectfill.model.pipeline import load_pipeline
+    from defectfill.outputs.run_folder import read_trained_run
 
     pipe = generator.pipe
     base = load_pipeline(read_trained_run(run_dir).model).scheduler.config
@@ -262,7 +263,7 @@ def test_ddim_settings_and_guidance_are_applied(generator, run_dir, demo_root, m
 def test_save_attention_keeps_a_running_mean_at_latent_size(run_dir, demo_root, monkeypatch):
     """Pins --save-attention's memory: the recorder holds one latent-size map per UNet row however many layers
     and steps run (before, it kept every (layer, step) map and resized each to the image)."""
-    from defectfill.attention import AttentionRecorder
+    from defectfill.model.attention import AttentionRecorder
 
     held = []
     original = AttentionRecorder._record
@@ -333,7 +334,7 @@ def test_token_weights_only_on_conditional_rows(generator):
 
 
 def test_lpips_scorer_on_thin_boxes():
-    from defectfill.metrics.lpips import load_lpips
+    from defectfill.model.lpips import load_lpips
 
     scorer = LPIPSScorer(load_lpips(pretrained_backbone=False))
     rng = np.random.default_rng(1)
@@ -377,7 +378,7 @@ def test_lfs_keeps_highest_fixed_score(generator, demo_root):
 
 
 def test_lfs_real_lpips_scores_inside_bbox_only():
-    from defectfill.metrics.lpips import load_lpips
+    from defectfill.model.lpips import load_lpips
 
     scorer = LPIPSScorer(load_lpips(pretrained_backbone=False))
     rng = np.random.default_rng(0)
@@ -415,7 +416,7 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
         saved, src = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
         mask = load_mask(out / r["mask"])
         assert mask.any() and np.array_equal(saved[~mask], src[~mask])
-    assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, (128 + _CAPTION_H) * 3)
+    assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, (128 + CAPTION_H) * 3)
     # the settings that ran, precision resolved (auto is full precision on a CPU)
     recorded = json.loads((out / "generate.json").read_text())["config"]
     assert recorded["mixed_precision"] == "no" and recorded["candidates"] == 2 and recorded["count"] == 3
@@ -481,7 +482,7 @@ def test_killed_run_resumes_to_exact_count(run_dir, tmp_path, monkeypatch):
     run_generate(_args(run_dir, out, "--count", "5", "--candidates", "1"))
     assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4] and len(generated) == 3
     # a larger --count (4-digit names from 1000 on) keeps the finished items and adds the rest
-    monkeypatch.setattr("defectfill.generate.OutputFolder.image_path",
+    monkeypatch.setattr("defectfill.outputs.generated.OutputFolder.image_path",
                         lambda self, i: self.root / self.category / "test" / self.defect_type / f"{i:04d}.png")
     run_generate(_args(run_dir, out, "--count", "6", "--candidates", "1"))
     assert [r["index"] for r in _manifest(out)] == [0, 1, 2, 3, 4, 5] and len(generated) == 4

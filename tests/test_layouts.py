@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from defectfill.cli import main
+from defectfill.core.errors import DefectFillError
 from defectfill.data import load_mask, make_split, open_layout, read_split
-from defectfill.errors import DefectFillError
 
 SIZE = 32
 # image stem -> label as VisA writes it (names with spaces; several types joined by commas)
@@ -246,7 +246,8 @@ def test_type_only_on_multi_type_images_is_explained(visa):
 
 
 def test_generation_reads_held_out_visa_masks_as_nonzero(visa):
-    from defectfill.generate import Item, _item_mask
+    from defectfill.generate.writer import _item_mask
+    from defectfill.outputs.generated import Item
 
     mask = visa / "candle" / "Data" / "Masks" / "Anomaly" / "001.png"
     image = Image.new("RGB", (SIZE, SIZE))
@@ -269,7 +270,7 @@ def test_train_runs_on_a_visa_tree(visa, tiny_model_dir, tmp_path, capsys):
 
 
 def test_run_plans_visa_types_under_their_underscore_names(visa):
-    from defectfill.runner import plan_types
+    from defectfill.run.runner import plan_types
 
     pairs = plan_types(open_layout(visa), ["candle"], ["chunk of wax missing", "weird_candle_wick"])
     assert pairs == [("candle", "chunk_of_wax_missing"), ("candle", "weird_candle_wick")]
@@ -278,10 +279,10 @@ def test_run_plans_visa_types_under_their_underscore_names(visa):
 def test_evaluation_reads_visa_masks_as_nonzero(tmp_path, monkeypatch):
     """The report's real-mask row and the localiser's ground truth read VisA's instance ids (1, 2) as defect;
     with the half-range rule both saw empty masks."""
-    import defectfill.evaluate
-    from defectfill.config import EvaluateConfig
-    from defectfill.metrics.downstream import _mask_tensor
-    from defectfill.report import sample_grid
+    import defectfill.evaluate.evaluator
+    from defectfill.config.stages import EvaluateConfig
+    from defectfill.evaluate.metrics.downstream import _mask_tensor
+    from defectfill.outputs.report import sample_grid
 
     labels = {f"{i:03d}": "chunk of wax missing" if i < 3 else "weird candle wick" for i in range(6)}
     visa = make_visa(tmp_path / "visa", labels=labels)
@@ -296,7 +297,7 @@ def test_evaluation_reads_visa_masks_as_nonzero(tmp_path, monkeypatch):
         seen["rule"] = settings.mask_rule
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(defectfill.evaluate, "train_localiser", localiser)
+    monkeypatch.setattr(defectfill.evaluate.evaluator, "train_localiser", localiser)
     generated = tmp_path / "gen"
     for t in ("chunk_of_wax_missing", "weird_candle_wick"):
         (generated / "candle" / "test" / t).mkdir(parents=True)
@@ -307,5 +308,5 @@ def test_evaluation_reads_visa_masks_as_nonzero(tmp_path, monkeypatch):
                                            "category": "candle", "downstream": "localize", "kid": False,
                                            "ic_lpips": False, "pretrained": False})
     with pytest.raises(RuntimeError, match="stop"):
-        defectfill.evaluate.evaluate(config)
+        defectfill.evaluate.evaluator.evaluate(config)
     assert seen["rule"] == "nonzero"

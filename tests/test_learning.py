@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from defectfill.metrics.mask_stats import feature_distance, mask_region_features
+from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features
 
 MODEL = "defectfill-mini"
 SIZE = 64
@@ -53,10 +53,10 @@ def test_the_base_inpaints_held_out_world_images_far_better_than_random_weights(
     Measured (mean absolute error inside the mask, 0..1): base 0.077, random UNet with the base's VAE 0.297,
     random pipeline 0.268.
     """
-    from defectfill.model import load_pipeline
-    from defectfill.pretrain import BaseArch, build_networks
-    from defectfill.tiny import assemble_inpaint_pipeline
-    from defectfill.world import sample_batch
+    from defectfill.model.pipeline import load_pipeline
+    from defectfill.model.tiny import assemble_inpaint_pipeline
+    from defectfill.pretrain.base import BaseArch, build_networks
+    from defectfill.pretrain.world import sample_batch
 
     images, captions, masks = sample_batch(np.random.default_rng([20261130]), 8, SIZE)
     masks = masks.astype(bool)
@@ -78,15 +78,15 @@ def test_the_base_inpaints_held_out_world_images_far_better_than_random_weights(
 @pytest.fixture(scope="module")
 def spot_data(tmp_path_factory):
     """The demo's disc with 9 spots: 3 references, 6 held out; 9 defect-free discs to paint on."""
-    from defectfill.demo_data import make_demo_dataset
+    from defectfill.demo.dataset import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("learning") / "mvtec", n_defect=9,
                              categories={"disc": ("object", (DEFECT,))})
 
 
 def _fine_tune(data, out, seed: int, **overrides):
-    from defectfill.config import TrainConfig
-    from defectfill.train import train
+    from defectfill.config.stages import TrainConfig
+    from defectfill.train.trainer import train
 
     settings = dict(data=str(data), category="disc", defect_type=DEFECT, output=str(out), model=MODEL,
                     resolution=SIZE, steps=STEPS, batch_size=3, lr_unet=1e-3, lr_text=2e-4, warmup_steps=10,
@@ -133,8 +133,8 @@ def _generate(generator, targets):
 @pytest.fixture(scope="module")
 def generated(runs, spot_data):
     """What the base and each fine-tune paint into the held-out masks on new discs (with attention maps)."""
-    from defectfill.model import load_pipeline
-    from defectfill.sampler import DefectGenerator
+    from defectfill.generate.generator import DefectGenerator
+    from defectfill.model.pipeline import load_pipeline
 
     targets = _targets(spot_data)
     out = {"base": _generate(DefectGenerator(load_pipeline(MODEL), PROMPT.format(token="sks"), "sks", SIZE,
@@ -146,7 +146,7 @@ def generated(runs, spot_data):
 
 
 def test_defectfill_learns_a_defect_the_base_never_saw(generated, spot_data):
-    """In the mask-region feature space of `defectfill.metrics.mask_stats` (colour, contrast, edge energy),
+    """In the mask-region feature space of `defectfill.evaluate.metrics.mask_stats` (colour, contrast, edge energy),
     what the fine-tuned model paints into 6 held-out spot masks on new discs is closer to the 6 held-out real
     spots than what the un-fine-tuned base paints there with the same prompt, for each seed.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from defectfill.losses import attention_loss, combine, defect_loss, object_loss
+from defectfill.train.losses import attention_loss, combine, defect_loss, object_loss
 
 
 def _setup():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from defectfill.core.errors import DefectFillError
 from defectfill.data import load_rgb
-from defectfill.errors import DefectFillError
-from defectfill.masks import (
+from defectfill.data.masks import (
     SHAPES,
     estimate_foreground,
     fit_mask,

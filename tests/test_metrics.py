@@ -15,9 +15,9 @@ import torch.nn as nn
 from helpers import TinyClassifier
 from PIL import Image
 
-from defectfill.errors import DefectFillError
-from defectfill.metrics import ic_lpips, ic_lpips_details, kid, kid_images
-from defectfill.metrics.kid import kid_subset_plan
+from defectfill.core.errors import DefectFillError
+from defectfill.evaluate.metrics import ic_lpips, ic_lpips_details, kid, kid_images
+from defectfill.evaluate.metrics.kid import kid_subset_plan
 
 
 class PoolFeatures(nn.Module):
@@ -200,8 +200,8 @@ def test_ic_lpips_reports_both_dfmgan_values_and_caps_clusters():
 
 
 def test_ic_lpips_with_the_lpips_network():
-    from defectfill.metrics.ic_lpips import lpips_distance_fn
-    from defectfill.metrics.lpips import load_lpips
+    from defectfill.evaluate.metrics.ic_lpips import lpips_distance_fn
+    from defectfill.model.lpips import load_lpips
 
     torch.manual_seed(0)
     distance = lpips_distance_fn(load_lpips(pretrained_backbone=False))
@@ -215,7 +215,7 @@ def test_ic_lpips_with_the_lpips_network():
 
 
 def test_binary_scores_hand_worked():
-    from defectfill.metrics.downstream import binary_scores
+    from defectfill.evaluate.metrics.downstream import binary_scores
 
     s = binary_scores(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
     assert s["auroc"] == pytest.approx(0.75)
@@ -226,7 +226,7 @@ def test_binary_scores_hand_worked():
 
 
 def test_pro_hand_worked():
-    from defectfill.metrics.downstream import pro_score
+    from defectfill.evaluate.metrics.downstream import pro_score
 
     # one 1x13 image: region A = pixels 0-1 (score 1), region B = pixel 3 (score 0.5);
     # the 10 defect-free pixels score 0 except pixels 2 and 4 (0.75, i.e. 20% of them)
@@ -251,7 +251,7 @@ def test_pro_regions_are_eight_connected():
     (score 0.2); one of the 13 defect-free pixels scores 0.5, the rest 0.
     8-connected, one region {a, b, c}: curve (0, 0) -> (0, 1/3) -> (1/13, 1/3) -> (1/13, 1) -> (1, 1);
     area to FPR 0.3 = (1/13) * (1/3) + (0.3 - 1/13) * 1. (4-connected, {a} and {b, c}, the second point is 1/2.)"""
-    from defectfill.metrics.downstream import pro_score
+    from defectfill.evaluate.metrics.downstream import pro_score
 
     mask = np.zeros((1, 4, 4), bool)
     mask[0, 0, 0] = mask[0, 1, 1] = mask[0, 1, 2] = True
@@ -271,7 +271,7 @@ def test_f1_max_hand_worked_on_pixel_maps():
     """F1-max is the best F1 over every threshold, on (N, 1, H, W) maps as the localiser passes them. Scores
     0.9 .. 0.4 with labels 1 0 1 1 0 0: thresholds give F1 1/2, 2/5, 2/3, 6/7 (at 0.6: precision 3/4, recall 1),
     3/4, 2/3; the F1 at a 0.5 threshold would be 3/4."""
-    from defectfill.metrics.downstream import binary_scores
+    from defectfill.evaluate.metrics.downstream import binary_scores
 
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]).view(1, 1, 2, 3)
     labels = torch.tensor([1, 0, 1, 1, 0, 0]).view(1, 1, 2, 3)
@@ -283,7 +283,13 @@ def test_f1_max_hand_worked_on_pixel_maps():
 def test_downstream_images_are_letterboxed_not_stretched(tmp_path):
     """Pins the inspection models' input: a 64x32 image goes into a 32 px square as 32x16 rows in the middle,
     padded with the ImageNet mean (0 after normalisation), its mask alike; no longer stretched to 32x32."""
-    from defectfill.metrics.downstream import IMAGENET_MEAN, IMAGENET_STD, _image_tensor, _mask_tensor, _valid_tensor
+    from defectfill.evaluate.metrics.downstream import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        _image_tensor,
+        _mask_tensor,
+        _valid_tensor,
+    )
 
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (32, 64, 3), dtype=np.uint8)
@@ -305,7 +311,7 @@ def test_downstream_images_are_letterboxed_not_stretched(tmp_path):
 
 
 def test_classification_scores_hand_worked():
-    from defectfill.metrics.downstream import classification_scores
+    from defectfill.evaluate.metrics.downstream import classification_scores
 
     s = classification_scores(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), ["a", "b", "c"])
     assert s["accuracy"] == pytest.approx(0.75)
@@ -315,7 +321,7 @@ def test_classification_scores_hand_worked():
 
 @pytest.fixture()
 def settings():
-    from defectfill.metrics.downstream import DownstreamSettings
+    from defectfill.evaluate.metrics.downstream import DownstreamSettings
 
     return DownstreamSettings(epochs=2, batch_size=4, lr=1e-3, image_size=32, seed=0, pretrained=False)
 
@@ -323,7 +329,7 @@ def settings():
 def test_classifier_trains_and_its_metrics_match_torchmetrics(demo_root, settings):
     from torchmetrics.functional.classification import multiclass_accuracy, multiclass_confusion_matrix
 
-    from defectfill.metrics.downstream import _image_tensor, train_classifier
+    from defectfill.evaluate.metrics.downstream import _image_tensor, train_classifier
 
     types = ["scratch", "spot"]
     paths = {t: sorted((demo_root / "disc" / "test" / t).glob("*.png")) for t in types}
@@ -349,7 +355,7 @@ def test_classifier_trains_and_its_metrics_match_torchmetrics(demo_root, setting
 
 
 def test_resnet34_classifier_one_step(settings):
-    from defectfill.metrics.downstream import resnet34_classifier
+    from defectfill.evaluate.metrics.downstream import resnet34_classifier
 
     model = resnet34_classifier(3, pretrained=False)
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -368,7 +374,7 @@ def small_unet(pretrained: bool) -> nn.Module:
 def test_localiser_trains_and_its_metrics_match_torchmetrics(demo_root, settings):
     from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
-    from defectfill.metrics.downstream import _image_tensor, _mask_tensor, train_localiser
+    from defectfill.evaluate.metrics.downstream import _image_tensor, _mask_tensor, train_localiser
 
     cat = demo_root / "disc"
     pairs = [(p, cat / "ground_truth" / "scratch" / f"{p.stem}_mask.png")
@@ -394,13 +400,13 @@ def test_localiser_trains_and_its_metrics_match_torchmetrics(demo_root, settings
                                                   abs=1e-6)
     assert result["n_test_defect"] == 2 and result["n_test_good"] == 3
     assert 0 <= result["pixel"]["f1_max"] <= 1
-    from defectfill.metrics.downstream import pro_score
+    from defectfill.evaluate.metrics.downstream import pro_score
 
     assert result["pro"] == pytest.approx(pro_score(prob[:, 0], masks[:, 0] > 0))
 
 
 def test_downstream_bad_settings_and_inputs(settings, demo_root):
-    from defectfill.metrics.downstream import DownstreamSettings, train_classifier, train_localiser
+    from defectfill.evaluate.metrics.downstream import DownstreamSettings, train_classifier, train_localiser
 
     with pytest.raises(DefectFillError, match="--epochs"):
         DownstreamSettings(epochs=0).check()
@@ -416,7 +422,7 @@ def test_downstream_bad_settings_and_inputs(settings, demo_root):
 
 
 def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
-    from defectfill.report import confusion_picture, sample_grid, write_report
+    from defectfill.outputs.report import confusion_picture, sample_grid, write_report
 
     cat = demo_root / "disc"
     pairs = [(p, cat / "ground_truth" / "spot" / f"{p.stem}_mask.png") for p in sorted((cat / "test" / "spot").glob("*.png"))]

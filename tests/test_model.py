@@ -9,15 +9,15 @@ from diffusers import StableDiffusionInpaintPipeline
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image
 
-from defectfill.attention import (
+from defectfill.core.errors import DefectFillError
+from defectfill.model.attention import (
     AttentionRecorder,
     ExplicitAttnProcessor,
     decoder_cross_attention_names,
     layer_grid,
     token_attention_map,
 )
-from defectfill.errors import DefectFillError
-from defectfill.model import (
+from defectfill.model.pipeline import (
     add_lora,
     add_trainable_token,
     dilate_to_latent_cells,
@@ -27,7 +27,7 @@ from defectfill.model import (
     token_positions,
     unet_input,
 )
-from defectfill.tiny import build_tiny_pipeline
+from defectfill.model.tiny import build_tiny_pipeline
 
 
 def test_load_pipeline_from_saved_folder_offline(tiny_model_dir, monkeypatch):
@@ -205,7 +205,7 @@ def test_every_cell_of_a_64x64_map_moves_the_attention_loss():
     """Pins the map reduction at 512 px (latent 64, decoder maps 16, 32 and 64, loss maps 16x16): raising any one
     cell of the 64x64 map changes L_attn. Bilinear shrinking without antialiasing read only 2 of every 4 rows and
     columns, so 3 of 4 cells of that map took no part in the loss."""
-    from defectfill.losses import attention_loss
+    from defectfill.train.losses import attention_loss
 
     gen = torch.Generator().manual_seed(0)
     maps = [torch.rand(1, s * s, generator=gen) for s in (16, 32, 64)]
@@ -262,7 +262,7 @@ def test_token_positions_and_trainable_token_row():
 def test_defectfill_mini_is_shipped_as_safetensors_under_30_mb_and_loads_by_name():
     """`--model defectfill-mini` names the package's own folder, through the real from_pretrained path; the
     weights are safetensors only (nothing pickled) and at most 30 MB, as issue 10 asks."""
-    from defectfill.model import builtin_model_dir, resolve_model
+    from defectfill.model.pipeline import builtin_model_dir, resolve_model
 
     folder = builtin_model_dir("defectfill-mini")
     assert resolve_model("defectfill-mini") == str(folder)
@@ -275,7 +275,7 @@ def test_defectfill_mini_is_shipped_as_safetensors_under_30_mb_and_loads_by_name
 
 
 def test_a_missing_builtin_base_names_the_fix(tmp_path, monkeypatch):
-    import defectfill.model as model
+    import defectfill.model.pipeline as model
 
     monkeypatch.setattr(model, "builtin_model_dir", lambda name: tmp_path / name)
     with pytest.raises(DefectFillError, match="pretrain-base --output DIR"):
@@ -286,9 +286,9 @@ def test_a_missing_builtin_base_names_the_fix(tmp_path, monkeypatch):
 def test_runs_on_defectfill_mini_are_warned_when_sampled_otherwise_than_measured(caplog):
     """The object prompt or guidance > 1 on defectfill-mini mostly paints the part (docs/method.md): warned;
     the measured settings and other bases are not."""
-    from defectfill.sampler import MINI_SAMPLING, warn_if_mini_sampling_differs
+    from defectfill.generate.generator import MINI_SAMPLING, warn_if_mini_sampling_differs
 
-    with caplog.at_level("WARNING", logger="defectfill.sampler"):
+    with caplog.at_level("WARNING", logger="defectfill.generate.generator"):
         assert warn_if_mini_sampling_differs("defectfill-mini", None, 7.5)
         assert warn_if_mini_sampling_differs("/models/defectfill-mini", MINI_SAMPLING["prompt"], 3.0)
         assert "--guidance 1" in caplog.text

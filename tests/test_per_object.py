@@ -15,14 +15,15 @@ from helpers import take_grads, tiny_config, write_run
 from safetensors.torch import load_file
 
 from defectfill.cli import main
-from defectfill.config import GenerateConfig, TrainConfig
+from defectfill.config.stages import GenerateConfig, TrainConfig
+from defectfill.core.errors import DefectFillError
 from defectfill.data import load_mask, load_rgb, open_layout
 from defectfill.data.split import make_object_split
-from defectfill.errors import DefectFillError
-from defectfill.generate import MANIFEST, run_generate
-from defectfill.model import load_pipeline
-from defectfill.sampler import DefectGenerator
-from defectfill.train import (
+from defectfill.generate.generator import DefectGenerator
+from defectfill.generate.writer import run_generate
+from defectfill.model.pipeline import load_pipeline
+from defectfill.outputs.generated import MANIFEST
+from defectfill.train.trainer import (
     build_models,
     defectfill_losses,
     load_object_references,
@@ -128,7 +129,7 @@ def test_references_carry_their_own_types_group(object_models, demo_root):
         mask = load_mask(expected[0].mask)
         assert refs.references.masks[2 * g][0].sum() == pytest.approx(float(mask.sum()), rel=0.02)
     batch = make_micro_batch(*refs.references[:2], config, 0, 0, 0, 1, refs.references.valid, refs.groups)
-    from defectfill.train import reference_indices
+    from defectfill.train.trainer import reference_indices
 
     picked = reference_indices(4, 0, config.batch_size, config.seed)
     assert batch.groups.tolist() == refs.groups[picked].tolist()
@@ -138,7 +139,7 @@ def test_each_row_gets_its_own_types_prompt_and_attention_token(object_models, m
     """Rows of a scratch and a spot reference: the defect rows see their own type's defect prompt, the object rows
     their own object prompt, and the attention loss reads each row at its own token. Training a row with another
     type's prompt, or reading its attention at another token, fails here."""
-    from defectfill.train import MicroBatch
+    from defectfill.train.trainer import MicroBatch
 
     config, models, refs, prompts = object_models
     images, masks = refs.references.images, refs.references.masks
@@ -174,7 +175,7 @@ def test_each_row_gets_its_own_types_prompt_and_attention_token(object_models, m
 
 def test_a_types_references_train_only_its_own_token_row(object_models):
     """A micro-batch of scratch references only: the <scratch> row gets gradient, the <spot> row none."""
-    from defectfill.train import MicroBatch
+    from defectfill.train.trainer import MicroBatch
 
     config, models, refs, prompts = object_models
     images, masks = refs.references.images, refs.references.masks
@@ -300,10 +301,10 @@ def test_several_defects_from_per_type_runs_and_unknown_types(tmp_path, tiny_mod
 def test_run_one_model_per_object_trains_once_and_draws_every_type(demo_root, tiny_model_dir, tmp_path, monkeypatch):
     from helpers import abs_distance
 
-    import defectfill.train as train_module
-    from defectfill.config import RunConfig
-    from defectfill.demo import UntrainedFeatures
-    from defectfill.runner import run_all
+    import defectfill.train.trainer as train_module
+    from defectfill.config.stages import RunConfig
+    from defectfill.demo.job import UntrainedFeatures
+    from defectfill.run.runner import run_all
 
     trained = []
     real_train = train_module.train

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from defectfill.cli import main
-from defectfill.pretrain import TINY_ARCH, PretrainSettings, pretrain_base
+from defectfill.pretrain.base import TINY_ARCH, PretrainSettings, pretrain_base
 
 
 def _run(capsys, *argv):
@@ -31,7 +31,7 @@ def _weights(folder):
 
 
 def test_pretrain_base_writes_a_base_that_loads_and_fine_tunes(capsys, tmp_path, demo_root):
-    from defectfill.model import load_pipeline
+    from defectfill.model.pipeline import load_pipeline
 
     base = tmp_path / "base"
     code, err = _run(capsys, "pretrain-base", "--output", base, "--arch", "tiny", "--size", "64",

@@ -15,10 +15,10 @@ from helpers import abs_distance, tiny_config, write_run
 from PIL import Image
 
 from defectfill.cli import main
-from defectfill.config import EvaluateConfig, GenerateConfig, RunConfig
-from defectfill.errors import DefectFillError
-from defectfill.folders import folder_lock
-from defectfill.generate import run_generate
+from defectfill.config.stages import EvaluateConfig, GenerateConfig, RunConfig
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import folder_lock
+from defectfill.generate.writer import run_generate
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +98,13 @@ def _intact(folder):
 
 
 def test_run_evaluate_and_demo_refuse_a_foreign_folder(demo_root, tmp_path, capsys):
-    from defectfill.runner import run_all
+    from defectfill.run.runner import run_all
 
     foreign = _foreign(tmp_path / "mine")
     with pytest.raises(DefectFillError, match="not empty and was not written by `defectfill run`"):
         run_all(RunConfig.from_settings({"data": str(demo_root), "output": str(foreign), "category": "disc"}))
     with pytest.raises(DefectFillError, match="not written by `defectfill evaluate`"):
-        from defectfill.evaluate import evaluate
+        from defectfill.evaluate.evaluator import evaluate
 
         evaluate(EvaluateConfig.from_settings({"generated": str(demo_root), "output": str(foreign),
                                                "data": str(demo_root), "category": "disc"}))
@@ -160,8 +160,8 @@ def test_bad_training_settings_are_refused_before_anything_is_written(capsys, tr
 
 
 def test_an_existing_word_as_new_token_gets_a_clear_message():
-    from defectfill.model import add_trainable_token
-    from defectfill.tiny import build_tiny_pipeline
+    from defectfill.model.pipeline import add_trainable_token
+    from defectfill.model.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     for word in ("hole", "sks"):  # a vocabulary entry, and a word that encodes to one existing token
@@ -211,10 +211,10 @@ def test_a_decompression_bomb_gives_a_message(tmp_path, monkeypatch):
 
 
 def test_disk_full_gives_a_message_and_keeps_what_was_finished(capsys, run_dir, tmp_path, monkeypatch):
-    import defectfill.generate
+    import defectfill.outputs.generated
 
     out = tmp_path / "out"
-    real_save = defectfill.generate._save_png
+    real_save = defectfill.outputs.generated.save_png
     saved = []
 
     def fills_up(image, path):
@@ -223,11 +223,11 @@ def test_disk_full_gives_a_message_and_keeps_what_was_finished(capsys, run_dir, 
         saved.append(path)
         real_save(image, path)
 
-    monkeypatch.setattr(defectfill.generate, "_save_png", fills_up)
+    monkeypatch.setattr(defectfill.outputs.generated, "save_png", fills_up)
     code, err = _run_cli(capsys, "generate", "--run", run_dir, "--output", out, "--count", "2", "--candidates", "1",
                          "--steps", "1")
     assert code == 2 and "no space left on the disk" in err and "rerun the same command" in err
-    monkeypatch.setattr(defectfill.generate, "_save_png", real_save)
+    monkeypatch.setattr(defectfill.outputs.generated, "save_png", real_save)
     assert _run_cli(capsys, "generate", "--run", run_dir, "--output", out, "--count", "2", "--candidates", "1",
                     "--steps", "1")[0] == 0
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
@@ -254,9 +254,9 @@ def test_a_second_generate_on_the_same_folder_is_refused(run_dir, tmp_path):
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "run"])
 def test_other_jobs_take_the_lock_too(command, demo_root, tiny_model_dir, tmp_path):
-    from defectfill.evaluate import evaluate
-    from defectfill.runner import run_all
-    from defectfill.train import train
+    from defectfill.evaluate.evaluator import evaluate
+    from defectfill.run.runner import run_all
+    from defectfill.train.trainer import train
 
     folder = tmp_path / "job"
     folder.mkdir()
@@ -274,7 +274,7 @@ def test_other_jobs_take_the_lock_too(command, demo_root, tiny_model_dir, tmp_pa
 
 
 def test_the_random_lpips_backbone_is_the_same_every_time():
-    from defectfill.metrics.lpips import load_lpips
+    from defectfill.model.lpips import load_lpips
 
     a, b = load_lpips(pretrained_backbone=False), load_lpips(pretrained_backbone=False)
     for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):

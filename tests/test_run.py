@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from helpers import run_with_stand_ins, tiny_run_config
 
-import defectfill.train as train_module
+import defectfill.train.trainer as train_module
 from defectfill.cli import main
-from defectfill.config import RunConfig
+from defectfill.config.stages import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,8 +88,8 @@ def test_dry_run_loads_no_model_and_prints_the_plan(demo_root, tmp_path, monkeyp
     def no_model(*args, **kwargs):
         raise AssertionError("a dry run loaded a model")
 
-    monkeypatch.setattr("defectfill.model.load_pipeline", no_model)
-    monkeypatch.setattr("defectfill.train.load_pipeline", no_model)
+    monkeypatch.setattr("defectfill.model.pipeline.load_pipeline", no_model)
+    monkeypatch.setattr("defectfill.train.trainer.load_pipeline", no_model)
     code = main(["run", "--data", str(demo_root), "--categories", "all", "--output", str(tmp_path / "work"),
                  "--steps", "30", "--dry-run"])
     out = capsys.readouterr().out

@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
-from defectfill.config import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
-from defectfill.errors import DefectFillError
-from defectfill.settings import PRECISIONS, flag, resolve_precision
+from defectfill.config.settings import PRECISIONS, flag, resolve_precision
+from defectfill.config.stages import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
+from defectfill.core.errors import DefectFillError
 
 STAGES = [TrainConfig, GenerateConfig, EvaluateConfig, RunConfig]
 
@@ -57,10 +57,10 @@ def test_run_settings_reach_the_right_stage():
 
 
 def test_run_records_its_settings_and_they_reproduce_it(demo_root, tmp_path, monkeypatch):
-    import defectfill.evaluate
-    import defectfill.generate
-    import defectfill.train
-    from defectfill.runner import run_all
+    import defectfill.evaluate.evaluator
+    import defectfill.generate.writer
+    import defectfill.train.trainer
+    from defectfill.run.runner import run_all
 
     calls = []
 
@@ -69,9 +69,9 @@ def test_run_records_its_settings_and_they_reproduce_it(demo_root, tmp_path, mon
             calls.append((name, config))
         return record
 
-    monkeypatch.setattr(defectfill.train, "train", spy("train"))
-    monkeypatch.setattr(defectfill.generate, "run_generate", spy("generate"))
-    monkeypatch.setattr(defectfill.evaluate, "evaluate", spy("evaluate"))
+    monkeypatch.setattr(defectfill.train.trainer, "train", spy("train"))
+    monkeypatch.setattr(defectfill.generate.writer, "run_generate", spy("generate"))
+    monkeypatch.setattr(defectfill.evaluate.evaluator, "evaluate", spy("evaluate"))
     config = RunConfig.from_settings({"data": str(demo_root), "output": str(tmp_path / "work"), "category": "disc",
                                       "defect_types": ["scratch"], "candidates": 3, "seed": 4, "steps": 2})
     run_all(config)
@@ -106,13 +106,13 @@ def test_yaml_values_of_the_wrong_type_are_refused_not_truncated(tmp_path, text,
 
 
 def test_run_checks_every_stage_before_any_work(demo_root, tmp_path, monkeypatch):
-    import defectfill.train
-    from defectfill.runner import run_all
+    import defectfill.train.trainer
+    from defectfill.run.runner import run_all
 
     def no_training(*args, **kwargs):
         raise AssertionError("trained before the generation settings were checked")
 
-    monkeypatch.setattr(defectfill.train, "train", no_training)
+    monkeypatch.setattr(defectfill.train.trainer, "train", no_training)
     for bad, pattern in (({"candidates": 0}, "--candidates"), ({"downstream_epochs": 0}, "--epochs"),
                          ({"kid_subsets": 0}, "--kid-subsets"), ({"mask_scale": "0.5"}, "mask")):
         with pytest.raises(DefectFillError, match=pattern):
@@ -160,15 +160,17 @@ def test_half_precision_on_a_cpu_warns_and_names_the_faster_choice(caplog):
 def test_train_records_the_resolved_precision(demo_root, tiny_model_dir, tmp_path):
     from helpers import tiny_config
 
-    from defectfill.train import train
+    from defectfill.train.trainer import train
 
     out = train(dataclasses.replace(tiny_config(demo_root, tmp_path / "run", tiny_model_dir), mixed_precision="auto"))
     assert json.loads((out / "config.json").read_text())["mixed_precision"] == "no"
 
 
-def test_a_broken_stage_module_fails_loudly_instead_of_hiding_its_command(monkeypatch):
-    from defectfill.cli import build_parser
+def test_a_broken_stage_module_fails_loudly_instead_of_hiding_its_command(monkeypatch, tmp_path):
+    from defectfill.cli import build_parser, main
 
-    monkeypatch.setitem(sys.modules, "defectfill.evaluate", None)  # import fails
+    monkeypatch.setitem(sys.modules, "defectfill.evaluate.evaluator", None)  # import fails
+    build_parser().parse_args(["evaluate", "--run", "r", "--generated", "g", "--output", "o"])  # still offered
     with pytest.raises(ImportError):
-        build_parser()
+        main(["evaluate", "--run", str(tmp_path / "r"), "--generated", str(tmp_path / "g"),
+              "--output", str(tmp_path / "o")])

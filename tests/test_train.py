@@ -12,12 +12,12 @@ from helpers import tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 
-import defectfill.train as train_module
-from defectfill.errors import DefectFillError
-from defectfill.folders import LOCK
-from defectfill.losses import LossTerms
-from defectfill.model import load_pipeline
-from defectfill.train import (
+import defectfill.train.trainer as train_module
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import LOCK
+from defectfill.model.pipeline import load_pipeline
+from defectfill.train.losses import LossTerms
+from defectfill.train.trainer import (
     build_models,
     defectfill_losses,
     load_references,
@@ -119,7 +119,7 @@ def test_a_scratch_thinner_than_a_latent_cell_still_weighs_in_both_branches(mode
     """Pins the loss weights' mask reduction: a 1 px scratch off the pixel that nearest sampling keeps (the tiny
     VAE's cells are 4x4 px) lies in every latent cell it touches, so L_def sees it and M' of L_obj weights it
     fully. With the nearest resize it vanished: L_def was 0 and L_obj weighted the scratch by alpha."""
-    from defectfill.train import MicroBatch
+    from defectfill.train.trainer import MicroBatch
 
     config, models, images, _, prompts = models_and_batch
     masks = torch.zeros(2, 1, 64, 64)
@@ -178,7 +178,7 @@ def test_each_branch_gets_its_own_prompt_and_the_token_map_comes_from_the_defect
     unseen.) Templates with the token at different positions tell the prompts apart everywhere."""
     import dataclasses
 
-    from defectfill.attention import ExplicitAttnProcessor
+    from defectfill.model.attention import ExplicitAttnProcessor
 
     config, models, images, masks, _ = models_and_batch
     config = dataclasses.replace(config, defect_prompt="a close photo of {token} damage",
@@ -451,10 +451,10 @@ def test_two_processes_train_one_run_with_synchronised_weights(demo_root, tiny_m
     script.write_text(
         "import json, os\n"
         "from safetensors.torch import save_file\n"
-        "from defectfill.config import TrainConfig\n"
-        "from defectfill.model import load_pipeline\n"
-        "import defectfill.train as t\n"
-        "from defectfill.losses import LossTerms\n"
+        "from defectfill.config.stages import TrainConfig\n"
+        "from defectfill.model.pipeline import load_pipeline\n"
+        "import defectfill.train.trainer as t\n"
+        "from defectfill.train.losses import LossTerms\n"
         "real, calls = t.defectfill_losses, []\n"
         "def first_nan_on_rank1(*a, **k):\n"
         "    terms = real(*a, **k)\n"
@@ -489,7 +489,7 @@ def test_optimizer_step_with_a_loss_scaler_skips_bad_steps_and_keeps_working():
     and the steps after each still step (no 'unscale_() has already been called')."""
     from accelerate import Accelerator
 
-    from defectfill.train import _optimizer_step
+    from defectfill.train.trainer import _optimizer_step
 
     accelerator = Accelerator(cpu=True)
     accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)

@@ -12,8 +12,8 @@ import pytest
 from helpers import write_run
 
 from defectfill.cli import main
-from defectfill.errors import DefectFillError
-from defectfill.masks import estimate_foreground
+from defectfill.core.errors import DefectFillError
+from defectfill.data.masks import estimate_foreground
 from defectfill.ui.backend import (
     Workspace,
     check_bind,

@@ -21,10 +21,11 @@ from PIL import Image
 pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 
-from defectfill.config import GenerateConfig  # noqa: E402
+from defectfill.config.stages import GenerateConfig  # noqa: E402
 from defectfill.data import load_mask, open_layout  # noqa: E402
-from defectfill.generate import MANIFEST, run_generate  # noqa: E402
-from defectfill.sampler import derived_seed  # noqa: E402
+from defectfill.generate.generator import derived_seed  # noqa: E402
+from defectfill.generate.writer import run_generate  # noqa: E402
+from defectfill.outputs.generated import MANIFEST  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"  # git-ignored; CI keeps what is there
 RUN = "disc-scratch"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-import defectfill.world as world
-from defectfill.world import FORBIDDEN_WORDS, KINDS, sample_batch, sample_inpaint_mask, sample_world
+import defectfill.pretrain.world as world
+from defectfill.pretrain.world import FORBIDDEN_WORDS, KINDS, sample_batch, sample_inpaint_mask, sample_world
 
 
 def test_same_seed_same_samples_other_seed_other_samples():
@@ -47,7 +47,7 @@ def test_captions_never_use_the_demo_defect_names():
     for _ in range(400):
         caption = sample_world(rng, 32, anomaly_rate=1.0)[1]
         assert not any(word in caption for word in FORBIDDEN_WORDS), caption
-    from defectfill.demo_data import DEMO_CATEGORIES
+    from defectfill.demo.dataset import DEMO_CATEGORIES
 
     demo_types = {t for _, types in DEMO_CATEGORIES.values() for t in types}
     assert demo_types <= set(FORBIDDEN_WORDS)  # the rule covers every demo defect type

@@ -1,4 +1,6 @@
-"""Datasets: layouts, the reference split, image/mask reading and augmentation."""
+"""What defectfill reads: dataset layouts (`layouts`), the reference split (`split`), image and mask reading
+(`images`), defect masks drawn or given (`masks`), augmentation (`augment`) and `defectfill data` (`inspection`).
+Imports no torch (the functions that make tensors import it)."""
 
 from defectfill.data.images import load_mask, load_rgb
 from defectfill.data.layouts import LAYOUTS, DefectSample, Layout, object_name, open_layout

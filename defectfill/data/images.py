@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from defectfill.errors import DefectFillError
+from defectfill.core.errors import DefectFillError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: reading datasets and settings needs no torch
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -99,6 +101,7 @@ def save_mask(mask: np.ndarray, path: str | Path) -> None:
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """PIL RGB -> (3, size, size) float in [-1, 1], resized with antialiasing."""
+    import torch
 
     image = image.resize((size, size), Image.Resampling.BICUBIC) if image.size != (size, size) else image
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -123,6 +126,9 @@ def letterbox(image: Image.Image, mask: np.ndarray | None, size: int, fill: floa
     (1, S, S) in {0, 1} (zeros when `mask` is None) and `valid` (1, S, S): 1 on the image, 0 on the padding.
     A square image is only resized: `valid` is all ones.
     """
+    import torch
+    import torch.nn.functional as F
+
     w, h, x0, y0 = letterbox_box(*image.size, size)
     scaled = image.resize((w, h), Image.Resampling.BICUBIC) if image.size != (w, h) else image
     out = torch.full((3, size, size), float(fill))

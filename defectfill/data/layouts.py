@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import contained
 from defectfill.data.images import is_image_file
-from defectfill.errors import DefectFillError
-from defectfill.folders import contained
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from defectfill.atomic import write_json
+from defectfill.core.atomic import write_json
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import contained
 from defectfill.data.images import MASK_RULES, load_mask
 from defectfill.data.layouts import DefectSample, Layout, find_type
-from defectfill.errors import DefectFillError
-from defectfill.folders import contained
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from defectfill.errors import DefectFillError
+from defectfill.core.errors import DefectFillError
 
 
 @functools.lru_cache(maxsize=1)

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from defectfill.atomic import replace_dir, write_json
-from defectfill.errors import DefectFillError
+from defectfill.core.atomic import replace_dir, write_json
+from defectfill.core.errors import DefectFillError
 
 COMMAND = "pretrain-base"
 STATE_NAME = "pretrain.json"
@@ -185,7 +185,7 @@ def step_rngs(seed: int, stage: int, step: int) -> tuple[np.random.Generator, to
 
 def world_batch(rng: np.random.Generator, n: int, size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Images in [-1, 1] (n,3,H,W), captions, masks (n,1,H,W) float 1 = repaint."""
-    from defectfill.world import sample_batch
+    from defectfill.pretrain.world import sample_batch
 
     images, captions, masks = sample_batch(rng, n, size)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -210,7 +210,7 @@ def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, m
               min_snr_gamma: float = 0.0) -> torch.Tensor:
     """The objective of SD inpainting on one batch (VAE frozen): epsilon or v as the scheduler predicts, Min-SNR
     weighted when gamma > 0 (min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v)."""
-    from defectfill.model import unet_input
+    from defectfill.model.pipeline import unet_input
 
     sf = vae.config.scaling_factor
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -246,7 +246,7 @@ def _save(folder: Path, stage: int, step: int, modules: dict[str, torch.nn.Modul
           extra: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    from defectfill.checkpoint import _optimizer_to_files
+    from defectfill.outputs.checkpoints import _optimizer_to_files
 
     ckpt = folder / "checkpoints"
     final = ckpt / f"stage{stage}-{step}"
@@ -282,7 +282,7 @@ def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[st
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from defectfill.checkpoint import _optimizer_from_files
+    from defectfill.outputs.checkpoints import _optimizer_from_files
 
     try:
         tensors = load_file(str(path / "weights.safetensors"))
@@ -302,7 +302,7 @@ def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[st
 
 
 def _prepare_folder(settings: PretrainSettings, resume: bool) -> Path:
-    from defectfill.folders import claim_folder
+    from defectfill.core.folders import claim_folder
 
     folder = Path(settings.output).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -344,8 +344,8 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
     """
     from tqdm.auto import tqdm
 
-    from defectfill.folders import folder_lock
-    from defectfill.tiny import assemble_inpaint_pipeline, clip_tokenizer
+    from defectfill.core.folders import folder_lock
+    from defectfill.model.tiny import assemble_inpaint_pipeline, clip_tokenizer
 
     settings.check()
     folder = _prepare_folder(settings, resume)
@@ -461,7 +461,7 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
 def add_slow_tokenizer_files(folder: Path) -> None:
     """Write vocab.json and merges.txt beside tokenizer.json: transformers 4 reads a CLIPTokenizer from these
     (transformers 5 saves only tokenizer.json), and pyproject admits both."""
-    from defectfill.tiny import _clip_tokenizer_folder
+    from defectfill.model.tiny import _clip_tokenizer_folder
 
     source = Path(_clip_tokenizer_folder())  # cached for the process: left in place for clip_tokenizer()
     for name in ("vocab.json", "merges.txt"):

@@ -11,7 +11,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-from defectfill.errors import DefectFillError
+from defectfill.core.errors import DefectFillError
 
 INSTALL_HINT = "pip install 'defectfill[ui]'"
 

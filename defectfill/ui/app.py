@@ -27,8 +27,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from defectfill.errors import DefectFillError  # noqa: E402
-from defectfill.masks import SHAPES  # noqa: E402
+from defectfill.core.errors import DefectFillError  # noqa: E402
+from defectfill.data.masks import SHAPES  # noqa: E402
 from defectfill.ui.backend import (  # noqa: E402
     Outcome,
     Source,

@@ -6,7 +6,7 @@ from the page (a run, an image, a dataset, an item) is checked against the folde
 started with: a run must be one found under them, a dataset path must stay inside the datasets
 folder (`folders.contained`), an image must be one of the run's defect-free images.
 
-Items are written by `generate.write_item` and `generate.finish_output`, the code behind
+Items are written by `outputs.generated.write_item` and `finish_output`, the code behind
 `defectfill generate`, so a folder the UI writes is one `evaluate`, `train --layout mvtec` and
 anomalib read.
 """
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from defectfill.atomic import atomic_write
-from defectfill.errors import DefectFillError
-from defectfill.folders import IGNORED, contained, folder_lock
-from defectfill.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
+from defectfill.core.atomic import atomic_write
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import IGNORED, contained, folder_lock
+from defectfill.data.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +140,8 @@ def place_shape(image: Image.Image, shape: str, size: float, seed: int) -> np.nd
 
 
 def _is_run(folder: Path) -> bool:
-    from defectfill.model import LORA_WEIGHTS_NAME
-    from defectfill.run_folder import CONFIG_NAME
+    from defectfill.model.names import LORA_WEIGHTS_NAME
+    from defectfill.outputs.run_folder import CONFIG_NAME
 
     return (folder / CONFIG_NAME).is_file() and (folder / LORA_WEIGHTS_NAME).is_file()
 
@@ -268,7 +268,7 @@ class Workspace:
         self.run_roots = [Path(r).expanduser() for r in runs]
         self.datasets_root = Path(datasets).expanduser()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        from defectfill.settings import resolve_precision
+        from defectfill.config.settings import resolve_precision
 
         self.precision = resolve_precision(mixed_precision, self.device)
         self.lpips_weights, self.lpips_random_backbone = lpips_weights, lpips_random_backbone
@@ -292,7 +292,7 @@ class Workspace:
         return runs[name]
 
     def run_config(self, name: str):
-        from defectfill.run_folder import read_trained_run
+        from defectfill.outputs.run_folder import read_trained_run
 
         return read_trained_run(self.run_dir(name))
 
@@ -325,7 +325,7 @@ class Workspace:
 
     def generator(self, run: str, progress: ProgressFn | None = None):
         """The run's DefectGenerator, loaded once and kept until another run is used."""
-        from defectfill.sampler import DefectGenerator
+        from defectfill.generate.generator import DefectGenerator
 
         run_dir = self.run_dir(run)
         if self._loaded is None or self._loaded[0] != run_dir:
@@ -348,9 +348,9 @@ class Workspace:
                  defect_type: str | None = None) -> Outcome:
         """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s.
         `defect_type`: the type to draw from a per-object run (default: the run's first)."""
-        from defectfill.config import sampling_checks
-        from defectfill.sampler import DefectGenerator
-        from defectfill.settings import check_all
+        from defectfill.config.settings import check_all
+        from defectfill.config.stages import sampling_checks
+        from defectfill.generate.generator import DefectGenerator
 
         candidates, steps, seed = int(candidates), int(steps), int(seed)
         check_all(sampling_checks(candidates, steps, float(guidance), 0, None))
@@ -388,7 +388,7 @@ class Workspace:
 
     def datasets(self) -> list[str]:
         """Generated datasets under the datasets folder (a generate.json marks one), by relative name."""
-        from defectfill.generate import STATE
+        from defectfill.outputs.generated import STATE
 
         root = self.datasets_root
         if not root.is_dir():
@@ -408,8 +408,16 @@ class Workspace:
 
     def add_to_dataset(self, outcome: Outcome, dataset: str) -> dict[str, Any]:
         """Write the outcome as the next item of `dataset`, as `defectfill generate` writes an item."""
-        from defectfill.config import GenerateConfig
-        from defectfill.generate import STATE, Item, OutputFolder, _identity, _prepare_output, finish_output, write_item
+        from defectfill.config.stages import GenerateConfig
+        from defectfill.outputs.generated import (
+            STATE,
+            Item,
+            OutputFolder,
+            finish_output,
+            output_identity,
+            prepare_output,
+            write_item,
+        )
 
         root = self.dataset_path(dataset)
         if dataset in outcome.added_to:
@@ -454,10 +462,10 @@ class Workspace:
                 lpips_weights=self.lpips_weights, lpips_random_backbone=self.lpips_random_backbone,
                 device=self.device, mixed_precision=self.precision, defect_type=drawn,
             ), require=False)
-            identity = _identity([outcome.run_dir], settings)
+            identity = output_identity([outcome.run_dir], settings)
             # resume: the UI adds item by item with the settings of each; generate.json records the latest
-            _prepare_output(out, identity, resume=True, overwrite=False,
-                            record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
+            prepare_output(out, identity, resume=True, overwrite=False,
+                           record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
             item = Item(index, source_path, outcome.mask_source, s["seed"])
             row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
                              out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows,
@@ -467,7 +475,7 @@ class Workspace:
         return row
 
     def dataset_rows(self, dataset: str) -> dict[int, dict[str, Any]]:
-        from defectfill.generate import OutputFolder
+        from defectfill.outputs.generated import OutputFolder
 
         root = self.dataset_path(dataset)
         if not root.is_dir():
@@ -510,7 +518,7 @@ class Workspace:
     def reject(self, dataset: str, index: int, reason: str = "") -> dict[str, Any]:
         """Move an item's image, mask and attention map under rejected/ (same relative paths) and mark its
         manifest row; nothing is deleted. The MVTec tree no longer holds it, so evaluate and anomalib skip it."""
-        from defectfill.generate import MANIFEST, OutputFolder
+        from defectfill.outputs.generated import MANIFEST, OutputFolder
 
         root = self.dataset_path(dataset)
         index = int(index)
@@ -544,7 +552,7 @@ class Workspace:
 
     def run_info(self, run: str) -> dict[str, Any]:
         """A run's settings (config.json), loss curves (train.log) and logged sample inpaintings."""
-        from defectfill.run_folder import read_recorded_config
+        from defectfill.outputs.run_folder import read_recorded_config
 
         run_dir = self.run_dir(run)
         samples = sorted((run_dir / "logs" / "samples").glob("step-*.png"))

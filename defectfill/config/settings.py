@@ -1,0 +1,306 @@
+"""The settings machinery every stage shares: one dataclass field is the flag, the YAML key and the recorded key.
+
+A stage's settings are a dataclass that derives from `Settings`. For each field
+`lr_unet` the command has the flag `--lr-unet`, a YAML file may set `lr_unet:`
+(or `lr-unet:`), and the recorded JSON holds `"lr_unet"`. Values from every
+source go through one type check (`coerce`), then the class's `validate()`.
+
+A field whose metadata has `"stage"` composes another settings class (as
+`RunConfig` holds a `TrainConfig`): the stage's fields named in that mapping
+become this class's flat settings under the names it gives.
+
+Also here: the precision names that every command shares (`PRECISIONS`) and
+how `auto` resolves on the machine at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from defectfill.core.errors import DefectFillError
+
+log = logging.getLogger("defectfill")
+
+S = TypeVar("S", bound="Settings")
+
+
+def flag(name: str) -> str:
+    """`lr_unet` -> `--lr-unet`."""
+    return "--" + name.replace("_", "-")
+
+
+def _kind(f: dataclasses.Field) -> str:
+    """bool, int, float, str or list, from the field's annotation (a string under `from __future__`)."""
+    annotation = str(f.type).replace(" ", "")
+    for kind in ("bool", "int", "float", "list"):
+        if annotation.startswith(kind):
+            return kind
+    return "str"
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    return "None" in str(f.type)
+
+
+def coerce(name: str, f: dataclasses.Field, value: Any, source: str = "") -> Any:
+    """`value` as the type of field `f`, or a DefectFillError naming the setting (and `source`)."""
+    where = f"{source}: " if source else ""
+    if value is None:
+        if _optional(f):
+            return None
+        raise DefectFillError(f"{where}setting {name} needs a value.")
+    kind = _kind(f)
+
+    def bad(expected: str) -> DefectFillError:
+        return DefectFillError(f"{where}setting {name}: expected {expected}, got {value!r}.")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "int":
+        if isinstance(value, bool) or isinstance(value, float):  # 6.7 must not become 6, nor true 1
+            raise bad("a whole number")
+        try:
+            value = int(value)
+        except (TypeError, ValueError):
+            raise bad("a whole number") from None
+    elif kind == "float":
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+        if not math.isfinite(value):
+            raise bad("a finite number")
+    elif kind == "list":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of names (or one comma-separated text)")
+        value = list(value)
+    else:
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str):
+            raise bad("text")
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise DefectFillError(f"{where}setting {name}: {value!r} is not one of {', '.join(map(str, choices))}.")
+    return value
+
+
+@dataclass(frozen=True)
+class FlatField:
+    """One flat setting: its name (flag/YAML/JSON key), where it lives, and the dataclass field behind it."""
+
+    name: str
+    path: tuple[str, ...]  # ("lr_unet",) or ("generate", "steps")
+    field: dataclasses.Field
+    default: Any
+
+
+class Settings:
+    """Base of a stage's settings dataclass; see the module docstring."""
+
+    required: ClassVar[tuple[str, ...]] = ()  # flat names that must have a value
+
+    # ------------------------------------------------------------------ the flat view
+
+    @classmethod
+    def flat_fields(cls) -> list[FlatField]:
+        defaults = cls()  # every settings class has defaults for all fields
+        out = []
+        for f in fields(cls):
+            stage = f.metadata.get("stage")
+            if stage is None:
+                out.append(FlatField(f.name, (f.name,), f, getattr(defaults, f.name)))
+                continue
+            inner = getattr(defaults, f.name)
+            by_name = {g.name: g for g in fields(inner)}
+            for sub, flat_name in stage.items():
+                out.append(FlatField(flat_name, (f.name, sub), by_name[sub], getattr(inner, sub)))
+        return out
+
+    def get(self, flat: FlatField) -> Any:
+        value: Any = self
+        for part in flat.path:
+            value = getattr(value, part)
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recorded form: every flat setting by name (a YAML file of these keys reproduces the settings)."""
+        return {f.name: self.get(f) for f in self.flat_fields()}
+
+    # ------------------------------------------------------------------ command line
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, config_option: bool = True) -> None:
+        """One flag per flat setting; unset flags stay absent so a --config file can fill them."""
+        if config_option:
+            parser.add_argument("--config", help="YAML file of settings (keys as the flags, - or _); flags override it")
+        for f in cls.flat_fields():
+            kind = _kind(f.field)
+            help_text = f.field.metadata.get("help", "")
+            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name,
+                                      "help": f"{help_text} (default: {f.default})"}
+            if kind == "bool":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+                if "choices" in f.field.metadata:
+                    kwargs["choices"] = f.field.metadata["choices"]
+            parser.add_argument(flag(f.name), **kwargs)
+
+    @classmethod
+    def from_args(cls: type[S], args: argparse.Namespace, require: bool = True) -> S:
+        """Settings from a parsed command line (flags over the --config file over the defaults)."""
+        values = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+        return cls.from_settings(values, getattr(args, "config", None), require=require)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_settings(cls: type[S], values: dict[str, Any], config_file: str | Path | None = None,
+                      require: bool = True) -> S:
+        """Defaults <- YAML file <- `values`, type-checked and validated. Keys are flat names."""
+        merged = load_yaml_settings(config_file, cls) if config_file else {}
+        merged.update(values)
+        return cls.build(merged, source="", require=require)
+
+    @classmethod
+    def build(cls: type[S], values: dict[str, Any], source: str = "", require: bool = True,
+              ignore_unknown: bool = False, check: bool = True) -> S:
+        """An instance from flat `values` (unknown keys refused unless `ignore_unknown`), type-checked,
+        and with `check` range-checked by `validate()`."""
+        flat = {f.name: f for f in cls.flat_fields()}
+        unknown = sorted(set(values) - set(flat))
+        if unknown and not ignore_unknown:
+            where = f"{source}: " if source else ""
+            raise DefectFillError(f"{where}unknown setting(s) {', '.join(unknown)}. Known settings: "
+                                  f"{', '.join(sorted(flat))}.")
+        own: dict[str, Any] = {}
+        staged: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            if name not in flat:
+                continue
+            f = flat[name]
+            value = coerce(name, f.field, value, source)
+            if len(f.path) == 1:
+                own[name] = value
+            else:
+                staged.setdefault(f.path[0], {})[f.path[1]] = value
+        instance = cls()
+        for stage, sub_values in staged.items():
+            own[stage] = dataclasses.replace(getattr(instance, stage), **sub_values)
+        instance = dataclasses.replace(instance, **own)
+        if require:
+            missing = [flag(n) for n in cls.required if instance.get(flat[n]) in (None, "", [])]
+            if missing:
+                raise DefectFillError(f"missing required setting(s): {', '.join(missing)}.")
+        if check:
+            instance.validate()
+        return instance
+
+    def validate(self) -> None:
+        """Raise DefectFillError naming the flag when a value is out of range. Subclasses add their checks."""
+
+
+def check_all(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed (ok, message) check."""
+    for ok, message in checks:
+        if not ok:
+            raise DefectFillError(message.rstrip(".") + ".")
+
+
+def load_yaml_settings(path: str | Path, cls: type[Settings]) -> dict[str, Any]:
+    """The settings of a YAML file as flat names (`lr-unet` and `lr_unet` both accepted); unknown keys refused."""
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DefectFillError(f"{path}: config file not found.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DefectFillError(f"{path}: not valid YAML ({exc}).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefectFillError(f"{path}: cannot read the config file ({exc}).") from None
+    if not isinstance(data, dict):
+        raise DefectFillError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}.")
+    flat = {f.name: f for f in cls.flat_fields()}
+    settings = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in flat:
+            raise DefectFillError(f"{path}: unknown setting {key!r}. Known settings: {', '.join(sorted(flat))}.")
+        # a type error names the file it came from
+        settings[name] = coerce(name, flat[name].field, value, str(path))
+    return settings
+
+
+# --------------------------------------------------------------------------- precision
+
+# One vocabulary for every command: `no` is full precision (fp32).
+PRECISIONS = ("auto", "no", "fp16", "bf16")
+
+
+def resolve_precision(setting: str, device: str | None = None) -> str:
+    """`auto` -> bf16 on a CUDA GPU that supports it, fp16 on other CUDA GPUs, `no` elsewhere.
+
+    An explicit half precision that this machine cannot run is refused with the alternative named;
+    one that would be slow on a CPU is allowed with a warning.
+    """
+    import torch
+
+    if setting not in PRECISIONS:
+        raise DefectFillError(f"--mixed-precision {setting!r}: choose one of {', '.join(PRECISIONS)}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_cuda = device.startswith("cuda") and torch.cuda.is_available()
+    if setting == "auto":
+        if not on_cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if setting == "bf16" and on_cuda and not torch.cuda.is_bf16_supported():
+        raise DefectFillError("--mixed-precision bf16: this GPU does not support bfloat16. "
+                              "Use --mixed-precision fp16 (or auto).")
+    if setting in ("fp16", "bf16") and not on_cuda:
+        log.warning("--mixed-precision %s on %s: half precision is usually slower than full precision without "
+                    "a GPU; --mixed-precision no (or auto) is the faster choice here.", setting, device)
+    return setting
+
+
+def resolve_compile(setting: str, device: str | None = None) -> bool:
+    """`auto` compiles on a CUDA GPU only: on a 2-core CPU the compiled tiny step was measured 1.24x slower
+    (benchmarks/README.md)."""
+    import torch
+
+    if setting not in ("auto", "yes", "no"):
+        raise DefectFillError(f"--compile {setting!r}: choose auto, yes or no.")
+    if setting == "auto":
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return device.startswith("cuda") and torch.cuda.is_available()
+    return setting == "yes"
+
+
+def compile_module(module, **kwargs):
+    """torch.compile with the backend named by $DEFECTFILL_COMPILE_BACKEND (default inductor; tests use a
+    backend that runs quickly on a CPU)."""
+    import os
+
+    import torch
+
+    return torch.compile(module, backend=os.environ.get("DEFECTFILL_COMPILE_BACKEND", "inductor"), **kwargs)
+
+
+def precision_dtype(resolved: str):
+    """The torch dtype of a resolved precision name."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(resolved, torch.float32)

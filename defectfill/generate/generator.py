@@ -1,0 +1,392 @@
+"""The sampler: a trained run turns one defect-free image and a target mask into defect candidates.
+
+`DefectGenerator` is the Python API: N candidates of one (image, mask) in one
+pipeline batch, pasted back so that outside the mask the output is the input,
+and Low-Fidelity Selection (the candidate least like the input inside the
+mask's bounding box, by LPIPS). The dataset writer behind `defectfill generate`
+is `writer.py`; the canvas an image is sampled on, which training shares, is
+`defectfill.model.canvas`.
+
+    gen = DefectGenerator.from_run("runs/hazelnut-hole")
+    result = gen(image, mask, seed=0)   # result.image, result.mask, result.scores, result.chosen
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from defectfill.config.settings import check_all, compile_module, precision_dtype, resolve_compile, resolve_precision
+from defectfill.config.stages import TrainConfig, prompt_problem, sampling_checks
+from defectfill.core.errors import DefectFillError
+from defectfill.data.masks import fit_mask
+from defectfill.model.canvas import Canvas, prepare_canvas
+from defectfill.model.names import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME
+from defectfill.model.pipeline import load_pipeline, vae_scale_factor
+from defectfill.outputs.run_folder import pick_defect_type, read_trained_run, type_token_file
+
+log = logging.getLogger(__name__)
+
+# How runs on the built-in base sample best (docs/method.md, "Sampling on defectfill-mini"): its fine-tunes'
+# defects show under the defect prompt at guidance 1; the object prompt paints the part, guidance > 1 undoes them
+MINI_SAMPLING = {"prompt": "A photo of {token}", "guidance": 1.0}
+
+
+def warn_if_mini_sampling_differs(model: str, prompt: str | None, guidance: float) -> bool:
+    """Log a warning when a run on `defectfill-mini` samples otherwise than MINI_SAMPLING; True if it did."""
+    if Path(model).name != "defectfill-mini" or (prompt == MINI_SAMPLING["prompt"] and guidance <= 1.0):
+        return False
+    log.warning("this run's base is defectfill-mini, on which DefectFill's defects show with --prompt \"%s\" "
+                "--guidance %g (docs/method.md, \"Sampling on defectfill-mini\"); sampling with %s at guidance %g "
+                "mostly paints the part instead.", MINI_SAMPLING["prompt"], MINI_SAMPLING["guidance"],
+                repr(prompt or "the object prompt"), guidance)
+    return True
+
+
+# (candidates (N,3,h,w) in [-1,1], source (1,3,h,w) in [-1,1]) -> (N,) scores, higher = less like the source
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_LPIPS_MIN_SIDE = 64  # AlexNet's five stages need a few pixels left at the end
+
+
+# --------------------------------------------------------------------------- selection
+
+
+class LPIPSScorer:
+    """LPIPS distance of bounding-box crops (each side stretched to >= 64 px for AlexNet's five stages)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, candidates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        from defectfill.model.lpips import lpips_distance
+
+        h, w = candidates.shape[-2:]
+        # each side stretched on its own: a 1x800 scratch box becomes 64x800, not 64x51200
+        size = (max(h, _LPIPS_MIN_SIDE), max(w, _LPIPS_MIN_SIDE))
+        if size != (h, w):
+            candidates = F.interpolate(candidates, size=size, mode="bilinear", align_corners=False)
+            source = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
+        device = next(self.model.parameters()).device
+        a = candidates.float().to(device)
+        b = source.float().to(device).expand_as(a)
+        return lpips_distance(self.model, a, b).cpu()
+
+
+def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Bool HxW -> (y0, y1, x0, x1), half-open, of the True pixels."""
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
+def _to_tensor(arr: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [-1, 1]."""
+    t = torch.from_numpy(np.array(arr, dtype=np.float32)) / 127.5 - 1.0
+    return t.movedim(-1, -3)
+
+
+def select_low_fidelity(
+    candidates: np.ndarray, source: np.ndarray, mask: np.ndarray, scorer: Scorer
+) -> tuple[int, list[float]]:
+    """Score (N,H,W,3) uint8 candidates against the (H,W,3) source inside the mask's bounding box.
+
+    Returns the index of the highest score (least like the defect-free input) and every score.
+    """
+    y0, y1, x0, x1 = mask_bbox(mask)
+    crops = _to_tensor(candidates[:, y0:y1, x0:x1])  # (N, 3, h, w)
+    ref = _to_tensor(source[None, y0:y1, x0:x1])  # (1, 3, h, w)
+    scores = torch.as_tensor(scorer(crops, ref)).reshape(-1).float()
+    if scores.numel() != len(candidates):
+        raise RuntimeError(f"scorer returned {scores.numel()} scores for {len(candidates)} candidates")
+    return int(torch.argmax(scores)), [float(s) for s in scores]
+
+
+# --------------------------------------------------------------------------- paste-back
+
+
+def feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
+    """Blend weight (H,W) float32: 0 outside the mask, ramping to 1 over `feather` px inside its edge.
+
+    The ramp lies inside the mask only, so pixels outside keep the input exactly.
+    """
+    alpha = mask.astype(np.float32)
+    if feather <= 0:
+        return alpha
+    # depth of each mask pixel (chessboard distance to the outside, 1 at the edge), via repeated erosion
+    depth = np.zeros(mask.shape, dtype=np.float32)
+    im = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
+    from PIL import ImageFilter
+
+    current = mask
+    for _ in range(feather):
+        depth += current
+        im = im.filter(ImageFilter.MinFilter(3))
+        current = np.asarray(im) >= 128
+    return np.where(mask, np.minimum(depth / feather, 1.0), 0.0).astype(np.float32)
+
+
+def paste_back(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, feather: int = 0) -> np.ndarray:
+    """(…,H,W,3) uint8 generated, (H,W,3) uint8 source, (H,W) bool mask -> uint8, equal to source outside the mask."""
+    alpha = feather_alpha(mask, feather)[..., None]  # (H, W, 1)
+    blended = np.rint(alpha * generated.astype(np.float32) + (1 - alpha) * source.astype(np.float32))
+    out = blended.clip(0, 255).astype(np.uint8)
+    # exact copy outside the mask (not just numerically close): the guarantee users rely on
+    return np.where(mask[..., None], out, source)
+
+
+# --------------------------------------------------------------------------- the model's canvas
+
+
+# --------------------------------------------------------------------------- generator
+
+
+@dataclass
+class GenerationResult:
+    image: Image.Image  # chosen candidate, source size, pasted back
+    mask: np.ndarray  # (H, W) bool at source size
+    candidates: list[Image.Image]  # every candidate, pasted back
+    scores: list[float] | None  # LFS score of each candidate (None with one candidate)
+    chosen: int
+    attention: np.ndarray | None = None  # (H, W) float in [0, 1]: the token's cross-attention for the chosen one
+    seeds: list[int] = field(default_factory=list)
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """The seed of item or candidate `index` under `seed`: independent streams, reproducible, fits torch's range."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _scheduler(pipe, name: str):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+
+    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+               "pndm": PNDMScheduler}
+    if name not in classes:
+        raise DefectFillError(f"--scheduler {name!r}: choose one of {', '.join(classes)}.")
+    return classes[name].from_config(pipe.scheduler.config)
+
+
+def run_prompt(config: TrainConfig, template: str | None = None, defect_type: str | None = None) -> tuple[str, str]:
+    """(prompt, token) of a run: the template (default the run's object prompt) filled in by `TrainConfig.prompt`
+    with the token of `defect_type` (a per-object run has one per type; default: the run's one token)."""
+    template = template or config.object_prompt
+    problem = prompt_problem(template, "--prompt")
+    if problem:
+        raise DefectFillError(problem + ".")
+    token = config.type_tokens()[defect_type] if defect_type is not None else config.prompt_token
+    return config.prompt(template, token), token
+
+
+def merge_lora_weights(pipe) -> None:
+    """Fold the loaded LoRA into the UNet's and text encoder's weights and remove the LoRA layers.
+
+    A sampling step then costs what the base model costs: no extra LoRA matmuls per projection.
+    """
+    pipe.fuse_lora(lora_scale=1.0)
+    pipe.unload_lora_weights()  # the fused weights stay; only the LoRA layers go
+
+
+class DefectGenerator:
+    """Generate defect images on defect-free ones with a trained run.
+
+        gen = DefectGenerator.from_run("runs/hazelnut-hole")
+        result = gen(image, mask, seed=0)   # result.image, result.mask, result.scores, result.chosen
+    """
+
+    def __init__(
+        self,
+        pipe,
+        prompt: str,
+        token: str,
+        resolution: int,
+        candidates: int = 8,
+        steps: int = 50,
+        guidance: float = 7.5,
+        feather: int = 0,
+        batch_size: int | None = None,
+        scorer: Scorer | None = None,
+        lpips_weights: str | None = None,
+        lpips_pretrained: bool = True,
+        device: str | torch.device = "cpu",
+        save_attention: bool = False,
+    ):
+        check_all(sampling_checks(candidates, steps, guidance, feather, batch_size))
+        self.pipe = pipe
+        self.prompt, self.token = prompt, token
+        self.resolution = resolution
+        self.candidates, self.steps, self.guidance, self.feather = candidates, steps, guidance, feather
+        self.batch_size = batch_size or candidates
+        self.device = torch.device(device)
+        self._scorer = scorer
+        self._lpips_weights = lpips_weights
+        self._lpips_pretrained = lpips_pretrained
+        self.save_attention = save_attention
+        self.defect_type: str | None = None
+        self.type_prompts: dict[str, tuple[str, str]] = {}  # each drawable type's (prompt, token), `from_run`
+
+    def for_type(self, defect_type: str) -> "DefectGenerator":
+        """The same pipeline drawing another defect type of its run (one model per object): a shallow copy with
+        that type's prompt and token."""
+        if defect_type not in self.type_prompts:
+            raise DefectFillError(f"defect type {defect_type!r}: this generator draws "
+                                  f"{', '.join(self.type_prompts) or 'only its own prompt'}.")
+        other = copy.copy(self)
+        other.prompt, other.token = self.type_prompts[defect_type]
+        other.defect_type = defect_type
+        return other
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        device: str | torch.device = "cpu",
+        mixed_precision: str = "no",
+        scorer: Scorer | None = None,
+        prompt: str | None = None,
+        scheduler: str = "ddim",
+        merge_lora: bool = True,
+        compile: str = "no",
+        defect_type: str | None = None,
+        **settings: Any,
+    ) -> "DefectGenerator":
+        """Load the run's base model, LoRA and (if trained) new tokens; settings go to __init__.
+
+        `defect_type`: the type to draw; a run trained on several (one model per object) needs it, and
+        `for_type` switches to another of them without reloading.
+
+        `mixed_precision` (auto, no, fp16, bf16) is the dtype of the pipeline's weights. `merge_lora` folds
+        the LoRA into the weights it adapts and drops the LoRA layers (only in memory: the run's files stay
+        as they are), so each sampling step runs the plain networks. `compile` (auto, yes, no) compiles the UNet.
+        """
+        run_dir = Path(run_dir).expanduser()
+        config = read_trained_run(run_dir)
+        defect_type = pick_defect_type(run_dir, config, defect_type)
+        type_prompts = {t: run_prompt(config, prompt, t) for t in config.type_tokens()}
+        prompt_text, token = type_prompts[defect_type]
+        dtype = precision_dtype(resolve_precision(mixed_precision, str(device)))
+        pipe = load_pipeline(config.model, dtype)
+        try:
+            pipe.load_lora_weights(str(run_dir), weight_name=LORA_WEIGHTS_NAME)
+            if config.per_object:  # every type's token: one file each, as diffusers reads them
+                tokens = config.type_tokens()
+                pipe.load_textual_inversion([str(run_dir / type_token_file(t)) for t in tokens],
+                                            token=list(tokens.values()))
+            elif config.new_token:
+                pipe.load_textual_inversion(str(run_dir / TOKEN_WEIGHTS_NAME), token=config.new_token)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise DefectFillError(
+                f"{run_dir}: cannot load the trained weights into {config.model} "
+                f"({str(exc).splitlines()[0]}). Was the run trained on this base model?"
+            ) from None
+        if merge_lora:
+            merge_lora_weights(pipe)
+        pipe.scheduler = _scheduler(pipe, scheduler)
+        pipe = pipe.to(device)
+        if resolve_compile(compile, str(device)):
+            pipe.unet = compile_module(pipe.unet)
+        pipe.set_progress_bar_config(disable=True)
+        generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device, **settings)
+        generator.defect_type, generator.type_prompts = defect_type, type_prompts
+        warn_if_mini_sampling_differs(config.model, prompt, generator.guidance)
+        return generator
+
+    @property
+    def scorer(self) -> Scorer:
+        if self._scorer is None:  # loaded on first use: --candidates 1 never needs LPIPS weights
+            from defectfill.model.lpips import load_lpips
+
+            self._scorer = LPIPSScorer(load_lpips(self._lpips_weights, pretrained_backbone=self._lpips_pretrained,
+                                                  device=self.device))
+        return self._scorer
+
+    def _token_weights(self, n: int) -> torch.Tensor:
+        """(B, 77) weights of the token's positions for a UNet batch of n candidates.
+
+        Under classifier-free guidance the pipeline's UNet batch is [unconditional n, conditional n];
+        only the conditional rows see the prompt, so the unconditional rows get zero weight.
+        """
+        from defectfill.model.pipeline import token_positions
+
+        positions = token_positions(self.pipe.tokenizer, self.prompt, self.token)
+        cfg = self.guidance > 1.0
+        weights = torch.zeros(2 * n if cfg else n, self.pipe.tokenizer.model_max_length)
+        weights[n if cfg else 0 :, positions] = 1.0 / len(positions)
+        return weights
+
+    @torch.no_grad()
+    def _sample(self, image: Image.Image, mask: np.ndarray, seed: int) -> tuple[np.ndarray, list[int], Canvas, np.ndarray | None]:
+        """-> (N, h, w, 3) uint8 at the model's scale (the image's aspect, `Canvas.scaled`), the candidate seeds,
+        the canvas, and with save_attention the token's cross-attention maps (N, h_lat, w_lat) in [0, 1] on the
+        canvas's latent grid (else None)."""
+        factor = vae_scale_factor(self.pipe.vae)
+        canvas, image_c, mask_c = prepare_canvas(image, mask, self.resolution, factor)
+        (sw, sh), (cw, ch) = canvas.scaled, canvas.size
+        seeds = [derived_seed(seed, i) for i in range(self.candidates)]
+        gen_device = "cpu" if self.device.type == "mps" else self.device
+        outputs, maps = [], []
+        recorder = None
+        if self.save_attention:
+            from defectfill.model.attention import AttentionRecorder
+
+            # a running mean at latent size: every (layer, step) map resized to the image first held
+            # layers x steps x rows full-size maps (about 7 GiB at 512 px, 50 steps, 8 candidates)
+            recorder = AttentionRecorder(self.pipe.unet, running_hw=(ch // factor, cw // factor))
+        try:
+            for start in range(0, self.candidates, self.batch_size):
+                chunk = seeds[start : start + self.batch_size]
+                generators = [torch.Generator(gen_device).manual_seed(s) for s in chunk]
+                if recorder is not None:
+                    recorder.start(self._token_weights(len(chunk)).to(self.device))
+                out = self.pipe(
+                    prompt=self.prompt, image=image_c, mask_image=mask_c, height=ch, width=cw,
+                    num_images_per_prompt=len(chunk), generator=generators,
+                    num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
+                ).images  # (n, ch, cw, 3) float in [0, 1]
+                outputs.append(np.clip(np.rint(out[:, :sh, :sw] * 255), 0, 255).astype(np.uint8))
+                if recorder is not None:
+                    # mean over every decoder layer and step; the conditional rows are the last n
+                    maps.append(recorder.running_mean()[-len(chunk) :].cpu().numpy())  # (n, h_lat, w_lat)
+                    recorder.stop()
+        finally:
+            if recorder is not None:
+                recorder.remove()
+        return np.concatenate(outputs), seeds, canvas, (np.concatenate(maps) if maps else None)
+
+    def __call__(self, image: Image.Image, mask: np.ndarray, seed: int = 0) -> GenerationResult:
+        """N candidates for one defect-free image and target mask (True = defect), the LFS choice among them."""
+        image = image.convert("RGB")
+        mask = fit_mask(np.asarray(mask, dtype=bool), image.size)
+        if not mask.any():
+            raise DefectFillError("the target mask is empty: draw the defect region in white.")
+        source = np.asarray(image)  # (H, W, 3) uint8
+        raw, seeds, canvas, maps = self._sample(image, mask, seed)
+        w, h = image.size
+        resized = np.stack([
+            np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) if c.shape[:2] != (h, w) else c
+            for c in raw
+        ])  # (N, H, W, 3)
+        pasted = paste_back(resized, source, mask, self.feather)  # (N, H, W, 3)
+        if self.candidates == 1:
+            chosen, scores = 0, None
+        else:
+            chosen, scores = select_low_fidelity(pasted, source, mask, self.scorer)
+        attention = None
+        if maps is not None:
+            # one resize, latent grid -> the canvas at the source's scale, then the canvas padding cut off
+            (sw, sh), (cw, ch) = canvas.scaled, canvas.size
+            big = (max(w, round(cw * w / sw)), max(h, round(ch * h / sh)))
+            att = Image.fromarray(maps[chosen].astype(np.float32), mode="F").resize(big, Image.Resampling.BILINEAR)
+            attention = np.clip(np.asarray(att)[:h, :w], 0.0, 1.0)  # (H, W)
+        return GenerationResult(
+            image=Image.fromarray(pasted[chosen]), mask=mask, candidates=[Image.fromarray(c) for c in pasted],
+            scores=scores, chosen=chosen, attention=attention, seeds=seeds,
+        )

@@ -1,0 +1,154 @@
+"""Training checkpoints with no pickles: safetensors for tensors, JSON for the rest.
+
+A `checkpoint-N/` folder holds:
+    trainable.safetensors       every trainable tensor (LoRA, new token rows) by name
+    optimizer.safetensors/.json the optimiser's per-parameter state and its param groups
+    scheduler.json              the learning-rate scheduler's state
+    rng_state.safetensors       torch CPU (and CUDA) generator states
+    trainer_state.json          step, skipped steps, the settings the run was made with
+    pytorch_lora_weights.safetensors  the LoRA at this step, loadable by diffusers
+It is written to a hidden temporary folder and renamed into place, so a
+killed run never leaves a half-written checkpoint that `--resume latest` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from defectfill.core.atomic import replace_dir
+from defectfill.core.errors import DefectFillError
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
+    found = [p for p in found if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+
+
+def _step(path: Path) -> int:
+    match = CHECKPOINT_RE.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint: step, skipped steps, and the settings it was made with."""
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DefectFillError(f"{path}: trainer_state.json is damaged ({exc}); resume from another checkpoint.") from None
+    if not isinstance(state, dict):
+        raise DefectFillError(f"{path}: trainer_state.json is damaged; resume from another checkpoint.")
+    return state
+
+
+def resolve_resume(run_dir: Path, resume: str) -> Path:
+    """`latest` -> the newest complete checkpoint; otherwise a checkpoint folder path."""
+    if resume == "latest":
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise DefectFillError(
+                f"{run_dir}: --resume latest found no checkpoint-N folder to continue from. "
+                "Start without --resume, or point --output at the run you want to continue."
+            )
+        return found[-1]
+    path = Path(resume).expanduser()
+    if not (path / "trainer_state.json").is_file():
+        raise DefectFillError(f"{path}: not a checkpoint folder (no trainer_state.json). Use --resume latest or a checkpoint-N path.")
+    return path
+
+
+def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    per_param: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    trainer_state: dict[str, Any],
+    write_lora: Callable[[Path], None],
+) -> Path:
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file(rng, str(tmp / "rng_state.safetensors"))
+    write_lora(tmp)
+    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+    replace_dir(tmp, final)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore optimiser, scheduler and RNG; return (trainable tensors, trainer state)."""
+    try:
+        trainable = load_file(str(path / "trainable.safetensors"))
+        _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
+                              json.loads((path / "optimizer.json").read_text()))
+        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
+        rng = load_file(str(path / "rng_state.safetensors"))
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        earlier = [p for p in list_checkpoints(path.parent) if _step(p) < _step(path)]
+        way_out = (f"resume from {earlier[-1].name} (--resume {earlier[-1]}, or remove {path.name} and use "
+                   "--resume latest)" if earlier else "start again without --resume")
+        raise DefectFillError(f"{path}: {path.name} is damaged ({str(exc).splitlines()[0]}): {way_out}.") from None
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    return trainable, state

@@ -1,0 +1,312 @@
+"""The generated dataset: the folder `defectfill generate` (and the browser UI's "add") writes, in the MVTec AD
+layout with a manifest of the finished items.
+
+    <output>/
+      <category>/test/<type>/NNN.png                 the chosen images
+      <category>/ground_truth/<type>/NNN_mask.png    their masks
+      <category>/train/good/<name>                   the defect-free sources (links; --with-good)
+      candidates/<category>/<type>/NNN_[dI_]C.png    every candidate (--save-candidates)
+      attention/<category>/<type>/NNN[_I]_attn.png   the token's attention map (--save-attention)
+      defect_masks/<category>/<type>/NNN_I_<t>_mask.png  each defect's own mask (several per image)
+      manifest.jsonl (manifest.partR.jsonl while processes write)
+      generate.json                                  which run(s) and settings produced the folder
+      preview.png (.preview/ while it is written)
+
+A manifest row is appended only once the item's image and mask exist, so a row always means a finished item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from defectfill.config.stages import GenerateConfig
+from defectfill.core.atomic import atomic_write, write_json
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import IGNORED, contained
+from defectfill.outputs.run_folder import read_recorded_config
+
+if TYPE_CHECKING:  # the sampler's result type, for annotations only: this layer does not import generation
+    from defectfill.generate.generator import GenerationResult
+
+MANIFEST = "manifest.jsonl"
+STATE = "generate.json"  # which run and settings produced this output folder
+PREVIEW = "preview.png"
+PREVIEW_DIR = ".preview"  # one strip per early item, stacked into preview.png at the end
+
+
+@dataclass
+class Item:
+    """One output image: its index, source image, mask source and seed."""
+
+    index: int
+    image: Path
+    mask_source: str  # a mask file path, or "shape:<name>"
+    seed: int
+    mask_rule: str = "half"  # how a mask file is read: "nonzero" for VisA's held-out masks (`load_mask`)
+
+
+class OutputFolder:
+    """The files of one output folder: names, the finished-item manifest, the run identity."""
+
+    def __init__(self, root: Path, category: str, defect_type: str, count: int):
+        self.root = root
+        self.category, self.defect_type = category, defect_type
+        self.digits = max(3, len(str(max(count - 1, 0))))
+
+    def image_path(self, index: int) -> Path:
+        return self.root / self.category / "test" / self.defect_type / f"{index:0{self.digits}d}.png"
+
+    def mask_path(self, index: int) -> Path:
+        return self.root / self.category / "ground_truth" / self.defect_type / f"{index:0{self.digits}d}_mask.png"
+
+    def candidate_path(self, index: int, c: int, defect: int | None = None) -> Path:
+        # outside the MVTec tree so dataset loaders never read candidates as test images
+        step = "" if defect is None else f"d{defect}_"
+        return self.root / "candidates" / self.category / self.defect_type / f"{index:0{self.digits}d}_{step}{c}.png"
+
+    def defect_mask_path(self, index: int, defect: int, defect_type: str) -> Path:
+        """One defect's own mask in an image with several (outside the MVTec tree, named in the manifest)."""
+        return (self.root / "defect_masks" / self.category / self.defect_type /
+                f"{index:0{self.digits}d}_{defect}_{defect_type}_mask.png")
+
+    def good_path(self, source_image: str | None) -> Path | None:
+        """Where a source (defect-free) image is linked as a training image: <category>/train/good/<name>."""
+        if not source_image:
+            return None
+        return self.root / self.category / "train" / "good" / Path(source_image).name
+
+    def link_good_images(self) -> int:
+        """Link every finished item's source image into <category>/train/good (anomalib's MVTec datamodule
+        trains on it); hard links, copies where links fail. Returns how many are linked."""
+        linked = 0
+        for row in self.finished().values():
+            good = self.good_path(row.get("source_image"))
+            if good is None or not Path(row["source_image"]).is_file():
+                continue
+            source = Path(row["source_image"])
+            if not good.exists():
+                good.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(source, good)
+                except OSError:
+                    atomic_write(good, lambda p, s=source: shutil.copyfile(s, p))
+            linked += 1
+        return linked
+
+    def attention_path(self, index: int, defect: int | None = None) -> Path:
+        step = "" if defect is None else f"_{defect}"
+        return self.root / "attention" / self.category / self.defect_type / f"{index:0{self.digits}d}{step}_attn.png"
+
+    def part_path(self, rank: int) -> Path:
+        return self.root / f"manifest.part{rank}.jsonl"
+
+    def manifest_files(self) -> list[Path]:
+        return [self.root / MANIFEST] + sorted(self.root.glob("manifest.part*.jsonl"))
+
+    def finished(self) -> dict[int, dict]:
+        """Manifest rows by index whose image and mask exist; a torn last line (killed mid-write) is ignored."""
+        rows: dict[int, dict] = {}
+        for path in self.manifest_files():
+            if not path.is_file():
+                continue
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                    index = int(row["index"])
+                    # the row's own paths: a later --count may change the width of the file names
+                    names = (row["image"], row["mask"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+                # an edited manifest must not make us read, or with --overwrite delete, files elsewhere
+                files = [contained(self.root, name, path) for name in names]
+                if all(f.is_file() for f in files):
+                    rows[index] = row
+        return rows
+
+    def merge_manifest(self) -> int:
+        """Fold the per-process parts into one manifest.jsonl sorted by index; returns its row count."""
+        rows = self.finished()
+        text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
+        atomic_write(self.root / MANIFEST, lambda p: p.write_text(text))
+        for part in self.root.glob("manifest.part*.jsonl"):
+            part.unlink()
+        return len(rows)
+
+
+def output_identity(run_dirs: list[Path], settings: GenerateConfig) -> dict[str, Any]:
+    """What decides the results in an output folder: the run(s) (their exact config.json) and the settings."""
+    recorded = [read_recorded_config(d) or {} for d in run_dirs]
+    # one run hashes as it always did, so folders written before several runs were possible keep their identity
+    config_hash = hashlib.sha256(json.dumps(recorded[0] if len(recorded) == 1 else recorded,
+                                            sort_keys=True).encode()).hexdigest()[:16]
+    return {"run": ",".join(str(d.resolve()) for d in run_dirs), "run_config_sha256": config_hash,
+            "settings": settings.identity()}
+
+
+def output_problem(out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
+    """Why the output folder may not be written (another run's results, foreign files), or None. Writes nothing."""
+    state_path = out.root / STATE
+    if out.root.exists() and not out.root.is_dir():
+        return f"--output {out.root}: is a file, not a folder. Choose a folder (a new one is made)."
+    if overwrite and state_path.is_file():
+        return None
+    if state_path.is_file():
+        try:
+            previous = json.loads(state_path.read_text())
+        except ValueError:
+            previous = None
+        if isinstance(previous, dict):
+            previous = {k: previous.get(k) for k in identity}
+        # a folder with no finished item holds nothing to protect (e.g. a first attempt that failed early)
+        if previous != identity and not resume and out.finished():
+            what = "another run" if previous is None or previous.get("run") != identity["run"] or \
+                previous.get("run_config_sha256") != identity["run_config_sha256"] else "other settings"
+            return (f"--output {out.root}: holds results of {what} ({state_path}). Pass --resume to add to them, "
+                    "--overwrite to replace them, or choose another --output folder.")
+    elif out.root.is_dir() and any(p.name not in IGNORED for p in out.root.iterdir()) and not (resume or overwrite):
+        return (f"--output {out.root}: folder is not empty and was not written by `defectfill generate`. "
+                "Choose an empty or new folder (or pass --overwrite to write into it anyway).")
+    return None
+
+
+def prepare_output(
+    out: OutputFolder, identity: dict[str, Any], resume: bool, overwrite: bool, record: dict[str, Any]
+) -> None:
+    """Refuse a folder holding other results unless told; clear our own files for --overwrite; record the settings."""
+    problem = output_problem(out, identity, resume, overwrite)
+    if problem:
+        raise DefectFillError(problem)
+    state_path = out.root / STATE
+    if overwrite and state_path.is_file():
+        # only what this tool writes is removed; anything else the user keeps there stays
+        for row in out.finished().values():
+            for key in ("image", "mask"):
+                (out.root / row[key]).unlink(missing_ok=True)
+            good = out.good_path(row.get("source_image"))
+            if good is not None:
+                good.unlink(missing_ok=True)
+        for name in ("candidates", "attention", "defect_masks", PREVIEW_DIR):
+            shutil.rmtree(out.root / name, ignore_errors=True)
+        for p in out.manifest_files() + [out.root / PREVIEW, state_path]:
+            p.unlink(missing_ok=True)
+    out.root.mkdir(parents=True, exist_ok=True)
+    write_json(state_path, {**identity, **record})
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda p: image.save(p, format="PNG"))
+
+
+def thumb(image: Image.Image, side: int) -> Image.Image:
+    return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+
+CAPTION_H = 14  # px under each tile for its label
+
+
+def preview_strip(source: Image.Image, result: GenerationResult, side: int = 128) -> Image.Image:
+    """source | mask | chosen | other candidates, each `side` px, captioned with the LFS scores.
+
+    The chosen candidate is framed in green, so a person sees at once what selection kept.
+    """
+    from PIL import ImageDraw
+
+    order = [result.chosen] + [i for i in range(len(result.candidates)) if i != result.chosen]
+    mask_im = Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L")
+    tiles = [(source, "source"), (mask_im, "mask")]
+    for rank, i in enumerate(order):
+        score = f" {result.scores[i]:.3f}" if result.scores else ""
+        tiles.append((result.candidates[i], ("chosen" if rank == 0 else f"#{i}") + score))
+    strip = Image.new("RGB", (side * len(tiles), side + CAPTION_H), (0, 0, 0))
+    draw = ImageDraw.Draw(strip)
+    for k, (tile, caption) in enumerate(tiles):
+        strip.paste(thumb(tile, side), (k * side, 0))
+        draw.text((k * side + 3, side + 1), caption, fill=(230, 230, 230))
+    draw.rectangle([2 * side, 0, 3 * side - 1, side - 1], outline=(0, 220, 0), width=2)
+    return strip
+
+
+def write_preview(out: OutputFolder) -> None:
+    strips = [Image.open(p).convert("RGB") for p in sorted((out.root / PREVIEW_DIR).glob("*.png"))]
+    if not strips:
+        return
+    sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (0, 0, 0))
+    y = 0
+    for s in strips:
+        sheet.paste(s, (0, y))
+        y += s.height
+    save_png(sheet, out.root / PREVIEW)
+
+
+def save_mask(mask: np.ndarray, path: Path) -> None:
+    save_png(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"), path)
+
+
+def save_candidates_and_attention(out: OutputFolder, index: int, result: GenerationResult, save_candidates: bool,
+                                   defect: int | None = None) -> str | None:
+    """The candidates (if asked) and the attention map (if recorded) of one painted defect; returns the map's path
+    relative to the output folder, for the manifest (None without one)."""
+    if save_candidates:
+        for c, cand in enumerate(result.candidates):
+            save_png(cand, out.candidate_path(index, c, defect))
+    if result.attention is None:
+        return None
+    heat = Image.fromarray(np.rint(result.attention * 255).astype(np.uint8), mode="L")
+    save_png(heat, out.attention_path(index, defect))
+    return str(out.attention_path(index, defect).relative_to(out.root))
+
+
+def append_row(part: Path, row: dict[str, Any]) -> None:
+    """Append one manifest row to `part`, flushed to disk: called only once the item's files exist, so a row
+    always means a finished item."""
+    with open(part, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_item(out: OutputFolder, item: Item, source: Image.Image, result: GenerationResult, prompt: str,
+               settings_identity: dict[str, Any], part: Path, save_candidates: bool = False,
+               preview_rows: int = 0, defect_type: str | None = None) -> dict[str, Any]:
+    """Write one generated item (image, mask, candidates, attention map, preview strip), then append its
+    manifest row to `part`; returns the row. `defect_type` goes in the row when the output holds drawn types
+    (a per-object run). `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
+    save_png(result.image, out.image_path(item.index))
+    save_mask(result.mask, out.mask_path(item.index))
+    attention = save_candidates_and_attention(out, item.index, result, save_candidates)
+    if item.index < preview_rows:
+        save_png(preview_strip(source, result), out.root / PREVIEW_DIR / f"{item.index:06d}.png")
+    row = {
+        "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
+        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+        "mask_source": item.mask_source, "prompt": prompt, "seed": item.seed,
+        "candidate_seeds": result.seeds, "scores": result.scores, "chosen": result.chosen,
+    }
+    if defect_type is not None:
+        row["defect_type"] = defect_type
+    if attention is not None:
+        row["attention"] = attention
+    row["settings"] = settings_identity
+    append_row(part, row)
+    return row
+
+
+def finish_output(out: OutputFolder, with_good: bool) -> int:
+    """One manifest.jsonl from the parts, the defect-free sources linked (with_good), preview.png; returns the
+    manifest's row count."""
+    total = out.merge_manifest()
+    if with_good:
+        out.link_good_images()
+    write_preview(out)
+    return total
+
+

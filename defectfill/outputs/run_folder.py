@@ -1,0 +1,141 @@
+"""The run folder: what `defectfill train` writes and generate, evaluate and run read.
+
+    <run>/
+      config.json                          the TrainConfig (every setting), defectfill_version, base_model
+      split.json                           which defect images trained and which are held out
+      pytorch_lora_weights.safetensors     the LoRA, as diffusers' load_lora_weights reads it
+      learned_embeds.safetensors           a new token's embedding row (with --new-token)
+      learned_embeds-<type>.safetensors    one model per object: each type's token row ({"<type>": row})
+      checkpoint-N/                        resumable state (see checkpoint.py)
+      logs/, train.log                     TensorBoard scalars and samples, the text log
+
+This module is the one place that knows these names and reads config.json back
+into a `TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import defectfill
+from defectfill.config.stages import TrainConfig
+from defectfill.core.atomic import write_json
+from defectfill.core.errors import DefectFillError
+from defectfill.data.split import ObjectSplit, Split, read_split
+from defectfill.model.names import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME
+
+CONFIG_NAME = "config.json"
+SPLIT_NAME = "split.json"
+RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, "logs", "train.log"}
+
+
+def type_token_file(defect_type: str) -> str:
+    """The file of one defect type's token in a per-object run, in the textual-inversion format diffusers'
+    `load_textual_inversion(path, token="<type>")` reads (one token per file: it accepts no more)."""
+    return f"learned_embeds-{defect_type}.safetensors"
+
+
+def is_run_file(name: str) -> bool:
+    """Whether a name in a folder is one `defectfill train` writes."""
+    return name in RUN_FILES or (name.startswith("learned_embeds-") and name.endswith(".safetensors"))
+
+
+def write_run_config(run_dir: str | Path, config: TrainConfig) -> None:
+    """config.json: every training setting, plus the package version and the base model."""
+    write_json(Path(run_dir) / CONFIG_NAME, {**config.to_dict(), "defectfill_version": defectfill.__version__,
+                                              "base_model": config.model})
+
+
+def write_run_files(run_dir: str | Path, config: TrainConfig, split: Split | ObjectSplit) -> None:
+    """The settings and the split of a run, written when training starts."""
+    write_run_config(run_dir, config)
+    split.save(Path(run_dir) / SPLIT_NAME)
+
+
+def read_recorded_config(run_dir: str | Path) -> dict | None:
+    """config.json as recorded (a dict), None when there is none; a clear error when it is unreadable."""
+    path = Path(run_dir) / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        raise DefectFillError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(data, dict):
+        raise DefectFillError(f"{path}: expected a mapping of settings.")
+    return data
+
+
+def read_run_config(run_dir: str | Path, strict: bool = True) -> TrainConfig | None:
+    """The TrainConfig a run was trained with, type-checked; `model` is the recorded base model.
+
+    `strict`: config.json and the settings generation needs must be there. Otherwise (evaluation, which
+    reads older and partial run folders too) a folder without config.json gives None.
+    """
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / CONFIG_NAME
+    recorded = read_recorded_config(run_dir)
+    if recorded is None:
+        if not strict:
+            return None
+        raise DefectFillError(f"{run_dir}: no {CONFIG_NAME}; this is not a finished defectfill run folder.")
+    missing = [k for k in ("category", "defect_type", "token", "resolution") if not recorded.get(k)]
+    if not (recorded.get("base_model") or recorded.get("model")):
+        missing.append("base_model")
+    if missing and strict:
+        raise DefectFillError(f"{path}: missing setting(s) {', '.join(missing)}; was it written by `defectfill train`?")
+    values = {**recorded}
+    if recorded.get("base_model") or recorded.get("model"):
+        values["model"] = recorded.get("base_model") or recorded["model"]
+    try:
+        return TrainConfig.build(values, source=str(path), require=False, ignore_unknown=True)
+    except DefectFillError as exc:
+        if str(path) in str(exc):
+            raise
+        raise DefectFillError(f"{path}: {exc}") from None
+
+
+def read_trained_run(run_dir: str | Path) -> TrainConfig:
+    """`read_run_config` of a run whose training has finished: its weights must be there."""
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise DefectFillError(f"--run {run_dir}: folder not found. Pass the output folder of `defectfill train`.")
+    config = read_run_config(run_dir)
+    if not (run_dir / LORA_WEIGHTS_NAME).is_file():
+        raise DefectFillError(
+            f"{run_dir}: no {LORA_WEIGHTS_NAME}. Training has not finished; wait for it or pass a finished run "
+            "(or a checkpoint folder holding the weights)."
+        )
+    if config.new_token and not (run_dir / TOKEN_WEIGHTS_NAME).is_file():
+        raise DefectFillError(f"{run_dir}: the run trained the token {config.new_token!r} but "
+                              f"{TOKEN_WEIGHTS_NAME} is missing.")
+    if config.per_object:
+        missing = [type_token_file(t) for t in config.defect_types() if not (run_dir / type_token_file(t)).is_file()]
+        if missing:
+            raise DefectFillError(f"{run_dir}: the run trained one token per defect type but {', '.join(missing)} "
+                                  "is missing. Training has not finished; wait for it or resume it.")
+    return config
+
+
+def read_run_split(run_dir: str | Path, defect_type: str | None = None) -> Split:
+    """The run's split; of a per-object run, the split of `defect_type` (refused, with the types named, without)."""
+    return read_split(Path(run_dir) / SPLIT_NAME, defect_type)
+
+
+def pick_defect_type(run_dir: str | Path, config: TrainConfig, asked: str | None, flag: str = "--defect-type") -> str:
+    """The defect type to draw from a run: `asked` (any spelling the layout accepts: VisA names with spaces)
+    when the run trained it, the run's one type by default; otherwise an error listing the run's types."""
+    from defectfill.data.layouts import find_type
+
+    types = list(config.type_tokens())
+    if asked is None:
+        if len(types) == 1:
+            return types[0]
+        raise DefectFillError(f"--run {run_dir}: one model for {config.category} with the defect types "
+                              f"{', '.join(types)}; name the one to draw with {flag} (one of them).")
+    match = find_type(asked, types)
+    if match is not None:
+        return match
+    raise DefectFillError(f"{flag} {asked}: the run {run_dir} does not know this defect type; it trained "
+                          f"{', '.join(types)}.")

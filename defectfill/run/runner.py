@@ -1,0 +1,315 @@
+"""`defectfill run`: train, generate and evaluate every defect type of one or more categories.
+
+Only orchestration lives here; each stage is the stage command's own code
+(`train.trainer.train`, `generate.writer.run_generate`, `evaluate.evaluator.evaluate`), called for one defect
+type by `process.process_type`. A stage whose outputs are complete is skipped, so a killed `run` continues
+where it stopped.
+
+    <output>/
+      runs/<category>-<type>/        training run (LoRA, config, split, checkpoints)
+      runs/<category>/               with --one-model-per-object: the category's one run, every type's token
+      generated/<category>-<type>/   generated images of that type (MVTec layout, manifest, preview)
+      synth/                         every generated image, one MVTec-layout dataset (hard links)
+      eval/<category>-<type>/        KID, IC-LPIPS and their report
+      eval/<category>-downstream/    the inspection models (with --downstream)
+      results/<category>-<type>.json each type's result as it finished (what --report-only reads)
+      report.html, report.md, summary.json
+
+Each type is processed under its own lock (`results/.<category>-<type>.lock`), so two jobs never work on one
+type; the run folder's lock is exclusive for a whole run and for --report-only, shared among the --shard jobs
+(which write no report), and never taken by a Ray task, whose driver holds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from defectfill.config.stages import RunConfig
+from defectfill.core.atomic import write_json
+from defectfill.core.errors import DefectFillError
+from defectfill.core.folders import claim_folder, folder_lock
+from defectfill.data import make_split, open_layout
+from defectfill.outputs.checkpoints import list_checkpoints
+from defectfill.outputs.report import write_run_report
+from defectfill.run.process import (
+    TypeResult,
+    _manifest_count,
+    _train_state,
+    process_type,
+    read_result,
+    run_downstream,
+)
+from defectfill.run.ray_executor import RayExecutor, import_ray
+
+log = logging.getLogger("defectfill.run")
+RUN_SETTINGS = "run.json"  # the RunConfig of the run, every flat setting but those of the invocation
+
+
+def plan_types(layout, categories: list[str] | None, defect_types: list[str] | None) -> list[tuple[str, str]]:
+    """(category, type) pairs to process, with clear errors for unknown names."""
+    cats = categories or layout.categories()
+    if not cats:
+        raise DefectFillError(f"{layout.root}: no categories found; pass --category.")
+    pairs = []
+    for cat in cats:
+        layout.check_category(cat)
+        types = defect_types or layout.defect_types(cat)
+        for t in types:
+            layout.check_defect_type(cat, t)
+            pairs.append((cat, layout.canonical_defect_type(cat, t)))  # VisA: folders use the underscore form
+    return pairs
+
+
+def shard_pairs(pairs: list[tuple[str, str]], shard: tuple[int, int] | None) -> list[tuple[str, str]]:
+    """The pairs of --shard I/N: the plan sorted by (category, type), then every N-th from position I.
+
+    The slices are disjoint and together the whole plan, whatever order the categories were listed in;
+    round-robin spreads each category's types over the shards. Plan order is kept within a slice.
+    """
+    if shard is None:
+        return pairs
+    index, count = shard
+    mine = set(sorted(pairs)[index - 1::count])
+    return [p for p in pairs if p in mine]
+
+
+def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) -> Path:
+    """One MVTec-layout dataset of every generated image and its defect-free sources (hard links; copies
+    where links fail)."""
+    synth = output / "synth"
+    for r in results:
+        gen = config.folders(r.category, r.defect_type)["generated"] / r.category
+        good = gen / "train" / "good"
+        if good.is_dir():  # the sources of every type, in one train/good
+            dst_good = synth / r.category / "train" / "good"
+            dst_good.mkdir(parents=True, exist_ok=True)
+            for src in sorted(good.iterdir()):
+                if not (dst_good / src.name).exists():
+                    _link(src, dst_good / src.name)
+        for sub in ("test", "ground_truth"):
+            src_dir = gen / sub / r.defect_type
+            if not src_dir.is_dir():
+                continue
+            dst_dir = synth / r.category / sub / r.defect_type
+            if dst_dir.exists():
+                shutil.rmtree(dst_dir)
+            dst_dir.mkdir(parents=True)
+            for src in sorted(src_dir.iterdir()):
+                _link(src, dst_dir / src.name)
+    return synth
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def print_plan(layout, pairs: list[tuple[str, str]], config: RunConfig) -> None:
+    """What `run` would do, read from the dataset and the output folder only (no model is loaded)."""
+    print(f"plan for {config.output} (dataset {layout.root}, layout {layout.name})")
+    header = f"{'category/type':28} {'refs':>4} {'held-out':>8} {'good':>5} {'train steps':>12} {'to generate':>12}"
+    print(header)
+    total_steps = 0
+    counted: set[Path] = set()  # one model per object: a category's run trains once
+    for cat, t in pairs:
+        folders = config.folders(cat, t)
+        steps = config.train.steps
+        split = make_split(layout, cat, t)
+        checkpoints = list_checkpoints(folders["run"])
+        done = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
+        steps_left = 0 if _train_state(folders["run"], steps) == "complete" or folders["run"] in counted \
+            else steps - done
+        counted.add(folders["run"])
+        total_steps += steps_left
+        to_generate = max(0, config.generate.count - _manifest_count(folders["generated"]))
+        print(f"{cat + '/' + t:28} {len(split.reference):>4} {len(split.held_out):>8} "
+              f"{len(layout.good_images(cat)):>5} {steps_left:>12} {to_generate:>12}")
+    models = f" in {len(counted)} model(s), one per object" if config.one_model_per_object else ""
+    print(f"{len(pairs)} defect type(s){models}, {total_steps} training steps in all, batch {config.train.batch_size}, "
+          f"{config.generate.candidates} candidates per image; downstream: {config.downstream}")
+
+
+def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, distance: Any = None,
+            note: str | None = None) -> list[TypeResult]:
+    """The whole job; returns one result per defect type (failures included) after writing the report.
+
+    `feature_extractor` (KID) and `distance` (IC-LPIPS) replace the standard networks (offline demos,
+    tests); `note` is shown at the top of the report. With --shard I/N only that slice of the plan is
+    processed and no report is written; --report-only writes it from the recorded results.
+    """
+    config.validate()  # every stage's settings, before any work
+    output = Path(config.output).expanduser()
+    layout = open_layout(config.train.data, config.train.layout)
+    pairs = plan_types(layout, config.selected_categories(), config.selected_defect_types())
+    shard = config.shard_slice()
+    mine = shard_pairs(pairs, shard)
+    if config.dry_run:
+        if shard:
+            print(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the plan's {len(pairs)} defect type(s)")
+        print_plan(layout, mine, config)
+        return []
+    if config.executor == "ray":
+        import_ray()  # a missing extra is named before anything is written
+    evaluate_kwargs = {"feature_extractor": feature_extractor, "distance": distance, "note": note}
+    if config.report_only:
+        return _report_only(config, output, pairs, evaluate_kwargs)
+    claim_folder(output, "run")  # an empty or new folder, or one `run` wrote: never a foreign one
+    # a whole run is the only writer; the shards of one job share the folder (each type has its own lock)
+    holder = f"run --shard {shard[0]}/{shard[1]}" if shard else "run"
+    with folder_lock(output, holder, shared=shard is not None), _executor(config) as executor:
+        return _run_types(config, output, pairs, mine, evaluate_kwargs, executor)
+
+
+def object_types_of(config: RunConfig, pairs: list[tuple[str, str]], cat: str) -> list[str] | None:
+    """With --one-model-per-object, the planned types of `cat` (the category's one run trains them all)."""
+    return [t for c, t in pairs if c == cat] if config.one_model_per_object else None
+
+
+class LocalExecutor:
+    """Each type in this process, one after another (the default)."""
+
+    def types(self, config: RunConfig, pairs: list[tuple[str, str]],
+              evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
+        return [process_type(cat, t, config, f"[{i + 1}/{len(pairs)}]", evaluate_kwargs,
+                             object_types=object_types_of(config, pairs, cat))
+                for i, (cat, t) in enumerate(pairs)]
+
+    def downstream(self, config: RunConfig, categories: list[str], synth: Path, note: str | None) -> dict[str, str]:
+        return {cat: run_downstream(config, cat, synth, note) for cat in categories}
+
+
+@contextlib.contextmanager
+def _executor(config: RunConfig):
+    if config.executor == "ray":
+        with RayExecutor(config) as executor:  # Ray itself, an optional extra, is imported by its constructor
+            yield executor
+    else:
+        yield LocalExecutor()
+
+
+@contextlib.contextmanager
+def _run_log(output: Path):
+    handler = logging.FileHandler(output / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger("defectfill").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("defectfill").removeHandler(handler)
+        handler.close()
+
+
+def _run_types(config: RunConfig, output: Path, pairs: list[tuple[str, str]], mine: list[tuple[str, str]],
+               evaluate_kwargs: dict[str, Any], executor) -> list[TypeResult]:
+    """Every type's stages, then (a whole run) the combined dataset, the downstream models and the report."""
+    write_json(output / RUN_SETTINGS, config.recorded())
+    started = time.time()
+    with _run_log(output):
+        results = executor.types(config, mine, evaluate_kwargs)
+        shard = config.shard_slice()
+        if shard is None:
+            _finish(config, output, pairs, results, evaluate_kwargs["note"], time.time() - started, executor)
+    print_summary(results, output, report=shard is None)
+    if shard is not None:
+        print(f"shard {shard[0]}/{shard[1]} finished its {len(mine)} defect type(s); once every shard has, write the "
+              "report with the same command and --report-only instead of --shard.")
+    return results
+
+
+def _report_only(config: RunConfig, output: Path, pairs: list[tuple[str, str]],
+                 evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
+    """The combined dataset, the downstream models and the report from the results the jobs recorded."""
+    if not (output / RUN_SETTINGS).is_file():
+        raise DefectFillError(f"--report-only: {output} holds no run ({RUN_SETTINGS} is missing). Run `defectfill run` "
+                              "(or its --shard jobs) with this --output first, or point --output at the run's folder.")
+    claim_folder(output, "run")  # refuses a folder some other command wrote
+    started = time.time()
+    # exclusive: refused while a shard still writes here; Ray is joined only for the downstream models
+    executor = _executor(config) if config.downstream != "none" else contextlib.nullcontext(LocalExecutor())
+    with folder_lock(output, "run --report-only"), executor as executor, _run_log(output):
+        results = [read_result(config, cat, t) for cat, t in pairs]
+        _finish(config, output, pairs, results, evaluate_kwargs["note"], time.time() - started, executor)
+    print_summary(results, output)
+    return results
+
+
+def _finish(config: RunConfig, output: Path, pairs: list[tuple[str, str]], results: list[TypeResult],
+            note: str | None, seconds: float, executor) -> None:
+    """synth/, the downstream models of each category whose types are all done, and the report."""
+    started = time.time()
+    synth = _assemble_synth(config, output, [r for r in results if r.n_generated])
+    downstream: dict[str, str] = {}
+    if config.downstream != "none":
+        ready = []
+        for cat in sorted({c for c, _ in pairs}):
+            if any(r.status != "done" for r in results if r.category == cat):
+                downstream[cat] = "not run: a defect type of this category failed or has not run"
+            else:
+                ready.append(cat)
+        downstream.update(executor.downstream(config, ready, synth, note))
+        downstream = {cat: downstream[cat] for cat in sorted(downstream)}
+    _write_report(config, output, results, downstream, note, seconds + time.time() - started)
+
+
+def print_summary(results: list[TypeResult], output: Path, report: bool = True) -> None:
+    print(f"\n{'category/type':28} {'status':7} {'images':>6} {'KID x1e3':>10} {'IC-LPIPS':>9}")
+    for r in results:
+        kid = f"{r.kid_x1e3:.2f}" if r.kid_x1e3 is not None else "-"
+        ic = f"{r.ic_lpips:.3f}" if r.ic_lpips is not None else "-"
+        print(f"{r.category + '/' + r.defect_type:28} {r.status:7} {r.n_generated:>6} {kid:>10} {ic:>9}")
+        if r.error:
+            print(f"    {r.error}")
+    if report:
+        print(f"\nreport: {output / 'report.html'}")
+
+
+def _write_report(config: RunConfig, output: Path, results: list[TypeResult], downstream: dict[str, str],
+                  note: str | None, seconds: float) -> None:
+    """summary.json, report.html and report.md of the whole run."""
+    write_json(output / "summary.json", {
+        "results": [asdict(r) for r in results], "downstream": downstream, "seconds": round(seconds, 1),
+        "note": note,
+    })
+
+    def num(v: float | None, fmt: str) -> str:
+        return format(v, fmt) if v is not None else "-"
+
+    rows, sections = [], []
+    for r in results:
+        folders = config.folders(r.category, r.defect_type)
+        eval_report = folders["eval"] / "report.html"
+        kid = f"{num(r.kid_x1e3, '.2f')} ± {num(r.kid_std_x1e3, '.2f')}" if r.kid_x1e3 is not None else "-"
+        rows.append({
+            "category": r.category, "defect type": r.defect_type,
+            "status": r.status if not r.error else f"{r.status}: {r.error}",
+            "references": str(r.n_references), "held out": str(r.n_held_out), "generated": str(r.n_generated),
+            "KID x10^3 (± std)": kid, "IC-LPIPS": num(r.ic_lpips, ".3f"),
+            "run": os.path.relpath(folders["run"], output),
+            # a failed type may have no evaluation: no link to a report that does not exist
+            "evaluation": os.path.relpath(eval_report, output) if eval_report.is_file() else None,
+        })
+        sections.append({"title": f"{r.category} / {r.defect_type}",
+                         "grid": folders["eval"] / f"samples_{r.category}_{r.defect_type}.png",
+                         "preview": folders["generated"] / "preview.png"})
+    write_run_report(output, rows, sections, downstream, note, seconds)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """`defectfill run`: the flags (and --config file) as a RunConfig, then the whole job."""
+    results = run_all(RunConfig.from_args(args))
+    return 1 if any(r.status != "done" for r in results) else 0
