@@ -15,6 +15,10 @@ __version__ = "0.1.0"
 import importlib  # noqa: E402
 
 from defectfill.core.errors import DefectFillError  # noqa: E402
+from defectfill.core.lazy import install_module_aliases  # noqa: E402
+
+# old module paths, for one release (with a DeprecationWarning): the public names of the modules that replaced them
+install_module_aliases({"defectfill.sampler": ("defectfill.generate.generator", "defectfill.model.canvas")})
 
 _API = {
     "TrainConfig": "defectfill.config.stages", "GenerateConfig": "defectfill.config.stages",

@@ -1,10 +1,17 @@
 """Names a package serves from its submodules on first use (PEP 562 `__getattr__`), so importing a package
 imports no torch until a name that needs it is read; and the names an old module path still serves for one
-release, with a `DeprecationWarning` that says where they live now."""
+release, with a `DeprecationWarning` that says where they live now.
+
+An old module whose file moved (`defectfill/sampler.py` is `defectfill/generate/generator.py`) is served by an
+import hook (`install_module_aliases`) rather than by a file left at its old path: with no file there, git sees
+the move as a rename, so a branch that still edits the old file merges into the new one.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -78,3 +85,37 @@ def make_callable(package: str, function: str) -> None:
     module = sys.modules[package]
     module.__class__ = _CallableStage
     module._stage_function = function
+
+
+class _AliasLoader(importlib.abc.Loader):
+    """Loads an old module path as a module holding the public names of the modules that replaced it."""
+
+    def __init__(self, sources: tuple[str, ...]):
+        self.sources = sources
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None  # the default module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        warnings.warn(f"the module {module.__name__} is deprecated and goes in the next release: use "
+                      f"{' and '.join(self.sources)}", DeprecationWarning, stacklevel=2)
+        for source in self.sources:
+            names = vars(importlib.import_module(source))
+            module.__dict__.update({k: v for k, v in names.items() if not k.startswith("_")})
+
+
+class _AliasFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, aliases: dict[str, tuple[str, ...]]):
+        self.aliases = aliases
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.aliases:
+            return None
+        return importlib.util.spec_from_loader(fullname, _AliasLoader(self.aliases[fullname]))
+
+
+def install_module_aliases(aliases: dict[str, tuple[str, ...]]) -> None:
+    """Serve each old module path (`defectfill.sampler`) as the public names of its new modules, with a
+    DeprecationWarning at its first import. Installed once, by the package `defectfill`."""
+    if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
+        sys.meta_path.append(_AliasFinder(aliases))
