@@ -18,7 +18,11 @@ from defectfill.core.errors import DefectFillError  # noqa: E402
 from defectfill.core.lazy import install_module_aliases  # noqa: E402
 
 # old module paths, for one release (with a DeprecationWarning): the public names of the modules that replaced them
-install_module_aliases({"defectfill.sampler": ("defectfill.generate.generator", "defectfill.model.canvas")})
+install_module_aliases({
+    "defectfill.sampler": ("defectfill.generate.generator", "defectfill.model.canvas"),
+    "defectfill.errors": ("defectfill.core.errors",),
+    "defectfill.metrics": ("defectfill.evaluate.metrics",),  # kid(...), ic_lpips(...) as the README showed
+})
 
 _API = {
     "TrainConfig": "defectfill.config.stages", "GenerateConfig": "defectfill.config.stages",

@@ -81,6 +81,8 @@ def test_the_old_module_paths_warn_and_still_work():
     from defectfill.outputs.checkpoints import save_checkpoint
     from defectfill.outputs.generated import OutputFolder, output_identity
 
+    # no file at the old paths (git then sees the moves as renames): an import hook serves them
+    assert not (ROOT / "defectfill" / "sampler.py").exists()
     for name in ("defectfill.sampler", "defectfill.errors"):
         sys.modules.pop(name, None)
     with pytest.warns(DeprecationWarning, match="defectfill.sampler is deprecated"):
@@ -89,6 +91,12 @@ def test_the_old_module_paths_warn_and_still_work():
     with pytest.warns(DeprecationWarning, match="defectfill.errors is deprecated"):
         errors = importlib.import_module("defectfill.errors")
     assert errors.DefectFillError is DefectFillError
+    sys.modules.pop("defectfill.metrics", None)
+    with pytest.warns(DeprecationWarning, match="defectfill.metrics is deprecated"):
+        metrics = importlib.import_module("defectfill.metrics")
+    from defectfill.evaluate.metrics import kid
+
+    assert metrics.kid is kid
 
     import defectfill.config
     import defectfill.evaluate

@@ -60,12 +60,6 @@ def _warn(old: str, new: str) -> None:
     warnings.warn(f"{old} is deprecated and goes in the next release: use {new}", DeprecationWarning, stacklevel=3)
 
 
-def warn_moved(old_module: str, new: str) -> None:
-    """The warning of an old module path kept as a shim (imported once: the warning comes at its first import)."""
-    warnings.warn(f"the module {old_module} is deprecated and goes in the next release: use {new}",
-                  DeprecationWarning, stacklevel=3)
-
-
 class _CallableStage(types.ModuleType):
     """A stage package that is also callable as its stage function (`defectfill.train(config)`)."""
 

@@ -1,4 +1,4 @@
-"""The sampler: a trained run turns one defect-free image and a target mask into defect candidates.
+"""The generator: a trained run turns one defect-free image and a target mask into defect candidates.
 
 `DefectGenerator` is the Python API: N candidates of one (image, mask) in one
 pipeline batch, pasted back so that outside the mask the output is the input,

@@ -42,7 +42,7 @@ def prepare_canvas(image: Image.Image, mask: np.ndarray, resolution: int, factor
     grown to whole latent cells: the pipeline's own nearest resize to the latent grid would otherwise keep one
     pixel per cell, so the UNet's mask channel would say "keep" over most of a thin scratch while the masked
     image is grey there. Grown, the mask channel covers every cell the mask touches and the masked image is grey
-    over exactly those cells: the condition training builds (`model.encode_inpaint_condition`). Paste-back
+    over exactly those cells: the condition training builds (`pipeline.encode_inpaint_condition`). Paste-back
     uses the exact pixel mask at the source's size.
     """
     canvas = canvas_for(image.size, resolution, factor)

@@ -140,7 +140,7 @@ def encode_inpaint_condition(
     scaled by the VAE's scaling factor). Departure from the stock pipeline, on purpose: it resizes the
     mask with nearest sampling, so a defect thinner than a cell mostly vanished from the mask channel
     while the masked image was still grey there. For a mask made of whole cells both agree
-    (tests/test_model.py), and generation hands the pipeline the grown mask (`sampler`).
+    (tests/test_model.py), and generation hands the pipeline the grown mask (`canvas.prepare_canvas`).
     """
     f = vae_scale_factor(vae)
     mask = (mask >= 0.5).to(image.dtype)

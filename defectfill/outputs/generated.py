@@ -34,7 +34,7 @@ from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained
 from defectfill.outputs.run_folder import read_recorded_config
 
-if TYPE_CHECKING:  # the sampler's result type, for annotations only: this layer does not import generation
+if TYPE_CHECKING:  # the generator's result type, for annotations only: this layer does not import generation
     from defectfill.generate.generator import GenerationResult
 
 MANIFEST = "manifest.jsonl"

@@ -6,7 +6,7 @@
       pytorch_lora_weights.safetensors     the LoRA, as diffusers' load_lora_weights reads it
       learned_embeds.safetensors           a new token's embedding row (with --new-token)
       learned_embeds-<type>.safetensors    one model per object: each type's token row ({"<type>": row})
-      checkpoint-N/                        resumable state (see checkpoint.py)
+      checkpoint-N/                        resumable state (see checkpoints.py)
       logs/, train.log                     TensorBoard scalars and samples, the text log
 
 This module is the one place that knows these names and reads config.json back

@@ -1,4 +1,4 @@
-"""The straightforward (slow) DefectFill step, kept to check and time the fast step of `train.py` against.
+"""The straightforward (slow) DefectFill step, kept to check and time the fast step of `trainer.py` against.
 
 This is how the public re-implementations structure a step: one UNet call per
 branch, one text-encoder call and one masked-image VAE call per branch, and an

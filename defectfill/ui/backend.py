@@ -4,7 +4,7 @@ Everything here works on plain values (paths, PIL images, numpy masks), so it is
 browser and the app module (`defectfill.ui.app`) is only layout and wiring. Every name that comes
 from the page (a run, an image, a dataset, an item) is checked against the folders the app was
 started with: a run must be one found under them, a dataset path must stay inside the datasets
-folder (`folders.contained`), an image must be one of the run's defect-free images.
+folder (`core.folders.contained`), an image must be one of the run's defect-free images.
 
 Items are written by `outputs.generated.write_item` and `finish_output`, the code behind
 `defectfill generate`, so a folder the UI writes is one `evaluate`, `train --layout mvtec` and
@@ -129,7 +129,7 @@ def shape_scale(size: float) -> tuple[float, float]:
 
 def place_shape(image: Image.Image, shape: str, size: float, seed: int) -> np.ndarray:
     """A `shape` mask of about `size` of the image area on the object's foreground, as `generate --masks
-    shapes` places one (`masks.shape_mask` on `masks.estimate_foreground`); the seed decides where."""
+    shapes` places one (`data.masks.shape_mask` on `data.masks.estimate_foreground`); the seed decides where."""
     if shape not in SHAPES:
         raise DefectFillError(f"shape {shape!r}: choose one of {', '.join(SHAPES)}.")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
@@ -223,7 +223,7 @@ class Outcome:
     run: str
     run_dir: Path
     source: Source
-    result: Any  # sampler.GenerationResult
+    result: Any  # generate.generator.GenerationResult
     mask_source: str  # "shape:<name>" (a placed shape, unedited) or "drawn"
     settings: dict[str, Any]  # candidates, steps, guidance, seed, attention, shape, mask_scale
     prompt: str
