@@ -424,14 +424,20 @@ def sample_batch(rng: np.random.Generator, n: int, size: int = 64, empty_caption
     the anomaly, is what tells the UNet what to paint there: the prior DefectFill's token relies on."""
     images, captions, masks = [], [], []
     for _ in range(n):
-        sample = draw_world(rng, size, empty_caption_rate)
+        sample, mask = sample_training_pair(rng, size, empty_caption_rate, cover_rate)
         images.append(np.asarray(sample.image))
         captions.append(sample.caption)
-        if sample.anomaly is not None and rng.random() < cover_rate:
-            masks.append(cover_mask(rng, sample.anomaly))
-        else:
-            masks.append(sample_inpaint_mask(rng, size))
+        masks.append(mask)
     return np.stack(images), captions, np.stack(masks)
+
+
+def sample_training_pair(rng: np.random.Generator, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+                         cover_rate: float = COVER_RATE) -> tuple[WorldSample, np.ndarray]:
+    """One world sample and its inpainting mask: over its anomaly with probability `cover_rate`, else random."""
+    sample = draw_world(rng, size, empty_caption_rate)
+    if sample.anomaly is not None and rng.random() < cover_rate:
+        return sample, cover_mask(rng, sample.anomaly)
+    return sample, sample_inpaint_mask(rng, size)
 
 
 def _fine_detail(image: Image.Image, rng: np.random.Generator) -> Image.Image:
