@@ -72,3 +72,48 @@ def test_masks_are_never_empty_and_varied():
     areas = np.array([m.mean() for m in masks])
     assert areas.min() < 0.02 and areas.max() > 0.3  # thin lines to large boxes
     assert len({round(a, 3) for a in areas}) > 100
+
+
+def test_most_anomalies_are_the_hole_and_their_caption_names_them():
+    """The base learns that the words decide what is painted in the hole: for most images with an anomaly the
+    inpainting mask covers the anomaly's pixels, and those captions (unless empty) name the anomaly."""
+    from defectfill.pretrain.world import ANOMALIES, sample_training_pair
+
+    rng = np.random.default_rng(2)
+    pairs = [sample_training_pair(rng, 64) for _ in range(300)]
+    with_anomaly = [(s, m) for s, m in pairs if s.anomaly is not None]
+    assert 0.45 < len(with_anomaly) / len(pairs) < 0.75
+    stems = [words.split(" of ")[0] for words in ANOMALIES.values()]
+    for s, _ in with_anomaly:
+        assert s.caption == "" or any(stem in s.caption for stem in stems), s.caption
+    covered = sum(bool((m & s.anomaly).sum() == s.anomaly.sum()) for s, m in with_anomaly)
+    assert 0.6 < covered / len(with_anomaly) < 0.85  # COVER_RATE 0.7; a random mask rarely covers one whole
+
+
+def test_an_anomaly_mask_keeps_a_thin_mark_whole():
+    """A thin line drawn on the doubled canvas keeps every final pixel it touches (max-pooled, not thresholded)."""
+    from defectfill.pretrain.world import draw_world
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        s = draw_world(rng, 64, anomaly_rate=1.0)
+        if s.anomaly is not None and "line" in s.caption:
+            break
+    changed = np.abs(np.asarray(s.image, float).mean(-1) - np.median(np.asarray(s.image, float).mean(-1)))
+    assert s.anomaly.sum() >= 20  # a 0.15-0.45 frame-long line, 2-3 px wide
+    assert changed[s.anomaly].mean() > changed[~s.anomaly].mean()
+
+
+def test_captions_come_in_several_phrasings_and_the_autoencoder_sees_fine_marks():
+    from defectfill.pretrain.world import caption_words, sample_autoencoder_batch
+
+    rng = np.random.default_rng(3)
+    captions = [sample_world(rng, 32)[1] for _ in range(400)]
+    assert any(c.startswith("a photo of ") for c in captions)
+    assert any(" with " in c and c.split(" with ")[0].count(" ") == 1 for c in captions)  # "a nut with ..."
+    words = set(caption_words())
+    assert {w for c in captions for w in c.replace("{colour}", "").split()} <= words
+    plain = sample_autoencoder_batch(np.random.default_rng(4), 16, 64, detail_rate=0.0)
+    marked = sample_autoencoder_batch(np.random.default_rng(4), 16, 64, detail_rate=1.0)
+    assert plain.shape == marked.shape == (16, 64, 64, 3)
+    assert (np.abs(plain.astype(int) - marked.astype(int)).max(axis=-1) > 20).mean() > 0.002

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,35 @@ def run_prompt(config: TrainConfig, template: str | None = None, defect_type: st
     return config.prompt(template, token), token
 
 
+UNCONDITIONAL = ("tuned", "base")
+
+
+@contextmanager
+def lora_on_rows(unet: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
+    """Within the block, each LoRA layer of `unet` adds its change only to the batch rows where `rows` (B,) is 1:
+    one batched UNet call gives the base model's prediction on the other rows (e.g. the unconditional half of a
+    classifier-free-guidance batch). Works on unmerged (PEFT) LoRA layers; a batch of another size is refused."""
+    hooks = []
+
+    def scale(module, inputs, output):
+        if output.shape[0] != rows.shape[0]:
+            raise RuntimeError(f"LoRA row weights for {rows.shape[0]} rows, batch of {output.shape[0]}")
+        return output * rows.to(output.dtype).view(-1, *([1] * (output.dim() - 1)))
+
+    for module in unet.modules():
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_b, torch.nn.ModuleDict):
+            hooks += [layer.register_forward_hook(scale) for layer in lora_b.values()]
+    if not hooks:
+        raise DefectFillError("the unconditional prediction from the base needs the LoRA layers unmerged "
+                              "(merge_lora=False).")
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def merge_lora_weights(pipe) -> None:
     """Fold the loaded LoRA into the UNet's and text encoder's weights and remove the LoRA layers.
 
@@ -218,8 +248,15 @@ class DefectGenerator:
         lpips_pretrained: bool = True,
         device: str | torch.device = "cpu",
         save_attention: bool = False,
+        unconditional: str = "tuned",
     ):
         check_all(sampling_checks(candidates, steps, guidance, feather, batch_size))
+        if unconditional not in UNCONDITIONAL:
+            raise DefectFillError(f"--unconditional {unconditional!r}: choose tuned or base.")
+        # "base": the classifier-free-guidance branch without the prompt comes from the base model (LoRA off in
+        # the UNet and the text encoder), so guidance pushes away from the base's inpainting, not from a
+        # fine-tuned model's own unconditional prediction, which the LoRA has already moved toward the defect
+        self.unconditional = unconditional
         self.pipe = pipe
         self.prompt, self.token = prompt, token
         self.resolution = resolution
@@ -256,6 +293,7 @@ class DefectGenerator:
         merge_lora: bool = True,
         compile: str = "no",
         defect_type: str | None = None,
+        unconditional: str = "tuned",
         **settings: Any,
     ) -> "DefectGenerator":
         """Load the run's base model, LoRA and (if trained) new tokens; settings go to __init__.
@@ -287,14 +325,15 @@ class DefectGenerator:
                 f"{run_dir}: cannot load the trained weights into {config.model} "
                 f"({str(exc).splitlines()[0]}). Was the run trained on this base model?"
             ) from None
-        if merge_lora:
+        if merge_lora and unconditional != "base":  # the base's rows need the LoRA layers kept apart
             merge_lora_weights(pipe)
         pipe.scheduler = _scheduler(pipe, scheduler)
         pipe = pipe.to(device)
         if resolve_compile(compile, str(device)):
             pipe.unet = compile_module(pipe.unet)
         pipe.set_progress_bar_config(disable=True)
-        generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device, **settings)
+        generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device,
+                        unconditional=unconditional, **settings)
         generator.defect_type, generator.type_prompts = defect_type, type_prompts
         warn_if_mini_sampling_differs(config.model, prompt, generator.guidance)
         return generator
@@ -322,6 +361,25 @@ class DefectGenerator:
         weights[n if cfg else 0 :, positions] = 1.0 / len(positions)
         return weights
 
+    @contextmanager
+    def _unconditional_from_base(self, n: int) -> Iterator[dict[str, Any]]:
+        """The pipeline's prompt arguments for n candidates; with unconditional="base" under guidance, the
+        empty prompt encoded with the text encoder's LoRA off and the UNet's LoRA applied only to the n
+        conditional rows of the [unconditional n, conditional n] batch (one call per step, as stock CFG)."""
+        if self.unconditional != "base" or self.guidance <= 1.0:
+            yield {"prompt": self.prompt}
+            return
+        device = self.pipe._execution_device
+        prompt_embeds, _ = self.pipe.encode_prompt(self.prompt, device, 1, False)
+        self.pipe.disable_lora()
+        try:
+            negative, _ = self.pipe.encode_prompt("", device, 1, False)
+        finally:
+            self.pipe.enable_lora()
+        rows = torch.cat([torch.zeros(n), torch.ones(n)]).to(device)
+        with lora_on_rows(self.pipe.unet, rows):
+            yield {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
+
     @torch.no_grad()
     def _sample(self, image: Image.Image, mask: np.ndarray, seed: int) -> tuple[np.ndarray, list[int], Canvas, np.ndarray | None]:
         """-> (N, h, w, 3) uint8 at the model's scale (the image's aspect, `Canvas.scaled`), the candidate seeds,
@@ -346,11 +404,13 @@ class DefectGenerator:
                 generators = [torch.Generator(gen_device).manual_seed(s) for s in chunk]
                 if recorder is not None:
                     recorder.start(self._token_weights(len(chunk)).to(self.device))
-                out = self.pipe(
-                    prompt=self.prompt, image=image_c, mask_image=mask_c, height=ch, width=cw,
-                    num_images_per_prompt=len(chunk), generator=generators,
-                    num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
-                ).images  # (n, ch, cw, 3) float in [0, 1]
+                with self._unconditional_from_base(len(chunk)) as prompt_kwargs:
+                    out = self.pipe(
+                        image=image_c, mask_image=mask_c, height=ch, width=cw,
+                        num_images_per_prompt=len(chunk), generator=generators,
+                        num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
+                        **prompt_kwargs,
+                    ).images  # (n, ch, cw, 3) float in [0, 1]
                 outputs.append(np.clip(np.rint(out[:, :sh, :sw] * 255), 0, 255).astype(np.uint8))
                 if recorder is not None:
                     # mean over every decoder layer and step; the conditional rows are the last n

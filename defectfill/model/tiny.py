@@ -20,9 +20,8 @@ import torch.nn as nn
 from defectfill.core.errors import DefectFillError
 
 
-@functools.lru_cache(maxsize=1)
-def _clip_tokenizer_folder() -> str:
-    """Write the real CLIP BPE vocabulary (shipped in the open_clip_torch wheel) as vocab.json + merges.txt."""
+def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:
+    """The real CLIP BPE (shipped in the open_clip_torch wheel): its 512 byte symbols and its ranked merges."""
     import importlib.util
 
     # Found, not imported: importing open_clip pulls in timm and more, and only its data file is needed.
@@ -42,9 +41,12 @@ def _clip_tokenizer_folder() -> str:
             cs.append(256 + n)
             n += 1
     alphabet = [chr(c) for c in cs]
-    vocab = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="defectfill-clip-tokenizer-"))
+    return alphabet + [a + "</w>" for a in alphabet], merges
+
+
+def _write_tokenizer_folder(symbols: list[str], merges: list[tuple[str, str]], prefix: str) -> str:
+    vocab = symbols + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
     (folder / "vocab.json").write_text(json.dumps({html.unescape(t): i for i, t in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -55,11 +57,55 @@ def _clip_tokenizer_folder() -> str:
     return str(folder)
 
 
-def clip_tokenizer():
-    """The CLIP BPE tokenizer (49408 tokens, pad "!", 77 positions), built offline."""
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer_folder() -> str:
+    """The real CLIP BPE vocabulary (49408 tokens) as vocab.json + merges.txt."""
+    symbols, merges = _clip_bpe()
+    return _write_tokenizer_folder(symbols, merges, "defectfill-clip-tokenizer-")
+
+
+def _merges_of(word: str, ranks: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The merges CLIP's BPE applies to one lower-case word, in the order it applies them."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    used = []
+    while len(parts) > 1:
+        pairs = [(parts[i], parts[i + 1]) for i in range(len(parts) - 1)]
+        best = min(pairs, key=lambda p: ranks.get(p, float("inf")))
+        if best not in ranks:
+            break
+        used.append(best)
+        merged, i = [], 0
+        while i < len(parts):
+            if i < len(parts) - 1 and (parts[i], parts[i + 1]) == best:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return used
+
+
+@functools.lru_cache(maxsize=4)
+def reduced_tokenizer_folder(words: tuple[str, ...]) -> str:
+    """A CLIP BPE tokenizer cut down to the merges these words need, as vocab.json + merges.txt.
+
+    Every one of `words` (ASCII letters) tokenizes exactly as CLIP tokenizes it, and any other text still
+    tokenizes (into smaller pieces, down to single bytes), so a user's prompt never fails. About 500 byte
+    symbols plus a few hundred merges instead of 49408 rows: a small text encoder spends its weights on
+    its layers instead of on an embedding table whose rows its training never reaches.
+    """
+    symbols, merges = _clip_bpe()
+    ranks = {m: i for i, m in enumerate(merges)}
+    needed = {m for word in words for m in _merges_of(word.lower(), ranks)}
+    return _write_tokenizer_folder(symbols, sorted(needed, key=ranks.__getitem__), "defectfill-mini-tokenizer-")
+
+
+def clip_tokenizer(folder: str | None = None):
+    """The CLIP BPE tokenizer (49408 tokens, pad "!", 77 positions), built offline; or the one in `folder`."""
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(_clip_tokenizer_folder())
+    return CLIPTokenizer.from_pretrained(folder or _clip_tokenizer_folder())
 
 
 def build_tiny_pipeline(seed: int = 0):
@@ -96,8 +142,8 @@ def build_tiny_pipeline(seed: int = 0):
 
 
 def assemble_inpaint_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.Module,
-                              prediction_type: str = "epsilon"):
-    """An inpainting pipeline of these networks with the CLIP tokenizer and SD2's DDIM schedule."""
+                              prediction_type: str = "epsilon", tokenizer=None):
+    """An inpainting pipeline of these networks with SD2's DDIM schedule and `tokenizer` (default: CLIP's)."""
     from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline
 
     scheduler = DDIMScheduler(
@@ -105,7 +151,7 @@ def assemble_inpaint_pipeline(unet: nn.Module, vae: nn.Module, text_encoder: nn.
         prediction_type=prediction_type, steps_offset=1, clip_sample=False, set_alpha_to_one=False,
     )
     return StableDiffusionInpaintPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer or clip_tokenizer(), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 

@@ -1,6 +1,6 @@
 """`defectfill pretrain-base`: pretrain a small SD2-inpainting-shaped base (`defectfill-mini`, issue 10) on the world.
 
-Two stages, both on images drawn by `defectfill.world`:
+Two stages, both on images drawn by `defectfill.pretrain.world`:
 
 1. the VAE (AutoencoderKL, factor-4 latents): L1 + L2 reconstruction and a small
    KL term, AdamW with a short warm-up and a cosine decay;
@@ -62,10 +62,13 @@ class BaseArch:
     unet_layers: int = 1
     unet_groups: int = 16
     unet_heads: tuple[int, ...] = (4, 8, 8)
-    # also the UNet's cross_attention_dim; the 49408-token embedding is most of the text encoder's size
-    text_hidden: int = 48
-    text_layers: int = 2
+    # also the UNet's cross_attention_dim
+    text_hidden: int = 128
+    text_layers: int = 4
     text_heads: int = 4
+    # "mini": CLIP's BPE cut to the world's and the prompts' words (`mini_tokenizer_folder`, ~1k rows);
+    # "clip": all 49408 rows, which at this width would be most of the text encoder's weights, untrained
+    text_vocab: str = "mini"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseArch:
@@ -78,6 +81,32 @@ class BaseArch:
 
 TINY_ARCH = BaseArch(vae_channels=(8, 16, 16), vae_groups=4, unet_channels=(16, 32, 32), unet_groups=8,
                      unet_heads=(2, 4, 4), text_hidden=16, text_layers=1, text_heads=2)
+
+# Words a prompt is likely to hold beyond the world's captions: DefectFill's templates and tokens, MVTec AD's
+# and VisA's objects and defect words. Each becomes one token as in CLIP (its embedding row untrained unless
+# the world uses it); any other word still tokenizes, in smaller pieces.
+PROMPT_WORDS = (
+    "a an the photo of with and on in sks defect defects anomaly normal good object surface texture "
+    "bottle cable capsule carpet grid hazelnut leather nut pill screw tile toothbrush transistor wood zipper "
+    "candle capsules cashew chewinggum fryum macaroni pcb pipe weave disc part "
+    "scratch scratches spot spots crack cracks hole holes stain dent cut broken bent missing color colour "
+    "contamination fold glue poke print thread rough squeeze faulty misplaced damaged large small liquid"
+)
+
+
+def mini_tokenizer_folder() -> str:
+    """The folder of the base's reduced CLIP tokenizer (`tiny.reduced_tokenizer_folder`) for the world's words
+    and `PROMPT_WORDS`."""
+    from defectfill.model.tiny import reduced_tokenizer_folder
+    from defectfill.pretrain.world import caption_words
+
+    return reduced_tokenizer_folder(tuple(sorted(set(caption_words()) | set(PROMPT_WORDS.split()))))
+
+
+def tokenizer_folder(arch: BaseArch) -> str:
+    from defectfill.model.tiny import _clip_tokenizer_folder
+
+    return mini_tokenizer_folder() if arch.text_vocab == "mini" else _clip_tokenizer_folder()
 
 
 @dataclass
@@ -94,6 +123,7 @@ class PretrainSettings:
     unet_lr: float = 5e-4
     warmup_steps: int = 100
     kl_weight: float = 1e-6
+    edge_weight: float = 1.0
     # Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction; it
     # down-weights the easy low-noise steps and converges faster, which matters on a CPU budget. 0 = off.
     min_snr_gamma: float = 5.0
@@ -115,6 +145,10 @@ class PretrainSettings:
             raise DefectFillError("--batch-size must be at least 1.")
         if self.save_every < 1:
             raise DefectFillError("--save-every must be at least 1.")
+        if self.arch.text_vocab not in ("mini", "clip"):
+            raise DefectFillError(f"--arch text_vocab {self.arch.text_vocab!r}: mini or clip.")
+        if self.edge_weight < 0:
+            raise DefectFillError("--edge-weight must be at least 0.")
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise DefectFillError(f"--prediction-type {self.prediction_type}: epsilon or v_prediction.")
 
@@ -128,9 +162,11 @@ class PretrainSettings:
 
 
 def build_networks(arch: BaseArch, size: int, seed: int):
-    """(vae, unet, text_encoder) with seeded random weights."""
+    """(vae, unet, text_encoder) with seeded random weights; the text encoder sized to the arch's tokenizer."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    vocab_size = len(json.loads((Path(tokenizer_folder(arch)) / "vocab.json").read_text()))
 
     n = len(arch.unet_channels)
     with torch.random.fork_rng():
@@ -151,10 +187,10 @@ def build_networks(arch: BaseArch, size: int, seed: int):
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 2,
+            vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 4,
             num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads, max_position_embeddings=77,
-            projection_dim=arch.text_hidden, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407,
-            pad_token_id=0,
+            projection_dim=arch.text_hidden, hidden_act="gelu", bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1, pad_token_id=0,
         ))
     return vae, unet, text_encoder
 
@@ -200,10 +236,29 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float) -> torch.Tensor:
+def autoencoder_batch(rng: np.random.Generator, n: int, size: int) -> torch.Tensor:
+    """The VAE stage's images in [-1, 1] (n,3,H,W): world images, a share with fine marks."""
+    from defectfill.pretrain.world import sample_autoencoder_batch
+
+    return torch.from_numpy(sample_autoencoder_batch(rng, n, size)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def vae_loss(vae, images: torch.Tensor, gen: torch.Generator, kl_weight: float,
+             edge_weight: float = 0.0) -> torch.Tensor:
+    """L1 + L2 reconstruction, a small KL term, and `edge_weight` x the L1 error of the images' horizontal and
+    vertical differences: a 1 px line is a small share of the pixels but most of the differences, so the edge
+    term is what makes the autoencoder keep it."""
     posterior = vae.encode(images).latent_dist
     recon = vae.decode(posterior.sample(gen)).sample
-    return F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
+    loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + kl_weight * posterior.kl().mean()
+    if edge_weight > 0:
+        (rx, ry), (ix, iy) = _gradients(recon), _gradients(images)
+        loss = loss + edge_weight * (F.l1_loss(rx, ix) + F.l1_loss(ry, iy))
+    return loss
 
 
 def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen,
@@ -401,8 +456,8 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
         vae.train()
 
         def vae_step(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-            images, _, _ = world_batch(rng, settings.batch_size, settings.size)
-            return vae_loss(vae, images, gen, settings.kl_weight)
+            images = autoencoder_batch(rng, settings.batch_size, settings.size)
+            return vae_loss(vae, images, gen, settings.kl_weight, settings.edge_weight)
 
         def vae_finish() -> None:  # the last checkpoint of stage 1 holds the measured latent scale, no optimiser
             _save(folder, 1, settings.vae_steps, {"vae": vae}, None,
@@ -417,7 +472,7 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
         del vae_opt
 
         # ---------------------------------------------------------------- stage 2: UNet + text encoder
-        tokenizer = clip_tokenizer()
+        tokenizer = clip_tokenizer(tokenizer_folder(arch))
         scheduler = ddpm_scheduler(settings.prediction_type)
         params = list(unet.parameters()) + list(text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=0.0)
@@ -440,12 +495,12 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
 
         unet.eval()
         text_encoder.eval()
-        pipe = assemble_inpaint_pipeline(unet, vae, text_encoder, settings.prediction_type)
+        pipe = assemble_inpaint_pipeline(unet, vae, text_encoder, settings.prediction_type, tokenizer)
         tmp = folder / ".pipeline.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        add_slow_tokenizer_files(tmp / "tokenizer")
+        add_slow_tokenizer_files(Path(tokenizer_folder(arch)), tmp / "tokenizer")
         for item in sorted(tmp.iterdir()):  # each part replaced whole; model_index.json last
             if item.name != "model_index.json":
                 target = folder / item.name
@@ -458,12 +513,9 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
     return folder
 
 
-def add_slow_tokenizer_files(folder: Path) -> None:
-    """Write vocab.json and merges.txt beside tokenizer.json: transformers 4 reads a CLIPTokenizer from these
-    (transformers 5 saves only tokenizer.json), and pyproject admits both."""
-    from defectfill.model.tiny import _clip_tokenizer_folder
-
-    source = Path(_clip_tokenizer_folder())  # cached for the process: left in place for clip_tokenizer()
+def add_slow_tokenizer_files(source: Path, folder: Path) -> None:
+    """Copy vocab.json and merges.txt from `source` beside tokenizer.json: transformers 4 reads a CLIPTokenizer
+    from these (transformers 5 saves only tokenizer.json), and pyproject admits both."""
     for name in ("vocab.json", "merges.txt"):
         if not (folder / name).exists():
             shutil.copyfile(source / name, folder / name)
@@ -493,6 +545,8 @@ def add_arguments(p) -> None:
     p.add_argument("--save-every", type=int, default=PretrainSettings.save_every, help="checkpoint every N steps")
     p.add_argument("--arch", default=None, help="architecture as a JSON file or inline JSON (BaseArch fields); "
                                                 "'tiny' for a seconds-long test model")
+    p.add_argument("--edge-weight", type=float, default=PretrainSettings.edge_weight,
+                   help="weight of the VAE's image-gradient L1 term (keeps thin lines)")
     p.add_argument("--prediction-type", default=PretrainSettings.prediction_type,
                    choices=("v_prediction", "epsilon"), help="what the UNet predicts")
     p.add_argument("--resume", action="store_true", help="continue the pretraining in --output exactly")
@@ -524,7 +578,7 @@ def _arch_from_arg(value: str | None) -> BaseArch:
 def pretrain_command(args) -> int:
     settings = PretrainSettings(output=args.output, size=args.size, vae_steps=args.vae_steps,
                                 unet_steps=args.unet_steps, batch_size=args.batch_size, seed=args.seed,
-                                save_every=args.save_every, prediction_type=args.prediction_type,
+                                save_every=args.save_every, prediction_type=args.prediction_type, edge_weight=args.edge_weight,
                                 arch=_arch_from_arg(args.arch))
     out = pretrain_base(settings, resume=args.resume, max_minutes=args.max_minutes)
     if out is None:

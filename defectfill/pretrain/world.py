@@ -1,15 +1,19 @@
-"""A procedurally drawn industrial world for pretraining the `defectfill-mini` base (issue 10).
+"""A procedurally drawn industrial world for pretraining the `defectfill-mini` base.
 
-`sample_world(rng, size)` draws one captioned image: a part or a surface
+`draw_world(rng, size)` draws one captioned image: a part or a surface
 (discs/washers, hex nuts, screws, circuit boards, tiles, woven fabric, wood
 grain, brushed metal, cables) in one of a dozen named colours, at a random size
 and position, under a lighting gradient with sensor noise, and about half the
 time with one generic surface anomaly (a line, a stain, a hole, a fissure, a
-chip, a fleck of colour, a missing piece, a smudge). The caption names what was
-drawn in plain words ("a blue tile", "a silver nut with a dark stain"); a
-fraction `EMPTY_CAPTION_RATE` of captions are empty, for classifier-free
-guidance. `sample_inpaint_mask(rng, size)` draws an inpainting mask (a box, a
-blob, a brush stroke or a thin line); `sample_batch` draws both for a batch.
+chip, a fleck of colour, a missing piece, a smudge), and the anomaly's pixels. The
+caption names what was drawn in plain words, in several phrasings ("a blue tile",
+"a silver nut with a dark stain", "a photo of a hole"); a fraction
+`EMPTY_CAPTION_RATE` of captions are empty, for classifier-free guidance.
+`sample_inpaint_mask(rng, size)` draws an inpainting mask (a box, a blob, a brush
+stroke or a thin line); `sample_batch` draws both for a batch, and for most images
+with an anomaly the mask covers the anomaly (`cover_mask`): then only the caption
+says what belongs in the hole, which is how the base learns that the words decide
+what is painted there. `sample_autoencoder_batch` adds fine marks for the VAE stage.
 
 Every draw comes from the numpy Generator passed in, so a seed gives the same
 images, captions and masks on every machine.
@@ -32,11 +36,15 @@ the size and downsampled, so edges are antialiased.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 EMPTY_CAPTION_RATE = 0.1
-ANOMALY_RATE = 0.5
+ANOMALY_RATE = 0.6
+COVER_RATE = 0.7  # of the images with an anomaly, the share whose inpainting mask covers it
+DETAIL_RATE = 0.5  # of the VAE stage's images, the share with fine marks drawn over them
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (178, 40, 36), "blue": (40, 74, 170), "green": (46, 130, 60), "yellow": (214, 186, 52),
@@ -64,6 +72,12 @@ ANOMALIES: dict[str, str] = {
 }
 FORBIDDEN_WORDS = ("scratch", "spot", "crack")
 BACKGROUNDS = ("black", "grey", "white", "brown", "blue")
+
+
+def caption_words() -> list[str]:
+    """Every word a caption of the world can hold."""
+    text = " ".join([*COLOURS, *(noun for noun, _, _ in KINDS.values()), *ANOMALIES.values(), "a photo of with"])
+    return sorted(set(text.replace("{colour}", "").split()))
 
 
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int = 18) -> tuple[int, int, int]:
@@ -200,8 +214,10 @@ def _part(kind: str, rgb, s: int, rng: np.random.Generator) -> tuple[Image.Image
 # --------------------------------------------------------------------------- anomalies
 
 
-def _anomaly(image: Image.Image, name: str, where: tuple, bg, rng: np.random.Generator) -> tuple[Image.Image, str]:
-    """Draw one anomaly near `where` = (cx, cy, r); returns the image and the anomaly's caption words."""
+def _anomaly(image: Image.Image, name: str, where: tuple, bg,
+             rng: np.random.Generator) -> tuple[Image.Image, str, np.ndarray]:
+    """Draw one anomaly near `where` = (cx, cy, r); returns the image, the anomaly's caption words and the
+    pixels it changed (bool, the canvas's size)."""
     s = image.size[0]
     cx, cy, r = where
     px = float(np.clip(cx + rng.uniform(-0.6, 0.6) * r, 4, s - 4))
@@ -265,7 +281,8 @@ def _anomaly(image: Image.Image, name: str, where: tuple, bg, rng: np.random.Gen
         ImageDraw.Draw(band).line([(px - dx, py - dy), (px + dx, py + dy)], fill=180, width=int(s * 0.1))
         band = band.filter(ImageFilter.GaussianBlur(s * 0.03))
         layer = Image.composite(Image.new("RGB", image.size, (235, 235, 230)), layer, band)
-    return layer, words
+    changed = np.abs(np.asarray(layer, np.int16) - np.asarray(image, np.int16)).max(axis=-1) > 12
+    return layer, words, changed
 
 
 # --------------------------------------------------------------------------- sampling
@@ -281,9 +298,33 @@ def _finish(image: Image.Image, size: int, rng: np.random.Generator) -> Image.Im
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def sample_world(rng: np.random.Generator, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
-                 anomaly_rate: float = ANOMALY_RATE) -> tuple[Image.Image, str]:
-    """One image of the world (PIL RGB, size x size) and its caption ("" with probability empty_caption_rate)."""
+@dataclass
+class WorldSample:
+    """One drawn image with its caption and, when it has an anomaly, the pixels the anomaly covers."""
+
+    image: Image.Image
+    caption: str
+    anomaly: np.ndarray | None  # (size, size) bool, or None for a normal image
+
+
+def _caption(rng: np.random.Generator, colour: str, noun: str, anomaly_words: str | None) -> str:
+    """The caption in one of several phrasings, so a prompt's words, not one fixed template, say what is
+    drawn: "a {colour} {noun} with {anomaly}", "a {noun} with {anomaly}", "a photo of {anomaly}", "{anomaly}";
+    for a normal image "a {colour} {noun}", "a {noun}", "a photo of a {colour} {noun}"."""
+    u = rng.random()
+    if anomaly_words is None:
+        return f"a {colour} {noun}" if u < 0.5 else f"a {noun}" if u < 0.8 else f"a photo of a {colour} {noun}"
+    if u < 0.4:
+        return f"a {colour} {noun} with {anomaly_words}"
+    if u < 0.7:
+        return f"a {noun} with {anomaly_words}"
+    return f"a photo of {anomaly_words}" if u < 0.9 else anomaly_words
+
+
+def draw_world(rng: np.random.Generator, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+               anomaly_rate: float = ANOMALY_RATE) -> WorldSample:
+    """One image of the world (PIL RGB, size x size), its caption ("" with probability empty_caption_rate)
+    and the anomaly's pixels (max-pooled from the doubled canvas, so a thin mark keeps every pixel it touches)."""
     kinds = list(KINDS)
     kind = kinds[int(rng.integers(len(kinds)))]
     noun, colours, is_part = KINDS[kind]
@@ -295,19 +336,27 @@ def sample_world(rng: np.random.Generator, size: int = 64, empty_caption_rate: f
     else:
         image = _surface(kind, rgb, s, rng)
         bg, where = (10, 10, 12), (s / 2, s / 2, s / 2)
-    caption = f"a {colour} {noun}"
+    words, anomaly = None, None
     if rng.random() < anomaly_rate:
         names = list(ANOMALIES)
         if not is_part:  # a surface has no edge to chip
             names.remove("chip")
         if kind == "fabric":  # the demo's defect on its weave is a dark crack: no fissures on fabric
             names.remove("fissure")
-        image, words = _anomaly(image, names[int(rng.integers(len(names)))], where, bg, rng)
-        caption += f" with {words}"
+        image, words, changed = _anomaly(image, names[int(rng.integers(len(names)))], where, bg, rng)
+        anomaly = changed.reshape(size, 2, size, 2).any(axis=(1, 3))
+    caption = _caption(rng, colour, noun, words)
     image = _finish(image, size, rng)
     if rng.random() < empty_caption_rate:
         caption = ""
-    return image, caption
+    return WorldSample(image, caption, anomaly if anomaly is not None and anomaly.any() else None)
+
+
+def sample_world(rng: np.random.Generator, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+                 anomaly_rate: float = ANOMALY_RATE) -> tuple[Image.Image, str]:
+    """One image of the world (PIL RGB, size x size) and its caption ("" with probability empty_caption_rate)."""
+    sample = draw_world(rng, size, empty_caption_rate, anomaly_rate)
+    return sample.image, sample.caption
 
 
 MASK_KINDS = ("box", "blob", "stroke", "line", "large")
@@ -344,13 +393,99 @@ def sample_inpaint_mask(rng: np.random.Generator, size: int = 64) -> np.ndarray:
     return out
 
 
-def sample_batch(rng: np.random.Generator, n: int, size: int = 64,
-                 empty_caption_rate: float = EMPTY_CAPTION_RATE) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """n samples: images (n, size, size, 3) uint8, captions, inpainting masks (n, size, size) bool."""
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    if radius <= 0:
+        return mask
+    image = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * radius + 1))
+    return np.asarray(image) >= 128
+
+
+def cover_mask(rng: np.random.Generator, anomaly: np.ndarray) -> np.ndarray:
+    """An inpainting mask over an anomaly: its pixels grown by 0-3 px, or their bounding box with a margin
+    (30 %), in a fifth of the draws joined with a random mask elsewhere."""
+    size = anomaly.shape[0]
+    grown = _dilate(anomaly, int(rng.integers(0, 4)))
+    if rng.random() < 0.3:
+        ys, xs = np.nonzero(grown)
+        margin = int(rng.integers(1, 4))
+        box = np.zeros_like(grown)
+        box[max(0, ys.min() - margin):ys.max() + margin + 1, max(0, xs.min() - margin):xs.max() + margin + 1] = True
+        grown = box
+    if rng.random() < 0.2:
+        grown = grown | sample_inpaint_mask(rng, size)
+    return grown
+
+
+def sample_batch(rng: np.random.Generator, n: int, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+                 cover_rate: float = COVER_RATE) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """n samples: images (n, size, size, 3) uint8, captions, inpainting masks (n, size, size) bool.
+
+    With probability `cover_rate` an image's anomaly is the hole (`cover_mask`), so the caption, which names
+    the anomaly, is what tells the UNet what to paint there: the prior DefectFill's token relies on."""
     images, captions, masks = [], [], []
     for _ in range(n):
-        image, caption = sample_world(rng, size, empty_caption_rate)
-        images.append(np.asarray(image))
-        captions.append(caption)
-        masks.append(sample_inpaint_mask(rng, size))
+        sample, mask = sample_training_pair(rng, size, empty_caption_rate, cover_rate)
+        images.append(np.asarray(sample.image))
+        captions.append(sample.caption)
+        masks.append(mask)
     return np.stack(images), captions, np.stack(masks)
+
+
+def sample_training_pair(rng: np.random.Generator, size: int = 64, empty_caption_rate: float = EMPTY_CAPTION_RATE,
+                         cover_rate: float = COVER_RATE) -> tuple[WorldSample, np.ndarray]:
+    """One world sample and its inpainting mask: over its anomaly with probability `cover_rate`, else random."""
+    sample = draw_world(rng, size, empty_caption_rate)
+    if sample.anomaly is not None and rng.random() < cover_rate:
+        return sample, cover_mask(rng, sample.anomaly)
+    return sample, sample_inpaint_mask(rng, size)
+
+
+def _fine_detail(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Marks finer than the world draws, for the autoencoder only (no caption, the UNet never sees them): 1-4
+    lines or polylines 0.5-2 px wide, dots and faint curves, in any tone, light or dark, strong or within a few
+    levels of the surface, sometimes blurred. A VAE that reconstructs these keeps a thin or low-contrast
+    defect a fine-tune later teaches."""
+    size = image.size[0]
+    up = 4  # drawn at 4x and box-filtered: coverage gives antialiased sub-pixel widths
+    arr = np.asarray(image, dtype=np.float32)
+    for _ in range(int(rng.integers(1, 5))):
+        cover = Image.new("L", (size * up, size * up), 0)
+        draw = ImageDraw.Draw(cover)
+        kind = rng.random()
+        x0, y0 = rng.uniform(0.1, 0.9, 2) * size * up
+        if kind < 0.75:  # a straight line or a polyline
+            pts, heading = [(x0, y0)], rng.uniform(0, 2 * np.pi)
+            for _ in range(int(rng.integers(1, 6))):
+                heading += rng.uniform(-0.8, 0.8) if rng.random() < 0.5 else 0.0
+                step = size * up * rng.uniform(0.05, 0.3)
+                pts.append((pts[-1][0] + np.cos(heading) * step, pts[-1][1] + np.sin(heading) * step))
+            draw.line(pts, fill=255, width=int(rng.integers(2, 9)), joint="curve")
+        else:  # a few dots
+            for _ in range(int(rng.integers(1, 6))):
+                r = rng.uniform(1.5, 6)
+                x, y = x0 + rng.uniform(-20, 20), y0 + rng.uniform(-20, 20)
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=255)
+        if rng.random() < 0.4:
+            cover = cover.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 4.0)))
+        alpha = np.asarray(cover.resize((size, size), Image.BOX), dtype=np.float32)[..., None] / 255.0
+        if rng.random() < 0.35:  # faint: a few levels from the local surface
+            local = arr[alpha[..., 0] > 0.1].mean(axis=0) if (alpha > 0.1).any() else arr.mean(axis=(0, 1))
+            tone = local + rng.choice([-1.0, 1.0]) * rng.uniform(8, 40)
+        elif rng.random() < 0.7:  # a grey from near black to near white
+            tone = np.full(3, rng.uniform(0, 255))
+        else:
+            tone = rng.uniform(0, 255, 3)
+        arr = arr * (1 - alpha) + np.clip(tone, 0, 255) * alpha
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def sample_autoencoder_batch(rng: np.random.Generator, n: int, size: int = 64,
+                             detail_rate: float = DETAIL_RATE) -> np.ndarray:
+    """n images (n, size, size, 3) uint8 for the VAE stage: world images, with `_fine_detail` on a share."""
+    images = []
+    for _ in range(n):
+        image = draw_world(rng, size).image
+        if rng.random() < detail_rate:
+            image = _fine_detail(image, rng)
+        images.append(np.asarray(image))
+    return np.stack(images)
