@@ -14,8 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from defectfill.data.images import mask_file
 from defectfill.data.layouts import LAYOUTS, FolderLayout, Layout, VisALayout, open_layout
-from defectfill.data.split import divide, relative_name, sample_problem
+from defectfill.data.split import EMPTY_FIX, divide, relative_name, sample_problem
 
 PROBLEM_KINDS = ("missing_image", "no_mask", "missing_mask", "size", "unreadable")
 
@@ -38,7 +39,7 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
     masks = mismatched = 0
     for sample in samples:
         kind, message = sample_problem(sample)
-        if sample.mask is not None and sample.mask.is_file():
+        if sample.mask is not None and mask_file(sample.mask).is_file():
             masks += 1
         if kind == "ok":
             kept.append(sample)
@@ -50,7 +51,8 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
                              "kind": kind, "message": message})
     for sample in empty:
         problems.append({"file": str(sample.mask), "kind": "empty_mask",
-                         "message": f"{sample.mask}: mask is empty (no defect pixels); train skips this image."})
+                         "message": f"{sample.mask}: mask is empty (no defect pixels); train skips this image. "
+                                    f"{EMPTY_FIX}"})
     if not samples:
         where = layout.root / category / (VisALayout.ANNOTATIONS if isinstance(layout, VisALayout) else "")
         problems.append({"file": str(where), "kind": "no_images",
@@ -61,7 +63,7 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
     elif not kept and len(empty) == len(samples):
         problems.append({"file": str(layout.root / category), "kind": "all_empty",
                          "message": f"{layout.root / category}: every mask of defect type {defect_type!r} is empty; "
-                                    "nothing to train on."})
+                                    f"nothing to train on. {EMPTY_FIX}"})
     reference, held_out = divide(kept) if not any(p["kind"] in PROBLEM_KINDS for p in problems) else ([], [])
 
     def rows(items):
@@ -122,8 +124,10 @@ def inspect_dataset(root: str | Path, category: str | None = None, layout_name: 
 
 
 def format_table(report: dict[str, Any]) -> str:
+    rules = {"nonzero": "non-zero = defect", "half": "defect above half of the range",
+             "auto": "defect above half of the range, or any non-zero label when nothing reaches it"}
     lines = [f"dataset {report['data']}: layout {report['layout']} (masks read as "
-             f"{'non-zero = defect' if report['mask_rule'] == 'nonzero' else 'defect above half of the range'})"]
+             f"{rules.get(report['mask_rule'], report['mask_rule'])})"]
     head = (f"  {'defect type':32} {'images':>6} {'masks':>5} {'empty':>5} {'size!=':>6} {'multi':>5} "
             f"{'reference':>9} {'held-out':>8}")
     for cat in report["categories"]:
@@ -144,5 +148,6 @@ def format_table(report: dict[str, Any]) -> str:
 def data_command(args: argparse.Namespace) -> int:
     report = inspect_dataset(args.data, args.category, args.layout)
     print(json.dumps(report, indent=2) if args.json else format_table(report))
-    blocking = [p for p in report["problems"] if p["kind"] != "empty_mask"]
-    return 1 if blocking else 0
+    # an empty mask is a problem too: train would skip the image, and an image the user meant as a reference
+    # silently missing is the mistake this command is for (class ids or dark colours once read as empty)
+    return 1 if report["problems"] else 0

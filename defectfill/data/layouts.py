@@ -33,13 +33,14 @@ from defectfill.data.images import is_image_file
 class DefectSample:
     """One defect image and its mask file (None when the mask is missing).
 
-    `mask_rule` says how its mask file is read (`images.load_mask`): "half" (half of the range) or
-    "nonzero" (VisA's instance-id masks)."""
+    `mask_rule` says how its mask file is read (`images.load_mask`): "auto" (half of the range, or any
+    label when nothing reaches it: class ids, dark label colours) or "nonzero" (VisA's instance-id masks).
+    `mask` may be a mask reference (`data.annotations`): a mask drawn from an annotation file."""
 
     image: Path
     mask: Path | None
     defect_type: str
-    mask_rule: str = "half"
+    mask_rule: str = "auto"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -71,7 +72,7 @@ class Layout:
     """Base class: a dataset root with categories and defect types."""
 
     name = "base"
-    mask_rule = "half"  # how this layout's masks are read (`images.load_mask`)
+    mask_rule = "auto"  # how this layout's masks are read (`images.load_mask`)
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
