@@ -57,6 +57,7 @@ READERS: dict[str, Callable[[Path, str], np.ndarray]] = {
     "label": read_label,
     "coco": _lazy("defectfill.data.coco", "read_mask"),
     "yolo": _lazy("defectfill.data.yolo", "read_mask"),
+    "cvat": _lazy("defectfill.data.cvat", "read_mask"),
     "ls": _lazy("defectfill.data.labelstudio", "read_mask"),
 }
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from defectfill.data.images import mask_file
+from defectfill.data.labelled import LabelledLayout
 from defectfill.data.layouts import LAYOUTS, FolderLayout, Layout, VisALayout, open_layout
 from defectfill.data.split import EMPTY_FIX, divide, relative_name, sample_problem
 
@@ -25,13 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset root folder")
     p.add_argument("--category", help="only this category (a plain folder dataset: the object's name)")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout")
+    p.add_argument("--good-images", help="folder of defect-free images (annotation exports: coco, yolo, cvat, "
+                                         "labelstudio; default: good/, else the images without annotations)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict[str, Any]:
     """Counts, the split `train` would make, and the problems of one defect type (nothing raised per file)."""
     multi = layout.multi_type_samples(category, defect_type) if defect_type else []
-    if isinstance(layout, VisALayout) and defect_type not in layout.defect_types(category):
+    if isinstance(layout, (VisALayout, LabelledLayout)) and defect_type not in layout.defect_types(category):
         samples = []  # the type is only on images labelled with several types
     else:
         samples = layout.defect_samples(category, defect_type or "defect")
@@ -54,7 +57,8 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
                          "message": f"{sample.mask}: mask is empty (no defect pixels); train skips this image. "
                                     f"{EMPTY_FIX}"})
     if not samples:
-        where = layout.root / category / (VisALayout.ANNOTATIONS if isinstance(layout, VisALayout) else "")
+        where = (layout.root if isinstance(layout, LabelledLayout) else
+                 layout.root / category / (VisALayout.ANNOTATIONS if isinstance(layout, VisALayout) else ""))
         problems.append({"file": str(where), "kind": "no_images",
                          "message": f"{where}: no image shows defect type {defect_type!r} alone"
                                     + (f"; it appears only on {len(multi)} image(s) labelled with several types "
@@ -86,17 +90,18 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
 def _types(layout: Layout, category: str) -> list[str | None]:
     if isinstance(layout, FolderLayout):
         return [None]  # one defect type, named by the user
-    if isinstance(layout, VisALayout):
+    if isinstance(layout, (VisALayout, LabelledLayout)):
         return layout.all_defect_types(category)  # also those only on multi-type images: their problem is shown
     return list(layout.defect_types(category))
 
 
-def inspect_dataset(root: str | Path, category: str | None = None, layout_name: str = "auto") -> dict[str, Any]:
+def inspect_dataset(root: str | Path, category: str | None = None, layout_name: str = "auto",
+                    good: str | None = None) -> dict[str, Any]:
     """Everything `defectfill data` reports, as one JSON-ready dict. Raises `DefectFillError` when the
     dataset cannot be read at all (no such folder, unknown layout or category, a VisA category without
     image_anno.csv)."""
-    layout = open_layout(root, layout_name)
-    if isinstance(layout, FolderLayout):
+    layout = open_layout(root, layout_name, good)
+    if isinstance(layout, (FolderLayout, LabelledLayout)):
         categories = [category or layout.root.name]
     elif category:
         layout.check_category(category)
@@ -146,7 +151,7 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def data_command(args: argparse.Namespace) -> int:
-    report = inspect_dataset(args.data, args.category, args.layout)
+    report = inspect_dataset(args.data, args.category, args.layout, getattr(args, "good_images", None))
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     # an empty mask is a problem too: train would skip the image, and an image the user meant as a reference
     # silently missing is the mistake this command is for (class ids or dark colours once read as empty)
