@@ -19,31 +19,10 @@ import torch
 def build_sd2_pipeline(seed: int = 0):
     """SD2 inpainting built from its published configuration (random weights; the values are listed in
     docs/sd2-inpainting-architecture.md): timings on the real shapes without a download."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    from defectfill.model.networks import SD2, build_networks
     from defectfill.model.tiny import assemble_inpaint_pipeline
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=9, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
-            norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2, sample_size=512, scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, projection_dim=512, hidden_act="gelu",
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
-        ))
+    unet, vae, text_encoder = build_networks(SD2, 512, seed)
     return assemble_inpaint_pipeline(unet, vae, text_encoder)
 
 

@@ -294,3 +294,46 @@ def test_runs_on_defectfill_mini_are_warned_when_sampled_otherwise_than_measured
         assert "--guidance 1" in caplog.text
         assert not warn_if_mini_sampling_differs("defectfill-mini", MINI_SAMPLING["prompt"], 1.0)
         assert not warn_if_mini_sampling_differs("stabilityai/stable-diffusion-2-inpainting", None, 7.5)
+
+
+def test_one_network_builder_for_every_shape_and_the_tiny_pipeline_is_it():
+    from defectfill.model.networks import SD2, TINY, build_networks
+
+    pipe = build_tiny_pipeline(3)
+    unet, vae, text_encoder = build_networks(TINY, 64, 3)
+    for built, piped in ((unet, pipe.unet), (vae, pipe.vae), (text_encoder, pipe.text_encoder)):
+        a, b = built.state_dict(), piped.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert SD2.latent_size(512) == 64 and TINY.latent_size(64) == 16
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_the_diffusion_target_follows_the_prediction_type(prediction):
+    from diffusers import DDPMScheduler
+
+    from defectfill.model.networks import diffusion_target
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction)
+    latents, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    target = diffusion_target(sched, latents, noise, t)
+    expected = noise if prediction == "epsilon" else sched.get_velocity(latents, noise, t)
+    assert torch.equal(target, expected)
+
+
+def test_an_unknown_prediction_type_is_refused_before_training(demo_root, tiny_model_dir, tmp_path):
+    from diffusers import DDPMScheduler
+
+    from defectfill.model.networks import diffusion_target
+    from defectfill.model.pipeline import load_pipeline
+    from defectfill.train.trainer import train
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="sample")
+    with pytest.raises(DefectFillError, match=r"predicts 'sample'.*epsilon or v_prediction"):
+        diffusion_target(sched, torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    from helpers import tiny_config
+
+    pipe = load_pipeline(str(tiny_model_dir))
+    pipe.scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(DefectFillError, match="predicts 'sample'"):
+        train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir), pipe=pipe)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

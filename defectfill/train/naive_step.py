@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from defectfill.model.attention import ExplicitAttnProcessor, is_decoder_cross_attention, token_attention_map
+from defectfill.model.networks import diffusion_target
 from defectfill.model.pipeline import dilate_to_latent_cells, latent_cell_mask, unet_input, vae_scale_factor
 from defectfill.train import losses as L
 
@@ -93,7 +94,7 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
     noise = torch.randn(latents.shape, generator=gen).to(device)
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
-    target = sched.get_velocity(latents, noise, timesteps) if sched.config.prediction_type == "v_prediction" else noise
+    target = diffusion_target(sched, latents, noise, timesteps)
     lh, lw = latents.shape[-2:]
     unet_call, text_encoder = models.callables()
 

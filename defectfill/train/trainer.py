@@ -47,6 +47,7 @@ from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import letterbox
 from defectfill.data.split import ObjectSplit, make_object_split
 from defectfill.model.attention import AttentionRecorder
+from defectfill.model.networks import check_prediction_type, diffusion_target
 from defectfill.model.pipeline import (
     LORA_WEIGHTS_NAME,
     TOKEN_WEIGHTS_NAME,
@@ -143,6 +144,7 @@ def build_models(config: TrainConfig, device: torch.device, weight_dtype: torch.
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    check_prediction_type(noise_scheduler)  # before any tensor is moved or any file written
     recorder = AttentionRecorder(unet)
     return TrainingModels(unet, text_encoder, vae, tokenizer, noise_scheduler, recorder, token_embedding)
 
@@ -359,10 +361,7 @@ def defectfill_losses(
     noise = torch.randn(latents.shape, generator=gen).to(device)  # shared by both branches
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(device)
     noisy = sched.add_noise(latents, noise, timesteps)
-    if sched.config.prediction_type == "v_prediction":
-        target = sched.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = diffusion_target(sched, latents, noise, timesteps)
     lh, lw = latents.shape[-2:]
 
     with autocast():
