@@ -14,7 +14,6 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from defectfill.core.errors import DefectFillError
@@ -116,28 +115,9 @@ def build_tiny_pipeline(seed: int = 0):
     latents), a CLIP text encoder on the real CLIP vocabulary, DDIM with SD2's
     schedule. For tests, benchmarks and the demo: untrained, so its images are noise.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from defectfill.model.networks import TINY, build_networks
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16, in_channels=9, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-            attention_head_dim=(2, 4, 4), use_linear_projection=True,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, projection_dim=32, hidden_act="gelu", bos_token_id=49406,
-            eos_token_id=49407, pad_token_id=0,
-        ))
+    unet, vae, text_encoder = build_networks(TINY, 64, seed)
     return assemble_inpaint_pipeline(unet, vae, text_encoder)
 
 
