@@ -63,15 +63,17 @@ def copy_paste(config, pairs: list[tuple[str, str]], seed: int) -> None:
     with a reference's defect pixels moved onto the centre of a held-out mask (the mask moves with them)."""
     from defectfill.core.atomic import write_json
     from defectfill.data.images import load_mask, load_rgb
+    from defectfill.outputs.generated import MANIFEST, STATE
+    from defectfill.outputs.job_folder import job_folder
     from defectfill.outputs.run_folder import read_run_split
 
     rng = np.random.default_rng(seed)
     for cat, t in pairs:
-        folders = config.folders(cat, t)
-        gen = folders["generated"]
-        if (gen / "manifest.jsonl").is_file():
+        folders = job_folder(config).type_folders(cat, t)
+        gen = folders.generated
+        if (gen / MANIFEST).is_file():
             continue
-        split = read_run_split(folders["run"])  # the run borrowed from variant a: its references and held-out masks
+        split = read_run_split(folders.run)  # the run borrowed from variant a: its references and held-out masks
         goods = sorted((split.data_root / cat / "train" / "good").glob("*.png"))
         tmp = gen.with_name(gen.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,8 +106,8 @@ def copy_paste(config, pairs: list[tuple[str, str]], seed: int) -> None:
         (tmp / cat / "train" / "good").mkdir(parents=True, exist_ok=True)
         for g in goods:
             shutil.copy2(g, tmp / cat / "train" / "good" / g.name)
-        write_json(tmp / "generate.json", {"variant": "copy-paste", "seed": seed})
-        (tmp / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_json(tmp / STATE, {"variant": "copy-paste", "seed": seed})
+        (tmp / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
         shutil.rmtree(gen, ignore_errors=True)
         tmp.rename(gen)
 
@@ -114,10 +116,12 @@ def mask_feature_distance(config, cat: str, t: str) -> float:
     """Distance in the mask-region feature space between generated defects and the held-out real ones."""
     from defectfill.data.images import load_mask, load_rgb
     from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features
+    from defectfill.outputs.generated import manifest_path
+    from defectfill.outputs.job_folder import job_folder
     from defectfill.outputs.run_folder import read_run_split
 
-    folders = config.folders(cat, t)
-    split = read_run_split(folders["run"])
+    folders = job_folder(config).type_folders(cat, t)
+    split = read_run_split(folders.run)
 
     def feats(pairs, rule: str):
         out = []
@@ -128,8 +132,8 @@ def mask_feature_distance(config, cat: str, t: str) -> float:
         return np.stack(out)
 
     real = feats([(s.image, s.mask) for s in split.held_out], split.mask_rule)
-    gen_root = folders["generated"]
-    rows = [json.loads(line) for line in (gen_root / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    gen_root = folders.generated
+    rows = [json.loads(line) for line in manifest_path(gen_root).read_text().splitlines() if line.strip()]
     return feature_distance(feats([(gen_root / r["image"], gen_root / r["mask"]) for r in rows], "half"), real)
 
 

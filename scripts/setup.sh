@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv (if missing) and install defectfill with its test tools, the Ray extra
-# (tests/test_distributed.py runs `run --executor ray` on a real local Ray) and the browser UI extra.
+# (tests/test_distributed.py runs `run --executor ray` on a real local Ray), the browser UI extra and the
+# formats extra (annotation imports and exports: pycocotools, datasets, label-studio-converter).
 # ci/constraints.txt pins the versions known to work on this project's CI machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -c ci/constraints.txt -e ".[test,ray,ui]"
+.venv/bin/python -m pip install --quiet -c ci/constraints.txt -e ".[test,ray,ui,formats]"
 
 # The browser test of `defectfill ui` (tests/test_ui_browser.py) drives Debian's chromium through
 # chromium-driver. Install both when missing and when we may (root, or sudo without a password);

@@ -225,3 +225,85 @@ def test_box_masks_stay_on_the_image_and_padding_follows_the_crop(tmp_path):
     with_valid = make_micro_batch(images, masks, config, 3, 0, 0, 1, square)
     without = make_micro_batch(images, masks, config, 3, 0, 0, 1)
     assert torch.equal(with_valid.box_masks, without.box_masks) and torch.equal(with_valid.images, without.images)
+
+
+# --------------------------------------------------------------------------- masks that read as empty (issue 26)
+
+
+def _mask_file(tmp_path, arr, name="m.png", mode=None):
+    path = tmp_path / name
+    Image.fromarray(arr, mode=mode).save(path)
+    return path
+
+
+@pytest.mark.parametrize("value", [1, 2, 3, 7, 40])
+def test_class_id_masks_read_as_defect_and_keep_their_id(tmp_path, value):
+    from defectfill.data.images import load_labels
+
+    m = np.zeros((20, 20), np.uint8)
+    m[5:15, 5:15] = value
+    path = _mask_file(tmp_path, m)
+    assert np.array_equal(load_mask(path), m > 0)
+    assert np.array_equal(load_labels(path), m.astype(np.int64))  # the class id is there to select by
+    assert not load_mask(path, "half").any() or value == 1  # what the old rule read: nothing
+
+
+def test_dark_label_colours_read_as_defect(tmp_path):
+    m = np.zeros((20, 20, 3), np.uint8)
+    m[2:8, 2:8] = (100, 0, 0)  # CVAT-style dark label colours
+    m[10:18, 10:18] = (0, 0, 64)
+    path = _mask_file(tmp_path, m)
+    assert np.array_equal(load_mask(path), m.max(axis=2) > 0)
+    m[0, 0] = (255, 255, 255)  # a bright label beside them: every colour but black is still a label
+    path = _mask_file(tmp_path, m, "m2.png")
+    assert np.array_equal(load_mask(path), m.max(axis=2) > 0)
+
+
+def test_a_label_reference_selects_one_class(tmp_path):
+    from defectfill.data.annotations import reference
+    from defectfill.data.images import mask_file, rgb_label
+
+    m = np.zeros((20, 20), np.uint8)
+    m[2:6, 2:6], m[10:14, 10:14] = 2, 5
+    path = _mask_file(tmp_path, m)
+    ref = reference(path, "label", label=5)
+    assert mask_file(ref) == path
+    assert np.array_equal(load_mask(ref), m == 5)
+    colour = np.zeros((20, 20, 3), np.uint8)
+    colour[2:6, 2:6] = (100, 0, 0)
+    colour[10:14, 10:14] = (0, 100, 0)
+    cpath = _mask_file(tmp_path, colour, "c.png")
+    assert np.array_equal(load_mask(reference(cpath, "label", label=rgb_label(0, 100, 0))), m == 5)
+
+
+def test_jpeg_mask_noise_is_not_a_defect(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 6, (32, 32)).astype(np.uint8)  # what JPEG leaves around black
+    path = tmp_path / "n.jpg"
+    Image.fromarray(noise).save(path, quality=95)
+    assert not load_mask(path).any()
+
+
+def test_data_exits_nonzero_on_empty_masks_naming_file_and_fix(demo_root, tmp_path, capsys):
+    """An empty mask is a problem, not a warning: exit 1, the file and the fix named. Class-id masks (2) and
+    dark colours count as defects, so the same dataset with them is clean."""
+    from defectfill.cli import main
+
+    root = _copy(demo_root, tmp_path)
+    gt = root / "disc" / "ground_truth" / "scratch"
+    assert main(["data", "--data", str(root), "--category", "disc"]) == 0
+    capsys.readouterr()
+    for k, p in enumerate(sorted(gt.iterdir())):  # the same masks as class id 2 and as a dark red
+        m = load_mask(p)
+        if k % 2:
+            Image.fromarray(m.astype(np.uint8) * 2).save(p)
+        else:
+            Image.fromarray(np.stack([m.astype(np.uint8) * 100, m * 0, m * 0], -1).astype(np.uint8)).save(p)
+    assert main(["data", "--data", str(root), "--category", "disc"]) == 0
+    split = make_split(open_layout(root), "disc", "scratch")
+    assert split.skipped_empty == []
+    capsys.readouterr()
+    Image.new("L", (64, 64), 0).save(gt / "000_mask.png")
+    assert main(["data", "--data", str(root), "--category", "disc"]) == 1
+    out = capsys.readouterr().out
+    assert "000_mask.png: mask is empty" in out and "Draw the defect in the mask" in out

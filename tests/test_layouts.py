@@ -129,7 +129,8 @@ def test_visa_masks_are_read_as_nonzero_and_the_half_range_rule_stays_elsewhere(
     assert sample.mask_rule == "nonzero"
     mask = load_mask(sample.mask, sample.mask_rule)
     assert mask.sum() == 2 * 6 * 8  # both instances (ids 1 and 2)
-    assert not load_mask(sample.mask).any()  # the half-range rule (other layouts) sees nothing in ids 1, 2
+    assert not load_mask(sample.mask, "half").any()  # the old half-range rule saw nothing in ids 1, 2
+    assert load_mask(sample.mask).sum() == 2 * 6 * 8  # the other layouts' "auto" rule reads them as labels
     split = make_split(open_layout(visa), "candle", "chunk of wax missing")
     assert split.skipped_empty == [] and len(split.reference) == 1 and len(split.held_out) == 3
     assert split.defect_type == "chunk_of_wax_missing" and split.mask_rule == "nonzero"
@@ -163,7 +164,7 @@ def test_mvtec_ad2_bad_type_masks_and_goods(ad2):
     assert [(s.image.name, s.mask.name) for s in samples] == [
         ("000_regular.png", "000_regular_mask.png"), ("001_overexposed.png", "001_overexposed_mask.png"),
         ("002_shift_1.png", "002_shift_1_mask.png")]
-    assert samples[0].mask_rule == "half"
+    assert samples[0].mask_rule == "auto"
     assert [p.name for p in layout.good_images("can")] == ["000_regular.png", "001_regular.png"]
     assert [p.parent.parent.name for p in layout.good_test_images("can")] == ["test_public"]
     split = make_split(layout, "can", "bad")

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_run
+from helpers import tiny_config, write_run
 
 from defectfill.cli import main
 from defectfill.core.errors import DefectFillError
 from defectfill.data.masks import estimate_foreground
+from defectfill.outputs.run_folder import append_metrics
 from defectfill.ui.backend import (
     Workspace,
     check_bind,
@@ -104,17 +105,32 @@ def test_runs_are_found_below_the_roots(runs_root, tmp_path):
     assert find_runs([tmp_path / "work"]) == {}
 
 
-def test_loss_curves_from_train_log(tmp_path):
-    (tmp_path / "train.log").write_text(
-        "2026-01-01 00:00:00 INFO training disc/scratch\n"
-        "2026-01-01 00:00:01 INFO step 1 loss 0.50000 def 0.40000 obj 0.30000 attn 0.20000 lr 2.00e-06 skipped 0\n"
-        "2026-01-01 00:00:02 INFO step 2 loss nan def 0.1 obj 0.1 attn 0.1 lr 4.00e-06 skipped 1\n"
-        "2026-01-01 00:00:03 INFO step 1 loss 0.25000 def 0.40000 obj 0.30000 attn 0.20000 lr 2.00e-06 skipped 0\n"
-    )
+def test_loss_curves_from_the_metrics_training_writes(tmp_path):
+    for row in ({"step": 1, "loss": {"total": 0.5, "defect": 0.4, "object": 0.3, "attention": 0.2}},
+                {"step": 2, "loss": {"total": float("nan"), "defect": 0.1, "object": 0.1, "attention": 0.1}},
+                {"step": 1, "loss": {"total": 0.25, "defect": 0.4, "object": 0.3, "attention": 0.2}}):
+        append_metrics(tmp_path, {**row, "lr": {"unet": 2e-6, "text": 4e-7}, "grad_norm": 1.0, "skipped_steps": 0})
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": {"tot')  # a killed run's torn last line
     rows = read_losses(tmp_path)
     assert {"step": 1, "loss": "total", "value": 0.25} in rows  # a resumed step keeps its last value
     assert [r for r in rows if r["step"] == 2 and r["loss"] == "total"] == []  # non-finite: not drawn
     assert len(rows) == 4 + 3
+    assert read_losses(tmp_path / "none") == []
+
+
+def test_the_run_tab_reads_the_curves_training_wrote(demo_root, tiny_model_dir, tmp_path):
+    """The writer (training's metrics.jsonl) and the reader (the Run tab) agree: every logged step of the run,
+    each of the four losses, equal to the text log's numbers."""
+    from defectfill.train.trainer import train
+
+    run = train(tiny_config(demo_root, tmp_path / "run", tiny_model_dir, steps=2, log_every=1))
+    rows = read_losses(run)
+    assert sorted({r["step"] for r in rows}) == [1, 2]
+    assert {r["loss"] for r in rows} == {"total", "defect", "object", "attention"}
+    logged = [line for line in (run / "train.log").read_text().splitlines() if " step 2 loss " in line][-1]
+    total = float(logged.split(" loss ")[1].split()[0])
+    assert next(r["value"] for r in rows if r["step"] == 2 and r["loss"] == "total") == pytest.approx(total, rel=1e-4)
 
 
 def test_placed_shape_lies_on_the_foreground_and_survives_the_editor_layer(demo_root):

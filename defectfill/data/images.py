@@ -63,19 +63,104 @@ def load_rgb(path: str | Path) -> Image.Image:
     return image.convert("RGB")
 
 
-MASK_RULES = ("half", "nonzero")
+MASK_RULES = ("auto", "half", "nonzero")
+LOSSY_SUFFIXES = (".jpg", ".jpeg", ".webp")
+# A lossy (JPEG) mask's compression noise around black stays below this; labels are read above it.
+_LOSSY_NOISE = 16
+# A colour mask with at most this many colours is a label mask (each colour a label), not a photo of one.
+_LABEL_COLOURS = 16
+REFERENCE = "#"  # `<file>#<reader>:<query>`: a mask drawn from annotations (`data.annotations`), not a file of its own
 
 
-def load_mask(path: str | Path, rule: str = "half") -> np.ndarray:
+def mask_file(path: str | Path) -> Path:
+    """The file a mask is read from: the path itself, or the annotation file of a mask reference
+    (`annotations/instances_default.json#coco:image=3&category=2` -> `annotations/instances_default.json`)."""
+    text = str(path)
+    if REFERENCE in text:
+        head, _, tail = text.rpartition(REFERENCE)
+        if ":" in tail and tail.split(":", 1)[0] in _reference_readers():
+            return Path(head)
+    return Path(path)
+
+
+def _reference_readers() -> dict:
+    from defectfill.data.annotations import READERS  # the annotation formats register their readers there
+
+    return READERS
+
+
+def _reference(path: str | Path) -> tuple[Path, str, str] | None:
+    """(file, reader, query) of a mask reference, or None for a plain mask file."""
+    file = mask_file(path)
+    if file == Path(path):
+        return None
+    reader, _, query = str(path).rpartition(REFERENCE)[2].partition(":")
+    return file, reader, query
+
+
+def _brightest(image: Image.Image) -> np.ndarray:
+    """HxW uint8: the brightest colour channel (alpha ignored), 16-bit and float scaled to 0..255."""
+    if image.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        image = image.convert("RGB")
+    arr = _to_uint8_array(image) if image.mode not in ("1",) else np.asarray(image).astype(np.uint8) * 255
+    return arr.max(axis=2) if arr.ndim == 3 else arr
+
+
+def load_labels(path: str | Path) -> np.ndarray:
+    """A label mask's stored labels as an int64 HxW array (0 = background).
+
+    One channel (class-id masks, 8 or 16 bit, a palette's indices): the stored value, the class id.
+    Colour: the colour packed as R*65536 + G*256 + B (`rgb_label`), alpha ignored."""
+    image = _open(path)
+    if image.mode in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
+        return np.asarray(image).astype(np.int64)
+    if image.mode in ("LA", "PA"):
+        return np.asarray(image)[..., 0].astype(np.int64)
+    arr = np.asarray(image.convert("RGB")).astype(np.int64)
+    return arr[..., 0] * 65536 + arr[..., 1] * 256 + arr[..., 2]
+
+
+def rgb_label(r: int, g: int, b: int) -> int:
+    """The label `load_labels` gives the colour (r, g, b)."""
+    return r * 65536 + g * 256 + b
+
+
+def _auto(image: Image.Image, path: Path) -> np.ndarray:
+    """The "auto" rule: half of the range when something reaches it (0/255, anti-aliased, 16-bit masks), and
+    any stored label otherwise (class ids 1, 2, ..., a dark label colour such as 100,0,0); a colour mask with
+    a few colours (a label mask) counts every colour but black."""
+    arr = _brightest(image)
+    top = int(arr.max(initial=0))
+    lossy = path.suffix.lower() in LOSSY_SUFFIXES
+    if image.mode in ("RGB", "RGBA", "P") and not lossy and top > 0:
+        rgb = np.asarray(image.convert("RGB"))
+        colours = np.unique(rgb.reshape(-1, 3), axis=0)
+        if len(colours) <= _LABEL_COLOURS:
+            return rgb.max(axis=2) > 0
+    if top >= 128 or top == 1:
+        return arr >= 128 if top >= 128 else arr > 0
+    return arr > (_LOSSY_NOISE if lossy else 0)
+
+
+def load_mask(path: str | Path, rule: str = "auto") -> np.ndarray:
     """Open a mask as a boolean HxW array (True = defect).
 
-    `rule` "half" (every layout but VisA): masks stored as 0/1, 0/255, anti-aliased 8-bit, 16-bit or colour
-    all work: the brightest channel is taken and binarised at half of the full range.
+    `rule` "auto" (every layout but VisA): 0/1, 0/255, anti-aliased 8-bit, 16-bit or colour masks are
+    binarised at half of the full range of their brightest channel; a mask in which nothing reaches half of
+    the range holds labels (class ids 2+, a dark label colour), and any non-zero label is defect; a colour
+    label mask (few colours) counts every colour but black. Lossy (JPEG) masks ignore values up to 16.
+    `rule` "half" (split files written before "auto"): half of the range only.
     `rule` "nonzero" (VisA, whose masks hold small instance ids 1, 2, ... rather than 255): every pixel whose
     stored value is not 0 is defect; a palette image is read by its indices, as VisA's own preparation reads it.
+    A mask reference (`<file>#<reader>:<query>`, `data.annotations`) is drawn from its annotations, whatever
+    the rule.
     """
     if rule not in MASK_RULES:
         raise ValueError(f"unknown mask rule {rule!r}; one of {', '.join(MASK_RULES)}")
+    reference = _reference(path)
+    if reference is not None:
+        file, reader, query = reference
+        return _reference_readers()[reader](file, query)
     image = _open(path)
     if rule == "nonzero":
         if image.mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
@@ -85,11 +170,9 @@ def load_mask(path: str | Path, rule: str = "half") -> np.ndarray:
             arr = arr[..., :1] if image.mode in ("LA", "PA") else arr[..., :3]
             arr = arr.max(axis=2)
         return arr != 0
-    if image.mode in ("RGBA", "LA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
-        image = image.convert("RGB")
-    arr = _to_uint8_array(image) if image.mode not in ("1",) else np.asarray(image).astype(np.uint8) * 255
-    if arr.ndim == 3:
-        arr = arr.max(axis=2)
+    if rule == "auto":
+        return _auto(image, Path(path))
+    arr = _brightest(image)
     if arr.max(initial=0) == 1:  # a 0/1 mask saved as 8-bit
         arr = arr * 255
     return arr >= 128

@@ -14,8 +14,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from defectfill.data.images import mask_file
+from defectfill.data.labelled import LabelledLayout
 from defectfill.data.layouts import LAYOUTS, FolderLayout, Layout, VisALayout, open_layout
-from defectfill.data.split import divide, relative_name, sample_problem
+from defectfill.data.split import EMPTY_FIX, divide, relative_name, sample_problem
 
 PROBLEM_KINDS = ("missing_image", "no_mask", "missing_mask", "size", "unreadable")
 
@@ -24,13 +26,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="dataset root folder")
     p.add_argument("--category", help="only this category (a plain folder dataset: the object's name)")
     p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS], help="dataset layout")
+    p.add_argument("--good-images", help="folder of defect-free images (annotation exports: coco, yolo, cvat, "
+                                         "labelstudio; default: good/, else the images without annotations)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
 def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict[str, Any]:
     """Counts, the split `train` would make, and the problems of one defect type (nothing raised per file)."""
     multi = layout.multi_type_samples(category, defect_type) if defect_type else []
-    if isinstance(layout, VisALayout) and defect_type not in layout.defect_types(category):
+    if isinstance(layout, (VisALayout, LabelledLayout)) and defect_type not in layout.defect_types(category):
         samples = []  # the type is only on images labelled with several types
     else:
         samples = layout.defect_samples(category, defect_type or "defect")
@@ -38,7 +42,7 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
     masks = mismatched = 0
     for sample in samples:
         kind, message = sample_problem(sample)
-        if sample.mask is not None and sample.mask.is_file():
+        if sample.mask is not None and mask_file(sample.mask).is_file():
             masks += 1
         if kind == "ok":
             kept.append(sample)
@@ -50,9 +54,11 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
                              "kind": kind, "message": message})
     for sample in empty:
         problems.append({"file": str(sample.mask), "kind": "empty_mask",
-                         "message": f"{sample.mask}: mask is empty (no defect pixels); train skips this image."})
+                         "message": f"{sample.mask}: mask is empty (no defect pixels); train skips this image. "
+                                    f"{EMPTY_FIX}"})
     if not samples:
-        where = layout.root / category / (VisALayout.ANNOTATIONS if isinstance(layout, VisALayout) else "")
+        where = (layout.root if isinstance(layout, LabelledLayout) else
+                 layout.root / category / (VisALayout.ANNOTATIONS if isinstance(layout, VisALayout) else ""))
         problems.append({"file": str(where), "kind": "no_images",
                          "message": f"{where}: no image shows defect type {defect_type!r} alone"
                                     + (f"; it appears only on {len(multi)} image(s) labelled with several types "
@@ -61,7 +67,7 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
     elif not kept and len(empty) == len(samples):
         problems.append({"file": str(layout.root / category), "kind": "all_empty",
                          "message": f"{layout.root / category}: every mask of defect type {defect_type!r} is empty; "
-                                    "nothing to train on."})
+                                    f"nothing to train on. {EMPTY_FIX}"})
     reference, held_out = divide(kept) if not any(p["kind"] in PROBLEM_KINDS for p in problems) else ([], [])
 
     def rows(items):
@@ -84,17 +90,18 @@ def inspect_type(layout: Layout, category: str, defect_type: str | None) -> dict
 def _types(layout: Layout, category: str) -> list[str | None]:
     if isinstance(layout, FolderLayout):
         return [None]  # one defect type, named by the user
-    if isinstance(layout, VisALayout):
+    if isinstance(layout, (VisALayout, LabelledLayout)):
         return layout.all_defect_types(category)  # also those only on multi-type images: their problem is shown
     return list(layout.defect_types(category))
 
 
-def inspect_dataset(root: str | Path, category: str | None = None, layout_name: str = "auto") -> dict[str, Any]:
+def inspect_dataset(root: str | Path, category: str | None = None, layout_name: str = "auto",
+                    good: str | None = None) -> dict[str, Any]:
     """Everything `defectfill data` reports, as one JSON-ready dict. Raises `DefectFillError` when the
     dataset cannot be read at all (no such folder, unknown layout or category, a VisA category without
     image_anno.csv)."""
-    layout = open_layout(root, layout_name)
-    if isinstance(layout, FolderLayout):
+    layout = open_layout(root, layout_name, good)
+    if isinstance(layout, (FolderLayout, LabelledLayout)):
         categories = [category or layout.root.name]
     elif category:
         layout.check_category(category)
@@ -122,8 +129,10 @@ def inspect_dataset(root: str | Path, category: str | None = None, layout_name: 
 
 
 def format_table(report: dict[str, Any]) -> str:
+    rules = {"nonzero": "non-zero = defect", "half": "defect above half of the range",
+             "auto": "defect above half of the range, or any non-zero label when nothing reaches it"}
     lines = [f"dataset {report['data']}: layout {report['layout']} (masks read as "
-             f"{'non-zero = defect' if report['mask_rule'] == 'nonzero' else 'defect above half of the range'})"]
+             f"{rules.get(report['mask_rule'], report['mask_rule'])})"]
     head = (f"  {'defect type':32} {'images':>6} {'masks':>5} {'empty':>5} {'size!=':>6} {'multi':>5} "
             f"{'reference':>9} {'held-out':>8}")
     for cat in report["categories"]:
@@ -142,7 +151,8 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def data_command(args: argparse.Namespace) -> int:
-    report = inspect_dataset(args.data, args.category, args.layout)
+    report = inspect_dataset(args.data, args.category, args.layout, getattr(args, "good_images", None))
     print(json.dumps(report, indent=2) if args.json else format_table(report))
-    blocking = [p for p in report["problems"] if p["kind"] != "empty_mask"]
-    return 1 if blocking else 0
+    # an empty mask is a problem too: train would skip the image, and an image the user meant as a reference
+    # silently missing is the mistake this command is for (class ids or dark colours once read as empty)
+    return 1 if report["problems"] else 0

@@ -1,7 +1,9 @@
 """The one place that knows each dataset's folder structure.
 
 A layout lists categories, defect types, (image, mask) pairs of one defect type
-and the defect-free images of a category. Five layouts are supported:
+and the defect-free images of a category. Five dataset layouts are here, and four
+annotation exports in a module each (``coco``, ``yolo``, ``cvat``, ``labelstudio``:
+`labelled.LabelledLayout`), all in the one registry `LAYOUTS`:
 
 - ``mvtec``: MVTec AD, ``<cat>/train/good``, ``<cat>/test/<type>/NNN.png``,
   ``<cat>/ground_truth/<type>/NNN_mask.png`` (``test/good`` has no masks);
@@ -33,13 +35,14 @@ from defectfill.data.images import is_image_file
 class DefectSample:
     """One defect image and its mask file (None when the mask is missing).
 
-    `mask_rule` says how its mask file is read (`images.load_mask`): "half" (half of the range) or
-    "nonzero" (VisA's instance-id masks)."""
+    `mask_rule` says how its mask file is read (`images.load_mask`): "auto" (half of the range, or any
+    label when nothing reaches it: class ids, dark label colours) or "nonzero" (VisA's instance-id masks).
+    `mask` may be a mask reference (`data.annotations`): a mask drawn from an annotation file."""
 
     image: Path
     mask: Path | None
     defect_type: str
-    mask_rule: str = "half"
+    mask_rule: str = "auto"
 
 
 def _images(folder: Path) -> list[Path]:
@@ -71,7 +74,7 @@ class Layout:
     """Base class: a dataset root with categories and defect types."""
 
     name = "base"
-    mask_rule = "half"  # how this layout's masks are read (`images.load_mask`)
+    mask_rule = "auto"  # how this layout's masks are read (`images.load_mask`)
 
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
@@ -446,27 +449,39 @@ class MVTecAD2Layout(Layout):
         return _images(self.root / category / "test_public" / "good")
 
 
+# The annotation exports (one module each, over `labelled.LabelledLayout`); imported here, after `Layout`, so
+# this module's registry is the one list of layouts. They import this module, which is complete by then.
+from defectfill.data.coco import COCOLayout  # noqa: E402
+from defectfill.data.cvat import CVATMaskLayout  # noqa: E402
+from defectfill.data.labelstudio import LabelStudioLayout  # noqa: E402
+from defectfill.data.yolo import YOLOLayout  # noqa: E402
+
 LAYOUTS: dict[str, type[Layout]] = {
     "mvtec": MVTecLayout,
     "defectfill2": DefectFill2Layout,
     "visa": VisALayout,
     "mvtec_ad2": MVTecAD2Layout,
+    "coco": COCOLayout,
+    "yolo": YOLOLayout,
+    "cvat": CVATMaskLayout,
+    "labelstudio": LabelStudioLayout,
     "folder": FolderLayout,
 }
 
 
-def open_layout(root: str | Path, layout: str = "auto") -> Layout:
-    """Open a dataset root with the named layout, or detect it with ``auto``."""
+def open_layout(root: str | Path, layout: str = "auto", good: str | Path | None = None) -> Layout:
+    """Open a dataset root with the named layout, or detect it with ``auto``. `good` (`--good-images`): the
+    folder of defect-free images, for the annotation exports (coco, yolo, cvat, labelstudio)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DefectFillError(f"{root}: data folder not found. Pass --data the dataset root folder.")
     if layout != "auto":
         if layout not in LAYOUTS:
             raise DefectFillError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}.")
-        return LAYOUTS[layout](root)
+        return _construct(LAYOUTS[layout], root, good)
     for cls in LAYOUTS.values():
         if cls.matches(root):
-            return cls(root)
+            return _construct(cls, root, good)
     hint = ""
     if (root / "test").is_dir() and (root / "ground_truth").is_dir():
         hint = f" It looks like one MVTec category: pass --data {root.parent} --category {root.name}."
@@ -474,11 +489,25 @@ def open_layout(root: str | Path, layout: str = "auto") -> Layout:
         hint = f" It looks like one VisA category: pass --data {root.parent} --category {root.name}."
     elif (root / "test_public").is_dir():
         hint = f" It looks like one MVTec AD 2 category: pass --data {root.parent} --category {root.name}."
+    elif (root / "images").is_dir():
+        hint = (" It has images/ but no masks/, labels/ or annotations/: add the masks (masks/<stem>_mask.png), "
+                "or the annotation export next to images/.")
     raise DefectFillError(
         f"{root}: cannot tell the dataset layout. Expected MVTec AD (<cat>/test, <cat>/ground_truth), "
         f"DefectFill2 (<cat>/train/defective), VisA (<cat>/Data/Images, <cat>/image_anno.csv), "
-        f"MVTec AD 2 (<cat>/test_public) or a plain folder (images/ and masks/).{hint}"
+        f"MVTec AD 2 (<cat>/test_public), COCO (images/, annotations/*.json), YOLO segmentation (images/, labels/, "
+        f"data.yaml), CVAT segmentation masks (SegmentationClass/, labelmap.txt), a Label Studio JSON export "
+        f"(<export>.json with the images) or a plain folder (images/ and masks/).{hint}"
     )
+
+
+def _construct(cls: type[Layout], root: Path, good: str | Path | None) -> Layout:
+    if getattr(cls, "takes_good", False):
+        return cls(root, good=good)
+    if good:
+        raise DefectFillError(f"--good-images is for the annotation exports (coco, yolo, cvat, labelstudio); the "
+                              f"{cls.name} layout has its own defect-free images. Leave --good-images out.")
+    return cls(root)
 
 
 def object_name(category: str) -> str:

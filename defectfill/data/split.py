@@ -19,7 +19,7 @@ from PIL import Image
 from defectfill.core.atomic import write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import contained
-from defectfill.data.images import MASK_RULES, load_mask
+from defectfill.data.images import MASK_RULES, load_mask, mask_file
 from defectfill.data.layouts import DefectSample, Layout, find_type
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class Split:
     @property
     def mask_rule(self) -> str:
         """How this split's masks are read (`images.load_mask`)."""
-        return next((s.mask_rule for s in self.reference + self.held_out + self.skipped_empty), "half")
+        return next((s.mask_rule for s in self.reference + self.held_out + self.skipped_empty), "auto")
 
     def to_json(self) -> dict:
         def rows(samples: list[DefectSample]) -> list[dict]:
@@ -164,6 +164,10 @@ def read_split(path: str | Path, defect_type: str | None = None) -> Split:
         raise DefectFillError(f"{path}: not a valid split file ({exc}).") from None
 
 
+EMPTY_FIX = ("Draw the defect in the mask (any non-zero value or colour on black), or move the image to the "
+             "defect-free images if it shows no defect.")
+
+
 def sample_problem(sample: DefectSample) -> tuple[str, str | None]:
     """What is wrong with one defect sample, without raising: (kind, message).
 
@@ -175,9 +179,10 @@ def sample_problem(sample: DefectSample) -> tuple[str, str | None]:
     if sample.mask is None:
         return "no_mask", (f"{sample.image}: defect image has no mask. Add <stem>_mask.png to the mask folder "
                            "of this defect type, or remove the image.")
-    if not sample.mask.is_file():
-        return "missing_mask", (f"{sample.mask}: mask file not found; it is named as the mask of {sample.image.name} "
-                                "(VisA: in the category's image_anno.csv). Restore the file or correct that row.")
+    if not mask_file(sample.mask).is_file():
+        return "missing_mask", (f"{mask_file(sample.mask)}: mask file not found; it is named as the mask of "
+                                f"{sample.image.name} (VisA: in the category's image_anno.csv; an annotation export: "
+                                "its annotation file). Restore the file or correct that row.")
     try:
         with Image.open(sample.image) as im:
             size = im.size
@@ -191,7 +196,7 @@ def sample_problem(sample: DefectSample) -> tuple[str, str | None]:
         return "size", (f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {sample.image.name} "
                         f"is {size[0]}x{size[1]}. Save the mask at the image's size.")
     if not np.any(mask):
-        return "empty", f"{sample.mask}: mask is empty (no defect pixels); skipping this image."
+        return "empty", f"{sample.mask}: mask is empty (no defect pixels); skipping this image. {EMPTY_FIX}"
     return "ok", None
 
 
@@ -236,7 +241,7 @@ def make_split(layout: Layout, category: str, defect_type: str) -> Split:
     if not kept:
         raise DefectFillError(
             f"{layout.root}: every mask of defect type {defect_type!r} in {category!r} is empty; "
-            "nothing to train on. Check the mask files (defect pixels must be white)."
+            f"nothing to train on. {EMPTY_FIX} `defectfill data --data {layout.root}` lists each file."
         )
     reference, held_out = divide(kept)
     return Split(layout.name, layout.root, category, defect_type, reference, held_out, empty, multi)

@@ -36,8 +36,16 @@ from defectfill.data.split import Split, make_split
 from defectfill.evaluate.metrics.downstream import train_classifier, train_localiser
 from defectfill.evaluate.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
 from defectfill.evaluate.metrics.kid import kid_images
-from defectfill.outputs.report import confusion_picture, sample_grid, write_report
-from defectfill.outputs.run_folder import read_run_config, read_run_split
+from defectfill.outputs.report import (
+    METRICS_NAME,
+    REPORT_HTML,
+    REPORT_MD,
+    confusion_picture,
+    sample_grid,
+    sample_grid_name,
+    write_report,
+)
+from defectfill.outputs.run_folder import read_run_config, read_run_split, run_split_path
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +153,7 @@ def evaluate(
             run_split = _rebase(run_split, Path(data))
         elif not run_split.data_root.is_dir():
             raise DefectFillError(
-                f"{run_split.data_root}: the run's dataset folder is gone (named in {Path(run) / 'split.json'}). "
+                f"{run_split.data_root}: the run's dataset folder is gone (named in {run_split_path(run)}). "
                 "Pass its new place with --data."
             )
         category = run_split.category
@@ -187,7 +195,7 @@ def evaluate(
         pictures: dict[str, Image.Image] = {}
 
         def save() -> None:  # results are written as they come, so a crash keeps what was computed
-            write_json(output / "metrics.json", metrics)
+            write_json(output / METRICS_NAME, metrics)
 
         # ---- KID and IC-LPIPS per defect type
         if compute_kid or compute_ic_lpips:
@@ -226,7 +234,7 @@ def evaluate(
                     item["ic_lpips"] = ic_lpips_details(
                         _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
                 metrics["image_metrics"].append(item)
-                pictures[f"samples_{split.category}_{split.defect_type}"] = sample_grid(
+                pictures[sample_grid_name(split.category, split.defect_type)] = sample_grid(
                     _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples,
                     real_mask_rule=split.mask_rule)
                 save()
@@ -328,5 +336,5 @@ def evaluate_command(args: argparse.Namespace) -> int:
     metrics = evaluate(config)
     for line in _summary(metrics):
         print(line)
-    print(f"report: {Path(config.output) / 'report.html'} (and report.md, metrics.json)")
+    print(f"report: {Path(config.output) / REPORT_HTML} (and {REPORT_MD}, {METRICS_NAME})")
     return 0

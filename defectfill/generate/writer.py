@@ -31,7 +31,7 @@ from defectfill.config.stages import GenerateConfig, TrainConfig
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import folder_lock
 from defectfill.data import load_mask, load_rgb, open_layout
-from defectfill.data.images import is_image_file
+from defectfill.data.images import is_image_file, mask_file
 from defectfill.data.layouts import find_type
 from defectfill.data.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
 from defectfill.generate.generator import DefectGenerator, derived_seed
@@ -108,14 +108,14 @@ def _mask_sources(settings: GenerateConfig, run_dir: Path, defect_type: str | No
                 f"{run_dir / SPLIT_NAME}: the held-out set is empty for {split.defect_type!r} (every defect image was "
                 "used for training), so there are no masks to reuse. Use --masks shapes or --masks DIR."
             )
-        missing = [m for m in masks if not Path(m).is_file()]
+        missing = [str(mask_file(m)) for m in masks if not mask_file(m).is_file()]
         if missing:
             raise DefectFillError(
                 f"{missing[0]}: held-out mask not found ({len(missing)} of {len(masks)} missing; has the dataset "
                 f"moved since training?). Use --masks DIR or --masks shapes."
             )
         return masks, split.mask_rule
-    return [str(p) for p in list_user_masks(settings.masks)], "half"
+    return [str(p) for p in list_user_masks(settings.masks)], "auto"  # class ids and dark colours count
 
 
 def plan_items(count: int, images: list[Path], mask_sources: list[str], seed: int,

@@ -9,6 +9,10 @@ A `checkpoint-N/` folder holds:
     pytorch_lora_weights.safetensors  the LoRA at this step, loadable by diffusers
 It is written to a hidden temporary folder and renamed into place, so a
 killed run never leaves a half-written checkpoint that `--resume latest` would pick.
+
+The pieces are public for any checkpoint of this kind (the base-model pretraining's too):
+`write_checkpoint_folder` (the temporary folder renamed into place), `save_optimizer`/`load_optimizer`
+(or `optimizer_to_files`/`optimizer_from_files` for the raw state), `save_rng_state`/`restore_rng_state`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,16 @@ from defectfill.core.atomic import replace_dir
 from defectfill.core.errors import DefectFillError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TRAINABLE = "trainable.safetensors"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+SCHEDULER = "scheduler.json"
+RNG_STATE = "rng_state.safetensors"
+TRAINER_STATE = "trainer_state.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step}"
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -35,7 +49,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
     found = [p for p in run_dir.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name)]
-    found = [p for p in found if (p / "trainer_state.json").is_file()]
+    found = [p for p in found if (p / TRAINER_STATE).is_file()]
     return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
 
 
@@ -47,7 +61,7 @@ def _step(path: Path) -> int:
 def read_trainer_state(path: Path) -> dict[str, Any]:
     """trainer_state.json of a checkpoint: step, skipped steps, and the settings it was made with."""
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError) as exc:
         raise DefectFillError(f"{path}: trainer_state.json is damaged ({exc}); resume from another checkpoint.") from None
     if not isinstance(state, dict):
@@ -66,12 +80,13 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
             )
         return found[-1]
     path = Path(resume).expanduser()
-    if not (path / "trainer_state.json").is_file():
+    if not (path / TRAINER_STATE).is_file():
         raise DefectFillError(f"{path}: not a checkpoint folder (no trainer_state.json). Use --resume latest or a checkpoint-N path.")
     return path
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """An optimiser's state as (tensors for safetensors, the rest for JSON): no pickle."""
     state = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, per_param in state["state"].items():
@@ -83,7 +98,8 @@ def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, tor
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Restore what `optimizer_to_files` gave into `optimizer`."""
     per_param: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
@@ -98,6 +114,53 @@ def _optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, t
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
+# The earlier private names, still imported by code that has not moved to the public ones.
+_optimizer_to_files = optimizer_to_files
+_optimizer_from_files = optimizer_from_files
+
+
+def save_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """optimizer.safetensors and optimizer.json in `folder` (a checkpoint's, or any other)."""
+    tensors, meta = optimizer_to_files(optimizer)
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS))
+    (folder / OPTIMIZER_META).write_text(json.dumps(meta))
+
+
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    """What `save_optimizer` wrote into `folder`, restored into `optimizer`."""
+    optimizer_from_files(optimizer, load_file(str(folder / OPTIMIZER_TENSORS)),
+                         json.loads((folder / OPTIMIZER_META).read_text()))
+
+
+def save_rng_state(folder: Path) -> None:
+    """torch's CPU (and every CUDA) generator state, as rng_state.safetensors."""
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"torch_cuda_{i}"] = s
+    save_file(rng, str(folder / RNG_STATE))
+
+
+def restore_rng_state(rng: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def write_checkpoint_folder(parent: Path, name: str, fill: Callable[[Path], None]) -> Path:
+    """`parent/name`, filled by `fill(folder)` in a hidden temporary folder and renamed into place, so a killed
+    process never leaves a half-written checkpoint that a resume would pick."""
+    final, tmp = parent / name, parent / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    fill(tmp)
+    replace_dir(tmp, final)
+    return final
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -107,25 +170,16 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     write_lora: Callable[[Path], None],
 ) -> Path:
-    final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file(trainable, str(tmp / "trainable.safetensors"))
-    opt_tensors, opt_meta = _optimizer_to_files(optimizer)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    rng = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"torch_cuda_{i}"] = s
-    save_file(rng, str(tmp / "rng_state.safetensors"))
-    write_lora(tmp)
-    (tmp / "trainer_state.json").write_text(json.dumps({**trainer_state, "step": step}, indent=2))
-    replace_dir(tmp, final)
-    return final
+    """checkpoint-`step`/ of a training run (see the module docstring); `write_lora` writes the LoRA files into it."""
+    def fill(folder: Path) -> None:
+        save_file(trainable, str(folder / TRAINABLE))
+        save_optimizer(folder, optimizer)
+        (folder / SCHEDULER).write_text(json.dumps(scheduler.state_dict()))
+        save_rng_state(folder)
+        write_lora(folder)
+        (folder / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2))
+
+    return write_checkpoint_folder(run_dir, checkpoint_name(step), fill)
 
 
 def load_checkpoint(
@@ -135,20 +189,15 @@ def load_checkpoint(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Restore optimiser, scheduler and RNG; return (trainable tensors, trainer state)."""
     try:
-        trainable = load_file(str(path / "trainable.safetensors"))
-        _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
-                              json.loads((path / "optimizer.json").read_text()))
-        scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-        rng = load_file(str(path / "rng_state.safetensors"))
-        state = json.loads((path / "trainer_state.json").read_text())
+        trainable = load_file(str(path / TRAINABLE))
+        load_optimizer(path, optimizer)
+        scheduler.load_state_dict(json.loads((path / SCHEDULER).read_text()))
+        rng = load_file(str(path / RNG_STATE))
+        state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         earlier = [p for p in list_checkpoints(path.parent) if _step(p) < _step(path)]
         way_out = (f"resume from {earlier[-1].name} (--resume {earlier[-1]}, or remove {path.name} and use "
                    "--resume latest)" if earlier else "start again without --resume")
         raise DefectFillError(f"{path}: {path.name} is damaged ({str(exc).splitlines()[0]}): {way_out}.") from None
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        states = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    restore_rng_state(rng)
     return trainable, state

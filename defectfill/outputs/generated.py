@@ -43,6 +43,42 @@ PREVIEW = "preview.png"
 PREVIEW_DIR = ".preview"  # one strip per early item, stacked into preview.png at the end
 
 
+def manifest_path(root: Path) -> Path:
+    """The merged manifest of a generated dataset."""
+    return Path(root) / MANIFEST
+
+
+def manifest_count(root: Path) -> int:
+    """Rows of a generated dataset's merged manifest (0 without one): how many items a finished generate wrote."""
+    path = manifest_path(root)
+    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def is_generated_dataset(folder: Path) -> bool:
+    """Whether `defectfill generate` (or the UI) wrote `folder`: it records its settings there."""
+    return (Path(folder) / STATE).is_file()
+
+
+def preview_path(root: Path) -> Path:
+    return Path(root) / PREVIEW
+
+
+def good_folder(root: Path, category: str) -> Path:
+    """<category>/train/good of a generated dataset: the linked defect-free sources."""
+    return Path(root) / category / "train" / "good"
+
+
+def type_folders(root: Path, category: str, defect_type: str) -> list[Path]:
+    """The MVTec folders of one type in a generated dataset: its images, then its masks."""
+    return [Path(root) / category / sub / defect_type for sub in ("test", "ground_truth")]
+
+
+def candidate_file(root: Path, category: str, defect_type: str, stem: str, c: int, step: str = "") -> Path:
+    """Candidate `c` of the image named `stem` (`step`: `dI_` for defect I of several), outside the MVTec tree so
+    dataset loaders never read candidates as test images."""
+    return Path(root) / "candidates" / category / defect_type / f"{stem}_{step}{c}.png"
+
+
 @dataclass
 class Item:
     """One output image: its index, source image, mask source and seed."""
@@ -69,9 +105,8 @@ class OutputFolder:
         return self.root / self.category / "ground_truth" / self.defect_type / f"{index:0{self.digits}d}_mask.png"
 
     def candidate_path(self, index: int, c: int, defect: int | None = None) -> Path:
-        # outside the MVTec tree so dataset loaders never read candidates as test images
         step = "" if defect is None else f"d{defect}_"
-        return self.root / "candidates" / self.category / self.defect_type / f"{index:0{self.digits}d}_{step}{c}.png"
+        return candidate_file(self.root, self.category, self.defect_type, f"{index:0{self.digits}d}", c, step)
 
     def defect_mask_path(self, index: int, defect: int, defect_type: str) -> Path:
         """One defect's own mask in an image with several (outside the MVTec tree, named in the manifest)."""

@@ -1,4 +1,9 @@
-"""The reports: an evaluation's (metrics.json) and a whole `run`'s, each as report.html and report.md.
+"""The reports: an evaluation's folder and a whole `run`'s report, each as report.html and report.md.
+
+    <evaluation>/                      what `defectfill evaluate` writes
+      metrics.json                     every metric, saved as results come
+      report.html, report.md           the report (the HTML self-contained, the markdown linking the PNGs)
+      samples_<category>_<type>.png    real held-out vs generated (one grid per type), and the other pictures
 
 The HTML embeds every picture as a base64 data URI, so it opens from disk in a
 browser with no server and survives being mailed as one file. The markdown
@@ -23,6 +28,15 @@ from defectfill.core.atomic import atomic_write, write_json, write_text
 from defectfill.data.images import load_mask, load_rgb
 
 Pair = tuple[Path, Path | None]  # (image, mask or None)
+
+METRICS_NAME = "metrics.json"
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+
+
+def sample_grid_name(category: str, defect_type: str) -> str:
+    """The picture name (no .png) of a type's sample grid in the evaluation folder."""
+    return f"samples_{category}_{defect_type}"
 
 
 def _tile(path: Path, size: int, mask: bool = False, mask_rule: str = "half") -> Image.Image:
@@ -187,7 +201,7 @@ def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str
     """Write metrics.json, report.html, report.md and the pictures (PNG) into `output`; `note` heads the report."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    write_json(output / "metrics.json", metrics)
+    write_json(output / METRICS_NAME, metrics)
     encoded = {}
     for name, picture in pictures.items():
         data = _png_bytes(picture)
@@ -207,9 +221,9 @@ def write_report(output: str | Path, metrics: dict[str, Any], pictures: dict[str
     for name, data in encoded.items():
         parts.append(f"<h2>{html.escape(name)}</h2><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
         md += [f"## {name}", "", f"![{name}]({name}.png)", ""]
-    write_text(output / "report.html", html_page(title, parts))
-    write_text(output / "report.md", "\n".join(md) + "\n")
-    return {"metrics": output / "metrics.json", "html": output / "report.html", "markdown": output / "report.md"}
+    write_text(output / REPORT_HTML, html_page(title, parts))
+    write_text(output / REPORT_MD, "\n".join(md) + "\n")
+    return {"metrics": output / METRICS_NAME, "html": output / REPORT_HTML, "markdown": output / REPORT_MD}
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -258,5 +272,5 @@ def write_run_report(output: Path, rows: list[dict[str, str]], sections: list[di
             parts.append(img_tag(preview, "generation preview"))
         md += ["", f"## {section['title']}", "",
                f"![samples]({os.path.relpath(grid, output)})" if grid.is_file() else "no sample grid"]
-    write_text(output / "report.html", html_page("defectfill run", parts))
-    write_text(output / "report.md", "\n".join(md) + "\n")
+    write_text(output / REPORT_HTML, html_page("defectfill run", parts))
+    write_text(output / REPORT_MD, "\n".join(md) + "\n")

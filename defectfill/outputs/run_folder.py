@@ -7,7 +7,8 @@
       learned_embeds.safetensors           a new token's embedding row (with --new-token)
       learned_embeds-<type>.safetensors    one model per object: each type's token row ({"<type>": row})
       checkpoint-N/                        resumable state (see checkpoints.py)
-      logs/, train.log                     TensorBoard scalars and samples, the text log
+      metrics.jsonl                        the curves: one JSON object per logged step (`append_metrics`)
+      logs/, train.log                     TensorBoard scalars, logs/samples/step-NNNNNN.png, the text log
 
 This module is the one place that knows these names and reads config.json back
 into a `TrainConfig`.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import defectfill
 from defectfill.config.stages import TrainConfig
@@ -27,7 +29,10 @@ from defectfill.model.names import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME
 
 CONFIG_NAME = "config.json"
 SPLIT_NAME = "split.json"
-RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, "logs", "train.log"}
+LOGS_DIR = "logs"  # TensorBoard scalars, and the logged sample inpaintings in logs/samples/
+TRAIN_LOG = "train.log"  # the text log, for people
+METRICS_NAME = "metrics.jsonl"  # the logged curves, for programs (`append_metrics`, `read_metrics`)
+RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, LOGS_DIR, TRAIN_LOG, METRICS_NAME}
 
 
 def type_token_file(defect_type: str) -> str:
@@ -118,9 +123,53 @@ def read_trained_run(run_dir: str | Path) -> TrainConfig:
     return config
 
 
+def run_split_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / SPLIT_NAME
+
+
+def samples_dir(run_dir: str | Path) -> Path:
+    """Where training saves its logged sample inpaintings (`sample_path`)."""
+    return Path(run_dir) / LOGS_DIR / "samples"
+
+
+def sample_path(run_dir: str | Path, step: int) -> Path:
+    return samples_dir(run_dir) / f"step-{step:06d}.png"
+
+
+def logged_samples(run_dir: str | Path) -> list[Path]:
+    """The logged sample inpaintings, in step order."""
+    return sorted(samples_dir(run_dir).glob("step-*.png"))
+
+
+def append_metrics(run_dir: str | Path, row: dict[str, Any]) -> None:
+    """One logged step's curves as a line of metrics.jsonl: `step`, the losses by name under `loss`, `lr` by
+    parameter group, `grad_norm` (None on a skipped step), `skipped_steps`. Flushed, so a reader never misses a
+    finished line; a resumed run appends after the steps it had logged."""
+    with open(Path(run_dir) / METRICS_NAME, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows in file order ([] without one); a torn last line (a killed run) is skipped. A resumed
+    run may log a step twice: both rows are returned, the reader keeps the later one."""
+    path = Path(run_dir) / METRICS_NAME
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def read_run_split(run_dir: str | Path, defect_type: str | None = None) -> Split:
     """The run's split; of a per-object run, the split of `defect_type` (refused, with the types named, without)."""
-    return read_split(Path(run_dir) / SPLIT_NAME, defect_type)
+    return read_split(run_split_path(run_dir), defect_type)
 
 
 def pick_defect_type(run_dir: str | Path, config: TrainConfig, asked: str | None, flag: str = "--defect-type") -> str:

@@ -301,7 +301,7 @@ def _save(folder: Path, stage: int, step: int, modules: dict[str, torch.nn.Modul
           extra: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    from defectfill.outputs.checkpoints import _optimizer_to_files
+    from defectfill.outputs.checkpoints import optimizer_to_files
 
     ckpt = folder / "checkpoints"
     final = ckpt / f"stage{stage}-{step}"
@@ -314,7 +314,7 @@ def _save(folder: Path, stage: int, step: int, modules: dict[str, torch.nn.Modul
         tensors.update(_module_tensors(name, module))
     save_file(tensors, str(tmp / "weights.safetensors"))
     if optimizer is not None:
-        opt_tensors, opt_meta = _optimizer_to_files(optimizer)
+        opt_tensors, opt_meta = optimizer_to_files(optimizer)
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step, **extra}, indent=2))
@@ -337,7 +337,7 @@ def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[st
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from defectfill.outputs.checkpoints import _optimizer_from_files
+    from defectfill.outputs.checkpoints import optimizer_from_files
 
     try:
         tensors = load_file(str(path / "weights.safetensors"))
@@ -345,7 +345,7 @@ def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[st
             own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             module.load_state_dict(own)
         if optimizer is not None:
-            _optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
+            optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
                                   json.loads((path / "optimizer.json").read_text()))
         return json.loads((path / "state.json").read_text())
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:

@@ -1,5 +1,5 @@
 """One defect type of `defectfill run`: its training, generation and evaluation, each skipped when its outputs
-are complete, under the type's own lock, with its result recorded in results/. The local executor
+are complete, under the type's own lock, with its result recorded in the job folder's results (`outputs.job_folder`). The local executor
 (`runner.LocalExecutor`) and the Ray executor (`ray_executor.RayExecutor`, inside its tasks) both run each type
 through `process_type`, and each category's downstream models through `run_downstream`.
 """
@@ -21,10 +21,11 @@ from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import folder_lock
 from defectfill.model.names import LORA_WEIGHTS_NAME
 from defectfill.outputs.checkpoints import list_checkpoints
+from defectfill.outputs.generated import manifest_count, manifest_path
+from defectfill.outputs.job_folder import job_folder
+from defectfill.outputs.report import REPORT_HTML
 
 log = logging.getLogger("defectfill.run")
-RESULTS = "results"  # results/<category>-<type>.json: each type's TypeResult, as it finished
-
 
 
 @dataclass
@@ -51,13 +52,8 @@ def _train_state(run_dir: Path, steps: int) -> str:
     return "partial" if checkpoints else "new"
 
 
-def _manifest_count(gen_dir: Path) -> int:
-    path = gen_dir / "manifest.jsonl"
-    return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
-
-
 def _eval_complete(eval_dir: Path, gen_dir: Path) -> bool:
-    report, manifest = eval_dir / "report.html", gen_dir / "manifest.jsonl"
+    report, manifest = eval_dir / REPORT_HTML, manifest_path(gen_dir)
     return report.is_file() and manifest.is_file() and report.stat().st_mtime >= manifest.stat().st_mtime
 
 
@@ -73,14 +69,14 @@ def process_type(cat: str, defect_type: str, config: RunConfig, position: str,
     category's planned types): the first type of the category trains the category's run, the others find it
     complete.
     """
-    results = Path(config.output).expanduser() / RESULTS
-    results.mkdir(parents=True, exist_ok=True)
-    key = config.type_key(cat, defect_type)
+    job = job_folder(config)
+    job.results.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + lock_wait_s
     with contextlib.ExitStack() as stack:
         while True:
             try:
-                stack.enter_context(folder_lock(results, f"run {cat}/{defect_type}", name=f".{key}.lock"))
+                stack.enter_context(folder_lock(job.results, f"run {cat}/{defect_type}",
+                                                name=job.type_lock_name(cat, defect_type)))
                 break
             except DefectFillError as exc:  # the other job records its own result
                 if time.monotonic() >= deadline:
@@ -92,13 +88,12 @@ def process_type(cat: str, defect_type: str, config: RunConfig, position: str,
 
 
 def record_result(config: RunConfig, result: TypeResult) -> None:
-    write_json(Path(config.output).expanduser() / RESULTS / f"{config.type_key(result.category, result.defect_type)}.json",
-               asdict(result))
+    write_json(job_folder(config).result_path(result.category, result.defect_type), asdict(result))
 
 
 def read_result(config: RunConfig, cat: str, defect_type: str) -> TypeResult:
     """The recorded result of a type (--report-only); status `missing` when no job has finished it."""
-    path = Path(config.output).expanduser() / RESULTS / f"{config.type_key(cat, defect_type)}.json"
+    path = job_folder(config).result_path(cat, defect_type)
     if not path.is_file():
         return TypeResult(cat, defect_type, status="missing",
                           error="not run yet: no job has finished this type; rerun the --shard job that holds it "
@@ -120,11 +115,11 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
     from defectfill.generate.writer import run_generate
 
     result = TypeResult(cat, defect_type)
-    folders = config.folders(cat, defect_type)
+    folders = job_folder(config).type_folders(cat, defect_type)
     stage = "train"
     try:
         train_config = config.train_config(cat, defect_type, object_types)
-        state = _train_state(folders["run"], train_config.steps)
+        state = _train_state(folders.run, train_config.steps)
         if state == "complete":
             result.stages["train"] = "skipped"
         else:
@@ -136,23 +131,23 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
 
         stage = "generate"
         generate_config = config.generate_config(cat, defect_type)
-        if _manifest_count(folders["generated"]) >= generate_config.count:
+        if manifest_count(folders.generated) >= generate_config.count:
             result.stages["generate"] = "skipped"
         else:
             print(f"{position} {cat}/{defect_type}: generate {generate_config.count} images "
                   f"({generate_config.candidates} candidates each)")
             run_generate(generate_config)
             result.stages["generate"] = "ran"
-        result.n_generated = _manifest_count(folders["generated"])
+        result.n_generated = manifest_count(folders.generated)
 
         stage = "evaluate"
-        if _eval_complete(folders["eval"], folders["generated"]):
+        if _eval_complete(folders.eval, folders.generated):
             result.stages["evaluate"] = "skipped"
         else:
             print(f"{position} {cat}/{defect_type}: evaluate (KID, IC-LPIPS)")
             evaluate(config.evaluate_config(cat, defect_type), **evaluate_kwargs)
             result.stages["evaluate"] = "ran"
-        _read_metrics(result, folders["eval"] / "metrics.json")
+        _read_metrics(result, folders.metrics)
         result.status = "done"
     except DefectFillError as exc:
         result.status, result.error = "failed", f"{stage}: {exc}"
@@ -182,10 +177,10 @@ def run_downstream(config: RunConfig, cat: str, synth: Path, note: str | None) -
     """The inspection models of one category on the combined dataset: their report, or why they failed."""
     from defectfill.evaluate.evaluator import evaluate
 
-    eval_dir = Path(config.output).expanduser() / "eval" / f"{cat}-downstream"
+    eval_dir = job_folder(config).downstream_eval(cat)
     print(f"downstream {config.downstream} on {cat}")
     try:
         evaluate(config.downstream_config(cat, synth, eval_dir), note=note)
-        return str(eval_dir / "report.html")
+        return str(eval_dir / REPORT_HTML)
     except DefectFillError as exc:
         return f"failed: {exc}"

@@ -25,6 +25,7 @@ from typing import Any
 
 from defectfill.config.stages import RunConfig
 from defectfill.core.errors import DefectFillError
+from defectfill.outputs.job_folder import job_folder
 from defectfill.run.process import TypeResult, process_type, record_result, run_downstream
 
 log = logging.getLogger("defectfill.run")
@@ -189,7 +190,7 @@ def _worker_log(config: RunConfig) -> Iterator[None]:
     logger = logging.getLogger("defectfill")
     level = logger.level
     logger.setLevel(logging.INFO)
-    handler = logging.FileHandler(Path(config.output).expanduser() / "run.log")  # appended to by every task
+    handler = logging.FileHandler(job_folder(config).log)  # appended to by every task
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s %(name)s [pid {os.getpid()}] %(message)s"))
     logger.addHandler(handler)
     try:

@@ -3,19 +3,9 @@
 Only orchestration lives here; each stage is the stage command's own code
 (`train.trainer.train`, `generate.writer.run_generate`, `evaluate.evaluator.evaluate`), called for one defect
 type by `process.process_type`. A stage whose outputs are complete is skipped, so a killed `run` continues
-where it stopped.
+where it stopped. What it writes, the job folder, is `outputs.job_folder`.
 
-    <output>/
-      runs/<category>-<type>/        training run (LoRA, config, split, checkpoints)
-      runs/<category>/               with --one-model-per-object: the category's one run, every type's token
-      generated/<category>-<type>/   generated images of that type (MVTec layout, manifest, preview)
-      synth/                         every generated image, one MVTec-layout dataset (hard links)
-      eval/<category>-<type>/        KID, IC-LPIPS and their report
-      eval/<category>-downstream/    the inspection models (with --downstream)
-      results/<category>-<type>.json each type's result as it finished (what --report-only reads)
-      report.html, report.md, summary.json
-
-Each type is processed under its own lock (`results/.<category>-<type>.lock`), so two jobs never work on one
+Each type is processed under its own lock (in the job folder's results), so two jobs never work on one
 type; the run folder's lock is exclusive for a whole run and for --report-only, shared among the --shard jobs
 (which write no report), and never taken by a Ray task, whose driver holds it.
 """
@@ -40,10 +30,11 @@ from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import claim_folder, folder_lock
 from defectfill.data import make_split, open_layout
 from defectfill.outputs.checkpoints import list_checkpoints
-from defectfill.outputs.report import write_run_report
+from defectfill.outputs.generated import good_folder, manifest_count, preview_path, type_folders
+from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
+from defectfill.outputs.report import sample_grid_name, write_run_report
 from defectfill.run.process import (
     TypeResult,
-    _manifest_count,
     _train_state,
     process_type,
     read_result,
@@ -52,7 +43,6 @@ from defectfill.run.process import (
 from defectfill.run.ray_executor import RayExecutor, import_ray
 
 log = logging.getLogger("defectfill.run")
-RUN_SETTINGS = "run.json"  # the RunConfig of the run, every flat setting but those of the invocation
 
 
 def plan_types(layout, categories: list[str] | None, defect_types: list[str] | None) -> list[tuple[str, str]]:
@@ -86,21 +76,21 @@ def shard_pairs(pairs: list[tuple[str, str]], shard: tuple[int, int] | None) -> 
 def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) -> Path:
     """One MVTec-layout dataset of every generated image and its defect-free sources (hard links; copies
     where links fail)."""
-    synth = output / "synth"
+    job = job_folder(config)
+    synth = job.synth
     for r in results:
-        gen = config.folders(r.category, r.defect_type)["generated"] / r.category
-        good = gen / "train" / "good"
+        gen = job.type_folders(r.category, r.defect_type).generated
+        good = good_folder(gen, r.category)
         if good.is_dir():  # the sources of every type, in one train/good
-            dst_good = synth / r.category / "train" / "good"
+            dst_good = good_folder(synth, r.category)
             dst_good.mkdir(parents=True, exist_ok=True)
             for src in sorted(good.iterdir()):
                 if not (dst_good / src.name).exists():
                     _link(src, dst_good / src.name)
-        for sub in ("test", "ground_truth"):
-            src_dir = gen / sub / r.defect_type
+        for src_dir, dst_dir in zip(type_folders(gen, r.category, r.defect_type),
+                                    type_folders(synth, r.category, r.defect_type), strict=True):
             if not src_dir.is_dir():
                 continue
-            dst_dir = synth / r.category / sub / r.defect_type
             if dst_dir.exists():
                 shutil.rmtree(dst_dir)
             dst_dir.mkdir(parents=True)
@@ -124,16 +114,16 @@ def print_plan(layout, pairs: list[tuple[str, str]], config: RunConfig) -> None:
     total_steps = 0
     counted: set[Path] = set()  # one model per object: a category's run trains once
     for cat, t in pairs:
-        folders = config.folders(cat, t)
+        folders = job_folder(config).type_folders(cat, t)
         steps = config.train.steps
         split = make_split(layout, cat, t)
-        checkpoints = list_checkpoints(folders["run"])
+        checkpoints = list_checkpoints(folders.run)
         done = int(checkpoints[-1].name.split("-")[1]) if checkpoints else 0
-        steps_left = 0 if _train_state(folders["run"], steps) == "complete" or folders["run"] in counted \
+        steps_left = 0 if _train_state(folders.run, steps) == "complete" or folders.run in counted \
             else steps - done
-        counted.add(folders["run"])
+        counted.add(folders.run)
         total_steps += steps_left
-        to_generate = max(0, config.generate.count - _manifest_count(folders["generated"]))
+        to_generate = max(0, config.generate.count - manifest_count(folders.generated))
         print(f"{cat + '/' + t:28} {len(split.reference):>4} {len(split.held_out):>8} "
               f"{len(layout.good_images(cat)):>5} {steps_left:>12} {to_generate:>12}")
     models = f" in {len(counted)} model(s), one per object" if config.one_model_per_object else ""
@@ -201,7 +191,7 @@ def _executor(config: RunConfig):
 
 @contextlib.contextmanager
 def _run_log(output: Path):
-    handler = logging.FileHandler(output / "run.log")
+    handler = logging.FileHandler(JobFolder(output).log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.getLogger("defectfill").addHandler(handler)
     try:
@@ -214,7 +204,7 @@ def _run_log(output: Path):
 def _run_types(config: RunConfig, output: Path, pairs: list[tuple[str, str]], mine: list[tuple[str, str]],
                evaluate_kwargs: dict[str, Any], executor) -> list[TypeResult]:
     """Every type's stages, then (a whole run) the combined dataset, the downstream models and the report."""
-    write_json(output / RUN_SETTINGS, config.recorded())
+    write_json(job_folder(config).settings, config.recorded())
     started = time.time()
     with _run_log(output):
         results = executor.types(config, mine, evaluate_kwargs)
@@ -231,7 +221,7 @@ def _run_types(config: RunConfig, output: Path, pairs: list[tuple[str, str]], mi
 def _report_only(config: RunConfig, output: Path, pairs: list[tuple[str, str]],
                  evaluate_kwargs: dict[str, Any]) -> list[TypeResult]:
     """The combined dataset, the downstream models and the report from the results the jobs recorded."""
-    if not (output / RUN_SETTINGS).is_file():
+    if not job_folder(config).settings.is_file():
         raise DefectFillError(f"--report-only: {output} holds no run ({RUN_SETTINGS} is missing). Run `defectfill run` "
                               "(or its --shard jobs) with this --output first, or point --output at the run's folder.")
     claim_folder(output, "run")  # refuses a folder some other command wrote
@@ -272,13 +262,14 @@ def print_summary(results: list[TypeResult], output: Path, report: bool = True) 
         if r.error:
             print(f"    {r.error}")
     if report:
-        print(f"\nreport: {output / 'report.html'}")
+        print(f"\nreport: {JobFolder(output).report}")
 
 
 def _write_report(config: RunConfig, output: Path, results: list[TypeResult], downstream: dict[str, str],
                   note: str | None, seconds: float) -> None:
     """summary.json, report.html and report.md of the whole run."""
-    write_json(output / "summary.json", {
+    job = job_folder(config)
+    write_json(job.summary, {
         "results": [asdict(r) for r in results], "downstream": downstream, "seconds": round(seconds, 1),
         "note": note,
     })
@@ -288,21 +279,21 @@ def _write_report(config: RunConfig, output: Path, results: list[TypeResult], do
 
     rows, sections = [], []
     for r in results:
-        folders = config.folders(r.category, r.defect_type)
-        eval_report = folders["eval"] / "report.html"
+        folders = job.type_folders(r.category, r.defect_type)
+        eval_report = folders.eval_report
         kid = f"{num(r.kid_x1e3, '.2f')} ± {num(r.kid_std_x1e3, '.2f')}" if r.kid_x1e3 is not None else "-"
         rows.append({
             "category": r.category, "defect type": r.defect_type,
             "status": r.status if not r.error else f"{r.status}: {r.error}",
             "references": str(r.n_references), "held out": str(r.n_held_out), "generated": str(r.n_generated),
             "KID x10^3 (± std)": kid, "IC-LPIPS": num(r.ic_lpips, ".3f"),
-            "run": os.path.relpath(folders["run"], output),
+            "run": os.path.relpath(folders.run, output),
             # a failed type may have no evaluation: no link to a report that does not exist
             "evaluation": os.path.relpath(eval_report, output) if eval_report.is_file() else None,
         })
         sections.append({"title": f"{r.category} / {r.defect_type}",
-                         "grid": folders["eval"] / f"samples_{r.category}_{r.defect_type}.png",
-                         "preview": folders["generated"] / "preview.png"})
+                         "grid": folders.eval / f"{sample_grid_name(r.category, r.defect_type)}.png",
+                         "preview": preview_path(folders.generated)})
     write_run_report(output, rows, sections, downstream, note, seconds)
 
 

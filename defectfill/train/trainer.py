@@ -70,7 +70,16 @@ from defectfill.outputs.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from defectfill.outputs.run_folder import is_run_file, read_recorded_config, type_token_file, write_run_files
+from defectfill.outputs.run_folder import (
+    LOGS_DIR,
+    TRAIN_LOG,
+    append_metrics,
+    is_run_file,
+    read_recorded_config,
+    sample_path,
+    type_token_file,
+    write_run_files,
+)
 from defectfill.train import losses as L
 
 log = logging.getLogger("defectfill.train.trainer")
@@ -506,7 +515,7 @@ def _check_checkpoint_settings(checkpoint: Path, config: TrainConfig) -> None:
 def _setup_logging(out: Path, is_main: bool) -> logging.Handler | None:
     if not is_main:
         return None
-    handler = logging.FileHandler(out / "train.log")
+    handler = logging.FileHandler(out / TRAIN_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("defectfill").addHandler(handler)
     logging.getLogger("defectfill").setLevel(logging.INFO)
@@ -675,7 +684,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
         handler = _setup_logging(out, is_main)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "logs"))
+        writer = SummaryWriter(str(out / LOGS_DIR))
         log.info("training %s/%s on %d reference images (%d held out), steps %d -> %d",
                  config.category, config.defect_type, n_refs, n_held, start_step, config.steps)
 
@@ -746,15 +755,18 @@ def train(config: TrainConfig, pipe=None) -> Path:
                                      lobj=f"{means['object']:.4f}", lattn=f"{means['attention']:.4f}")
                 log.info("step %d loss %.5f def %.5f obj %.5f attn %.5f lr %.2e skipped %d", done, means["total"],
                          means["defect"], means["object"], means["attention"], step_lrs[0], skipped)
+                append_metrics(out, {"step": done, "loss": means, "lr": {"unet": step_lrs[0], "text": step_lrs[1]},
+                                     "grad_norm": None if grad_norm is None else float(grad_norm),
+                                     "skipped_steps": skipped})
                 sums = {k: torch.zeros((), device=device) for k in sums}
                 n_sums = 0
             if done % config.save_every == 0 or done == config.steps:
                 checkpoint(done)
             if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
                 strip = sample_inpaintings(models, config, split, accelerator.autocast)
-                samples_dir = out / "logs" / "samples"
-                samples_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write(samples_dir / f"step-{done:06d}.png", lambda p, s=strip: s.save(p, format="PNG"))
+                sample_file = sample_path(out, done)
+                sample_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(sample_file, lambda p, s=strip: s.save(p, format="PNG"))
                 writer.add_image("samples", np.asarray(strip), done, dataformats="HWC")
         accelerator.wait_for_everyone()
         if is_main:

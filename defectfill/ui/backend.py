@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,13 +34,15 @@ from defectfill.core.atomic import atomic_write
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained, folder_lock
 from defectfill.data.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
+from defectfill.outputs.generated import MANIFEST, candidate_file
+from defectfill.outputs.run_folder import LOGS_DIR, read_metrics
 
 log = logging.getLogger(__name__)
 
 REJECTED_DIR = "rejected"  # rejected items are moved here, keeping their relative paths
 UPLOADS_DIR = "uploads"  # uploaded source images, inside the dataset that uses them
 _RUN_SCAN_DEPTH = 3  # runs/<name>, work/<cat>/runs/<name>: deep enough for `defectfill run` folders
-_SKIP_DIRS = {"logs", "__pycache__"}
+_SKIP_DIRS = {LOGS_DIR, "__pycache__"}
 
 ProgressFn = Callable[[float, str], None]
 
@@ -182,25 +183,18 @@ def find_runs(roots: list[Path]) -> dict[str, Path]:
 
 
 def read_losses(run_dir: Path) -> list[dict[str, Any]]:
-    """The loss curves of a run from its train.log: one row per (step, loss); a resumed run's repeated
-    steps keep their last value."""
-    path = run_dir / "train.log"
-    if not path.is_file():
-        return []
-    pattern = re.compile(r"step (\d+) loss (\S+) def (\S+) obj (\S+) attn (\S+)")
-    by_step: dict[int, tuple[float, ...]] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        m = pattern.search(line)
-        if m:
-            try:
-                by_step[int(m.group(1))] = tuple(float(v) for v in m.groups()[1:])
-            except ValueError:
-                continue
+    """The loss curves of a run, from the metrics.jsonl training writes (`outputs.run_folder.read_metrics`):
+    one row per (step, loss); a resumed run's repeated steps keep their last value, non-finite values are
+    left out."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for row in read_metrics(run_dir):
+        if isinstance(row.get("loss"), dict):
+            by_step[row["step"]] = row["loss"]
     rows = []
     for step in sorted(by_step):
-        for name, value in zip(("total", "defect", "object", "attention"), by_step[step], strict=True):
-            if math.isfinite(value):
-                rows.append({"step": step, "loss": name, "value": value})
+        for name, value in by_step[step].items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                rows.append({"step": step, "loss": name, "value": float(value)})
     return rows
 
 
@@ -514,24 +508,24 @@ class Workspace:
         if int(index) not in rows:
             raise DefectFillError(f"{root}: no item {index} in its manifest.")
         row = rows[int(index)]
-        image = contained(root, row["image"], root / "manifest.jsonl")
+        image = contained(root, row["image"], root / MANIFEST)
         cat, kind = item_kind(row)
         stem = Path(row["image"]).stem
         candidates = []
         for c in range(len(row.get("candidate_seeds") or [])):
-            path = root / "candidates" / cat / kind / f"{stem}_{c}.png"
+            path = candidate_file(root, cat, kind, stem, c)
             if path.is_file():
                 candidates.append(path)
-        attention = contained(root, row["attention"], root / "manifest.jsonl") if row.get("attention") else None
+        attention = contained(root, row["attention"], root / MANIFEST) if row.get("attention") else None
         source = Path(row.get("source_image") or "")
-        return {"row": row, "image": image, "mask": contained(root, row["mask"], root / "manifest.jsonl"),
+        return {"row": row, "image": image, "mask": contained(root, row["mask"], root / MANIFEST),
                 "source": source if source.is_file() else None, "candidates": candidates,
                 "attention": attention if attention and attention.is_file() else None}
 
     def reject(self, dataset: str, index: int, reason: str = "") -> dict[str, Any]:
         """Move an item's image, mask and attention map under rejected/ (same relative paths) and mark its
         manifest row; nothing is deleted. The MVTec tree no longer holds it, so evaluate and anomalib skip it."""
-        from defectfill.outputs.generated import MANIFEST, OutputFolder
+        from defectfill.outputs.generated import OutputFolder
 
         root = self.dataset_path(dataset)
         index = int(index)
@@ -564,11 +558,11 @@ class Workspace:
     # ------------------------------------------------------------------ the run tab
 
     def run_info(self, run: str) -> dict[str, Any]:
-        """A run's settings (config.json), loss curves (train.log) and logged sample inpaintings."""
-        from defectfill.outputs.run_folder import read_recorded_config
+        """A run's settings (config.json), loss curves (metrics.jsonl) and logged sample inpaintings."""
+        from defectfill.outputs.run_folder import logged_samples, read_recorded_config
 
         run_dir = self.run_dir(run)
-        samples = sorted((run_dir / "logs" / "samples").glob("step-*.png"))
+        samples = logged_samples(run_dir)
         return {"settings": read_recorded_config(run_dir) or {}, "losses": read_losses(run_dir),
                 "samples": samples, "folder": run_dir}
 
