@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,25 @@ def test_train_runs_on_a_coco_export(coco, tiny_model_dir, tmp_path):
     split = json.loads((run / "split.json").read_text())
     assert split["layout"] == "coco" and "#coco:" in split["reference"][0]["mask"]
     assert (run / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_good_images_flag_is_recorded_and_generation_draws_from_it(coco, tiny_model_dir, tmp_path):
+    """`train --good-images` (a folder inside --data) is recorded in config.json, and `generate` takes its
+    defect-free sources from that folder."""
+    root, _ = coco
+    extra = root / "extra_good"
+    extra.mkdir()
+    for k in range(2):
+        Image.new("RGB", (64, 64), (120 + k, 110, 100)).save(extra / f"part{k}.png")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--category", "disc", "--defect-type", "spot", "--good-images",
+                 "extra_good", "--output", str(run), "--model", str(tiny_model_dir), "--resolution", "64",
+                 "--steps", "1", "--batch-size", "1", "--warmup-steps", "1", "--save-every", "1000",
+                 "--sample-every", "0"]) == 0
+    assert json.loads((run / "config.json").read_text())["good_images"] == "extra_good"
+    out = tmp_path / "gen"
+    assert main(["generate", "--run", str(run), "--output", str(out), "--count", "2", "--candidates", "1",
+                 "--steps", "2", "--masks", "held-out", "--device", "cpu"]) == 0
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["source_image"]).name for r in rows) == ["part0.png", "part1.png"]
+    assert all("#coco:" in r["mask_source"] for r in rows)  # held-out masks drawn from the COCO references

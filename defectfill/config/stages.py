@@ -59,6 +59,7 @@ class TrainConfig(Settings):
     output: str | None = field(default=None, metadata={"help": "run folder to write"})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id, folder, or the built-in defectfill-mini"})
     layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": LAYOUTS})
+    good_images: str | None = field(default=None, metadata={"help": "folder of defect-free images for an annotation export (coco, yolo, cvat, labelstudio; relative: inside --data); default: good/, else the images without annotations"})
     resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
     steps: int = field(default=2000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=4, metadata={"help": "reference images per micro-batch (UNet batch is twice this)"})

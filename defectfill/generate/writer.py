@@ -83,7 +83,7 @@ def _image_list(settings: GenerateConfig, config: TrainConfig) -> list[Path]:
                 f"the run's data folder {data} is not there (moved or on another machine); "
                 "pass --images DIR of defect-free images."
             )
-        images = open_layout(data, config.layout).good_images(config.category)
+        images = open_layout(data, config.layout, config.good_images).good_images(config.category)
         where = f"{data} (defect-free images of {config.category!r})"
     if not images:
         raise DefectFillError(f"{where}: no defect-free images found; pass --images DIR.")

@@ -141,7 +141,7 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
     """
     config.validate()  # every stage's settings, before any work
     output = Path(config.output).expanduser()
-    layout = open_layout(config.train.data, config.train.layout)
+    layout = open_layout(config.train.data, config.train.layout, config.train.good_images)
     pairs = plan_types(layout, config.selected_categories(), config.selected_defect_types())
     shard = config.shard_slice()
     mine = shard_pairs(pairs, shard)

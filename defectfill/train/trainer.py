@@ -617,7 +617,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
 
     config.validate()  # also when called from Python with a hand-made config
     out = Path(config.output).expanduser()
-    layout = open_layout(config.data, config.layout)
+    layout = open_layout(config.data, config.layout, config.good_images)
     config = dataclasses.replace(config, defect_type=resolve_defect_types(layout, config))
     _check_output(config, out)
     ref_groups, group_tokens = None, None

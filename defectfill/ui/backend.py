@@ -303,7 +303,7 @@ class Workspace:
         if data is None or not data.is_dir():
             raise DefectFillError(f"the run's data folder {config.data} is not there (moved or on another "
                                   "machine); upload a defect-free image instead.")
-        return open_layout(data, config.layout).good_images(config.category)
+        return open_layout(data, config.layout, config.good_images).good_images(config.category)
 
     def source(self, run: str, image_name: str) -> Source:
         """One of the run's defect-free images by file name (names from the page are never paths)."""
