@@ -28,11 +28,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import header  # noqa: E402
 
+from defectfill.config.sampling import resolve_sampling  # noqa: E402
 from defectfill.config.stages import TrainConfig  # noqa: E402
 from defectfill.data import make_split, open_layout  # noqa: E402
 from defectfill.data.augment import random_box_mask  # noqa: E402
 from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features  # noqa: E402
-from defectfill.generate.generator import MINI_SAMPLING, DefectGenerator  # noqa: E402
+from defectfill.generate.generator import DefectGenerator  # noqa: E402
 from defectfill.model.attention import AttentionRecorder  # noqa: E402
 from defectfill.model.pipeline import load_pipeline  # noqa: E402
 from defectfill.train.trainer import (  # noqa: E402
@@ -129,7 +130,7 @@ def main() -> None:
         base_pipe = load_pipeline(model)  # untouched by the loss pass (no_grad, its recorder removed after)
         rows[name] = held_out_losses(base_pipe, base, dict.fromkeys(TYPES, "sks"), data, args.draws)
         if look:
-            plain = DefectGenerator(base_pipe, MINI_SAMPLING["prompt"].format(token="sks"), "sks", 64, **sampling)
+            plain = DefectGenerator(base_pipe, resolve_sampling(args.model)["prompt"].format(token="sks"), "sks", 64, **sampling)
             looks[name] = held_out_look(dict.fromkeys(TYPES, plain), data)
         per_type, per_type_look, seconds = {}, {}, 0.0
         for t in TYPES:
@@ -140,7 +141,7 @@ def main() -> None:
             seconds += time.perf_counter() - start
             per_type[t] = held_out_losses(pipe, config, {t: "sks"}, data, args.draws)[t]
             if look:
-                per_type_look.update(held_out_look({t: DefectGenerator.from_run(config.output, prompt=MINI_SAMPLING[
+                per_type_look.update(held_out_look({t: DefectGenerator.from_run(config.output, prompt=resolve_sampling(args.model)[
                     "prompt"], **sampling)}, data))
         name = f"per type ({args.steps} steps each, {seconds:.0f} s)"
         rows[name], looks[name] = per_type, per_type_look
@@ -153,7 +154,7 @@ def main() -> None:
         name = f"per object ({args.steps * len(TYPES)} steps, {seconds:.0f} s)"
         rows[name] = held_out_losses(pipe, config, config.type_tokens(), data, args.draws)
         if look:
-            drawer = DefectGenerator.from_run(config.output, defect_type=TYPES[0], prompt=MINI_SAMPLING["prompt"],
+            drawer = DefectGenerator.from_run(config.output, defect_type=TYPES[0], prompt=resolve_sampling(args.model)["prompt"],
                                               **sampling)
             looks[name] = held_out_look({t: drawer.for_type(t) for t in TYPES}, data)
     print(header(f"one model per object vs one per type ({args.model}, demo disc: {', '.join(TYPES)})"))

@@ -13,8 +13,7 @@ drew or named (tests/test_world.py). Per seed, each variant is one `defectfill r
 KID and IC-LPIPS use the base's own VAE encoder (defectfill.evaluate.metrics.base_features; no ImageNet network is
 available offline), and the table adds the mask-region feature distance of defectfill.evaluate.metrics.mask_stats.
 The downstream classifier (ResNet-34) and localiser (U-Net) train from scratch on each variant's images.
-Generation samples as docs/method.md ("Sampling on defectfill-mini") measured: the defect prompt at guidance 1
-(`--prompt`, `--guidance`). Every variant's folder is resumable: rerun the same command and finished stages
+Generation samples as the base recommends (its defectfill_sampling.json; `--prompt`, `--guidance` override). Every variant's folder is resumable: rerun the same command and finished stages
 are skipped.
 
     .venv/bin/python benchmarks/quality.py --output bench-quality --seeds 0 --json bench-quality/rows.json
@@ -34,7 +33,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from defectfill.generate.generator import MINI_SAMPLING  # noqa: E402
 
 VARIANTS = {
     "a": ("full DefectFill", {}),
@@ -150,7 +148,9 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     settings = base_settings(args, data, seed)
     settings.update(overrides)
     if key == "e":  # its one loss trains on the prompt it is sampled with
-        settings["defect_prompt"] = args.prompt
+        from defectfill.config.sampling import resolve_sampling
+
+        settings["defect_prompt"] = resolve_sampling(args.model, prompt=args.prompt)["prompt"] or "A {object} with {token}"
     settings["output"] = str(out)
     cats = args.categories.split(",") if args.categories else None
     settings["categories"] = cats
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=24, help="generated images per type")
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--generate-steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=MINI_SAMPLING["guidance"])
-    p.add_argument("--prompt", default=MINI_SAMPLING["prompt"], help="generation prompt template")
+    p.add_argument("--guidance", type=float, default=None, help="default: the base's recommendation")
+    p.add_argument("--prompt", default=None, help="generation prompt template (default: the base's recommendation)")
     p.add_argument("--downstream-epochs", type=int, default=10)
     p.add_argument("--json", default=None, help="write every row (with the full downstream records) here")
     args = p.parse_args(argv)

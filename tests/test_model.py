@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -283,17 +285,66 @@ def test_a_missing_builtin_base_names_the_fix(tmp_path, monkeypatch):
     assert model.resolve_model("some/hub-id") == "some/hub-id"  # other names pass through unchanged
 
 
-def test_runs_on_defectfill_mini_are_warned_when_sampled_otherwise_than_measured(caplog):
-    """The object prompt or guidance > 1 on defectfill-mini mostly paints the part (docs/method.md): warned;
-    the measured settings and other bases are not."""
-    from defectfill.generate.generator import MINI_SAMPLING, warn_if_mini_sampling_differs
+def test_sampling_follows_the_base_unless_the_user_sets_it(tmp_path):
+    """A base's defectfill_sampling.json fills what the user left unset; what the user sets wins; a base without
+    one (SD2 from the hub) gets the paper's 50 steps, guidance 7.5, the object prompt and stock CFG."""
+    from defectfill.config.sampling import PAPER_SAMPLING, read_base_sampling, resolve_sampling, write_base_sampling
 
-    with caplog.at_level("WARNING", logger="defectfill.generate.generator"):
-        assert warn_if_mini_sampling_differs("defectfill-mini", None, 7.5)
-        assert warn_if_mini_sampling_differs("/models/defectfill-mini", MINI_SAMPLING["prompt"], 3.0)
-        assert "--guidance 1" in caplog.text
-        assert not warn_if_mini_sampling_differs("defectfill-mini", MINI_SAMPLING["prompt"], 1.0)
-        assert not warn_if_mini_sampling_differs("stabilityai/stable-diffusion-2-inpainting", None, 7.5)
+    base = tmp_path / "base"
+    base.mkdir()
+    write_base_sampling(base, {"prompt": "A photo of {token}", "guidance": 3.0, "unconditional": "base"})
+    assert resolve_sampling(str(base)) == {"prompt": "A photo of {token}", "guidance": 3.0, "steps": 50,
+                                           "unconditional": "base"}
+    assert resolve_sampling(str(base), guidance=1.0, prompt="A {object} with {token}", steps=None,
+                            unconditional="tuned") == {"prompt": "A {object} with {token}", "guidance": 1.0,
+                                                       "steps": 50, "unconditional": "tuned"}
+    assert resolve_sampling("sd2-community/stable-diffusion-2-inpainting") == PAPER_SAMPLING
+    assert read_base_sampling(str(tmp_path / "no-such-folder")) == {}
+    assert read_base_sampling("defectfill-mini")  # the built-in base ships its recommendation
+
+
+@pytest.mark.parametrize("content, words", [
+    ('{"guidance": "high"}', "guidance 'high' must be a number"),
+    ('{"prompt": "A photo of sks"}', "must be a prompt template with {token}"),
+    ('{"cfg": 3}', "unknown key 'cfg'"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"steps": 0', "cannot read"),
+])
+def test_a_bad_base_sampling_file_is_named_with_the_fix(tmp_path, content, words):
+    from defectfill.config.sampling import BASE_SAMPLING_NAME, read_base_sampling
+
+    (tmp_path / BASE_SAMPLING_NAME).write_text(content)
+    with pytest.raises(DefectFillError, match=re.escape(words)) as info:
+        read_base_sampling(str(tmp_path))
+    assert BASE_SAMPLING_NAME in str(info.value)
+
+
+def test_generate_records_the_sampling_it_used_from_the_base(tmp_path, tiny_model_dir, demo_root):
+    """`generate` with no sampling flags on a run whose base recommends guidance 2 and 3 steps samples so, and
+    generate.json records those values, not None; a flag the user gives wins."""
+    import json
+    import shutil
+
+    from helpers import write_run
+
+    from defectfill.config.sampling import write_base_sampling
+    from defectfill.config.stages import GenerateConfig
+    from defectfill.generate.writer import run_generate
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    write_base_sampling(base, {"guidance": 2.0, "steps": 3, "prompt": "A photo of {token}"})
+    run = write_run(tmp_path / "run", base, demo_root)
+    for name, flags in (("unset", {}), ("set", {"guidance": 1.0, "steps": 2})):
+        out = tmp_path / name
+        settings = GenerateConfig(run=str(run), output=str(out), count=1, candidates=1, **flags)
+        assert run_generate(settings) == 0
+        recorded = json.loads((out / "generate.json").read_text())["config"]
+        row = json.loads(next(out.rglob("manifest.jsonl")).read_text().splitlines()[0])
+        expected = {"guidance": 2.0, "steps": 3} if name == "unset" else flags
+        assert {k: recorded[k] for k in expected} == expected, name
+        assert recorded["prompt"] == "A photo of {token}"
+        assert row["prompt"] == "A photo of sks"
 
 
 def test_one_network_builder_for_every_shape_and_the_tiny_pipeline_is_it():

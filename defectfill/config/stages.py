@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectfill.config.sampling import UNCONDITIONAL, resolve_sampling
 from defectfill.config.settings import PRECISIONS, Settings, check_all
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import check_plain_name
@@ -183,13 +184,14 @@ RUN_NON_IDENTITY_KEYS = {"executor", "ray_address", "gpus_per_task", "task_retri
 # --------------------------------------------------------------------------- generate
 
 
-def sampling_checks(candidates: int, steps: int, guidance: float, feather: int,
+def sampling_checks(candidates: int, steps: int | None, guidance: float | None, feather: int,
                     batch_size: int | None) -> list[tuple[bool, str]]:
-    """The sampler's settings checks, shared by `GenerateConfig` and the `DefectGenerator` API."""
+    """The sampler's settings checks, shared by `GenerateConfig` and the `DefectGenerator` API (None: not set,
+    the base's recommendation applies)."""
     return [
         (candidates >= 1, "--candidates must be at least 1"),
-        (steps >= 1, "--steps must be at least 1"),
-        (guidance >= 0, "--guidance must be 0 or more"),
+        (steps is None or steps >= 1, "--steps must be at least 1"),
+        (guidance is None or guidance >= 0, "--guidance must be 0 or more"),
         (feather >= 0, "--feather must be 0 or more pixels"),
         (batch_size is None or batch_size >= 1, "--batch-size must be at least 1"),
     ]
@@ -207,10 +209,11 @@ class GenerateConfig(Settings):
     shapes: str = field(default=",".join(SHAPES), metadata={"help": "shapes for --masks shapes, comma-separated"})
     mask_scale: str = field(default="0.005,0.05", metadata={"help": "area range of shape masks, fractions MIN,MAX"})
     candidates: int = field(default=8, metadata={"help": "candidates per image for Low-Fidelity Selection (1: no LPIPS)"})
-    steps: int = field(default=50, metadata={"help": "sampling steps"})
-    guidance: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the base model's recommendation, else 50)"})
+    guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the base model's recommendation, else 7.5)"})
+    unconditional: str | None = field(default=None, metadata={"help": "the guidance's unconditional branch: 'tuned' (the fine-tuned model, stock CFG) or 'base' (the base model: LoRA off for those rows) (default: the base model's recommendation, else tuned)", "choices": UNCONDITIONAL})
     scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": SCHEDULERS})
-    prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the run's object prompt)"})
+    prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the base model's recommendation, else the run's object prompt)"})
     feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge"})
     seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index"})
     batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)"})
@@ -246,6 +249,11 @@ class GenerateConfig(Settings):
             if problem:
                 raise DefectFillError(problem + ".")
 
+    def sampling_for(self, model: str) -> GenerateConfig:
+        """A copy with the sampling settings left unset filled as the base `model` recommends (`config.sampling`)."""
+        return dataclasses.replace(self, **resolve_sampling(
+            model, prompt=self.prompt, guidance=self.guidance, steps=self.steps, unconditional=self.unconditional))
+
     def scale(self) -> tuple[float, float]:
         """The area range of shape masks, (min, max) fractions of the image."""
         return parse_mask_scale(self.mask_scale)
@@ -262,6 +270,8 @@ class GenerateConfig(Settings):
                     "candidates": self.candidates, "steps": self.steps, "guidance": self.guidance,
                     "scheduler": self.scheduler, "prompt": self.prompt, "feather": self.feather, "seed": self.seed,
                     "images": self.images}
+        if self.unconditional not in (None, "tuned"):  # only when not stock CFG: older folders keep their identity
+            identity["unconditional"] = self.unconditional
         if self.painted_types():  # only when asked: folders written before these settings keep their identity
             identity["defect_types"] = self.painted_types()
         return identity
@@ -383,7 +393,8 @@ class RunConfig(Settings):
         if name not in ("category", "defect_type", "output", "resume")}})
     generate: GenerateConfig = field(default_factory=lambda: GenerateConfig(count=100), metadata={"stage": {
         "count": "count", "images": "images", "masks": "masks", "shapes": "shapes", "mask_scale": "mask_scale",
-        "candidates": "candidates", "steps": "generate_steps", "guidance": "guidance", "scheduler": "scheduler",
+        "candidates": "candidates", "steps": "generate_steps", "guidance": "guidance",
+        "unconditional": "unconditional", "scheduler": "scheduler",
         "prompt": "prompt", "feather": "feather", "batch_size": "generate_batch_size",
         "with_good": "with_good", "save_candidates": "save_candidates", "save_attention": "save_attention", "lpips_weights": "lpips_weights",
         "lpips_random_backbone": "lpips_random_backbone", "preview_rows": "preview_rows", "device": "device",

@@ -42,9 +42,9 @@ SIZES = {
     "small": dict(steps=100, count=8, candidates=4, generate_steps=10, downstream="both"),
 }
 # DefectFill settings for defectfill-mini at 64 px (beyond the size's steps): a higher rate than SD2's
-# defaults, since the base and the LoRA are small and the steps few; sampled with the defect prompt and
-# guidance 1, as measured in docs/method.md ("Sampling on defectfill-mini")
-MINI_SETTINGS = dict(lr_unet=1e-3, lr_text=2e-4, guidance=1.0, prompt="A photo of {token}")
+# defaults, since the base and the LoRA are small and the steps few. Sampling is what the base recommends
+# (its defectfill_sampling.json; docs/method.md, "Sampling on defectfill-mini").
+MINI_SETTINGS = dict(lr_unet=1e-3, lr_text=2e-4)
 
 
 class UntrainedFeatures(nn.Module):

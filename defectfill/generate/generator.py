@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from defectfill.config.sampling import UNCONDITIONAL, resolve_sampling
 from defectfill.config.settings import check_all, compile_module, precision_dtype, resolve_compile, resolve_precision
 from defectfill.config.stages import TrainConfig, prompt_problem, sampling_checks
 from defectfill.core.errors import DefectFillError
@@ -36,22 +37,6 @@ from defectfill.model.pipeline import load_pipeline, vae_scale_factor
 from defectfill.outputs.run_folder import pick_defect_type, read_trained_run, type_token_file
 
 log = logging.getLogger(__name__)
-
-# How runs on the built-in base sample best (docs/method.md, "Sampling on defectfill-mini"): its fine-tunes'
-# defects show under the defect prompt at guidance 1; the object prompt paints the part, guidance > 1 undoes them
-MINI_SAMPLING = {"prompt": "A photo of {token}", "guidance": 1.0}
-
-
-def warn_if_mini_sampling_differs(model: str, prompt: str | None, guidance: float) -> bool:
-    """Log a warning when a run on `defectfill-mini` samples otherwise than MINI_SAMPLING; True if it did."""
-    if Path(model).name != "defectfill-mini" or (prompt == MINI_SAMPLING["prompt"] and guidance <= 1.0):
-        return False
-    log.warning("this run's base is defectfill-mini, on which DefectFill's defects show with --prompt \"%s\" "
-                "--guidance %g (docs/method.md, \"Sampling on defectfill-mini\"); sampling with %s at guidance %g "
-                "mostly paints the part instead.", MINI_SAMPLING["prompt"], MINI_SAMPLING["guidance"],
-                repr(prompt or "the object prompt"), guidance)
-    return True
-
 
 # (candidates (N,3,h,w) in [-1,1], source (1,3,h,w) in [-1,1]) -> (N,) scores, higher = less like the source
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -187,9 +172,6 @@ def run_prompt(config: TrainConfig, template: str | None = None, defect_type: st
     return config.prompt(template, token), token
 
 
-UNCONDITIONAL = ("tuned", "base")
-
-
 @contextmanager
 def lora_on_rows(unet: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
     """Within the block, each LoRA layer of `unet` adds its change only to the batch rows where `rows` (B,) is 1:
@@ -293,10 +275,15 @@ class DefectGenerator:
         merge_lora: bool = True,
         compile: str = "no",
         defect_type: str | None = None,
-        unconditional: str = "tuned",
+        steps: int | None = None,
+        guidance: float | None = None,
+        unconditional: str | None = None,
         **settings: Any,
     ) -> "DefectGenerator":
         """Load the run's base model, LoRA and (if trained) new tokens; settings go to __init__.
+
+        `prompt`, `steps`, `guidance` and `unconditional` left None are what the run's base model recommends
+        (`config.sampling`: its defectfill_sampling.json), else the paper's (object prompt, 50, 7.5, tuned).
 
         `defect_type`: the type to draw; a run trained on several (one model per object) needs it, and
         `for_type` switches to another of them without reloading.
@@ -307,6 +294,9 @@ class DefectGenerator:
         """
         run_dir = Path(run_dir).expanduser()
         config = read_trained_run(run_dir)
+        sampling = resolve_sampling(config.model, prompt=prompt, steps=steps, guidance=guidance,
+                                    unconditional=unconditional)
+        prompt, unconditional = sampling["prompt"], sampling["unconditional"]
         defect_type = pick_defect_type(run_dir, config, defect_type)
         type_prompts = {t: run_prompt(config, prompt, t) for t in config.type_tokens()}
         prompt_text, token = type_prompts[defect_type]
@@ -333,9 +323,11 @@ class DefectGenerator:
             pipe.unet = compile_module(pipe.unet)
         pipe.set_progress_bar_config(disable=True)
         generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device,
-                        unconditional=unconditional, **settings)
+                        steps=sampling["steps"], guidance=sampling["guidance"], unconditional=unconditional,
+                        **settings)
         generator.defect_type, generator.type_prompts = defect_type, type_prompts
-        warn_if_mini_sampling_differs(config.model, prompt, generator.guidance)
+        log.info("sampling %r at guidance %g, %d steps, unconditional branch from the %s model", prompt_text,
+                 generator.guidance, generator.steps, unconditional)
         return generator
 
     @property

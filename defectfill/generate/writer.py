@@ -319,6 +319,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
     run_dirs = run_folders(settings.run)
     painters = plan_painters(settings, run_dirs)
     config = painters[0].config
+    settings = settings.sampling_for(config.model)  # what the base recommends, where the user set nothing
     category, defect_type = config.category, "+".join(p.defect_type for p in painters)
     images = _image_list(settings, config)
     add_mask_sources(painters, settings)  # after the images: a moved dataset is named by its images first
@@ -357,7 +358,8 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                     generators[painter.run_dir] = DefectGenerator.from_run(
                         painter.run_dir, device=device, mixed_precision=precision, prompt=settings.prompt,
                         scheduler=settings.scheduler, candidates=settings.candidates, steps=settings.steps,
-                        guidance=settings.guidance, feather=settings.feather, batch_size=settings.batch_size,
+                        guidance=settings.guidance, unconditional=settings.unconditional,
+                        feather=settings.feather, batch_size=settings.batch_size,
                         lpips_weights=settings.lpips_weights, save_attention=settings.save_attention,
                         lpips_pretrained=not settings.lpips_random_backbone, merge_lora=settings.merge_lora,
                         compile=settings.compile, defect_type=painter.defect_type,

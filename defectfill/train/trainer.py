@@ -37,6 +37,7 @@ import torch.nn as nn
 from PIL import Image
 
 import defectfill
+from defectfill.config.sampling import resolve_sampling
 from defectfill.config.settings import compile_module, precision_dtype, resolve_compile, resolve_precision
 from defectfill.config.stages import NON_IDENTITY_KEYS, TrainConfig
 from defectfill.core.atomic import atomic_write
@@ -577,7 +578,9 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
         feature_extractor=None, requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    prompt = config.prompt(config.object_prompt, token)
+    # the prompt and guidance the base recommends for sampling (config.sampling), as `generate` would use them
+    sampling = resolve_sampling(config.model)
+    prompt = config.prompt(sampling["prompt"] or config.object_prompt, token)
     models.recorder.start(None)  # plain cross-attention while sampling
     was_training = models.unet.training
     models.unet.eval()
@@ -586,6 +589,7 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
         with autocast():  # the training step's own precision
             result = pipe(prompt=prompt, image=source, mask_image=mask, height=canvas.size[1],
                           width=canvas.size[0], num_inference_steps=config.sample_steps,
+                          guidance_scale=sampling["guidance"],
                           generator=torch.Generator().manual_seed(config.seed)).images[0]
     finally:
         models.unet.train(was_training)

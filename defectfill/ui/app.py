@@ -86,8 +86,10 @@ def build_app(ws: Workspace) -> gr.Blocks:
         gallery = [(_thumb(p), p.name) for p in images[:60]]
         types = ws.defect_types(run)  # a per-object run draws each of its types; one dataset holds them all
         suggested = config.category if config.per_object else f"{config.category}-{config.defect_type}"
+        sampling = ws.recommended_sampling(run)  # the run's base's recommendation, the paper's otherwise
         return (gr.update(choices=names, value=names[0] if names else None), gallery, message, suggested,
-                gr.update(choices=types, value=types[0], interactive=len(types) > 1))
+                gr.update(choices=types, value=types[0], interactive=len(types) > 1),
+                gr.update(value=sampling["steps"]), gr.update(value=sampling["guidance"]))
 
     @_friendly
     def select_image(run: str, name: str):
@@ -253,7 +255,7 @@ def build_app(ws: Workspace) -> gr.Blocks:
             with gr.Row():
                 candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates", elem_id="n-candidates")
                 steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance")
+                guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
                 attention = gr.Checkbox(False, label="Show the token's attention")
             generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -294,7 +296,7 @@ def build_app(ws: Workspace) -> gr.Blocks:
                                          height=300)
 
         # ------------------------------------------------------------------ wiring
-        run_outputs = [image_dd, good_gallery, data_note, dataset_name, run_type_dd]
+        run_outputs = [image_dd, good_gallery, data_note, dataset_name, run_type_dd, steps, guidance]
         run_dd.change(select_run, run_dd, run_outputs, api_name="select_run")
         run_dd.change(show_run, run_dd, [settings_json, loss_plot, samples_gallery, run_md], api_name="run_info")
         demo.load(select_run, run_dd, run_outputs, api_visibility="private")

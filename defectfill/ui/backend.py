@@ -336,8 +336,16 @@ class Workspace:
             self._loaded = (run_dir, gen)
         return self._loaded[1]
 
-    def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = 8, steps: int = 50,
-                 guidance: float = 7.5, seed: int = 0, attention: bool = False, shape: str | None = None,
+    def recommended_sampling(self, run: str) -> dict[str, Any]:
+        """The sampling a run's base recommends, with the paper's values where it says nothing (`config.sampling`):
+        the page's steps and guidance start there."""
+        from defectfill.config.sampling import resolve_sampling
+        from defectfill.outputs.run_folder import read_trained_run
+
+        return resolve_sampling(read_trained_run(self.run_dir(run)).model)
+
+    def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = 8, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, attention: bool = False, shape: str | None = None,
                  shape_size: float | None = None, progress: ProgressFn | None = None,
                  defect_type: str | None = None) -> Outcome:
         """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s.
@@ -346,8 +354,10 @@ class Workspace:
         from defectfill.config.stages import sampling_checks
         from defectfill.generate.generator import DefectGenerator
 
-        candidates, steps, seed = int(candidates), int(steps), int(seed)
-        check_all(sampling_checks(candidates, steps, float(guidance), 0, None))
+        candidates, seed = int(candidates), int(seed)
+        steps = None if steps is None else int(steps)
+        guidance = None if guidance is None else float(guidance)
+        check_all(sampling_checks(candidates, steps, guidance, 0, None))
         mask = fit_mask(np.asarray(mask, dtype=bool), source.image.size)
         if not mask.any():
             raise DefectFillError("the mask is empty: paint where the defect goes, or place a shape.")
@@ -355,8 +365,11 @@ class Workspace:
             loaded = self.generator(run, progress)
             drawer = loaded.for_type(defect_type) if defect_type else loaded  # that type's prompt and token
             # a generator per request over the loaded pipeline: the settings are the request's, the model is kept
+            steps = loaded.steps if steps is None else steps  # unset: as the run's base recommends
+            guidance = loaded.guidance if guidance is None else guidance
             gen = DefectGenerator(loaded.pipe, drawer.prompt, drawer.token, loaded.resolution, candidates=candidates,
-                                  steps=steps, guidance=float(guidance), device=self.device,
+                                  steps=steps, guidance=guidance, unconditional=loaded.unconditional,
+                                  device=self.device,
                                   scorer=self._scorer, lpips_weights=self.lpips_weights,
                                   lpips_pretrained=not self.lpips_random_backbone, save_attention=bool(attention))
             if progress:
@@ -364,7 +377,7 @@ class Workspace:
             result = gen(source.image, mask, seed=seed)
             if candidates > 1:
                 self._scorer = gen.scorer  # LPIPS loaded once, kept with the model
-        settings = {"candidates": candidates, "steps": steps, "guidance": float(guidance), "seed": seed,
+        settings = {"candidates": candidates, "steps": steps, "guidance": guidance, "seed": seed,
                     "attention": bool(attention)}
         if shape:
             settings.update(shape=shape, mask_scale=list(shape_scale(float(shape_size or 0.02))))
