@@ -1,4 +1,4 @@
-"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data, pretrain-base, ui.
+"""The `defectfill` command: train, generate, evaluate, run, demo, make-demo-data, data, export, pretrain-base, ui.
 
 User-input problems raise `DefectFillError`; they are printed as one clear
 message (no traceback) and the command exits with status 2.
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain-base's arguments are added when those subcommands are parsed."""
     from defectfill.config.stages import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
     from defectfill.data.inspection import add_arguments as add_data_arguments
+    from defectfill.outputs.export import add_arguments as add_export_arguments
     from defectfill.ui import add_arguments as add_ui_arguments  # no gradio import: the extra is optional
 
     parser = argparse.ArgumentParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help=help_text, description=help_text)
     add_data_arguments(p)
     p.set_defaults(func=_command("defectfill.data.inspection", "data_command"))
+
+    help_text = ("a generated dataset in the formats other tools read: COCO (RLE masks), a Hugging Face imagefolder, "
+                 "Label Studio tasks (masks as predictions), an MVTec tree; prefixed names never collide with real ones")
+    p = sub.add_parser("export", help=help_text, description=help_text)
+    add_export_arguments(p)
+    p.set_defaults(func=_command("defectfill.outputs.export", "export_command"))
 
     help_text = ("a local browser app: draw a mask on a defect-free image, see the candidates with their LFS "
                  "scores, add the good ones to a dataset, curate it (needs pip install 'defectfill[ui]')")
