@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from defectfill.core.errors import DefectFillError
+from defectfill.model.device import resolve_device
 
 log = logging.getLogger("defectfill")
 
@@ -261,7 +262,7 @@ def resolve_precision(setting: str, device: str | None = None) -> str:
 
     if setting not in PRECISIONS:
         raise DefectFillError(f"--mixed-precision {setting!r}: choose one of {', '.join(PRECISIONS)}.")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     on_cuda = device.startswith("cuda") and torch.cuda.is_available()
     if setting == "auto":
         if not on_cuda:
@@ -284,7 +285,7 @@ def resolve_compile(setting: str, device: str | None = None) -> bool:
     if setting not in ("auto", "yes", "no"):
         raise DefectFillError(f"--compile {setting!r}: choose auto, yes or no.")
     if setting == "auto":
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
         return device.startswith("cuda") and torch.cuda.is_available()
     return setting == "yes"
 

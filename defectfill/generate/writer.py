@@ -35,6 +35,7 @@ from defectfill.data.images import is_image_file, mask_file
 from defectfill.data.layouts import find_type
 from defectfill.data.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
 from defectfill.generate.generator import DefectGenerator, derived_seed
+from defectfill.model.device import resolve_device
 from defectfill.outputs.generated import (
     CAPTION_H,
     PREVIEW_DIR,
@@ -329,7 +330,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
 
     rank, world, state = _process_info(settings.device, rank, world_size)
     distributed = state.num_processes > 1
-    device = settings.device or (str(state.device) if distributed else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = settings.device or (str(state.device) if distributed else resolve_device())
     precision = resolve_precision(settings.mixed_precision, device)
     out = OutputFolder(Path(settings.output).expanduser(), category, defect_type, settings.count)
     identity = output_identity(run_dirs, settings)

@@ -34,6 +34,7 @@ from defectfill.core.atomic import atomic_write
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained, folder_lock
 from defectfill.data.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
+from defectfill.model.device import resolve_device
 from defectfill.outputs.generated import MANIFEST, candidate_file
 from defectfill.outputs.run_folder import LOGS_DIR, read_metrics
 
@@ -257,11 +258,9 @@ class Workspace:
     def __init__(self, runs: list[str | Path], datasets: str | Path, device: str | None = None,
                  mixed_precision: str = "auto", lpips_weights: str | None = None,
                  lpips_random_backbone: bool = False, scheduler: str = "ddim"):
-        import torch
-
         self.run_roots = [Path(r).expanduser() for r in runs]
         self.datasets_root = Path(datasets).expanduser()
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         from defectfill.config.settings import resolve_precision
 
         self.precision = resolve_precision(mixed_precision, self.device)
