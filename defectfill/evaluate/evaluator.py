@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from defectfill.config.stages import EvaluateConfig, TrainConfig
+from defectfill.config.stages import DownstreamSettings, EvaluateConfig, TrainConfig
 from defectfill.core.atomic import write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import claim_folder, folder_lock
@@ -36,6 +38,7 @@ from defectfill.data.split import Split, make_split
 from defectfill.evaluate.metrics.downstream import train_classifier, train_localiser
 from defectfill.evaluate.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
 from defectfill.evaluate.metrics.kid import kid_images
+from defectfill.model.device import resolve_device
 from defectfill.outputs.report import (
     METRICS_NAME,
     REPORT_HTML,
@@ -50,12 +53,6 @@ from defectfill.outputs.run_folder import read_run_config, read_run_split, run_s
 log = logging.getLogger(__name__)
 
 
-def _device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
 def _read_run(run: Path, defect_type: str | None = None) -> tuple[TrainConfig | None, Split]:
     """The run's settings (None for a run folder without config.json) and its split (of a model trained on several
     defect types: the split of `defect_type`)."""
@@ -67,21 +64,20 @@ def _read_run(run: Path, defect_type: str | None = None) -> tuple[TrainConfig | 
 
 def _rebase(split: Split, root: Path) -> Split:
     """The split with every path moved from its recorded dataset root to `root`."""
-    def move(samples: list[DefectSample]) -> list[DefectSample]:
-        out = []
-        for s in samples:
-            try:
-                image = root / s.image.relative_to(split.data_root)
-                mask = root / s.mask.relative_to(split.data_root) if s.mask is not None else None
-            except ValueError:
-                raise DefectFillError(
-                    f"{s.image}: outside the split's dataset root {split.data_root}; cannot move it to {root}."
-                ) from None
-            out.append(dataclasses.replace(s, image=image, mask=mask))
-        return out
+    moved = [[_moved(s, split.data_root, root) for s in samples]
+             for samples in (split.reference, split.held_out, split.skipped_empty, split.multi_type)]
+    return Split(split.layout, root, split.category, split.defect_type, *moved)
 
-    return Split(split.layout, root, split.category, split.defect_type, move(split.reference),
-                 move(split.held_out), move(split.skipped_empty), move(split.multi_type))
+
+def _moved(sample: DefectSample, old_root: Path, root: Path) -> DefectSample:
+    try:
+        image = root / sample.image.relative_to(old_root)
+        mask = root / sample.mask.relative_to(old_root) if sample.mask is not None else None
+    except ValueError:
+        raise DefectFillError(
+            f"{sample.image}: outside the split's dataset root {old_root}; cannot move it to {root}."
+        ) from None
+    return dataclasses.replace(sample, image=image, mask=mask)
 
 
 def _generated_samples(generated: Layout, category: str, defect_type: str) -> list[DefectSample]:
@@ -120,6 +116,34 @@ def _pairs(samples: list[DefectSample]) -> list[tuple[Path, Path | None]]:
     return [(s.image, s.mask) for s in samples]
 
 
+@dataclass
+class Evaluation:
+    """What one evaluation compares and what it has measured so far (`metrics`, `pictures`)."""
+
+    config: EvaluateConfig
+    settings: DownstreamSettings  # the downstream models' (its seed and device also serve KID)
+    output: Path
+    generated: Path
+    gen_layout: Layout
+    real_layout: Layout
+    category: str
+    splits: list[Split]  # one per evaluated defect type
+    run_config: TrainConfig | None
+    feature_extractor: nn.Module | None  # KID's; None: torch-fidelity's Inception
+    distance: Distance | None  # IC-LPIPS's; None: LPIPS AlexNet, loaded on first use
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pictures: dict[str, Image.Image] = dataclasses.field(default_factory=dict)
+
+    def save(self) -> None:
+        """metrics.json as it stands: results are written as they come, so a crash keeps what was computed."""
+        write_json(self.output / METRICS_NAME, self.metrics)
+
+    def record_downstream(self, model: str, progress: dict[str, Any]) -> None:
+        """A downstream model's result so far (called after each of its epochs), saved at once."""
+        self.metrics["downstream"][model] = progress
+        self.save()
+
+
 def evaluate(
     config: EvaluateConfig,
     *,
@@ -133,20 +157,39 @@ def evaluate(
 
     The networks are injectable (tests, offline demos); by default the standard ones are loaded.
     `note` is shown at the top of the report (the demo's: its networks are untrained).
+
+    1. check the settings and open the generated folder;
+    2. find what is compared: the run's split, or each type's split of the dataset;
+    3. start the metrics with the settings that decide them;
+    4. in the output folder, one writer at a time: KID and IC-LPIPS per type, the downstream models, the report.
     """
     config.validate()
-    settings = config.downstream_settings()
-    run, data, category, defect_type = config.run, config.data, config.category, config.defect_type
-    downstream, lpips_size = config.downstream, config.lpips_size
-    compute_kid, compute_ic_lpips = config.kid, config.ic_lpips
-    output = Path(config.output).expanduser()
+    generated, gen_layout = _open_generated(config)
+    run_config, real_layout, category, splits = _compared_splits(config)
+    evaluation = Evaluation(config, config.downstream_settings(), Path(config.output).expanduser(), generated,
+                            gen_layout, real_layout, category, splits, run_config, feature_extractor, distance)
+    evaluation.metrics = _initial_metrics(evaluation)
+    claim_folder(evaluation.output, "evaluate")  # an empty or new folder, or one this command wrote
+    with folder_lock(evaluation.output, "evaluate"):
+        if config.kid or config.ic_lpips:
+            for split in splits:
+                _measure_images(evaluation, split)
+        if config.downstream != "none":
+            _measure_downstream(evaluation, classifier_factory, localiser_factory)
+        write_report(evaluation.output, evaluation.metrics, evaluation.pictures, note=note)
+    return evaluation.metrics
+
+
+def _open_generated(config: EvaluateConfig) -> tuple[Path, Layout]:
     generated = Path(config.generated).expanduser()
     if not generated.is_dir():
         raise DefectFillError(f"{generated}: generated folder not found.")
-    gen_layout = open_layout(generated, "mvtec")
+    return generated, open_layout(generated, "mvtec")
 
-    # ---- what is compared
-    run_config: TrainConfig | None = None
+
+def _compared_splits(config: EvaluateConfig) -> tuple[TrainConfig | None, Layout, str, list[Split]]:
+    """(the run's settings or None, the real dataset, the category, the splits of the evaluated types)."""
+    run, data, category, defect_type = config.run, config.data, config.category, config.defect_type
     if run is not None:
         run_config, run_split = _read_run(Path(run), defect_type)
         if data is not None:  # the dataset moved since training: the split's paths are relative to its root
@@ -156,150 +199,136 @@ def evaluate(
                 f"{run_split.data_root}: the run's dataset folder is gone (named in {run_split_path(run)}). "
                 "Pass its new place with --data."
             )
-        category = run_split.category
-        splits = [run_split]
-        real_layout = open_layout(run_split.data_root, run_split.layout)
-    else:
-        if data is None or category is None:
-            raise DefectFillError("Name what to compare with: --run RUN, or --data ROOT --category CATEGORY.")
-        real_layout = open_layout(data, config.layout)
-        real_layout.check_category(category)
-        types = [defect_type] if defect_type else real_layout.defect_types(category)
-        if not types:
-            raise DefectFillError(f"{real_layout.root / category}: no defect types found.")
-        splits = [make_split(real_layout, category, t) for t in types]
+        return run_config, open_layout(run_split.data_root, run_split.layout), run_split.category, [run_split]
+    if data is None or category is None:
+        raise DefectFillError("Name what to compare with: --run RUN, or --data ROOT --category CATEGORY.")
+    real_layout = open_layout(data, config.layout)
+    real_layout.check_category(category)
+    types = [defect_type] if defect_type else real_layout.defect_types(category)
+    if not types:
+        raise DefectFillError(f"{real_layout.root / category}: no defect types found.")
+    return None, real_layout, category, [make_split(real_layout, category, t) for t in types]
 
-    metrics: dict[str, Any] = {
+
+def _initial_metrics(evaluation: Evaluation) -> dict[str, Any]:
+    """The metrics record before anything is measured: the settings that decide its numbers."""
+    config, settings, run_config = evaluation.config, evaluation.settings, evaluation.run_config
+    return {
         "settings": {
-            "generated": str(generated.resolve()),
-            "run": str(Path(run).resolve()) if run is not None else None,
-            "data": str(real_layout.root.resolve()),
-            "category": category,
-            "defect_types": [s.defect_type for s in splits],
-            "kid": compute_kid, "kid_subset_size": config.kid_subset_size, "kid_subsets": config.kid_subsets,
-            "kid_features": "inception-v3-compat (torch-fidelity)" if feature_extractor is None else "custom",
-            "ic_lpips": compute_ic_lpips, "lpips_size": lpips_size,
-            "lpips_network": "lpips AlexNet" if distance is None else "custom",
-            "downstream": downstream,
+            "generated": str(evaluation.generated.resolve()),
+            "run": str(Path(config.run).resolve()) if config.run is not None else None,
+            "data": str(evaluation.real_layout.root.resolve()),
+            "category": evaluation.category,
+            "defect_types": [s.defect_type for s in evaluation.splits],
+            "kid": config.kid, "kid_subset_size": config.kid_subset_size, "kid_subsets": config.kid_subsets,
+            "kid_features": "inception-v3-compat (torch-fidelity)" if evaluation.feature_extractor is None
+            else "custom",
+            "ic_lpips": config.ic_lpips, "lpips_size": config.lpips_size,
+            "lpips_network": "lpips AlexNet" if evaluation.distance is None else "custom",
+            "downstream": config.downstream,
             # the downstream models' settings only where they ran
-            **({f"downstream_{k}": v for k, v in settings.to_json().items()} if downstream != "none" else {}),
+            **({f"downstream_{k}": v for k, v in settings.to_json().items()} if config.downstream != "none" else {}),
             "run_resolution": run_config.resolution if run_config is not None else None,
         },
         "image_metrics": [],
         "downstream": {},
     }
-    claim_folder(output, "evaluate")  # an empty or new folder, or one this command wrote
 
-    def measure() -> dict[str, Any]:
-        nonlocal distance
-        pictures: dict[str, Image.Image] = {}
 
-        def save() -> None:  # results are written as they come, so a crash keeps what was computed
-            write_json(output / METRICS_NAME, metrics)
+def _measure_images(evaluation: Evaluation, split: Split) -> None:
+    """KID and IC-LPIPS of one defect type, and its sample grid."""
+    config, settings = evaluation.config, evaluation.settings
+    gen_samples = _generated_samples(evaluation.gen_layout, split.category, split.defect_type)
+    if not split.held_out:
+        raise DefectFillError(
+            f"{split.data_root}: no held-out real images of {split.category}/{split.defect_type} "
+            f"(all {len(split.reference)} are reference images). KID needs real images the generator "
+            "did not see; add more defect images of this type."
+        )
+    notes: list[str] = []
+    real_images = _load_images([s.image for s in split.held_out], notes, "real held-out")
+    gen_images = _load_images([s.image for s in gen_samples], notes, "generated")
+    item: dict[str, Any] = {
+        "category": split.category, "defect_type": split.defect_type,
+        "n_real_held_out": len(real_images), "n_generated": len(gen_images),
+        "n_references": len(split.reference), "notes": notes,
+    }
+    if config.kid:
+        item["kid"] = kid_images(
+            real_images, gen_images, feature_extractor=evaluation.feature_extractor,
+            subset_size=config.kid_subset_size, subsets=config.kid_subsets, seed=settings.seed,
+            device=resolve_device(settings.device), inception_weights=config.inception_weights,
+        )
+    if config.ic_lpips:
+        lpips_size = config.lpips_size
+        refs = _load_images([s.image for s in split.reference], notes, "reference")
+        sizes = {im.size for im in gen_images + refs}
+        if sizes != {(lpips_size, lpips_size)}:
+            notes.append(f"IC-LPIPS: images resized to {lpips_size}x{lpips_size}")
+        if evaluation.distance is None:
+            from defectfill.model.lpips import load_lpips
 
-        # ---- KID and IC-LPIPS per defect type
-        if compute_kid or compute_ic_lpips:
-            for split in splits:
-                gen_samples = _generated_samples(gen_layout, split.category, split.defect_type)
-                if not split.held_out:
-                    raise DefectFillError(
-                        f"{split.data_root}: no held-out real images of {split.category}/{split.defect_type} "
-                        f"(all {len(split.reference)} are reference images). KID needs real images the generator "
-                        "did not see; add more defect images of this type."
-                    )
-                notes: list[str] = []
-                real_images = _load_images([s.image for s in split.held_out], notes, "real held-out")
-                gen_images = _load_images([s.image for s in gen_samples], notes, "generated")
-                item: dict[str, Any] = {
-                    "category": split.category, "defect_type": split.defect_type,
-                    "n_real_held_out": len(real_images), "n_generated": len(gen_images),
-                    "n_references": len(split.reference), "notes": notes,
-                }
-                if compute_kid:
-                    item["kid"] = kid_images(
-                        real_images, gen_images, feature_extractor=feature_extractor, subset_size=config.kid_subset_size,
-                        subsets=config.kid_subsets, seed=settings.seed, device=_device(settings.device),
-                        inception_weights=config.inception_weights,
-                    )
-                if compute_ic_lpips:
-                    refs = _load_images([s.image for s in split.reference], notes, "reference")
-                    sizes = {im.size for im in gen_images + refs}
-                    if sizes != {(lpips_size, lpips_size)}:
-                        notes.append(f"IC-LPIPS: images resized to {lpips_size}x{lpips_size}")
-                    if distance is None:
-                        from defectfill.model.lpips import load_lpips
+            device = resolve_device(settings.device)
+            evaluation.distance = lpips_distance_fn(load_lpips(config.lpips_weights, device=device), device)
+        item["ic_lpips"] = ic_lpips_details(
+            _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), evaluation.distance)
+    evaluation.metrics["image_metrics"].append(item)
+    evaluation.pictures[sample_grid_name(split.category, split.defect_type)] = sample_grid(
+        _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples, real_mask_rule=split.mask_rule)
+    evaluation.save()
 
-                        distance = lpips_distance_fn(load_lpips(config.lpips_weights, device=_device(settings.device)),
-                                                     _device(settings.device))
-                    item["ic_lpips"] = ic_lpips_details(
-                        _lpips_stack(gen_images, lpips_size), _lpips_stack(refs, lpips_size), distance)
-                metrics["image_metrics"].append(item)
-                pictures[sample_grid_name(split.category, split.defect_type)] = sample_grid(
-                    _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples,
-                    real_mask_rule=split.mask_rule)
-                save()
 
-        # ---- downstream inspection models on every defect type of the category
-        if downstream != "none":
-            all_types = real_layout.defect_types(category)
-            all_splits = {s.defect_type: s for s in splits}
-            for t in all_types:
-                if t not in all_splits:
-                    all_splits[t] = make_split(real_layout, category, t)
-            missing = [t for t in all_types if not gen_layout.root.joinpath(category, "test", t).is_dir()
-                       or not gen_layout.defect_samples(category, t)]
-            if missing:
-                raise DefectFillError(
-                    f"{generated}: no generated images of {category} defect type(s) {', '.join(missing)}; the "
-                    "downstream models are trained on every type of the category. Generate them first."
-                )
-            generated_by_type = {t: gen_layout.defect_samples(category, t) for t in all_types}
-            no_held_out = [t for t in all_types if not all_splits[t].held_out]
-            if no_held_out:
-                raise DefectFillError(
-                    f"{real_layout.root}: no held-out real images of {category} type(s) {', '.join(no_held_out)} "
-                    "to test the downstream models on."
-                )
-            settings.device = _device(settings.device)
-            settings.mask_rule = real_layout.mask_rule  # VisA's instance-id masks are read as non-zero
+def _measure_downstream(evaluation: Evaluation, classifier_factory: Callable[[int, bool], nn.Module] | None,
+                        localiser_factory: Callable[[bool], nn.Module] | None) -> None:
+    """The downstream inspection models on every defect type of the category: trained on the generated images,
+    tested on the real held-out ones."""
+    real_layout, gen_layout, category = evaluation.real_layout, evaluation.gen_layout, evaluation.category
+    settings, downstream = evaluation.settings, evaluation.config.downstream
+    all_types = real_layout.defect_types(category)
+    all_splits = {s.defect_type: s for s in evaluation.splits}
+    for t in all_types:
+        if t not in all_splits:
+            all_splits[t] = make_split(real_layout, category, t)
+    missing = [t for t in all_types if not gen_layout.root.joinpath(category, "test", t).is_dir()
+               or not gen_layout.defect_samples(category, t)]
+    if missing:
+        raise DefectFillError(
+            f"{evaluation.generated}: no generated images of {category} defect type(s) {', '.join(missing)}; the "
+            "downstream models are trained on every type of the category. Generate them first."
+        )
+    generated_by_type = {t: gen_layout.defect_samples(category, t) for t in all_types}
+    no_held_out = [t for t in all_types if not all_splits[t].held_out]
+    if no_held_out:
+        raise DefectFillError(
+            f"{real_layout.root}: no held-out real images of {category} type(s) {', '.join(no_held_out)} "
+            "to test the downstream models on."
+        )
+    settings.device = resolve_device(settings.device)
+    settings.mask_rule = real_layout.mask_rule  # VisA's instance-id masks are read as non-zero
 
-            if downstream in ("classify", "both"):
-                train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
-                test = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].held_out]
+    if downstream in ("classify", "both"):
+        train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
+        test = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].held_out]
+        result = train_classifier(train, test, all_types, settings, classifier_factory,
+                                  functools.partial(evaluation.record_downstream, "classify"))
+        evaluation.metrics["downstream"]["classify"] = result
+        evaluation.pictures[f"confusion_{category}"] = confusion_picture(result["confusion_matrix"], all_types)
+        evaluation.save()
 
-                def on_classify(progress: dict[str, Any]) -> None:
-                    metrics["downstream"]["classify"] = progress
-                    save()
-
-                result = train_classifier(train, test, all_types, settings, classifier_factory, on_classify)
-                metrics["downstream"]["classify"] = result
-                pictures[f"confusion_{category}"] = confusion_picture(result["confusion_matrix"], all_types)
-                save()
-
-            if downstream in ("localize", "both"):
-                unmasked = [s.image for t in all_types for s in generated_by_type[t] if s.mask is None]
-                if unmasked:  # without its mask a generated defect image would be learnt as a good one
-                    raise DefectFillError(
-                        f"{unmasked[0]}: generated image has no mask (expected <stem>_mask.png in the ground_truth "
-                        f"folder of its type; {len(unmasked)} such image(s)). The localiser needs every mask."
-                    )
-                train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
-                train += [(p, None) for p in real_layout.good_images(category)]
-                test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]
-                test += [(p, None) for p in real_layout.good_test_images(category)]
-
-                def on_localize(progress: dict[str, Any]) -> None:
-                    metrics["downstream"]["localize"] = progress
-                    save()
-
-                metrics["downstream"]["localize"] = train_localiser(train, test, settings, localiser_factory, on_localize)
-                save()
-
-        write_report(output, metrics, pictures, note=note)
-        return metrics
-
-    with folder_lock(output, "evaluate"):  # one writer at a time
-        return measure()
+    if downstream in ("localize", "both"):
+        unmasked = [s.image for t in all_types for s in generated_by_type[t] if s.mask is None]
+        if unmasked:  # without its mask a generated defect image would be learnt as a good one
+            raise DefectFillError(
+                f"{unmasked[0]}: generated image has no mask (expected <stem>_mask.png in the ground_truth "
+                f"folder of its type; {len(unmasked)} such image(s)). The localiser needs every mask."
+            )
+        train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
+        train += [(p, None) for p in real_layout.good_images(category)]
+        test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]
+        test += [(p, None) for p in real_layout.good_test_images(category)]
+        evaluation.metrics["downstream"]["localize"] = train_localiser(
+            train, test, settings, localiser_factory, functools.partial(evaluation.record_downstream, "localize"))
+        evaluation.save()
 
 
 def _num(value: float | None) -> str:
