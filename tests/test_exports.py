@@ -9,6 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import run_with_stand_ins, tiny_run_config
 from PIL import Image
 
 from defectfill.cli import main
@@ -190,3 +191,26 @@ def test_a_bare_mvtec_tree_exports_too(tmp_path):
     items = read_items(tree)
     assert [i.name for i in items] == [f"synth_disc_spot_{k:03d}" for k in range(3)]
     assert np.array_equal(load_mask(items[1].mask), _mask(1))
+
+
+def test_run_exports_after_synth(demo_root, tiny_model_dir, tmp_path):
+    """`run --export coco,mvtec`: the run's generated images in <output>/export/, prefixed, with provenance."""
+    from pycocotools.coco import COCO
+
+    config = tiny_run_config(demo_root, tiny_model_dir, tmp_path / "work", defect_types=["spot"],
+                             export="coco,mvtec", export_prefix="gen_")
+    results = run_with_stand_ins(config)
+    assert [r.status for r in results] == ["done"]
+    api = COCO(str(tmp_path / "work" / "export" / "coco" / "annotations" / "instances_default.json"))
+    images = api.loadImgs(api.getImgIds())
+    assert len(images) == 2 and all(i["file_name"].startswith("gen_disc_spot_") for i in images)
+    assert all(i["defectfill"]["source_image"] and "seed" in i["defectfill"] for i in images)
+    gen = tmp_path / "work" / "generated" / "disc-spot"
+    for image in images:
+        (ann,) = api.loadAnns(api.getAnnIds(imgIds=image["id"]))
+        stem = image["file_name"][len("gen_disc_spot_"):-4]
+        assert np.array_equal(api.annToMask(ann).astype(bool),
+                              load_mask(gen / "disc" / "ground_truth" / "spot" / f"{stem}_mask.png"))
+    assert len(list((tmp_path / "work" / "export" / "mvtec" / "disc" / "test" / "spot").iterdir())) == 2
+    with pytest.raises(DefectFillError, match="--export 'voc'"):
+        tiny_run_config(demo_root, tiny_model_dir, tmp_path / "w2", export="voc").validate()

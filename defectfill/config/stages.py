@@ -32,6 +32,7 @@ SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
 EXECUTORS = ["local", "ray"]
+EXPORT_FORMATS = ("coco", "hf", "labelstudio", "mvtec")  # `defectfill export --to`, `run --export`
 COMPILE_HELP = "torch.compile (auto: on a GPU, where it pays; not on a CPU, where it was measured slower):"
 PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other CUDA GPUs, full on a CPU), "
                   "no (full), fp16, bf16")
@@ -388,6 +389,8 @@ class RunConfig(Settings):
     shard: str | None = field(default=None, metadata={"help": "I/N: process only the I-th of N disjoint slices of the plan (e.g. one Slurm array job each); writes no report, --report-only assembles it"})
     report_only: bool = field(default=False, metadata={"help": "train, generate and evaluate nothing: assemble synth/, the report and summary.json from what the output folder holds (after --shard jobs); runs --downstream"})
     one_model_per_object: bool = field(default=False, metadata={"help": "train one model per category (a new token per defect type, runs/<category>/) instead of one per defect type; every type is generated from it"})
+    export: str | None = field(default=None, metadata={"help": "after synth/, also export every generated image as " + "|".join(EXPORT_FORMATS) + " (comma-separated, e.g. coco,hf) into <output>/export/<format>/, as `defectfill export` does"})
+    export_prefix: str = field(default="synth_", metadata={"help": "start of every exported file name, so synthetic files never collide with the real ones"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"stage": {
         name: name for name in (f.name for f in dataclasses.fields(TrainConfig))
         if name not in ("category", "defect_type", "output", "resume")}})
@@ -487,6 +490,11 @@ class RunConfig(Settings):
             (not (self.report_only and self.shard),
              "--report-only assembles the report of every shard: pass it without --shard"),
             (not (self.report_only and self.dry_run), "--report-only and --dry-run exclude each other; pass one"),
+            (self.export is None or (bool(self.export.strip()) and all(
+                n.strip().lower() in EXPORT_FORMATS for n in self.export.split(",") if n.strip())),
+             f"--export {self.export!r}: choose one or more of {', '.join(EXPORT_FORMATS)}, joined by commas (e.g. coco,hf)"),
+            (re.fullmatch(r"[A-Za-z0-9._-]*", self.export_prefix) is not None,
+             f"--export-prefix {self.export_prefix!r}: use letters, digits, '.', '_' or '-' only (it starts file names)"),
             # the types of a category share one training (runs/<category>): tasks or shards split per type
             # would train it side by side, so one model per object runs in one local job
             (not (self.one_model_per_object and (self.executor != "local" or self.shard)),

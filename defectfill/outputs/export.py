@@ -21,18 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectfill.config.stages import EXPORT_FORMATS
 from defectfill.core.atomic import replace_dir
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import check_plain_name, claim_folder, folder_lock
 from defectfill.data.images import is_image_file
 from defectfill.outputs.generated import STATE, OutputFolder
 
-FORMATS = {
-    "coco": "defectfill.outputs.export_coco",
-    "hf": "defectfill.outputs.export_hf",
-    "labelstudio": "defectfill.outputs.export_labelstudio",
-    "mvtec": "defectfill.outputs.export_mvtec",
-}
+FORMATS = {name: f"defectfill.outputs.export_{name}" for name in EXPORT_FORMATS}  # each format's writer module
 DEFAULT_PREFIX = "synth_"
 
 

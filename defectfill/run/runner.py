@@ -30,6 +30,7 @@ from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import claim_folder, folder_lock
 from defectfill.data import make_split, open_layout
 from defectfill.outputs.checkpoints import list_checkpoints
+from defectfill.outputs.export import export, parse_formats
 from defectfill.outputs.generated import good_folder, manifest_count, preview_path, type_folders
 from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
 from defectfill.outputs.report import sample_grid_name, write_run_report
@@ -250,6 +251,10 @@ def _finish(config: RunConfig, output: Path, pairs: list[tuple[str, str]], resul
                 ready.append(cat)
         downstream.update(executor.downstream(config, ready, synth, note))
         downstream = {cat: downstream[cat] for cat in sorted(downstream)}
+    if config.export and any(r.n_generated for r in results):
+        for name, folder in export(output, job_folder(config).root / "export", parse_formats(config.export),
+                                   config.export_prefix).items():
+            log.info("exported %s: %s", name, folder)
     _write_report(config, output, results, downstream, note, seconds + time.time() - started)
 
 
