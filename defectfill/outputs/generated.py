@@ -54,6 +54,12 @@ def manifest_count(root: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
 
 
+def read_manifest(root: Path) -> list[dict]:
+    """The finished items' manifest rows of a generated dataset, by index ([] without one)."""
+    rows = OutputFolder(Path(root), "", "", 1).finished()
+    return [rows[i] for i in sorted(rows)]
+
+
 def is_generated_dataset(folder: Path) -> bool:
     """Whether `defectfill generate` (or the UI) wrote `folder`: it records its settings there."""
     return (Path(folder) / STATE).is_file()

@@ -31,7 +31,7 @@ from defectfill.core.folders import claim_folder, folder_lock
 from defectfill.data import make_split, open_layout
 from defectfill.outputs.checkpoints import list_checkpoints
 from defectfill.outputs.export import export, parse_formats
-from defectfill.outputs.generated import good_folder, manifest_count, preview_path, type_folders
+from defectfill.outputs.generated import manifest_count, preview_path, read_manifest, type_folders
 from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
 from defectfill.outputs.report import sample_grid_name, write_run_report
 from defectfill.run.process import (
@@ -75,19 +75,15 @@ def shard_pairs(pairs: list[tuple[str, str]], shard: tuple[int, int] | None) -> 
 
 
 def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) -> Path:
-    """One MVTec-layout dataset of every generated image and its defect-free sources (hard links; copies
-    where links fail)."""
+    """One MVTec-layout dataset of every generated image (hard links; copies where links fail), with defect-free
+    images that leak nothing: the sources a defect was painted on are the backgrounds of test/<type>/, so they
+    are in neither good folder. test/good: the dataset's own defect-free test images (MVTec's test/good, VisA's
+    test normals), else every other unpainted defect-free image; train/good: the other unpainted ones.
+    synth/split.json lists which image went where (`synth_good_split`)."""
     job = job_folder(config)
     synth = job.synth
     for r in results:
         gen = job.type_folders(r.category, r.defect_type).generated
-        good = good_folder(gen, r.category)
-        if good.is_dir():  # the sources of every type, in one train/good
-            dst_good = good_folder(synth, r.category)
-            dst_good.mkdir(parents=True, exist_ok=True)
-            for src in sorted(good.iterdir()):
-                if not (dst_good / src.name).exists():
-                    _link(src, dst_good / src.name)
         for src_dir, dst_dir in zip(type_folders(gen, r.category, r.defect_type),
                                     type_folders(synth, r.category, r.defect_type), strict=True):
             if not src_dir.is_dir():
@@ -97,7 +93,44 @@ def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) 
             dst_dir.mkdir(parents=True)
             for src in sorted(src_dir.iterdir()):
                 _link(src, dst_dir / src.name)
+    if results:
+        layout = open_layout(config.train.data, config.train.layout, config.train.good_images)
+        split = {}
+        for cat in sorted({r.category for r in results}):
+            painted = set()
+            for r in results:
+                if r.category == cat:
+                    gen = job.type_folders(r.category, r.defect_type).generated
+                    painted |= {str(Path(row["source_image"]).resolve()) for row in read_manifest(gen)
+                                if row.get("source_image")}
+            split[cat] = synth_good_split(layout.good_images(cat), layout.good_test_images(cat), painted)
+            for sub, names in (("train", split[cat]["train_good"]), ("test", split[cat]["test_good"])):
+                folder = synth / cat / sub / "good"
+                if folder.exists():
+                    shutil.rmtree(folder)
+                folder.mkdir(parents=True)
+                for path in names:
+                    _link(Path(path), folder / Path(path).name)
+            if not split[cat]["train_good"]:
+                log.warning("synth/%s/train/good is empty: a defect was painted on every defect-free image (%d), "
+                            "so none is left that no test image shows. Generate fewer images (--count below %d) "
+                            "or add defect-free images.", cat, len(split[cat]["painted_sources"]),
+                            len(split[cat]["painted_sources"]))
+        write_json(synth / "split.json", split)
     return synth
+
+
+def synth_good_split(good: list[Path], good_test: list[Path], painted: set[str]) -> dict[str, list[str]]:
+    """Which defect-free images go where in synth/: painted sources in neither folder; test/good the dataset's
+    own good test images, else every other unpainted image (sorted by name); train/good the other unpainted."""
+    unpainted = [p for p in sorted(good, key=lambda p: p.name) if str(p.resolve()) not in painted]
+    sources = sorted(str(p) for p in good if str(p.resolve()) in painted)
+    if good_test:
+        test = [p for p in good_test if str(p.resolve()) not in painted]
+        train = unpainted
+    else:
+        test, train = unpainted[1::2], unpainted[0::2]
+    return {"train_good": [str(p) for p in train], "test_good": [str(p) for p in test], "painted_sources": sources}
 
 
 def _link(src: Path, dst: Path) -> None:
