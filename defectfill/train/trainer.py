@@ -21,6 +21,7 @@ uninterrupted run would.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -46,6 +47,7 @@ from defectfill.core.folders import folder_lock
 from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
 from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import letterbox
+from defectfill.data.layouts import Layout
 from defectfill.data.split import ObjectSplit, make_object_split
 from defectfill.model.attention import AttentionRecorder
 from defectfill.model.networks import check_prediction_type, diffusion_target
@@ -604,37 +606,114 @@ def sample_inpaintings(models: TrainingModels, config: TrainConfig, split: Split
 # --------------------------------------------------------------------------- training loop
 
 
+@dataclass
+class TrainingData:
+    """The references a run trains on, and the split they came from."""
+
+    split: Split | ObjectSplit
+    references: References
+    groups: torch.Tensor | None = None  # one model per object: each reference's prompt group
+    group_tokens: list[str] | None = None  # ... and each group's {token}
+    n_held_out: int = 0
+
+
+@dataclass
+class TrainingRun:
+    """One training's state: what the steps read and update."""
+
+    config: TrainConfig
+    out: Path
+    data: TrainingData
+    accelerator: Any
+    models: TrainingModels
+    prompts: PromptInputs
+    optimizer: Any  # torch.optim.AdamW, accelerate-wrapped once prepared
+    lr_scheduler: Any
+    params: list[nn.Parameter]  # every trainable parameter, for clipping
+    start_step: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient, in all
+    nonfinite_in_a_row: int = 0
+    sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # loss sums since the last log
+    n_sums: int = 0
+    writer: Any = None  # TensorBoard's, on the main process
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def zero_sums(self) -> dict[str, torch.Tensor]:
+        return {k: torch.zeros((), device=self.accelerator.device) for k in ("defect", "object", "attention", "total")}
+
+
 def train(config: TrainConfig, pipe=None) -> Path:
     """Train one DefectFill LoRA as `config` says and return the run folder.
 
     `pipe`: an already loaded inpainting pipeline (tests, the demo); by default
     `config.model` is loaded.
-    """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
+    1. check the settings and the output folder, the defect types in the dataset's spelling;
+    2. load the reference images (the split decides which);
+    3. the accelerator at the resolved precision, the models with their LoRA, the prompts;
+    4. the optimiser and its warm-up, restored from a checkpoint with --resume;
+    5. prepare (and compile) for the device;
+    6. open the run folder (its lock, config.json and split.json, the logs);
+    7. each step: its micro-batches, the optimiser step, then logging, checkpoints and samples as set;
+    8. the final weights.
+    """
     config.validate()  # also when called from Python with a hand-made config
     out = Path(config.output).expanduser()
+    config, layout = _checked_config(config, out)
+    data = load_training_data(config, layout)
+    accelerator, config = _make_accelerator(config)
+    run = _make_run(config, out, data, accelerator, pipe)
+    _resume(run)
+    _prepare_for_device(run)
+    with ExitStack() as job:
+        _open_run_folder(run, job)
+        progress = job.enter_context(_progress(run))
+        for step in range(run.start_step, config.steps):
+            grad_norm, step_lrs = _train_step(run, step)
+            done = step + 1
+            progress.update(1)
+            if run.is_main and (done % config.log_every == 0 or done == config.steps) and run.n_sums:
+                _log_step(run, done, step_lrs, grad_norm, progress)
+            if done % config.save_every == 0 or done == config.steps:
+                _checkpoint(run, done)
+            if run.is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
+                _log_sample(run, done)
+        accelerator.wait_for_everyone()
+        if run.is_main:
+            save_final_weights(out, run.models, config)
+            log.info("done: %s (%d steps skipped)", out / LORA_WEIGHTS_NAME, run.skipped)
+    return out
+
+
+def _checked_config(config: TrainConfig, out: Path) -> tuple[TrainConfig, Layout]:
+    """(the settings with the defect types in the dataset's spelling, the dataset), once the output folder
+    may take them."""
     layout = open_layout(config.data, config.layout, config.good_images)
     config = dataclasses.replace(config, defect_type=resolve_defect_types(layout, config))
     _check_output(config, out)
-    ref_groups, group_tokens = None, None
+    return config, layout
+
+
+def load_training_data(config: TrainConfig, layout: Layout) -> TrainingData:
+    """The split of the run's type(s) and its reference images at the training resolution."""
     if config.per_object:
         split = make_object_split(layout, config.category, config.defect_types())
-        object_refs = load_object_references(split, config, config.resolution)
-        (ref_images, ref_masks, ref_valid), ref_groups, group_tokens = object_refs
-        n_refs = len(ref_images)
-        n_held = sum(len(s.held_out) for s in split.splits.values())
-    else:
-        split = make_split(layout, config.category, config.defect_type)
-        ref_images, ref_masks, ref_valid = load_references(split, config.resolution)
-        n_refs, n_held = len(split.reference), len(split.held_out)
+        references, groups, tokens = load_object_references(split, config, config.resolution)
+        return TrainingData(split, references, groups, tokens, sum(len(s.held_out) for s in split.splits.values()))
+    split = make_split(layout, config.category, config.defect_type)
+    return TrainingData(split, load_references(split, config.resolution), n_held_out=len(split.held_out))
+
+
+def _make_accelerator(config: TrainConfig):
+    """(the accelerator, the settings with the precision that runs recorded)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     # Several runs in one process (tests, `defectfill run`) may differ in precision; accelerate keeps
     # one global state, so forget the last run's (the distributed setup, PartialState, is kept).
-    from accelerate.state import AcceleratorState
-
     if getattr(AcceleratorState, "_shared_state", None) and hasattr(AcceleratorState, "_reset_state"):
         AcceleratorState._reset_state()
     precision = resolve_precision(config.mixed_precision)
@@ -642,142 +721,170 @@ def train(config: TrainConfig, pipe=None) -> Path:
     # Several processes and no GPU (torchrun / accelerate launch on CPUs): accelerate only joins them
     # into one run (gloo) when told cpu=True; otherwise each would train alone and write the same files.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1, cpu=multi_cpu)
-    device = accelerator.device
-    weight_dtype = precision_dtype(precision)
-    set_seed(config.seed)  # the LoRA's random init draws from the global generator
-    models = build_models(config, device, weight_dtype, pipe=pipe)
-    warn_if_slow(models.unet, config, device)
-    prompts = prompt_inputs(models.tokenizer, config, group_tokens)
+    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=1, cpu=multi_cpu), config
 
+
+def _make_run(config: TrainConfig, out: Path, data: TrainingData, accelerator, pipe) -> TrainingRun:
+    """The models with their LoRA (seeded), the prompts, the optimiser and its warm-up schedule."""
+    from accelerate.utils import set_seed
+
+    device = accelerator.device
+    set_seed(config.seed)  # the LoRA's random init draws from the global generator
+    models = build_models(config, device, precision_dtype(config.mixed_precision), pipe=pipe)
+    warn_if_slow(models.unet, config, device)
+    prompts = prompt_inputs(models.tokenizer, config, data.group_tokens)
     unet_params, text_params = trainable_parameters(models)
     optimizer = torch.optim.AdamW(
         [{"params": unet_params, "lr": config.lr_unet}, {"params": text_params, "lr": config.lr_text}],
         weight_decay=config.weight_decay,
     )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
+    run = TrainingRun(config, out, data, accelerator, models, prompts, optimizer, lr_scheduler,
+                      unet_params + text_params)
+    run.sums = run.zero_sums()
+    return run
 
-    start_step, skipped = 0, 0
-    resume_from = resolve_resume(out, config.resume) if config.resume else None
-    if resume_from is not None:
-        _check_checkpoint_settings(resume_from, config)  # before any tensor is copied
-        tensors, state = load_checkpoint(resume_from, optimizer, lr_scheduler)
-        load_trainable_tensors(models, tensors, resume_from)
-        start_step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
 
-    models.unet_call, models.text_encoder_call, optimizer = accelerator.prepare(
-        models.unet, models.text_encoder, optimizer)
-    if resolve_compile(config.compile, device.type):
+def _resume(run: TrainingRun) -> None:
+    """With --resume: the checkpoint's weights, optimiser, schedule, random state and step count."""
+    config = run.config
+    resume_from = resolve_resume(run.out, config.resume) if config.resume else None
+    if resume_from is None:
+        return
+    _check_checkpoint_settings(resume_from, config)  # before any tensor is copied
+    tensors, state = load_checkpoint(resume_from, run.optimizer, run.lr_scheduler)
+    load_trainable_tensors(run.models, tensors, resume_from)
+    run.start_step, run.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+
+
+def _prepare_for_device(run: TrainingRun) -> None:
+    models = run.models
+    models.unet_call, models.text_encoder_call, run.optimizer = run.accelerator.prepare(
+        models.unet, models.text_encoder, run.optimizer)
+    if resolve_compile(run.config.compile, run.accelerator.device.type):
         compile_models(models)
     models.unet.train()
     models.text_encoder.train()
 
-    is_main = accelerator.is_main_process
-    handler = None
-    writer = None
-    job = ExitStack()  # the folder lock, held until training ends
-    if is_main:
+
+def _open_run_folder(run: TrainingRun, job: ExitStack) -> None:
+    """On the main process: the folder's lock (a second trainer is refused), config.json and split.json, the text
+    log and TensorBoard. What is opened is closed by `job`, the lock last."""
+    config, out = run.config, run.out
+    if run.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        job.enter_context(folder_lock(out, "train"))  # a second trainer on this folder is refused
-        write_run_files(out, config, split)
-        handler = _setup_logging(out, is_main)
-        from torch.utils.tensorboard import SummaryWriter
+        job.enter_context(folder_lock(out, "train"))
+    job.callback(run.models.recorder.remove)  # the last thing training does, before the lock is released
+    if not run.is_main:
+        return
+    write_run_files(out, config, run.data.split)
+    handler = _setup_logging(out, run.is_main)
+    job.callback(_remove_log_handler, handler)
+    from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / LOGS_DIR))
-        log.info("training %s/%s on %d reference images (%d held out), steps %d -> %d",
-                 config.category, config.defect_type, n_refs, n_held, start_step, config.steps)
+    run.writer = SummaryWriter(str(out / LOGS_DIR))
+    job.callback(run.writer.close)
+    log.info("training %s/%s on %d reference images (%d held out), steps %d -> %d", config.category,
+             config.defect_type, len(run.data.references.images), run.data.n_held_out, run.start_step, config.steps)
 
-    def checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        if is_main:
-            save_checkpoint(out, step, trainable_tensors(models), optimizer.optimizer, lr_scheduler,
-                            {"skipped_steps": skipped, "defectfill_version": defectfill.__version__,
-                             "config": config.to_dict()},
-                            lambda folder: write_weights(folder, models, config))
 
-    nonfinite_in_a_row = 0
-    sums = {k: torch.zeros((), device=device) for k in ("defect", "object", "attention", "total")}
-    n_sums = 0
-    progress = tqdm(total=config.steps, initial=start_step, desc=f"train {config.category}/{config.defect_type}",
-                    disable=not is_main, dynamic_ncols=True)
-    try:
-        for step in range(start_step, config.steps):
-            step_sums = {k: torch.zeros((), device=device) for k in sums}
-            for micro in range(config.grad_accum):
-                batch = make_micro_batch(ref_images, ref_masks, config, step, micro,
-                                         accelerator.process_index, accelerator.num_processes, ref_valid, ref_groups)
-                sync = micro == config.grad_accum - 1
-                with ExitStack() as no_sync:
-                    if not sync:  # accumulate locally; gradients are all-reduced on the last micro-batch only
-                        no_sync.enter_context(accelerator.no_sync(models.unet_call))
-                        no_sync.enter_context(accelerator.no_sync(models.text_encoder_call))
-                    terms = defectfill_losses(models, batch, prompts, config, device, autocast=accelerator.autocast)
-                    # Backward even through a non-finite loss: every rank must join every all-reduce, and
-                    # checking here would stall the device once per micro-batch. The step is judged below.
-                    accelerator.backward(terms.total / config.grad_accum)
-                for k, v in terms.detached().items():
-                    step_sums[k] += v.float()
-            step_lrs = [group["lr"] for group in optimizer.param_groups]  # the rates this step uses
-            step_ok, grad_norm = _optimizer_step(accelerator, optimizer, unet_params + text_params, step_sums["total"],
-                                                 config.max_grad_norm)
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # the schedule follows the step counter, skipped steps included
-                warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
-                lr_scheduler.step()
-            if step_ok:
-                nonfinite_in_a_row = 0
-                for k, v in step_sums.items():  # skipped steps' losses stay out of the logged means
-                    sums[k] += v
-                n_sums += config.grad_accum
-            else:
-                skipped += 1
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss or gradient; step skipped (%d skipped in all)", step, skipped)
-                if nonfinite_in_a_row >= config.max_nonfinite_steps:
-                    raise DefectFillError(
-                        f"training stopped at step {step}: {nonfinite_in_a_row} steps in a row with a non-finite loss or gradient. "
-                        "Lower --lr-unet/--lr-text, or use --mixed-precision bf16 or no instead of fp16; "
-                        f"resume from the last good checkpoint in {out}."
-                    )
-            done = step + 1
-            progress.update(1)
-            if is_main and (done % config.log_every == 0 or done == config.steps) and n_sums:
-                means = {k: float(v) / n_sums for k, v in sums.items()}
-                for k, v in means.items():
-                    writer.add_scalar(f"loss/{k}", v, done)
-                writer.add_scalar("lr/unet", step_lrs[0], done)
-                writer.add_scalar("lr/text", step_lrs[1], done)
-                if grad_norm is not None:
-                    writer.add_scalar("grad_norm", float(grad_norm), done)
-                writer.add_scalar("skipped_steps", skipped, done)
-                progress.set_postfix(loss=f"{means['total']:.4f}", ldef=f"{means['defect']:.4f}",
-                                     lobj=f"{means['object']:.4f}", lattn=f"{means['attention']:.4f}")
-                log.info("step %d loss %.5f def %.5f obj %.5f attn %.5f lr %.2e skipped %d", done, means["total"],
-                         means["defect"], means["object"], means["attention"], step_lrs[0], skipped)
-                append_metrics(out, {"step": done, "loss": means, "lr": {"unet": step_lrs[0], "text": step_lrs[1]},
-                                     "grad_norm": None if grad_norm is None else float(grad_norm),
-                                     "skipped_steps": skipped})
-                sums = {k: torch.zeros((), device=device) for k in sums}
-                n_sums = 0
-            if done % config.save_every == 0 or done == config.steps:
-                checkpoint(done)
-            if is_main and config.sample_every and (done % config.sample_every == 0 or done == config.steps):
-                strip = sample_inpaintings(models, config, split, accelerator.autocast)
-                sample_file = sample_path(out, done)
-                sample_file.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(sample_file, lambda p, s=strip: s.save(p, format="PNG"))
-                writer.add_image("samples", np.asarray(strip), done, dataformats="HWC")
-        accelerator.wait_for_everyone()
-        if is_main:
-            save_final_weights(out, models, config)
-            log.info("done: %s (%d steps skipped)", out / LORA_WEIGHTS_NAME, skipped)
-    finally:
-        progress.close()
-        if writer is not None:
-            writer.close()
-        if handler is not None:
-            logging.getLogger("defectfill").removeHandler(handler)
-            handler.close()
-        models.recorder.remove()
-        job.close()
-    return out
+def _remove_log_handler(handler: logging.Handler) -> None:
+    logging.getLogger("defectfill").removeHandler(handler)
+    handler.close()
+
+
+def _progress(run: TrainingRun):
+    from tqdm.auto import tqdm
+
+    config = run.config
+    return tqdm(total=config.steps, initial=run.start_step, desc=f"train {config.category}/{config.defect_type}",
+                disable=not run.is_main, dynamic_ncols=True)
+
+
+def _train_step(run: TrainingRun, step: int) -> tuple[torch.Tensor | None, list[float]]:
+    """One optimiser step over `grad_accum` micro-batches; returns (the gradient norm, None when the step was
+    skipped; the learning rates the step used). A step with a non-finite loss or gradient is skipped and counted;
+    too many in a row stop the run."""
+    config, accelerator, models = run.config, run.accelerator, run.models
+    step_sums = run.zero_sums()
+    for micro in range(config.grad_accum):
+        refs = run.data.references
+        batch = make_micro_batch(refs.images, refs.masks, config, step, micro, accelerator.process_index,
+                                 accelerator.num_processes, refs.valid, run.data.groups)
+        sync = micro == config.grad_accum - 1
+        with ExitStack() as no_sync:
+            if not sync:  # accumulate locally; gradients are all-reduced on the last micro-batch only
+                no_sync.enter_context(accelerator.no_sync(models.unet_call))
+                no_sync.enter_context(accelerator.no_sync(models.text_encoder_call))
+            terms = defectfill_losses(models, batch, run.prompts, config, accelerator.device,
+                                      autocast=accelerator.autocast)
+            # Backward even through a non-finite loss: every rank must join every all-reduce, and
+            # checking here would stall the device once per micro-batch. The step is judged below.
+            accelerator.backward(terms.total / config.grad_accum)
+        for k, v in terms.detached().items():
+            step_sums[k] += v.float()
+    step_lrs = [group["lr"] for group in run.optimizer.param_groups]  # the rates this step uses
+    step_ok, grad_norm = _optimizer_step(accelerator, run.optimizer, run.params, step_sums["total"],
+                                         config.max_grad_norm)
+    run.optimizer.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():  # the schedule follows the step counter, skipped steps included
+        warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*before.*optimizer.step", category=UserWarning)
+        run.lr_scheduler.step()
+    if step_ok:
+        run.nonfinite_in_a_row = 0
+        for k, v in step_sums.items():  # skipped steps' losses stay out of the logged means
+            run.sums[k] += v
+        run.n_sums += config.grad_accum
+        return grad_norm, step_lrs
+    run.skipped += 1
+    run.nonfinite_in_a_row += 1
+    log.warning("step %d: non-finite loss or gradient; step skipped (%d skipped in all)", step, run.skipped)
+    if run.nonfinite_in_a_row >= config.max_nonfinite_steps:
+        raise DefectFillError(
+            f"training stopped at step {step}: {run.nonfinite_in_a_row} steps in a row with a non-finite loss or "
+            "gradient. Lower --lr-unet/--lr-text, or use --mixed-precision bf16 or no instead of fp16; "
+            f"resume from the last good checkpoint in {run.out}."
+        )
+    return grad_norm, step_lrs
+
+
+def _log_step(run: TrainingRun, done: int, step_lrs: list[float], grad_norm: torch.Tensor | None, progress) -> None:
+    """The mean losses since the last log (and the step's rates, gradient norm, skipped steps) to TensorBoard,
+    the progress bar, train.log (for people) and metrics.jsonl (for programs: the UI's curves)."""
+    means = {k: float(v) / run.n_sums for k, v in run.sums.items()}
+    writer, skipped = run.writer, run.skipped
+    for k, v in means.items():
+        writer.add_scalar(f"loss/{k}", v, done)
+    writer.add_scalar("lr/unet", step_lrs[0], done)
+    writer.add_scalar("lr/text", step_lrs[1], done)
+    if grad_norm is not None:
+        writer.add_scalar("grad_norm", float(grad_norm), done)
+    writer.add_scalar("skipped_steps", skipped, done)
+    progress.set_postfix(loss=f"{means['total']:.4f}", ldef=f"{means['defect']:.4f}",
+                         lobj=f"{means['object']:.4f}", lattn=f"{means['attention']:.4f}")
+    log.info("step %d loss %.5f def %.5f obj %.5f attn %.5f lr %.2e skipped %d", done, means["total"],
+             means["defect"], means["object"], means["attention"], step_lrs[0], skipped)
+    append_metrics(run.out, {"step": done, "loss": means, "lr": {"unet": step_lrs[0], "text": step_lrs[1]},
+                             "grad_norm": None if grad_norm is None else float(grad_norm), "skipped_steps": skipped})
+    run.sums = run.zero_sums()
+    run.n_sums = 0
+
+
+def _checkpoint(run: TrainingRun, step: int) -> None:
+    """checkpoint-`step`, written by the main process once every process has finished the step."""
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        models, config = run.models, run.config
+        save_checkpoint(run.out, step, trainable_tensors(models), run.optimizer.optimizer, run.lr_scheduler,
+                        {"skipped_steps": run.skipped, "defectfill_version": defectfill.__version__,
+                         "config": config.to_dict()},
+                        functools.partial(write_weights, models=models, config=config))
+
+
+def _log_sample(run: TrainingRun, done: int) -> None:
+    """A sample inpainting at this step, saved under logs/samples and shown in TensorBoard."""
+    strip = sample_inpaintings(run.models, run.config, run.data.split, run.accelerator.autocast)
+    sample_file = sample_path(run.out, done)
+    sample_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(sample_file, functools.partial(strip.save, format="PNG"))
+    run.writer.add_image("samples", np.asarray(strip), done, dataformats="HWC")
