@@ -17,6 +17,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -69,56 +70,78 @@ def _editor_value(image: Image.Image, mask: np.ndarray | None = None) -> dict[st
 
 
 def build_app(ws: Workspace) -> gr.Blocks:
-    """The page. Handlers close over `ws`; per-browser-tab state (source, placed shape, last result) is gr.State."""
-    runs = list(ws.runs())
+    """The page over `ws`:
 
-    # ------------------------------------------------------------------ handlers: generate tab
+    1. the handlers, bound to the workspace (`Handlers`); per-browser-tab state (source, placed shape, last
+       result) is gr.State;
+    2. the layout: the run row and the Generate, Dataset and Run tabs (`_layout`, its components by name);
+    3. the wiring: each component's events to their handler, under the API names scripts and tests call
+       (`_wire`).
+    """
+    handlers = Handlers(ws)
+    with gr.Blocks(title="defectfill") as demo:
+        components = _layout(ws)
+        _wire(demo, handlers, components)
+    return demo
+
+
+def _report_progress(progress: gr.Progress, fraction: float, text: str) -> None:
+    progress(fraction, desc=text)
+
+
+class Handlers:
+    """What the page's events do, over one workspace. A `DefectFillError` shows as a message (`_friendly`)."""
+
+    def __init__(self, ws: Workspace):
+        self.ws = ws
+
+    # ------------------------------------------------------------------ generate tab
 
     @_friendly
-    def select_run(run: str):
-        config = ws.run_config(run)
+    def select_run(self, run: str):
+        config = self.ws.run_config(run)
         try:
-            images = ws.good_images(run)
+            images = self.ws.good_images(run)
             message = f"{len(images)} defect-free image(s) of **{config.category}** in `{config.data}`."
         except DefectFillError as exc:  # data moved: uploads still work
             images, message = [], f"{exc}"
         names = [p.name for p in images]
         gallery = [(_thumb(p), p.name) for p in images[:60]]
-        types = ws.defect_types(run)  # a per-object run draws each of its types; one dataset holds them all
+        types = self.ws.defect_types(run)  # a per-object run draws each of its types; one dataset holds them all
         suggested = config.category if config.per_object else f"{config.category}-{config.defect_type}"
-        sampling = ws.recommended_sampling(run)  # the run's base's recommendation, the paper's otherwise
+        sampling = self.ws.recommended_sampling(run)  # the run's base's recommendation, the paper's otherwise
         return (gr.update(choices=names, value=names[0] if names else None), gallery, message, suggested,
                 gr.update(choices=types, value=types[0], interactive=len(types) > 1),
                 gr.update(value=sampling["steps"]), gr.update(value=sampling["guidance"]))
 
     @_friendly
-    def select_image(run: str, name: str):
+    def select_image(self, run: str, name: str):
         if not name:
             return gr.update(), None, None
-        source = ws.source(run, name)
+        source = self.ws.source(run, name)
         return _editor_value(source.image), source, None
 
     @_friendly
-    def pick_from_gallery(run: str, evt: gr.SelectData):
-        names = [p.name for p in ws.good_images(run)]
+    def pick_from_gallery(self, run: str, evt: gr.SelectData):
+        names = [p.name for p in self.ws.good_images(run)]
         return names[evt.index] if evt.index is not None and evt.index < len(names) else gr.update()
 
     @_friendly
-    def upload_image(image: Image.Image | None):
+    def upload_image(self, image: Image.Image | None):
         if image is None:
             return gr.update(), None, None
         source = Source(image.convert("RGB"), None, "upload")
         return _editor_value(source.image), source, None
 
     @_friendly
-    def place(source: Source | None, shape: str, size: float, seed: float):
+    def place(self, source: Source | None, shape: str, size: float, seed: float):
         if source is None:
             raise DefectFillError("choose or upload a defect-free image first.")
         mask = place_shape(source.image, shape, float(size), int(seed))
         return _editor_value(source.image, mask), {"shape": shape, "size": float(size), "mask": mask}
 
     @_friendly
-    def generate(run: str, source: Source | None, editor: dict | None, placed: dict | None, candidates: float,
+    def generate(self, run: str, source: Source | None, editor: dict | None, placed: dict | None, candidates: float,
                  steps: float, guidance: float, seed: float, attention: bool, defect_type: str | None = None,
                  progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress idiom
         if source is None:
@@ -127,10 +150,10 @@ def build_app(ws: Workspace) -> gr.Blocks:
         shape = None
         if placed is not None and np.array_equal(placed["mask"], mask):
             shape = placed["shape"]  # the placed shape, unedited: recorded as `generate --masks shapes` does
-        outcome = ws.generate(run, source, mask, candidates=int(candidates), steps=int(steps),
+        outcome = self.ws.generate(run, source, mask, candidates=int(candidates), steps=int(steps),
                               guidance=float(guidance), seed=int(seed), attention=bool(attention),
                               shape=shape, shape_size=placed["size"] if shape else None,
-                              progress=lambda f, text: progress(f, desc=text), defect_type=defect_type or None)
+                              progress=functools.partial(_report_progress, progress), defect_type=defect_type or None)
         result = outcome.result
         gallery = []
         for i, cand in enumerate(result.candidates):
@@ -151,33 +174,33 @@ def build_app(ws: Workspace) -> gr.Blocks:
         return gallery, shown, "\n".join(lines), outcome
 
     @_friendly
-    def add(outcome: Outcome | None, dataset: str):
+    def add(self, outcome: Outcome | None, dataset: str):
         if outcome is None:
             raise DefectFillError("generate first, then add the result to a dataset.")
-        row = ws.add_to_dataset(outcome, dataset)
-        root = ws.dataset_path(dataset)
+        row = self.ws.add_to_dataset(outcome, dataset)
+        root = self.ws.dataset_path(dataset)
         message = f"Added item {row['index']} to `{root}`: `{row['image']}` and `{row['mask']}`."
-        return message, gr.update(choices=ws.datasets(), value=str(root.relative_to(ws.datasets_root)))
+        return message, gr.update(choices=self.ws.datasets(), value=str(root.relative_to(self.ws.datasets_root)))
 
-    # ------------------------------------------------------------------ handlers: dataset tab
+    # ------------------------------------------------------------------ dataset tab
 
     @_friendly
-    def open_dataset(dataset: str | None):
+    def open_dataset(self, dataset: str | None):
         if not dataset:
             return gr.update(choices=[], value=None), gr.update(choices=[], value=None)
-        items = ws.dataset_items(dataset, rejected=True)
+        items = self.ws.dataset_items(dataset, rejected=True)
         cats = sorted({i["category"] for i in items})
         types = sorted({i["defect_type"] for i in items})
         return (gr.update(choices=["(all)"] + cats, value="(all)"),
                 gr.update(choices=["(all)"] + types, value="(all)"))
 
     @_friendly
-    def browse(dataset: str | None, category: str | None, defect_type: str | None, rejected: bool):
+    def browse(self, dataset: str | None, category: str | None, defect_type: str | None, rejected: bool):
         if not dataset:
             return [], []
-        items = ws.dataset_items(dataset, None if category in (None, "(all)") else category,
+        items = self.ws.dataset_items(dataset, None if category in (None, "(all)") else category,
                                  None if defect_type in (None, "(all)") else defect_type, bool(rejected))
-        root = ws.dataset_path(dataset)
+        root = self.ws.dataset_path(dataset)
         gallery = []
         for it in items:
             score = f" · LFS {max(it['scores']):.4f}" if it.get("scores") else ""
@@ -185,14 +208,14 @@ def build_app(ws: Workspace) -> gr.Blocks:
                             + (" · REJECTED" if it["is_rejected"] else "")))
         return gallery, [it["index"] for it in items]
 
-    def pick_item(shown: list[int], evt: gr.SelectData):
+    def pick_item(self, shown: list[int], evt: gr.SelectData):
         return shown[evt.index] if shown and evt.index is not None and evt.index < len(shown) else gr.update()
 
     @_friendly
-    def show_item(dataset: str | None, index: float | None):
+    def show_item(self, dataset: str | None, index: float | None):
         if not dataset or index is None or index < 0:
             return None, None, None, [], None
-        files = ws.item_files(dataset, int(index))
+        files = self.ws.item_files(dataset, int(index))
         row = files["row"]
         scores = row.get("scores") or []
         candidates = [(str(p), f"#{c}" + (f" · LFS {scores[c]:.4f}" if c < len(scores) else "")
@@ -202,137 +225,148 @@ def build_app(ws: Workspace) -> gr.Blocks:
         return str(files["image"]), str(files["mask"]), source, candidates, row
 
     @_friendly
-    def reject(dataset: str | None, index: float | None, reason: str):
+    def reject(self, dataset: str | None, index: float | None, reason: str):
         if not dataset or index is None or index < 0:
             raise DefectFillError("choose an item in the grid first.")
-        row = ws.reject(dataset, int(index), reason or "")
+        row = self.ws.reject(dataset, int(index), reason or "")
         return f"Item {int(index)} rejected: moved to `{row['image']}` (nothing deleted)."
 
-    # ------------------------------------------------------------------ handlers: run tab
+    # ------------------------------------------------------------------ run tab
 
     @_friendly
-    def show_run(run: str):
+    def show_run(self, run: str):
         import pandas as pd
 
-        info = ws.run_info(run)
+        info = self.ws.run_info(run)
         losses = pd.DataFrame(info["losses"] or [], columns=["step", "loss", "value"])
         samples = [(str(p), p.stem) for p in info["samples"]]
         return info["settings"], losses, samples, f"Run folder: `{info['folder']}`"
 
-    # ------------------------------------------------------------------ layout
 
-    with gr.Blocks(title="defectfill") as demo:
-        gr.Markdown("# defectfill\nPaint a defect onto a defect-free image with a trained run, pick what is good, "
-                    "and curate the generated dataset.")
+    def rescan_runs(self):
+        return gr.update(choices=list(self.ws.runs()))
+
+    def refresh_datasets(self):
+        return gr.update(choices=self.ws.datasets())
+
+    @_friendly
+    def items(self, dataset: str, category: str = "", defect_type: str = "", rejected: bool = False) -> list[dict]:
+        """For scripts: a dataset's items as manifest rows, filtered."""
+        return self.ws.dataset_items(dataset, category or None, defect_type or None, bool(rejected))
+
+
+def _layout(ws: Workspace) -> SimpleNamespace:
+    """The page's components (inside the Blocks being built), by the names the wiring uses."""
+    runs = list(ws.runs())
+    gr.Markdown("# defectfill\nPaint a defect onto a defect-free image with a trained run, pick what is good, "
+                "and curate the generated dataset.")
+    with gr.Row():
+        # custom values allowed: every name is checked by the workspace (a run found under the roots)
+        run_dd = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run", scale=3,
+                             allow_custom_value=True)
+        run_type_dd = gr.Dropdown([], label="Defect type (a per-object run draws each of its types)",
+                                  elem_id="run-defect-type", scale=2)
+        runs_btn = gr.Button("Rescan runs", scale=0)
+    source_state = gr.State(None)
+    placed_state = gr.State(None)
+    outcome_state = gr.State(None)
+    with gr.Tab("Generate"):
         with gr.Row():
-            # custom values allowed: every name is checked by the workspace (a run found under the roots)
-            run_dd = gr.Dropdown(runs, value=runs[0] if runs else None, label="Run", elem_id="run", scale=3,
-                                 allow_custom_value=True)
-            run_type_dd = gr.Dropdown([], label="Defect type (a per-object run draws each of its types)",
-                                      elem_id="run-defect-type", scale=2)
-            runs_btn = gr.Button("Rescan runs", scale=0)
-        source_state = gr.State(None)
-        placed_state = gr.State(None)
-        outcome_state = gr.State(None)
-        with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column(scale=1):
-                    data_note = gr.Markdown()
-                    image_dd = gr.Dropdown([], label="Defect-free image", elem_id="image", allow_custom_value=True)
-                    good_gallery = gr.Gallery(label="The run's defect-free images (click one)", columns=4,
-                                              height=260, allow_preview=False, format="png")
-                    upload = gr.Image(type="pil", sources=["upload"], label="...or upload one", height=160)
-                with gr.Column(scale=2):
-                    editor = gr.ImageEditor(
-                        label="Paint where the defect goes (or place a shape)", type="numpy", image_mode="RGBA",
-                        sources=[], format="png", transforms=[], layers=False, elem_id="editor",
-                        brush=gr.Brush(colors=["#ff0000"], color_mode="fixed", default_size="auto"),
-                    )
-                    with gr.Row():
-                        shape_dd = gr.Dropdown(list(SHAPES), value="ellipse", label="Shape")
-                        size = gr.Slider(0.002, 0.3, value=0.03, step=0.001, label="Shape size (area fraction)")
-                        place_btn = gr.Button("Place shape", elem_id="place")
-            with gr.Row():
-                candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates", elem_id="n-candidates")
-                steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
-                guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
-                seed = gr.Number(0, precision=0, minimum=0, label="Seed")
-                attention = gr.Checkbox(False, label="Show the token's attention")
-            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
-            with gr.Row():
-                cand_gallery = gr.Gallery(label="Candidates (LFS score; the chosen one is framed)", columns=4,
-                                          height=320, format="png", elem_id="candidates")
-                chosen_img = gr.Image(label="Chosen", type="pil", format="png", height=320, elem_id="chosen")
-            scores_md = gr.Markdown()
-            with gr.Row():
-                dataset_name = gr.Textbox(label="Dataset folder (inside the datasets folder)", elem_id="dataset")
-                add_btn = gr.Button("Add to dataset", elem_id="add")
-            add_md = gr.Markdown(elem_id="add-status")
-        with gr.Tab("Dataset"):
-            with gr.Row():
-                ds_dd = gr.Dropdown(ws.datasets(), label="Dataset", elem_id="ds", allow_custom_value=True)
-                refresh_btn = gr.Button("Refresh")
-                cat_dd = gr.Dropdown([], label="Category")
-                type_dd = gr.Dropdown([], label="Defect type")
-                show_rejected = gr.Checkbox(False, label="Show rejected")
-            shown_state = gr.State([])
-            items_gallery = gr.Gallery(label="Items", columns=6, height=300, allow_preview=False)
-            item_index = gr.Number(-1, precision=0, label="Item index")
-            with gr.Row():
-                item_image = gr.Image(label="Image", type="filepath", height=220)
-                item_mask = gr.Image(label="Mask", type="filepath", height=220)
-                item_source = gr.Image(label="Source", type="filepath", height=220)
-            item_cands = gr.Gallery(label="Candidates (saved ones)", columns=8, height=200, allow_preview=False)
-            item_row = gr.JSON(label="Manifest row")
-            with gr.Row():
-                reason = gr.Textbox(label="Why rejected (optional)")
-                reject_btn = gr.Button("Reject (move aside)", variant="stop")
-            reject_md = gr.Markdown()
-        with gr.Tab("Run"):
-            run_md = gr.Markdown()
-            settings_json = gr.JSON(label="Settings (config.json)")
-            loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="Losses (train.log)", height=300)
-            samples_gallery = gr.Gallery(label="Logged sample inpaintings: source | mask | inpainting", columns=1,
-                                         height=300)
+            with gr.Column(scale=1):
+                data_note = gr.Markdown()
+                image_dd = gr.Dropdown([], label="Defect-free image", elem_id="image", allow_custom_value=True)
+                good_gallery = gr.Gallery(label="The run's defect-free images (click one)", columns=4,
+                                          height=260, allow_preview=False, format="png")
+                upload = gr.Image(type="pil", sources=["upload"], label="...or upload one", height=160)
+            with gr.Column(scale=2):
+                editor = gr.ImageEditor(
+                    label="Paint where the defect goes (or place a shape)", type="numpy", image_mode="RGBA",
+                    sources=[], format="png", transforms=[], layers=False, elem_id="editor",
+                    brush=gr.Brush(colors=["#ff0000"], color_mode="fixed", default_size="auto"),
+                )
+                with gr.Row():
+                    shape_dd = gr.Dropdown(list(SHAPES), value="ellipse", label="Shape")
+                    size = gr.Slider(0.002, 0.3, value=0.03, step=0.001, label="Shape size (area fraction)")
+                    place_btn = gr.Button("Place shape", elem_id="place")
+        with gr.Row():
+            candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates", elem_id="n-candidates")
+            steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
+            guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+            seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+            attention = gr.Checkbox(False, label="Show the token's attention")
+        generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
+        with gr.Row():
+            cand_gallery = gr.Gallery(label="Candidates (LFS score; the chosen one is framed)", columns=4,
+                                      height=320, format="png", elem_id="candidates")
+            chosen_img = gr.Image(label="Chosen", type="pil", format="png", height=320, elem_id="chosen")
+        scores_md = gr.Markdown()
+        with gr.Row():
+            dataset_name = gr.Textbox(label="Dataset folder (inside the datasets folder)", elem_id="dataset")
+            add_btn = gr.Button("Add to dataset", elem_id="add")
+        add_md = gr.Markdown(elem_id="add-status")
+    with gr.Tab("Dataset"):
+        with gr.Row():
+            ds_dd = gr.Dropdown(ws.datasets(), label="Dataset", elem_id="ds", allow_custom_value=True)
+            refresh_btn = gr.Button("Refresh")
+            cat_dd = gr.Dropdown([], label="Category")
+            type_dd = gr.Dropdown([], label="Defect type")
+            show_rejected = gr.Checkbox(False, label="Show rejected")
+        shown_state = gr.State([])
+        items_gallery = gr.Gallery(label="Items", columns=6, height=300, allow_preview=False)
+        item_index = gr.Number(-1, precision=0, label="Item index")
+        with gr.Row():
+            item_image = gr.Image(label="Image", type="filepath", height=220)
+            item_mask = gr.Image(label="Mask", type="filepath", height=220)
+            item_source = gr.Image(label="Source", type="filepath", height=220)
+        item_cands = gr.Gallery(label="Candidates (saved ones)", columns=8, height=200, allow_preview=False)
+        item_row = gr.JSON(label="Manifest row")
+        with gr.Row():
+            reason = gr.Textbox(label="Why rejected (optional)")
+            reject_btn = gr.Button("Reject (move aside)", variant="stop")
+        reject_md = gr.Markdown()
+    with gr.Tab("Run"):
+        run_md = gr.Markdown()
+        settings_json = gr.JSON(label="Settings (config.json)")
+        loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="Losses (metrics.jsonl)", height=300)
+        samples_gallery = gr.Gallery(label="Logged sample inpaintings: source | mask | inpainting", columns=1,
+                                     height=300)
 
-        # ------------------------------------------------------------------ wiring
-        run_outputs = [image_dd, good_gallery, data_note, dataset_name, run_type_dd, steps, guidance]
-        run_dd.change(select_run, run_dd, run_outputs, api_name="select_run")
-        run_dd.change(show_run, run_dd, [settings_json, loss_plot, samples_gallery, run_md], api_name="run_info")
-        demo.load(select_run, run_dd, run_outputs, api_visibility="private")
-        demo.load(show_run, run_dd, [settings_json, loss_plot, samples_gallery, run_md], api_visibility="private")
-        image_dd.change(select_image, [run_dd, image_dd], [editor, source_state, placed_state],
-                        api_name="select_image")
-        good_gallery.select(pick_from_gallery, run_dd, image_dd, api_visibility="private")
-        upload.upload(upload_image, upload, [editor, source_state, placed_state], api_name="upload_image")
-        place_btn.click(place, [source_state, shape_dd, size, seed], [editor, placed_state], api_name="place_shape")
-        # one generation at a time on the device: two tabs queue instead of sharing its memory
-        generate_btn.click(generate, [run_dd, source_state, editor, placed_state, candidates, steps, guidance, seed,
-                                      attention, run_type_dd], [cand_gallery, chosen_img, scores_md, outcome_state],
-                           api_name="generate", concurrency_limit=1, concurrency_id="device")
-        add_btn.click(add, [outcome_state, dataset_name], [add_md, ds_dd], api_name="add_to_dataset",
-                      concurrency_limit=1, concurrency_id="write")
-        browse_inputs = [ds_dd, cat_dd, type_dd, show_rejected]
-        ds_dd.change(open_dataset, ds_dd, [cat_dd, type_dd], api_visibility="private").then(
-            browse, browse_inputs, [items_gallery, shown_state], api_visibility="private")
-        for trigger in (cat_dd.change, type_dd.change, show_rejected.change):
-            trigger(browse, browse_inputs, [items_gallery, shown_state], api_visibility="private")
-        runs_btn.click(lambda: gr.update(choices=list(ws.runs())), None, run_dd, api_visibility="private")
-        refresh_btn.click(lambda: gr.update(choices=ws.datasets()), None, ds_dd, api_visibility="private")
-        items_gallery.select(pick_item, shown_state, item_index, api_visibility="private")
-        item_index.change(show_item, [ds_dd, item_index], [item_image, item_mask, item_source, item_cands, item_row],
-                          api_name="item")
-        reject_btn.click(reject, [ds_dd, item_index, reason], reject_md, api_name="reject",
-                         concurrency_limit=1, concurrency_id="write").then(
-            browse, browse_inputs, [items_gallery, shown_state], api_visibility="private")
+    return SimpleNamespace(run_dd=run_dd, run_type_dd=run_type_dd, runs_btn=runs_btn, source_state=source_state, placed_state=placed_state, outcome_state=outcome_state, data_note=data_note, image_dd=image_dd, good_gallery=good_gallery, upload=upload, editor=editor, shape_dd=shape_dd, size=size, place_btn=place_btn, candidates=candidates, steps=steps, guidance=guidance, seed=seed, attention=attention, generate_btn=generate_btn, cand_gallery=cand_gallery, chosen_img=chosen_img, scores_md=scores_md, dataset_name=dataset_name, add_btn=add_btn, add_md=add_md, ds_dd=ds_dd, refresh_btn=refresh_btn, cat_dd=cat_dd, type_dd=type_dd, show_rejected=show_rejected, shown_state=shown_state, items_gallery=items_gallery, item_index=item_index, item_image=item_image, item_mask=item_mask, item_source=item_source, item_cands=item_cands, item_row=item_row, reason=reason, reject_btn=reject_btn, reject_md=reject_md, run_md=run_md, settings_json=settings_json, loss_plot=loss_plot, samples_gallery=samples_gallery)
 
-        @_friendly
-        def items(dataset: str, category: str = "", defect_type: str = "", rejected: bool = False) -> list[dict]:
-            """For scripts: a dataset's items as manifest rows, filtered."""
-            return ws.dataset_items(dataset, category or None, defect_type or None, bool(rejected))
 
-        gr.api(items, api_name="items")
-    return demo
+def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
+    """Each component's events to their handler; the named ones are the page's API."""
+    run_outputs = [c.image_dd, c.good_gallery, c.data_note, c.dataset_name, c.run_type_dd, c.steps, c.guidance]
+    c.run_dd.change(h.select_run, c.run_dd, run_outputs, api_name="select_run")
+    c.run_dd.change(h.show_run, c.run_dd, [c.settings_json, c.loss_plot, c.samples_gallery, c.run_md], api_name="run_info")
+    demo.load(h.select_run, c.run_dd, run_outputs, api_visibility="private")
+    demo.load(h.show_run, c.run_dd, [c.settings_json, c.loss_plot, c.samples_gallery, c.run_md], api_visibility="private")
+    c.image_dd.change(h.select_image, [c.run_dd, c.image_dd], [c.editor, c.source_state, c.placed_state],
+                    api_name="select_image")
+    c.good_gallery.select(h.pick_from_gallery, c.run_dd, c.image_dd, api_visibility="private")
+    c.upload.upload(h.upload_image, c.upload, [c.editor, c.source_state, c.placed_state], api_name="upload_image")
+    c.place_btn.click(h.place, [c.source_state, c.shape_dd, c.size, c.seed], [c.editor, c.placed_state], api_name="place_shape")
+    # one generation at a time on the device: two tabs queue instead of sharing its memory
+    c.generate_btn.click(h.generate, [c.run_dd, c.source_state, c.editor, c.placed_state, c.candidates, c.steps, c.guidance, c.seed,
+                                  c.attention, c.run_type_dd], [c.cand_gallery, c.chosen_img, c.scores_md, c.outcome_state],
+                       api_name="generate", concurrency_limit=1, concurrency_id="device")
+    c.add_btn.click(h.add, [c.outcome_state, c.dataset_name], [c.add_md, c.ds_dd], api_name="add_to_dataset",
+                  concurrency_limit=1, concurrency_id="write")
+    browse_inputs = [c.ds_dd, c.cat_dd, c.type_dd, c.show_rejected]
+    c.ds_dd.change(h.open_dataset, c.ds_dd, [c.cat_dd, c.type_dd], api_visibility="private").then(
+        h.browse, browse_inputs, [c.items_gallery, c.shown_state], api_visibility="private")
+    for trigger in (c.cat_dd.change, c.type_dd.change, c.show_rejected.change):
+        trigger(h.browse, browse_inputs, [c.items_gallery, c.shown_state], api_visibility="private")
+    c.runs_btn.click(h.rescan_runs, None, c.run_dd, api_visibility="private")
+    c.refresh_btn.click(h.refresh_datasets, None, c.ds_dd, api_visibility="private")
+    c.items_gallery.select(h.pick_item, c.shown_state, c.item_index, api_visibility="private")
+    c.item_index.change(h.show_item, [c.ds_dd, c.item_index], [c.item_image, c.item_mask, c.item_source, c.item_cands, c.item_row],
+                      api_name="item")
+    c.reject_btn.click(h.reject, [c.ds_dd, c.item_index, c.reason], c.reject_md, api_name="reject",
+                     concurrency_limit=1, concurrency_id="write").then(
+        h.browse, browse_inputs, [c.items_gallery, c.shown_state], api_visibility="private")
+
+    gr.api(h.items, api_name="items")
 
 
 def launch(demo: gr.Blocks, ws: Workspace, host: str = "127.0.0.1", port: int = 7860,
