@@ -94,3 +94,25 @@ def run_with_stand_ins(config):
     from defectfill.run.runner import run_all
 
     return run_all(config, feature_extractor=UntrainedFeatures(), distance=abs_distance)
+
+
+def exit_after_first_checkpoint(marker_dir: str) -> None:
+    """A fault for a Ray worker (its `worker_process_setup_hook`): the first attempt at training a type ends this
+    process right after writing a checkpoint, with `os._exit` and no cleanup, as a killed worker or a lost node.
+    It writes MARKER_DIR/<run folder name>.pid ("PID STEP") first, so the retry trains on; a marker made
+    beforehand spares that type."""
+    import os
+
+    import defectfill.train.trainer as train_module
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_die(out, step, *args, **kwargs):
+        path = real_save(out, step, *args, **kwargs)
+        marker = Path(marker_dir) / f"{Path(out).name}.pid"
+        if not marker.exists():
+            marker.write_text(f"{os.getpid()} {step}\n")
+            os._exit(17)
+        return path
+
+    train_module.save_checkpoint = save_then_die

@@ -218,13 +218,31 @@ def test_ray_run_equals_the_local_run(ray_cluster, local_run, demo_root, tiny_mo
     assert "[pid " in log and f"[pid {os.getpid()}]" not in log
 
 
-def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(ray_cluster, demo_root, tiny_model_dir,
-                                                                     tmp_path, monkeypatch):
-    from defectfill.run.ray_executor import EXIT_HOOK
+@pytest.fixture
+def workers_killed_after_a_checkpoint(ray_cluster, tmp_path):
+    """The module's Ray restarted with a fault in every worker it starts (`helpers.exit_after_first_checkpoint`,
+    run by Ray's worker_process_setup_hook): the first attempt at training each type dies after its first
+    checkpoint. Yields the markers folder; the plain Ray is back afterwards."""
+    import functools
+
+    from helpers import exit_after_first_checkpoint
 
     markers = tmp_path / "markers"
     markers.mkdir()
-    monkeypatch.setenv(EXIT_HOOK, str(markers))  # forwarded to the tasks with the other DEFECTFILL_ variables
+    ray = ray_cluster
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env={
+        "worker_process_setup_hook": functools.partial(exit_after_first_checkpoint, str(markers))})
+    try:
+        yield markers
+    finally:
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+
+
+def test_a_killed_worker_is_retried_and_resumes_from_its_checkpoint(workers_killed_after_a_checkpoint, demo_root,
+                                                                     tiny_model_dir, tmp_path):
+    markers = workers_killed_after_a_checkpoint
     output = tmp_path / "work"
     results = _run_all(_config(demo_root, tiny_model_dir, output, defect_types=["scratch"], steps=3,
                                executor="ray", gpus_per_task=0, task_retries=1))

@@ -31,9 +31,6 @@ from defectfill.run.process import TypeResult, process_type, record_result, run_
 log = logging.getLogger("defectfill.run")
 
 INSTALL = "pip install 'defectfill[ray]'"
-# Tests only: DIR for markers; the first attempt at training each type ends its process right after its
-# first checkpoint (see `_exit_after_first_checkpoint`).
-EXIT_HOOK = "DEFECTFILL_TEST_EXIT_AFTER_CHECKPOINT"
 # How long a task waits for its type's lock: on NFS the lock of a lost node's process lasts until the
 # server's lease ends (about 90 s by default).
 LOCK_WAIT_S = 180.0
@@ -164,7 +161,7 @@ def _first_line(exc: BaseException) -> str:
 def _type_task(cat: str, defect_type: str, config: RunConfig, position: str, evaluate_kwargs: dict[str, Any],
                cwd: str) -> TypeResult:
     """One defect type in a Ray worker: the local executor's `process_type`, logging to the run's run.log."""
-    with _in_folder(cwd), _worker_log(config), _exit_after_first_checkpoint():
+    with _in_folder(cwd), _worker_log(config):
         return process_type(cat, defect_type, config, position, evaluate_kwargs, lock_wait_s=LOCK_WAIT_S)
 
 
@@ -199,31 +196,3 @@ def _worker_log(config: RunConfig) -> Iterator[None]:
         logger.removeHandler(handler)
         handler.close()
         logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def _exit_after_first_checkpoint() -> Iterator[None]:
-    """Tests only: with $DEFECTFILL_TEST_EXIT_AFTER_CHECKPOINT=DIR, the first attempt at training a type ends its
-    process right after writing a checkpoint: `os._exit`, no cleanup, as a killed worker or a lost node. It
-    writes DIR/<category>-<type>.pid ("PID STEP") first, so the retry trains on; a marker made beforehand spares
-    that type."""
-    marker_dir = os.environ.get(EXIT_HOOK)
-    if not marker_dir:
-        yield
-        return
-    import defectfill.train.trainer as train_module
-
-    real_save = train_module.save_checkpoint
-
-    def save_then_die(out, step, *args, **kwargs):
-        real_save(out, step, *args, **kwargs)
-        marker = Path(marker_dir) / f"{Path(out).name}.pid"
-        if not marker.exists():
-            marker.write_text(f"{os.getpid()} {step}\n")
-            os._exit(17)
-
-    train_module.save_checkpoint = save_then_die
-    try:
-        yield
-    finally:
-        train_module.save_checkpoint = real_save
