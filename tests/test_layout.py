@@ -1,4 +1,4 @@
-"""The package layout of issue 25: the lazy public API, `defectfill --help` without torch, and the old module
+"""The package layout (README "Layout"): the lazy public API, `defectfill --help` without torch, and the old module
 paths that still work for one release with a DeprecationWarning (the one test that uses them)."""
 
 from __future__ import annotations

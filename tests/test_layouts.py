@@ -1,4 +1,4 @@
-"""The VisA and MVTec AD 2 layouts, and `defectfill data` (issue 16, parts 1 and 2), on tiny synthetic trees."""
+"""The VisA and MVTec AD 2 layouts, and `defectfill data`, on tiny synthetic trees."""
 
 from __future__ import annotations
 

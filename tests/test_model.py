@@ -263,7 +263,7 @@ def test_token_positions_and_trainable_token_row():
 
 def test_defectfill_mini_is_shipped_as_safetensors_under_30_mb_and_loads_by_name():
     """`--model defectfill-mini` names the package's own folder, through the real from_pretrained path; the
-    weights are safetensors only (nothing pickled) and at most 30 MB, as issue 10 asks."""
+    weights are safetensors only (nothing pickled) and at most 30 MB, so the wheel stays small."""
     from defectfill.model.pipeline import builtin_model_dir, resolve_model
 
     folder = builtin_model_dir("defectfill-mini")

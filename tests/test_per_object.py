@@ -1,4 +1,4 @@
-"""One model per object and images with several defects (issue 16, parts 3 and 4), on the tiny pipeline.
+"""One model per object and images with several defects, on the tiny pipeline.
 
 One per-object run (disc: scratch and spot) is trained once for the module and shared."""
 

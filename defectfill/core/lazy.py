@@ -25,7 +25,7 @@ def lazy_getattr(package: str, public: dict[str, str], deprecated: tuple[str, ..
     """A module `__getattr__` for `package`.
 
     `public`: name -> module that defines it (served without a warning). A submodule of the package is imported
-    as usual. `deprecated`: modules whose other names the package served before the layout of issue 25 (its old
+    as usual. `deprecated`: modules whose other names the package served before the stage subpackages (its old
     flat module's names): served with a DeprecationWarning naming the new place. `renamed`: old name -> (module,
     new name), also with the warning.
     """

@@ -325,7 +325,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
     images = _image_list(settings, config)
     add_mask_sources(painters, settings)  # after the images: a moved dataset is named by its images first
     multi = settings.defect_types is not None and len(settings.defect_types) > 1
-    # one defect: items exactly as before; several: the image and seed of item k, each defect's mask chosen later
+    # the image, mask and seed of every item; with several defects each defect's mask is chosen later, per defect
     items = plan_items(settings.count, images, painters[0].mask_sources, settings.seed, painters[0].mask_rule)
 
     rank, world, state = _process_info(settings.device, rank, world_size)

@@ -97,9 +97,9 @@ def token_attention_map(token_maps: list[torch.Tensor], latent_hw: tuple[int, in
 
     Each map is put back on its grid (the latent grid shrunk by the layer's factor), resized to
     `size` by `resize_map` (an area mean when shrinking), averaged over layers, and divided per
-    sample by its max. An area mean, not the specification's plain bilinear resize: bilinear without
-    antialiasing reads 2 of every 4 rows and columns when shrinking by 4 (a 64x64 map to 16x16 at
-    512 px), so only a quarter of that map's cells took part in L_attn or got gradient.
+    sample by its max. An area mean, not a plain bilinear resize: bilinear without antialiasing reads
+    2 of every 4 rows and columns when shrinking by 4 (a 64x64 map to 16x16 at 512 px), so only a
+    quarter of that map's cells would take part in L_attn or get gradient.
     """
     size = (size, size) if isinstance(size, int) else tuple(size)
     resized = []

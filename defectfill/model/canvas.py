@@ -27,7 +27,8 @@ class Canvas:
 
 def canvas_for(size: tuple[int, int], resolution: int, factor: int) -> Canvas:
     """The canvas of an image of `size` (w, h): longer side `resolution`, aspect kept, sides padded to multiples
-    of the VAE factor. Never a stretch: the specification's square resize distorted every non-square image."""
+    of the VAE factor. Never a stretch: resizing a non-square image to the square would distort it, and its
+    defects with it."""
     w, h = size
     scale = resolution / max(w, h)
     sw, sh = max(1, round(w * scale)), max(1, round(h * scale))

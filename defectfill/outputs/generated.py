@@ -186,7 +186,8 @@ class OutputFolder:
 def output_identity(run_dirs: list[Path], settings: GenerateConfig) -> dict[str, Any]:
     """What decides the results in an output folder: the run(s) (their exact config.json) and the settings."""
     recorded = [read_recorded_config(d) or {} for d in run_dirs]
-    # one run hashes as it always did, so folders written before several runs were possible keep their identity
+    # one run hashes its own config, not a one-item list: the identity a folder of one run records stays the same
+    # whatever version wrote it
     config_hash = hashlib.sha256(json.dumps(recorded[0] if len(recorded) == 1 else recorded,
                                             sort_keys=True).encode()).hexdigest()[:16]
     return {"run": ",".join(str(d.resolve()) for d in run_dirs), "run_config_sha256": config_hash,

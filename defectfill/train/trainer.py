@@ -205,11 +205,11 @@ class References(NamedTuple):
 def load_references(split: Split, resolution: int) -> References:
     """Reference images, masks and valid regions, letterboxed into `resolution` squares (`letterbox`).
 
-    A non-square image is scaled, aspect kept, so its longer side is the training side, and padded (black);
-    the specification resized it to the square, which distorted defect shapes. The padding is left out of
-    the object loss (`defectfill_losses`) and of the object branch's boxes. Longer side at the training side
-    is the scale generation samples at (`model.canvas.canvas_for`), so a defect is learnt at the size it is
-    painted. A square image is only resized, as before.
+    A non-square image is scaled, aspect kept, so its longer side is the training side, and padded (black):
+    resizing it to the square would distort its defects' shapes. The padding is left out of the object loss
+    (`defectfill_losses`) and of the object branch's boxes. Longer side at the training side is the scale
+    generation samples at (`model.canvas.canvas_for`), so a defect is learnt at the size it is painted. A
+    square image is only resized.
     """
     images, masks, valid = [], [], []
     for sample in split.reference:
@@ -504,7 +504,7 @@ def _check_checkpoint_settings(checkpoint: Path, config: TrainConfig) -> None:
     """Refuse to resume from a checkpoint made with other settings, naming each one that differs."""
     made_with = read_trainer_state(checkpoint).get("config")
     if not isinstance(made_with, dict):
-        return  # made before checkpoints carried their settings
+        return  # a checkpoint that records no settings (older versions wrote none): nothing to compare
     new = config.to_dict()
     diff = sorted(k for k in new if k not in NON_IDENTITY_KEYS and k in made_with and made_with[k] != new[k])
     if diff:

@@ -44,7 +44,7 @@ def _image_tensor(path: Path, size: int) -> torch.Tensor:
     """An image file -> (3, size, size), ImageNet-normalised (the backbones' pretraining statistics).
 
     Letterboxed, never stretched: scaled so its longer side is `size` (bicubic), centred, and padded with the
-    ImageNet mean (0 after normalisation). The specification resized every image to the square.
+    ImageNet mean (0 after normalisation), so a non-square image and its defect keep their shape.
     """
     image, _, valid = letterbox(load_rgb(path), None, size)
     arr = (image + 1.0) / 2.0
