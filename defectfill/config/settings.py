@@ -9,6 +9,17 @@ A field whose metadata has `"stage"` composes another settings class (as
 `RunConfig` holds a `TrainConfig`): the stage's fields named in that mapping
 become this class's flat settings under the names it gives.
 
+Declared once on the field, in its metadata, besides its help:
+- bounds: `"min"` (at least), `"max"` (at most), `"above"` (greater than), checked by `check_declared`
+  before the class's own `validate()`, with a message naming the setting as the command being built names
+  it: `--generate-steps` from `run` (its flat name), `--steps` from `generate`;
+- `"choices"`: the allowed values (also the flag's choices);
+- `"identity": False`: the setting does not decide what the output holds (how a job is carried out, or
+  what may differ between a run and its continuation); `non_identity_names` lists them.
+Messages a stage writes by hand (cross-field checks) name its own flags; `settings_named` renders them in
+the terms of the composing command (`run`: `--steps` of generate is `--generate-steps`) or of a Python
+API (`candidates=`).
+
 Also here: the precision names that every command shares (`PRECISIONS`) and
 how `auto` resolves on the machine at hand.
 """
@@ -16,9 +27,12 @@ how `auto` resolves on the machine at hand.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -34,6 +48,60 @@ S = TypeVar("S", bound="Settings")
 def flag(name: str) -> str:
     """`lr_unet` -> `--lr-unet`."""
     return "--" + name.replace("_", "-")
+
+
+def setting_name(name: str, python: bool = False) -> str:
+    """How a message names setting `name`: its flag (`--lr-unet`), or as a Python parameter (`lr_unet=`)."""
+    return f"{name}=" if python else flag(name)
+
+
+_FLAG = re.compile(r"(?<![\w-])--([a-z0-9]+(?:-[a-z0-9]+)*)(?![\w-])")
+
+
+def rename_settings(message: str, renames: dict[str, str] | None = None, python: bool = False,
+                    known: set[str] | None = None) -> str:
+    """`message` of a stage in the terms of the command being built: each flag `--name` in it whose setting is in
+    `renames` (stage setting -> this command's setting) becomes this command's; with `python`, each flag of a
+    setting in `known` or `renames` becomes the parameter name (`candidates=`). Other flags stay as written."""
+    renames = renames or {}
+
+    def render(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        if name in renames:
+            return setting_name(renames[name], python)
+        if python and known is not None and name in known:
+            return setting_name(name, python)
+        return match.group(0)
+
+    return _FLAG.sub(render, message)
+
+
+@contextlib.contextmanager
+def settings_named(renames: dict[str, str] | None = None, python: bool = False,
+                   known: set[str] | None = None) -> Iterator[None]:
+    """A `DefectFillError` raised inside names its settings as `rename_settings` renders them: a composing
+    command validates each stage inside `settings_named(<the stage's mapping>)`, a Python API its settings
+    inside `settings_named(python=True, known=<its parameters>)`."""
+    try:
+        yield
+    except DefectFillError as exc:
+        raise DefectFillError(rename_settings(str(exc), renames, python, known)) from None
+
+
+def _bound_problem(f: dataclasses.Field, value: Any) -> str | None:
+    """Why `value` is outside field `f`'s declared bounds ("must be at least 1"), or None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    low, high, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
+    if low is not None and high is not None and not low <= value <= high:
+        return f"must be in [{low}, {high}]"
+    if low is not None and value < low:
+        return "must be 0 or more" if low == 0 else f"must be at least {low}"
+    if high is not None and value > high:
+        return f"must be at most {high}"
+    if above is not None and not value > above:
+        return "must be positive" if above == 0 else f"must be more than {above}"
+    return None
 
 
 def _kind(f: dataclasses.Field) -> str:
@@ -210,7 +278,32 @@ class Settings:
         return instance
 
     def validate(self) -> None:
-        """Raise DefectFillError naming the flag when a value is out of range. Subclasses add their checks."""
+        """Raise DefectFillError naming the flag when a value is out of range. Subclasses add their checks,
+        after `check_declared()`."""
+        self.check_declared()
+
+    def check_declared(self, python: bool = False) -> None:
+        """The declared bounds of every flat setting (see the module docstring), each named by its flat name:
+        `--generate-steps` for `run`'s, `generate_steps=` with `python`."""
+        for f in self.flat_fields():
+            value = self.get(f)
+            problem = _bound_problem(f.field, value)
+            if problem:
+                raise DefectFillError(f"{setting_name(f.name, python)} {problem} (got {value}).")
+
+    @classmethod
+    def non_identity_names(cls, own_only: bool = False) -> set[str]:
+        """The flat settings declared `"identity": False`; `own_only`: only this class's own fields, not those
+        of the stages it composes."""
+        return {f.name for f in cls.flat_fields() if f.field.metadata.get("identity", True) is False
+                and not (own_only and len(f.path) > 1)}
+
+    @classmethod
+    def stage_renames(cls, stage: str) -> dict[str, str]:
+        """A composed stage's settings -> this class's flat names for them (`RunConfig`: generate's
+        `steps` -> `generate_steps`)."""
+        f = next(f for f in fields(cls) if f.name == stage)
+        return dict(f.metadata["stage"])
 
 
 def check_all(checks: list[tuple[bool, str]]) -> None:
