@@ -39,7 +39,10 @@ VARIANTS = {
     "b": ("without L_attn", {"lambda_attn": 0.0}),
     "c": ("without L_obj", {"lambda_obj": 0.0}),
     "d": ("without LFS (random candidate)", {"candidates": 1}),
-    "e": ("plain LoRA inpainting", {"lambda_obj": 0.0, "lambda_attn": 0.0, "lambda_def": 1.0}),  # + the prompt
+    # what a user would try first: DreamBooth-style LoRA inpainting, the whole-image loss on random box masks
+    # with the token prompt (the object branch alone, alpha 1: no defect weighting), sampled with that prompt
+    "e": ("LoRA inpainting on random masks", {"lambda_def": 0.0, "lambda_attn": 0.0, "lambda_obj": 1.0,
+                                              "alpha": 1.0, "prompt": "A {object} with {token}"}),
     "f": ("base, no fine-tuning", {"lr_unet": 0.0, "lr_text": 0.0, "steps": 1, "warmup_steps": 0}),
     "g": ("copy-paste of a real defect", {}),
 }
@@ -112,31 +115,6 @@ def copy_paste(config, pairs: list[tuple[str, str]], seed: int) -> None:
         tmp.rename(gen)
 
 
-def mask_feature_distance(config, cat: str, t: str) -> float:
-    """Distance in the mask-region feature space between generated defects and the held-out real ones."""
-    from defectfill.data.images import load_mask, load_rgb
-    from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features
-    from defectfill.outputs.generated import manifest_path
-    from defectfill.outputs.job_folder import job_folder
-    from defectfill.outputs.run_folder import read_run_split
-
-    folders = job_folder(config).type_folders(cat, t)
-    split = read_run_split(folders.run)
-
-    def feats(pairs, rule: str):
-        out = []
-        for img, mask in pairs:
-            m = load_mask(mask, rule)
-            if m.any():
-                out.append(mask_region_features(np.asarray(load_rgb(img)), m))
-        return np.stack(out)
-
-    real = feats([(s.image, s.mask) for s in split.held_out], split.mask_rule)
-    gen_root = folders.generated
-    rows = [json.loads(line) for line in manifest_path(gen_root).read_text().splitlines() if line.strip()]
-    return feature_distance(feats([(gen_root / r["image"], gen_root / r["mask"]) for r in rows], "half"), real)
-
-
 def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> list[dict]:
     from defectfill.config.stages import RunConfig
     from defectfill.data import open_layout
@@ -147,10 +125,6 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     out = Path(args.output) / f"{key}-seed{seed}"
     settings = base_settings(args, data, seed)
     settings.update(overrides)
-    if key == "e":  # its one loss trains on the prompt it is sampled with
-        from defectfill.config.sampling import resolve_sampling
-
-        settings["defect_prompt"] = resolve_sampling(args.model, prompt=args.prompt)["prompt"] or "A {object} with {token}"
     settings["output"] = str(out)
     cats = args.categories.split(",") if args.categories else None
     settings["categories"] = cats
@@ -176,25 +150,58 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     for r in results:
         down_path = out / "eval" / f"{r.category}-downstream" / "metrics.json"
         down = json.loads(down_path.read_text()).get("downstream", {}) if down_path.is_file() else {}
-        rows.append({
+        row = {
             "variant": key, "name": name, "seed": seed, "category": r.category, "defect_type": r.defect_type,
             "status": r.status, "n_generated": r.n_generated, "kid_x1e3": r.kid_x1e3, "kid_std_x1e3": r.kid_std_x1e3,
-            "ic_lpips": r.ic_lpips,
-            "mask_feature_distance": mask_feature_distance(config, r.category, r.defect_type)
-            if r.n_generated else None,
-            "downstream": down, "seconds_whole_variant": round(seconds, 1),
-        })
+            "ic_lpips": r.ic_lpips, "downstream": down, "seconds_whole_variant": round(seconds, 1),
+            "one_class": len([t for c, t in pairs if c == r.category]) < 2,
+        }
+        if r.n_generated:
+            row.update(sample_measures(key, args, config, r.category, r.defect_type, feature_extractor))
+        rows.append(row)
     return rows
 
 
-def downstream_numbers(down: dict) -> tuple[str, str, str, str]:
-    """(classifier accuracy, localiser image AUROC, pixel AUROC, PRO) of a category's downstream record."""
+def sample_measures(key: str, args, config, cat: str, t: str, feature_extractor) -> dict:
+    """Per-sample distances, crop KID, retention and token dependence of one type's run (quality_stats)."""
+    import quality_stats as qs
+
+    from defectfill.evaluate.metrics.mask_stats import feature_distance
+    from defectfill.generate.generator import DefectGenerator
+    from defectfill.outputs.job_folder import job_folder
+    from defectfill.outputs.run_folder import read_run_split
+
+    folders = job_folder(config).type_folders(cat, t)
+    split = read_run_split(folders.run)
+    real, generated = qs.real_pairs(split), qs.generated_pairs(folders.generated)
+    real_f, gen_f = qs.region_features(real), qs.region_features(generated)
+    out = {"mask_feature_distance": feature_distance(gen_f, real_f),
+           "sample_distances": qs.nearest_distances(gen_f, real_f).tolist(),
+           "crop_kid": qs.crop_kid(real, generated, feature_extractor)}
+    if key in ("g", "d"):  # copy-paste has no model; d is a's model
+        return out
+    goods = sorted((split.data_root / cat / "train" / "good").glob("*.png"))
+    targets = [(qs.Image.open(goods[i % len(goods)]).convert("RGB"), m) for i, (_, m) in enumerate(generated)]
+    gen = DefectGenerator.from_run(folders.run, candidates=1, steps=args.generate_steps, guidance=args.guidance,
+                                   prompt=config.generate.prompt or args.prompt, merge_lora=False)
+    prompt = gen.prompt
+    with_token = qs.paint_features(gen, targets, prompt)
+    without = qs.paint_features(gen, targets, qs.without_token(prompt, gen.token))
+    out["token"] = {"prompt": prompt, "with": qs.nearest_distances(with_token, real_f).tolist(),
+                    "without": qs.nearest_distances(without, real_f).tolist()}
+    out["retention_errors"] = qs.retention_error(gen, goods, cat, args.count).tolist()
+    return out
+
+
+def downstream_numbers(down: dict, one_class: bool = False) -> tuple[str, str, str, str]:
+    """(classifier accuracy, localiser image AUROC, pixel AUROC, PRO) of a category's downstream record; a
+    category with one defect type has no classifier to measure (its accuracy is 1 by construction)."""
     cls, loc = down.get("classify") or {}, down.get("localize") or {}
 
     def fmt(v):
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
-    return (fmt(cls.get("accuracy")), fmt((loc.get("image") or {}).get("auroc")),
+    return ("n/a (one class)" if one_class else fmt(cls.get("accuracy")), fmt((loc.get("image") or {}).get("auroc")),
             fmt((loc.get("pixel") or {}).get("auroc")), fmt(loc.get("pro")))
 
 
@@ -206,10 +213,56 @@ def print_table(rows: list[dict]) -> None:
           "category: classifier acc. | image AUROC | pixel AUROC | PRO |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        acc, img_auroc, px_auroc, pro = downstream_numbers(r["downstream"])
+        acc, img_auroc, px_auroc, pro = downstream_numbers(r["downstream"], r.get("one_class", False))
         print(f"| {r['variant']} {r['name']} | {r['seed']} | {r['category']}/{r['defect_type']} | "
               f"{fmt(r['kid_x1e3'], '.2f')} | {fmt(r['ic_lpips'], '.3f')} | {fmt(r['mask_feature_distance'], '.4f')} | "
               f"{acc} | {img_auroc} | {px_auroc} | {pro} |")
+
+
+def _per_seed(rows: list[dict], variant: str, cat: str, t: str) -> dict[int, np.ndarray]:
+    return {r["seed"]: np.array(r["sample_distances"]) for r in rows
+            if r["variant"] == variant and (r["category"], r["defect_type"]) == (cat, t) and "sample_distances" in r}
+
+
+def print_summary(rows: list[dict]) -> None:
+    """Per type and variant: each measure's mean +- std over seeds [95 % bootstrap interval]; then full DefectFill
+    (a) against each other variant, paired per sample."""
+    import quality_stats as qs
+
+    def cell(per_seed):
+        s = qs.summary(per_seed)
+        return f"{s['mean']:.3f} +- {s['std']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+
+    types = sorted({(r["category"], r["defect_type"]) for r in rows if "sample_distances" in r})
+    variants = sorted({r["variant"] for r in rows})
+    print("\n| type | variant | per-sample distance | mean-colour distance | retention error | "
+          "distance without the token | crop KID x10^3 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for cat, t in types:
+        for v in variants:
+            mine = sorted((r for r in rows if r["variant"] == v and (r["category"], r["defect_type"]) == (cat, t)
+                           and "sample_distances" in r), key=lambda r: r["seed"])
+            if not mine:
+                continue
+            colour = [np.array([r["mask_feature_distance"]]) for r in mine]
+            ret = [np.array(r["retention_errors"]) for r in mine if "retention_errors" in r]
+            tok = [np.array(r["token"]["without"]) for r in mine if "token" in r]
+            kid = [r["crop_kid"]["mean_x1e3"] for r in mine if r["crop_kid"].get("available")]
+            kid_cell = f"{np.mean(kid):.1f} +- {np.std(kid, ddof=1) if len(kid) > 1 else 0:.1f}" if kid else "n/a"
+            print(f"| {cat}/{t} | {v} {VARIANTS[v][0]} | {cell([np.array(r['sample_distances']) for r in mine])} | "
+                  f"{cell(colour)} | {cell(ret) if ret else 'n/a'} | {cell(tok) if tok else 'n/a'} | {kid_cell} |")
+    print("\n| type | a against | a - X per-sample distance [95 % CI] | verdict |")
+    print("| --- | --- | --- | --- |")
+    for cat, t in types:
+        a = _per_seed(rows, "a", cat, t)
+        for v in variants:
+            other = _per_seed(rows, v, cat, t)
+            seeds = sorted(set(a) & set(other))
+            if v == "a" or not seeds:
+                continue
+            s = qs.paired_verdict([a[k] for k in seeds], [other[k] for k in seeds])
+            print(f"| {cat}/{t} | {v} {VARIANTS[v][0]} | {s['mean']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}] | "
+                  f"{s['verdict']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", default="bench-quality")
     p.add_argument("--model", default="defectfill-mini")
     p.add_argument("--variants", default="a,b,c,d,e,f,g")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--categories", default=None, help="comma-separated (default: disc and weave, every type)")
     p.add_argument("--steps", type=int, default=150, help="DefectFill steps per type")
     p.add_argument("--count", type=int, default=24, help="generated images per type")
@@ -232,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(args.output) / "data"
     if not (data / ".complete").is_file():
-        make_demo_dataset(data, n_good=12, n_defect=9, n_good_test=6)
+        make_demo_dataset(data, n_good=24, n_defect=15, n_good_test=6)  # 5 references, 10 held out per type
         (data / ".complete").write_text("")
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -240,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== variant {key} ({VARIANTS[key][0]}), seed {seed}", file=sys.stderr)
             rows.extend(run_variant(key, args, data, seed))
     print_table(rows)
+    print_summary(rows)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -1,14 +1,15 @@
-"""Learning, not only running (issue 10): the built-in base `defectfill-mini` inpaints, and DefectFill on it
-learns a defect type the base never saw, with an attention loss that localises the token.
+"""Learning, not only running: the built-in base `defectfill-mini` inpaints, DefectFill on it learns a defect type
+the base never saw, the learnt token (not the LoRA alone) carries that defect, normal inpainting is kept, the
+base's recommended sampling beats guidance 1, the attention loss localises the token, and the base's VAE keeps
+each demo defect.
 
 The defect is the demo's "spot" (a flat dark ellipse on a disc): the pretraining world's stains are soft and
-blurred and its captions never say "spot" (tests/test_world.py), so only the 3 references can teach it.
-Generation samples as docs/method.md ("Sampling on defectfill-mini") says, and why: the defect prompt
-"A photo of {token}" and guidance 1. The demo's 1-2 px scratches are not used: the base's factor-4 VAE
-cannot represent them at 64 px (the real scratch images, encoded and decoded, are already 0.35 from the real
-scratches in this feature space, against the base's 0.44), so no fine-tune could be told apart there.
-Each measured value in a docstring was measured on this project's 2-core CPU machine (2026-11-30); the
-thresholds leave margin.
+blurred and its captions never say "spot" (tests/test_world.py), so only the references can teach it.
+Generation samples as a user's run would with no sampling flags: what the base recommends in its
+`defectfill_sampling.json` (`config.sampling`). Distances are in the mask-region feature space of
+`defectfill.evaluate.metrics.mask_stats` (colour, contrast, edge energy), between the regions painted into 10
+held-out spot masks on new discs and the 10 real held-out spots. Each value in a docstring was measured on this
+project's 2-core CPU machine; the thresholds are the gates of the base's design, not fitted to the values.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ MODEL = "defectfill-mini"
 SIZE = 64
 STEPS = 120  # DefectFill optimiser steps per fine-tune
 DEFECT = "spot"
-SAMPLING = dict(steps=20, guidance=1.0)  # docs/method.md, "Sampling on defectfill-mini"
-PROMPT = "A photo of {token}"  # the defect branch's prompt
+SAMPLE_STEPS = 20
+NEUTRAL_CAPTION = "a disc"  # retention: the part named, no defect asked for
 
 
 # --------------------------------------------------------------------------- the base inpaints
@@ -39,7 +40,7 @@ def _inpaint_error(pipe, images: np.ndarray, captions: list[str], masks: np.ndar
     pipe.set_progress_bar_config(disable=True)
     out = pipe(prompt=captions, image=[Image.fromarray(i) for i in images],
                mask_image=[Image.fromarray(m.astype(np.uint8) * 255) for m in masks], height=SIZE, width=SIZE,
-               num_inference_steps=SAMPLING["steps"], guidance_scale=1.0,
+               num_inference_steps=SAMPLE_STEPS, guidance_scale=1.0,
                generator=torch.Generator().manual_seed(0), output_type="np").images  # (N, H, W, 3) in [0, 1]
     truth = images.astype(np.float64) / 255.0
     return float(np.mean([np.abs(o - t)[m].mean() for o, t, m in zip(out, truth, masks, strict=True)]))
@@ -50,8 +51,8 @@ def test_the_base_inpaints_held_out_world_images_far_better_than_random_weights(
     mask is far below that of the same networks with random weights, and below a random UNet behind the
     base's own trained VAE and text encoder (so the UNet learnt, not only the autoencoder).
 
-    Measured (mean absolute error inside the mask, 0..1): base 0.077, random UNet with the base's VAE 0.297,
-    random pipeline 0.268.
+    Measured (mean absolute error inside the mask, 0..1): see the session notes in docs/method.md
+    ("The built-in base"); asserted < 0.5x and < 0.6x.
     """
     from defectfill.model.pipeline import load_pipeline
     from defectfill.model.tiny import assemble_inpaint_pipeline
@@ -62,8 +63,8 @@ def test_the_base_inpaints_held_out_world_images_far_better_than_random_weights(
     masks = masks.astype(bool)
     base = load_pipeline(MODEL)
     vae, unet, text_encoder = build_networks(BaseArch(), SIZE, seed=1)
-    random_pipe = assemble_inpaint_pipeline(unet, vae, text_encoder)
-    random_unet = assemble_inpaint_pipeline(unet, base.vae, base.text_encoder)
+    random_pipe = assemble_inpaint_pipeline(unet, vae, text_encoder, tokenizer=base.tokenizer)
+    random_unet = assemble_inpaint_pipeline(unet, base.vae, base.text_encoder, tokenizer=base.tokenizer)
     base_error = _inpaint_error(base, images, captions, masks)
     random_error = _inpaint_error(random_pipe, images, captions, masks)
     random_unet_error = _inpaint_error(random_unet, images, captions, masks)
@@ -72,21 +73,21 @@ def test_the_base_inpaints_held_out_world_images_far_better_than_random_weights(
     assert base_error < 0.6 * random_unet_error
 
 
-# --------------------------------------------------------------------------- DefectFill learns a defect
+# --------------------------------------------------------------------------- DefectFill on the base
 
 
 @pytest.fixture(scope="module")
 def spot_data(tmp_path_factory):
-    """The demo's disc with 9 spots: 3 references, 6 held out; 9 defect-free discs to paint on."""
+    """The demo's disc with 15 spots (5 references, 10 held out) and 15 defect-free discs to paint on."""
     from defectfill.demo.dataset import make_demo_dataset
 
-    return make_demo_dataset(tmp_path_factory.mktemp("learning") / "mvtec", n_defect=9,
+    return make_demo_dataset(tmp_path_factory.mktemp("learning") / "mvtec", n_defect=15, n_good=15,
                              categories={"disc": ("object", (DEFECT,))})
 
 
 def _fine_tune(data, out, seed: int, **overrides):
     from defectfill.config.stages import TrainConfig
-    from defectfill.train.trainer import train
+    from defectfill.train import train
 
     settings = dict(data=str(data), category="disc", defect_type=DEFECT, output=str(out), model=MODEL,
                     resolution=SIZE, steps=STEPS, batch_size=3, lr_unet=1e-3, lr_text=2e-4, warmup_steps=10,
@@ -120,8 +121,11 @@ def _targets(data):
     return out
 
 
-def _generate(generator, targets):
-    """-> (region features of each generated image (N, 5), the token's attention map of each (H, W))."""
+def _paint(generator, targets, prompt: str | None = None):
+    """-> (region features of each generated image (N, 5), the token's attention map of each (H, W)).
+    `prompt`: a literal prompt instead of the generator's."""
+    if prompt is not None:
+        generator.prompt = prompt
     features, maps = [], []
     for i, (good, _, mask) in enumerate(targets):
         result = generator(good, mask, seed=i)
@@ -130,39 +134,100 @@ def _generate(generator, targets):
     return np.stack(features), maps
 
 
+def _without_token(prompt: str, token: str) -> str:
+    return " ".join(prompt.replace(token, " ").split())
+
+
 @pytest.fixture(scope="module")
-def generated(runs, spot_data):
-    """What the base and each fine-tune paint into the held-out masks on new discs (with attention maps)."""
+def painted(runs, spot_data):
+    """What the base and each fine-tune paint into the held-out masks on new discs: with the run's default
+    sampling, the same without the token, and at guidance 1."""
     from defectfill.generate.generator import DefectGenerator
     from defectfill.model.pipeline import load_pipeline
 
     targets = _targets(spot_data)
-    out = {"base": _generate(DefectGenerator(load_pipeline(MODEL), PROMPT.format(token="sks"), "sks", SIZE,
-                                             candidates=1, save_attention=True, **SAMPLING), targets)}
+    out = {}
     for name, run in runs.items():
-        out[name] = _generate(DefectGenerator.from_run(run, candidates=1, save_attention=True, prompt=PROMPT,
-                                                       **SAMPLING), targets)
+        gen = DefectGenerator.from_run(run, candidates=1, save_attention=True, steps=SAMPLE_STEPS,
+                                       merge_lora=False)
+        out[name] = _paint(gen, targets)
+        if name == "no_attn0":
+            continue
+        prompt, token = gen.prompt, gen.token
+        gen.save_attention = False  # no token to map
+        out[name + "/no_token"] = _paint(gen, targets, _without_token(prompt, token))
+        gen.prompt, guidance = prompt, gen.guidance
+        gen.guidance = 1.0
+        out[name + "/guidance1"] = _paint(gen, targets)
+        gen.guidance = guidance
+        if name == "full0":  # the base with the same prompt, guidance and steps
+            base = DefectGenerator(load_pipeline(MODEL), prompt, token, SIZE, candidates=1, steps=SAMPLE_STEPS,
+                                   guidance=guidance)
+            out["base"] = _paint(base, targets)
     return out
 
 
-def test_defectfill_learns_a_defect_the_base_never_saw(generated, spot_data):
-    """In the mask-region feature space of `defectfill.evaluate.metrics.mask_stats` (colour, contrast, edge energy),
-    what the fine-tuned model paints into 6 held-out spot masks on new discs is closer to the 6 held-out real
-    spots than what the un-fine-tuned base paints there with the same prompt, for each seed.
-
-    Measured distances to the real spots (2026-11-30, 120 steps): base 0.205; fine-tuned seed 0 0.069,
-    seed 1 0.142 (seed 2, outside the test: 0.075). The real spots' mean colour is 0.30 (dark), the base
-    paints 0.45. Sampled with the object prompt "A disc with {token}" instead, the same fine-tunes reached
-    0.139, 0.245 and 0.232 against the base's 0.240, and with guidance 3 they moved away from the real
-    spots (0.442, 0.487 against 0.377): docs/method.md, "Sampling on defectfill-mini".
-    """
+@pytest.fixture(scope="module")
+def distances(painted, spot_data):
     targets = _targets(spot_data)
     real = np.stack([mask_region_features(defect, mask) for _, defect, mask in targets])
-    base_distance = feature_distance(generated["base"][0], real)
+    found = {name: feature_distance(features, real) for name, (features, _) in painted.items()}
+    print("distance to the real spots:", {k: round(v, 4) for k, v in found.items()})
+    return found
+
+
+def test_defectfill_learns_a_defect_the_base_never_saw(distances):
+    """With the run's default sampling, the fine-tuned model paints regions closer to the held-out real spots
+    than the base does with the same prompt and guidance, for each seed (asserted < 0.8x the base's)."""
     for name in ("full0", "full1"):
-        distance = feature_distance(generated[name][0], real)
-        print(f"{name}: distance to the real spots {distance:.4f} (base {base_distance:.4f})")
-        assert distance < 0.8 * base_distance, name
+        assert distances[name] < 0.8 * distances["base"], name
+
+
+def test_the_token_carries_the_defect(distances):
+    """Removing the token from the run's default prompt moves the painted regions back, away from the real spots,
+    by at least half of what the fine-tune gained over the base: the learnt word carries the defect, not the
+    LoRA alone (on the earlier base the token was inert: 0.120 with it, 0.128 without, base 0.355)."""
+    for name in ("full0", "full1"):
+        gain = distances["base"] - distances[name]
+        lost = distances[name + "/no_token"] - distances[name]
+        print(f"{name}: gain {gain:.4f}, lost without the token {lost:.4f}")
+        assert lost >= 0.5 * gain, name
+
+
+def test_the_default_guidance_is_at_least_as_close_as_guidance_1(distances):
+    """The base's recommended guidance paints at least as close to the real spots as guidance 1 (mean of the
+    two seeds)."""
+    default = np.mean([distances["full0"], distances["full1"]])
+    plain = np.mean([distances["full0/guidance1"], distances["full1/guidance1"]])
+    assert default <= plain
+
+
+def test_normal_inpainting_is_kept(runs, spot_data):
+    """On 15 defect-free discs with random inpainting masks and the neutral caption "a disc", the fine-tune's
+    error inside the mask is at most 1.2x the base's (L_obj's job: the LoRA must not paint spots everywhere)."""
+    from defectfill.generate.generator import DefectGenerator
+    from defectfill.model.pipeline import load_pipeline
+    from defectfill.pretrain.world import sample_inpaint_mask
+
+    goods = sorted((spot_data / "disc" / "train" / "good").glob("*.png"))
+    tuned_gen = DefectGenerator.from_run(runs["full0"], candidates=1, steps=SAMPLE_STEPS)
+    base_gen = DefectGenerator(load_pipeline(MODEL), NEUTRAL_CAPTION, "sks", SIZE, candidates=1, steps=SAMPLE_STEPS,
+                               guidance=tuned_gen.guidance)
+    tuned_gen.prompt = NEUTRAL_CAPTION
+
+    def error(gen) -> float:
+        rng = np.random.default_rng(7)
+        errors = []
+        for i, path in enumerate(goods):
+            image = Image.open(path).convert("RGB")
+            mask = sample_inpaint_mask(rng, SIZE)
+            out = np.asarray(gen(image, mask, seed=i).image, dtype=np.float64) / 255
+            errors.append(np.abs(out - np.asarray(image, dtype=np.float64) / 255)[mask].mean())
+        return float(np.mean(errors))
+
+    tuned, base = error(tuned_gen), error(base_gen)
+    print(f"normal inpainting error: fine-tuned {tuned:.4f}, base {base:.4f}")
+    assert tuned <= 1.2 * base
 
 
 def _mass_inside(maps: list[np.ndarray], targets) -> float:
@@ -170,15 +235,51 @@ def _mass_inside(maps: list[np.ndarray], targets) -> float:
     return float(np.mean([a[m].sum() / max(a.sum(), 1e-8) for a, (_, _, m) in zip(maps, targets, strict=True)]))
 
 
-def test_the_attention_loss_puts_the_token_on_the_defect(generated, spot_data):
+def test_the_attention_loss_puts_the_token_on_the_defect(painted, spot_data):
     """At generation, the share of the token's decoder cross-attention inside the target mask is clearly
-    higher after fine-tuning with L_attn than after the same fine-tune without it (same seed and steps).
-
-    Measured share inside the mask (the masks cover 2.2 % of the image): with L_attn 0.185, without 0.038,
-    the base 0.041.
-    """
+    higher after fine-tuning with L_attn than after the same fine-tune without it (same seed and steps)."""
     targets = _targets(spot_data)
-    shares = {name: _mass_inside(generated[name][1], targets) for name in ("base", "full0", "no_attn0")}
+    shares = {name: _mass_inside(painted[name][1], targets) for name in ("full0", "no_attn0")}
     area = float(np.mean([m.mean() for _, _, m in targets]))
     print(f"attention share inside the mask: {shares} (mask area {area:.4f})")
     assert shares["full0"] > 1.5 * shares["no_attn0"]
+
+
+# --------------------------------------------------------------------------- the VAE keeps the demo's defects
+
+
+@pytest.fixture(scope="module")
+def demo_types(tmp_path_factory):
+    from defectfill.demo.dataset import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("vae") / "mvtec", n_defect=12)
+
+
+@pytest.mark.parametrize("category, defect", [("disc", "spot"), ("disc", "scratch"), ("weave", "crack")])
+def test_each_demo_defect_survives_the_vae_round_trip(demo_types, category, defect):
+    """The real defect images, encoded and decoded by the base's VAE, stay within 0.3x of the distance at which
+    the base itself paints that defect type (what a fine-tune has to close): otherwise no fine-tune could show
+    it."""
+    from defectfill.generate.generator import DefectGenerator
+    from defectfill.model.pipeline import load_pipeline
+
+    pipe = load_pipeline(MODEL)
+    folder = demo_types / category
+    samples = sorted((folder / "test" / defect).glob("*.png"))
+    real, round_trip, painted = [], [], []
+    goods = sorted((folder / "train" / "good").glob("*.png"))
+    base = DefectGenerator(pipe, "A photo of sks", "sks", SIZE, candidates=1, steps=SAMPLE_STEPS, guidance=1.0)
+    for i, path in enumerate(samples):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        mask = np.asarray(Image.open(folder / "ground_truth" / defect / f"{path.stem}_mask.png")) >= 128
+        x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+        with torch.no_grad():
+            y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample[0]
+        decoded = ((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+        real.append(mask_region_features(image, mask))
+        round_trip.append(mask_region_features(decoded, mask))
+        good = Image.open(goods[i % len(goods)]).convert("RGB")
+        painted.append(mask_region_features(np.asarray(base(good, mask, seed=i).image), mask))
+    lost, base_distance = feature_distance(round_trip, real), feature_distance(painted, real)
+    print(f"{defect}: VAE round trip {lost:.4f}, the base paints {base_distance:.4f}")
+    assert lost <= 0.3 * base_distance
