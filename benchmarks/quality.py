@@ -56,7 +56,8 @@ def base_settings(args: argparse.Namespace, data: Path, seed: int) -> dict:
         count=args.count, candidates=args.candidates, generate_steps=args.generate_steps, guidance=args.guidance,
         prompt=args.prompt,
         lpips_random_backbone=True, preview_rows=8,
-        downstream="both", downstream_epochs=args.downstream_epochs, downstream_image_size=64,
+        downstream="both" if str(seed) in args.downstream_seeds.split(",") else "none",
+        downstream_epochs=args.downstream_epochs, downstream_image_size=64,
         downstream_pretrained=False, kid_subsets=50, lpips_size=64,
     )
 
@@ -272,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="a,b,c,d,e,f,g")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--categories", default=None, help="comma-separated (default: disc and weave, every type)")
-    p.add_argument("--steps", type=int, default=150, help="DefectFill steps per type")
+    p.add_argument("--steps", type=int, default=120, help="DefectFill steps per type")
     p.add_argument("--count", type=int, default=24, help="generated images per type")
     p.add_argument("--candidates", type=int, default=4)
     p.add_argument("--generate-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None, help="default: the base's recommendation")
     p.add_argument("--prompt", default=None, help="generation prompt template (default: the base's recommendation)")
     p.add_argument("--downstream-epochs", type=int, default=10)
+    p.add_argument("--downstream-seeds", default="0", help="seeds whose runs also train the inspection models "
+                   "(comma-separated; '' for none): they cost more than the rest of a variant")
     p.add_argument("--json", default=None, help="write every row (with the full downstream records) here")
     args = p.parse_args(argv)
     from defectfill.demo.dataset import make_demo_dataset

@@ -91,7 +91,10 @@ def test_dry_run_loads_no_model_and_prints_the_plan(demo_root, tmp_path, monkeyp
     monkeypatch.setattr("defectfill.model.pipeline.load_pipeline", no_model)
     monkeypatch.setattr("defectfill.train.trainer.load_pipeline", no_model)
     code = main(["run", "--data", str(demo_root), "--categories", "all", "--output", str(tmp_path / "work"),
-                 "--steps", "30", "--dry-run"])
+                 "--steps", "30", "--dry-run",
+                 # the pre-flight needs every network here or downloadable: offline, these are the built-in base
+                 # and no KID, IC-LPIPS or ImageNet AlexNet
+                 "--model", "defectfill-mini", "--no-kid", "--no-ic-lpips", "--lpips-random-backbone"])
     out = capsys.readouterr().out
     assert code == 0
     for name in ("disc/scratch", "disc/spot", "weave/crack"):

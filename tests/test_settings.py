@@ -72,6 +72,7 @@ def test_run_records_its_settings_and_they_reproduce_it(demo_root, tmp_path, mon
     monkeypatch.setattr(defectfill.train.trainer, "train", spy("train"))
     monkeypatch.setattr(defectfill.generate.writer, "run_generate", spy("generate"))
     monkeypatch.setattr(defectfill.evaluate.evaluator, "evaluate", spy("evaluate"))
+    monkeypatch.setattr("defectfill.run.runner.preflight", lambda *a, **k: None)  # spied stages load no network
     config = RunConfig.from_settings({"data": str(demo_root), "output": str(tmp_path / "work"), "category": "disc",
                                       "defect_types": ["scratch"], "candidates": 3, "seed": 4, "steps": 2})
     run_all(config)

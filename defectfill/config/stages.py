@@ -406,7 +406,7 @@ class RunConfig(Settings):
         "kid_subset_size": "kid_subset_size", "kid_subsets": "kid_subsets", "inception_weights": "inception_weights",
         "lpips_size": "lpips_size", "grid_samples": "grid_samples", "epochs": "downstream_epochs",
         "batch_size": "downstream_batch_size", "lr": "downstream_lr", "image_size": "downstream_image_size",
-        "pretrained": "downstream_pretrained", "seed": "downstream_seed"}})
+        "pretrained": "downstream_pretrained", "seed": "downstream_seed", "kid": "kid", "ic_lpips": "ic_lpips"}})
 
     required = ("data", "output")
 
@@ -508,6 +508,7 @@ class RunConfig(Settings):
                                   "resumes by itself.")
         self.train_config("x", "x").validate()
         self.generate_config("x", "x").validate()
-        self.evaluate_config("x", "x").validate()
+        if self.evaluate.kid or self.evaluate.ic_lpips:  # run --no-kid --no-ic-lpips: no per-type evaluation
+            self.evaluate_config("x", "x").validate()
         if self.downstream != "none":
             self.downstream_config("x", Path("."), Path(".")).validate()

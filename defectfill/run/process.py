@@ -141,13 +141,16 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
         result.n_generated = manifest_count(folders.generated)
 
         stage = "evaluate"
-        if _eval_complete(folders.eval, folders.generated):
+        if not (config.evaluate.kid or config.evaluate.ic_lpips):
+            result.stages["evaluate"] = "off"  # --no-kid --no-ic-lpips: nothing to measure per type
+        elif _eval_complete(folders.eval, folders.generated):
             result.stages["evaluate"] = "skipped"
         else:
             print(f"{position} {cat}/{defect_type}: evaluate (KID, IC-LPIPS)")
             evaluate(config.evaluate_config(cat, defect_type), **evaluate_kwargs)
             result.stages["evaluate"] = "ran"
-        _read_metrics(result, folders.metrics)
+        if folders.metrics.is_file():
+            _read_metrics(result, folders.metrics)
         result.status = "done"
     except DefectFillError as exc:
         result.status, result.error = "failed", f"{stage}: {exc}"

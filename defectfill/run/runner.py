@@ -34,6 +34,7 @@ from defectfill.outputs.export import export, parse_formats
 from defectfill.outputs.generated import manifest_count, preview_path, read_manifest, type_folders
 from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
 from defectfill.outputs.report import sample_grid_name, write_run_report
+from defectfill.run.preflight import preflight
 from defectfill.run.process import (
     TypeResult,
     _train_state,
@@ -182,7 +183,14 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
     if config.dry_run:
         if shard:
             print(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the plan's {len(pairs)} defect type(s)")
-        print_plan(layout, mine, config)
+        if pairs:
+            print_plan(layout, mine, config)
+    if not config.report_only:  # a plan that cannot finish is refused (the dry run too) before any training
+        preflight(config, layout, pairs, injected_kid=feature_extractor is not None,
+                  injected_lpips=distance is not None)
+    if config.dry_run:
+        print("pre-flight: every defect type has references, every category defect-free images, and every "
+              "network the plan needs is here or downloadable.")
         return []
     if config.executor == "ray":
         import_ray()  # a missing extra is named before anything is written
