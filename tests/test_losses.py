@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from defectfill.train.losses import attention_loss, combine, defect_loss, object_loss
@@ -73,3 +74,41 @@ def test_object_loss_gives_letterbox_padding_no_weight():
     w = mask + 0.3 * (1 - mask) * valid
     expected = torch.stack([(w[i] * (eps[i] - pred[i]) ** 2).sum() / (4 * w[i].sum()) for i in range(2)]).mean()
     torch.testing.assert_close(object_loss(eps, pred, mask, 0.3, valid), expected)
+
+
+def _thin_line_mask(size: int = 512) -> torch.Tensor:
+    """(1, 1, size, size): a 1 px diagonal line across the middle third."""
+    mask = torch.zeros(1, 1, size, size)
+    for i in range(size // 3, 2 * size // 3):
+        mask[0, 0, i, i] = 1.0
+    return mask
+
+
+def test_the_attention_target_of_a_thin_defect_is_reachable_by_a_max_normalised_map():
+    """A max-normalised map that lights exactly the cells a 1 px line crosses must score better than an empty map
+    (with the plain area-resized target, whose peak is 0.03 at 16 x 16, the empty map won)."""
+    from defectfill.train.losses import attention_loss, attention_target
+
+    mask = _thin_line_mask()
+    target = attention_target(mask, (16, 16))
+    assert float(target.max()) == pytest.approx(1.0)
+    lit = (target > 0).float()  # (1, 16, 16): 1 on every crossed cell
+    assert attention_loss(lit, mask) < attention_loss(torch.zeros_like(lit), mask)
+    assert float(attention_loss(target, mask)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_attention_maps_default_to_the_coarsest_decoder_cross_attention_grid():
+    """SD2 at 512 px (64 latent, cross-attention in 3 of 4 up blocks): 16; defectfill-mini at 64 px (16 latent,
+    2 of 3): 8; a UNet with cross-attention in every up block: latent / 2^(n-1)."""
+    from types import SimpleNamespace
+
+    from defectfill.model.attention import coarsest_cross_attention_side
+
+    def unet(types):
+        return SimpleNamespace(config=SimpleNamespace(up_block_types=types))
+
+    sd2 = unet(("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    mini = unet(("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    assert coarsest_cross_attention_side(sd2, 64) == 16
+    assert coarsest_cross_attention_side(mini, 16) == 8
+    assert coarsest_cross_attention_side(unet(("CrossAttnUpBlock2D",) * 3), 16) == 4

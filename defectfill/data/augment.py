@@ -37,7 +37,9 @@ def resize_crop_keep_defect(
     if (nh, nw) == (h, w):
         return image, mask
     big = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)[0]
-    big_mask = (F.interpolate(mask[None].float(), size=(nh, nw), mode="bilinear", align_corners=False)[0] >= 0.5)
+    # every enlarged pixel the defect reaches through the image's own bilinear resize (any weight, not >= 0.5:
+    # that threshold cut a 1 px diagonal line into pieces while the enlarged image still showed the scratch)
+    big_mask = F.interpolate(mask[None].float(), size=(nh, nw), mode="bilinear", align_corners=False)[0] > 1e-6
     ys, xs = torch.nonzero(big_mask[0], as_tuple=True)
     if len(ys):
         y_lo, y_hi = max(0, int(ys.max()) - h + 1), min(nh - h, int(ys.min()))

@@ -69,6 +69,18 @@ def decoder_cross_attention_names(unet: nn.Module) -> list[str]:
     return [name for name in unet.attn_processors if is_decoder_cross_attention(name)]
 
 
+def coarsest_cross_attention_side(unet: nn.Module, latent_side: int) -> int:
+    """The side of the coarsest grid among the UNet decoder's cross-attention layers at this latent side: up block
+    i of n works at the latent grid halved n-1-i times (rounding up). 8 for defectfill-mini at 64 px, 16 for SD2
+    at 512 px. The attention loss's maps default to it: a finer map only spreads the coarsest layers' cells."""
+    types = list(unet.config.up_block_types)
+    first = next((i for i, t in enumerate(types) if "CrossAttn" in t), len(types) - 1)
+    side = latent_side
+    for _ in range(len(types) - 1 - first):
+        side = (side + 1) // 2
+    return max(1, side)
+
+
 def layer_grid(latent_hw: tuple[int, int], n_query: int) -> tuple[int, int]:
     """The (h, w) grid of a layer with `n_query` positions: the latent grid halved (rounding up, as the
     UNet's stride-2 convolutions do) until it has that many cells."""

@@ -22,7 +22,12 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from defectfill.model.attention import ExplicitAttnProcessor, is_decoder_cross_attention, token_attention_map
+from defectfill.model.attention import (
+    ExplicitAttnProcessor,
+    coarsest_cross_attention_side,
+    is_decoder_cross_attention,
+    token_attention_map,
+)
 from defectfill.model.networks import diffusion_target
 from defectfill.model.pipeline import dilate_to_latent_cells, latent_cell_mask, unet_input, vae_scale_factor
 from defectfill.train import losses as L
@@ -109,7 +114,7 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
             if i == 0 and config.lambda_attn > 0:
                 weights = prompts.token_weights.to(device).expand(b, -1)
                 maps = token_attention_map(token_maps(store.decoder_cross_attention(), weights), (lh, lw),
-                                           config.attn_size or max(1, lh // 4))
+                                           config.attn_size or coarsest_cross_attention_side(unet, lh))
     m_lat = conds[0][0].float()
     l_def = L.defect_loss(target, preds[0], m_lat)
     valid = None

@@ -49,7 +49,7 @@ from defectfill.data.augment import random_box_mask, resize_crop_keep_defect
 from defectfill.data.images import letterbox
 from defectfill.data.layouts import Layout
 from defectfill.data.split import ObjectSplit, make_object_split
-from defectfill.model.attention import AttentionRecorder
+from defectfill.model.attention import AttentionRecorder, coarsest_cross_attention_side
 from defectfill.model.networks import check_prediction_type, diffusion_target
 from defectfill.model.pipeline import (
     LORA_WEIGHTS_NAME,
@@ -384,7 +384,7 @@ def defectfill_losses(
         model_in = unet_input(torch.cat([noisy, noisy]), mask_latents, masked_latents).to(unet.dtype)  # (2B,9,h,w)
         pred = unet_call(model_in, torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample  # (2B,4,h,w)
         if record:
-            attn_size = config.attn_size or max(1, lh // 4)
+            attn_size = config.attn_size or coarsest_cross_attention_side(unet, lh)
             maps = models.recorder.aggregate((lh, lw), attn_size)  # (B, s, s)
         models.recorder.stop()
 
