@@ -116,3 +116,12 @@ def exit_after_first_checkpoint(marker_dir: str) -> None:
         return path
 
     train_module.save_checkpoint = save_then_die
+
+
+def fault_in_every_worker(marker_dir: str):
+    """Ray's worker_process_setup_hook (a plain function, which Ray requires) that installs
+    `exit_after_first_checkpoint(marker_dir)` in each worker process it starts."""
+    def setup() -> None:
+        exit_after_first_checkpoint(marker_dir)
+
+    return setup

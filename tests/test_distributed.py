@@ -221,18 +221,16 @@ def test_ray_run_equals_the_local_run(ray_cluster, local_run, demo_root, tiny_mo
 @pytest.fixture
 def workers_killed_after_a_checkpoint(ray_cluster, tmp_path):
     """The module's Ray restarted with a fault in every worker it starts (`helpers.exit_after_first_checkpoint`,
-    run by Ray's worker_process_setup_hook): the first attempt at training each type dies after its first
+    run by Ray's worker_process_setup_hook, `helpers.fault_in_every_worker`): the first attempt at training each type dies after its first
     checkpoint. Yields the markers folder; the plain Ray is back afterwards."""
-    import functools
-
-    from helpers import exit_after_first_checkpoint
+    from helpers import fault_in_every_worker
 
     markers = tmp_path / "markers"
     markers.mkdir()
     ray = ray_cluster
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True, runtime_env={
-        "worker_process_setup_hook": functools.partial(exit_after_first_checkpoint, str(markers))})
+        "worker_process_setup_hook": fault_in_every_worker(str(markers))})
     try:
         yield markers
     finally:
