@@ -132,7 +132,7 @@ def test_dry_run_of_a_shard_prints_its_slice(demo_root, tmp_path, capsys):
     ({"shard": "0/2"}, r"--shard 0/2: I must be between 1 and N"),
     ({"shard": "half"}, r"--shard 'half': expected I/N"),
     ({"shard": "1/2", "report_only": True}, r"--report-only .* without --shard"),
-    ({"gpus_per_task": -1}, r"--gpus-per-task -1"),
+    ({"gpus_per_task": -1}, r"--gpus-per-task must be 0 or more \(got -1"),
     ({"ray_address": "auto"}, r"--ray-address auto: only used with --executor ray"),
     # the types of a category share one training: per-type tasks or shards would train it side by side
     ({"one_model_per_object": True, "executor": "ray"}, r"--one-model-per-object .* --executor local"),

@@ -222,7 +222,8 @@ def test_run_with_moved_dataset_uses_data(demo_root, run_dir, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(demo_root, moved)
     split = json.loads((run_dir / "split.json").read_text())
-    split["data_root"] = str(tmp_path / "gone")
+    split["data_root"] = str(tmp_path / "gone")  # both recorded places of the data are stale
+    split["data_root_from_split"] = str(tmp_path / "gone")
     (run_dir / "split.json").write_text(json.dumps(split))
     synth = make_generated(demo_root, tmp_path / "synth", types=("scratch",))
     with pytest.raises(DefectFillError, match="--data"):

@@ -627,10 +627,12 @@ def test_moved_dataset_is_named(run_dir, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     config = json.loads((run / "config.json").read_text())
-    config["data"] = str(tmp_path / "gone")
+    config["data"] = str(tmp_path / "gone")  # every recorded path of the data is stale: it has moved away
+    config["data_paths"] = {"absolute": str(tmp_path / "gone"), "from_run": "../gone"}
     (run / "config.json").write_text(json.dumps(config))
     split = json.loads((run / "split.json").read_text())
     split["data_root"] = str(tmp_path / "gone")
+    split["data_root_from_split"] = "../gone"
     (run / "split.json").write_text(json.dumps(split))
     with pytest.raises(DefectFillError, match="data folder.*--images"):
         run_generate(_args(run, tmp_path / "o", "--count", "1"))

@@ -36,10 +36,11 @@ def test_a_folder_dataset_without_defect_type_is_refused(tmp_path, demo_root, ca
     shutil.copytree(demo_root / "disc" / "test" / "spot", root / "images")
     shutil.copytree(demo_root / "disc" / "ground_truth" / "spot", root / "masks")
     shutil.copytree(demo_root / "disc" / "train" / "good", root / "good")
-    assert main(["run", "--data", str(root), "--category", "disc", "--output", str(tmp_path / "w"), "--dry-run"]) == 2
-    err = capsys.readouterr().err
-    assert "0 defect types" in err and "--defect-type NAME" in err
-    assert not (tmp_path / "w").exists()
+    for dry in (["--dry-run"], []):  # the run itself too: refused before its folder is made
+        assert main(["run", "--data", str(root), "--category", "disc", "--output", str(tmp_path / "w"), *dry]) == 2
+        err = capsys.readouterr().err
+        assert "0 defect types" in err and "--defect-type NAME" in err
+        assert not (tmp_path / "w").exists()
 
 
 def test_a_category_without_good_images_is_refused_unless_images_are_given(tmp_path, demo_root, capsys, offline):

@@ -146,7 +146,7 @@ def train_argv(demo_root, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("extra, pattern", [
     (["--lr-unet", "nan"], "lr_unet: expected a finite number"),
     (["--lr-text", "inf"], "lr_text: expected a finite number"),
-    (["--lr-unet=-1e-4"], "--lr-unet and --lr-text must be 0 or more"),
+    (["--lr-unet=-1e-4"], "--lr-unet must be 0 or more"),
     (["--object-prompt", "A {object with {token}"], "--object-prompt"),
     (["--defect-prompt", "A {color} photo of {token}"], "--defect-prompt.*'color'"),
     (["--token", ""], "--token must not be empty"),

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import re
@@ -86,6 +87,18 @@ def settings_named(renames: dict[str, str] | None = None, python: bool = False,
         yield
     except DefectFillError as exc:
         raise DefectFillError(rename_settings(str(exc), renames, python, known)) from None
+
+
+def _named_validate(validate):
+    @functools.wraps(validate)
+    def named(self) -> None:
+        naming = getattr(self, "_naming", None)
+        if naming is None:
+            return validate(self)
+        with settings_named(*naming):
+            return validate(self)
+
+    return named
 
 
 def _bound_problem(f: dataclasses.Field, value: Any) -> str | None:
@@ -179,6 +192,20 @@ class Settings:
     """Base of a stage's settings dataclass; see the module docstring."""
 
     required: ClassVar[tuple[str, ...]] = ()  # flat names that must have a value
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each class's own `validate` names settings as `named_as` said, when it said."""
+        super().__init_subclass__(**kwargs)
+        if "validate" in cls.__dict__:
+            cls.validate = _named_validate(cls.__dict__["validate"])
+
+    def named_as(self: S, renames: dict[str, str] | None = None, python: bool = False) -> S:
+        """This instance, whose `validate` messages name its settings as the composing command does (`renames`:
+        this class's setting -> that command's; `RunConfig.generate_config`: generate's `steps` is
+        `--generate-steps`), or as a Python API does (`python`: `steps=`). Not a setting: not recorded, and
+        `dataclasses.replace` drops it."""
+        self._naming = (dict(renames or {}), python, {f.name for f in self.flat_fields()})
+        return self
 
     # ------------------------------------------------------------------ the flat view
 

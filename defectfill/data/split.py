@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,14 @@ class Split:
         }
 
     def save(self, path: str | Path) -> None:
-        write_json(path, self.to_json())
+        write_json(path, with_relative_root(self.to_json(), self.data_root, path))
+
+
+def with_relative_root(data: dict, root: Path, path: str | Path) -> dict:
+    """A split's JSON with `data_root_from_split`: the dataset root relative to the split file's folder, which
+    `read_split` prefers when it exists (the run and its dataset moved together; any working directory)."""
+    folder = Path(path).expanduser().absolute().parent
+    return {**data, "data_root_from_split": os.path.relpath(Path(root).expanduser().absolute(), folder)}
 
 
 def relative_name(root: Path, path: Path | None) -> str | None:
@@ -103,7 +111,7 @@ class ObjectSplit:
                 "multi_type": {"reference": rows(self.multi_reference), "held_out": rows(self.multi_held_out)}}
 
     def save(self, path: str | Path) -> None:
-        write_json(path, self.to_json())
+        write_json(path, with_relative_root(self.to_json(), next(iter(self.splits.values())).data_root, path))
 
 
 def make_object_split(layout: Layout, category: str, defect_types: list[str]) -> ObjectSplit:
@@ -133,6 +141,7 @@ def read_split(path: str | Path, defect_type: str | None = None) -> Split:
         raise DefectFillError(f"{path}: split file not found; is this a defectfill run folder?")
     try:
         data = json.loads(path.read_text())
+        moved = data.get("data_root_from_split") if isinstance(data, dict) else None
         if isinstance(data, dict) and data.get("per_object"):
             types = list(data["types"])
             # any spelling the layout accepts (VisA: the name with spaces)
@@ -143,6 +152,8 @@ def read_split(path: str | Path, defect_type: str | None = None) -> Split:
                                       f"({', '.join(types)}); {asked}. Name one with --defect-type.")
             data = data["types"][defect_type]
         root = Path(data["data_root"])
+        if isinstance(moved, str) and (path.parent / moved).is_dir():
+            root = path.parent / moved  # relative to the split file: found after the run and the data moved
         rule = data.get("mask_rule", "half")  # split files written before VisA have no rule: all were "half"
         if rule not in MASK_RULES:
             raise ValueError(f"unknown mask_rule {rule!r}")

@@ -17,6 +17,7 @@ into a `TrainConfig`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,33 @@ def is_run_file(name: str) -> bool:
 
 
 def write_run_config(run_dir: str | Path, config: TrainConfig) -> None:
-    """config.json: every training setting, plus the package version and the base model."""
-    write_json(Path(run_dir) / CONFIG_NAME, {**config.to_dict(), "defectfill_version": defectfill.__version__,
-                                              "base_model": config.model})
+    """config.json: every training setting, plus the package version, the base model and where the data is
+    (`data_paths`: absolute, and relative to the run folder, so `resolve_data` finds it from any directory and
+    after the dataset and the run moved together)."""
+    extra = {"defectfill_version": defectfill.__version__, "base_model": config.model}
+    if config.data:
+        extra["data_paths"] = data_paths(config.data, run_dir)
+    write_json(Path(run_dir) / CONFIG_NAME, {**config.to_dict(), **extra})
+
+
+def data_paths(data: str | Path, folder: str | Path) -> dict[str, str]:
+    """A dataset's path as an absolute path and relative to `folder` (the run folder)."""
+    absolute = Path(data).expanduser().absolute()
+    return {"absolute": str(absolute), "from_run": os.path.relpath(absolute, Path(folder).expanduser().absolute())}
+
+
+def resolve_data(recorded: dict, run_dir: str | Path) -> str | None:
+    """The data folder of a recorded run, wherever this process runs: relative to the run folder (the two moved
+    together, or any working directory), else the absolute path (the run moved alone), else `data` as written
+    (config.json files written before `data_paths`: relative to the directory train was started in)."""
+    data = recorded.get("data")
+    paths = recorded.get("data_paths")
+    if isinstance(paths, dict):
+        for candidate in (Path(run_dir).expanduser() / str(paths.get("from_run", "")) if paths.get("from_run") else None,
+                          Path(str(paths["absolute"])) if paths.get("absolute") else None):
+            if candidate is not None and candidate.is_dir():
+                return str(candidate)
+    return data
 
 
 def write_run_files(run_dir: str | Path, config: TrainConfig, split: Split | ObjectSplit) -> None:
@@ -90,7 +115,9 @@ def read_run_config(run_dir: str | Path, strict: bool = True) -> TrainConfig | N
         missing.append("base_model")
     if missing and strict:
         raise DefectFillError(f"{path}: missing setting(s) {', '.join(missing)}; was it written by `defectfill train`?")
-    values = {**recorded}
+    values = {k: v for k, v in recorded.items() if k != "data_paths"}
+    if recorded.get("data"):
+        values["data"] = resolve_data(recorded, run_dir)
     if recorded.get("base_model") or recorded.get("model"):
         values["model"] = recorded.get("base_model") or recorded["model"]
     try:

@@ -155,10 +155,11 @@ def weight_problems(weights: list[Weight], probe=reachable) -> list[str]:
 
 
 def preflight(config: RunConfig, layout, pairs: list[tuple[str, str]], injected_kid: bool = False,
-              injected_lpips: bool = False, probe=reachable) -> None:
-    """Refuse the run, every problem named with its fix, before anything is trained."""
-    problems = plan_problems(config, layout, pairs)
-    if pairs:
+              injected_lpips: bool = False, probe=reachable, plan: bool = True, weights: bool = True) -> None:
+    """Refuse the run, every problem named with its fix, before anything is trained (`plan`: the types and
+    defect-free images; `weights`: the networks)."""
+    problems = plan_problems(config, layout, pairs) if plan else []
+    if pairs and weights:
         problems += weight_problems(needed_weights(config, injected_kid, injected_lpips), probe)
     if problems:
         raise DefectFillError("the run cannot finish; nothing was started:\n  - " + "\n  - ".join(problems))

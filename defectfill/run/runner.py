@@ -185,10 +185,9 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
             print(f"shard {shard[0]}/{shard[1]}: {len(mine)} of the plan's {len(pairs)} defect type(s)")
         if pairs:
             print_plan(layout, mine, config)
-    if not config.report_only:  # a plan that cannot finish is refused (the dry run too) before any training
-        preflight(config, layout, pairs, injected_kid=feature_extractor is not None,
-                  injected_lpips=distance is not None)
-    if config.dry_run:
+    injected = {"injected_kid": feature_extractor is not None, "injected_lpips": distance is not None}
+    if config.dry_run:  # a plan that cannot finish is refused by the dry run too
+        preflight(config, layout, pairs, **injected)
         print("pre-flight: every defect type has references, every category defect-free images, and every "
               "network the plan needs is here or downloadable.")
         return []
@@ -197,11 +196,15 @@ def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, dista
     evaluate_kwargs = {"feature_extractor": feature_extractor, "distance": distance, "note": note}
     if config.report_only:
         return _report_only(config, output, pairs, evaluate_kwargs)
+    preflight(config, layout, pairs, weights=False)  # a plan of nothing writes nothing
     claim_folder(output, "run")  # an empty or new folder, or one `run` wrote: never a foreign one
     # a whole run is the only writer; the shards of one job share the folder (each type has its own lock)
     holder = f"run --shard {shard[0]}/{shard[1]}" if shard else "run"
-    with folder_lock(output, holder, shared=shard is not None), _executor(config) as executor:
-        return _run_types(config, output, pairs, mine, evaluate_kwargs, executor)
+    with folder_lock(output, holder, shared=shard is not None):
+        # before the first training step (a foreign folder or a held lock is named first)
+        preflight(config, layout, pairs, plan=False, **injected)
+        with _executor(config) as executor:
+            return _run_types(config, output, pairs, mine, evaluate_kwargs, executor)
 
 
 def object_types_of(config: RunConfig, pairs: list[tuple[str, str]], cat: str) -> list[str] | None:
