@@ -124,6 +124,17 @@ def test_evaluate_data_mode_with_downstream_models(demo_root, tmp_path):
     page = (out / "report.html").read_text()
     assert "confusion_disc" in page and "image.auroc" in page and "pixel.f1_max" in page
     assert (out / "confusion_disc.png").is_file()
+    # the same models trained on the real references only and on real + synthetic, side by side with the gain
+    down = metrics["downstream"]
+    assert down["classify_real"]["n_train"] == 4 and down["classify_real+synthetic"]["n_train"] == 4 + 8
+    assert down["localize_real"]["n_train"] == 4 + 6 and down["localize_real+synthetic"]["n_train"] == 4 + 8 + 6
+    assert all(down[k]["n_test"] == 8 for k in ("classify_real", "classify_real+synthetic"))
+    comparison = metrics["downstream_comparison"]
+    acc = comparison["classify accuracy"]
+    assert acc["real"] == down["classify_real"]["accuracy"] and acc["synthetic"] == cls["accuracy"]
+    assert acc["gain real+synthetic over real"] == pytest.approx(acc["real+synthetic"] - acc["real"])
+    assert comparison["localize image AUROC"]["real"] == down["localize_real"]["image"]["auroc"]
+    assert "classify accuracy: real / real+synthetic / synthetic" in page and "gain of real+synthetic over real" in page
 
 
 def test_mode_and_size_differences_are_converted_and_said(demo_root, run_dir, tmp_path):
@@ -267,8 +278,9 @@ def test_results_are_saved_as_they_come(demo_root, tmp_path):
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert [m["defect_type"] for m in saved["image_metrics"]] == ["scratch", "spot"]
     assert saved["image_metrics"][0]["kid"]["available"]
-    progress = saved["downstream"]["classify"]
-    assert progress["status"] == "training" and progress["epoch"] == 1 and len(progress["train_loss"]) == 1
+    # the first model trained is the real-only baseline (4 references, one batch an epoch: it dies in epoch 3)
+    progress = saved["downstream"]["classify_real"]
+    assert progress["status"] == "training" and progress["epoch"] == 2 and len(progress["train_loss"]) == 2
 
 
 def test_unreadable_inception_weights_file(tmp_path):

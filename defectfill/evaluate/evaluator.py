@@ -306,14 +306,23 @@ def _measure_downstream(evaluation: Evaluation, classifier_factory: Callable[[in
     settings.device = resolve_device(settings.device)
     settings.mask_rule = real_layout.mask_rule  # VisA's instance-id masks are read as non-zero
 
+    # each model three times on the same seed and the same real test images: trained on the real references only
+    # (the baseline a factory has), on real + synthetic, and on synthetic only; `comparison` sets them side by side
+    comparison: dict[str, dict[str, float | None]] = {}
     if downstream in ("classify", "both"):
-        train = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
+        real = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].reference]
+        synthetic = [(s.image, i) for i, t in enumerate(all_types) for s in generated_by_type[t]]
         test = [(s.image, i) for i, t in enumerate(all_types) for s in all_splits[t].held_out]
-        result = train_classifier(train, test, all_types, settings, classifier_factory,
-                                  functools.partial(evaluation.record_downstream, "classify"))
-        evaluation.metrics["downstream"]["classify"] = result
-        evaluation.pictures[f"confusion_{category}"] = confusion_picture(result["confusion_matrix"], all_types)
-        evaluation.save()
+        results = {}
+        for name, train in training_sets(real, synthetic).items():
+            key = "classify" if name == "synthetic" else f"classify_{name}"
+            results[name] = train_classifier(train, test, all_types, settings, classifier_factory,
+                                             functools.partial(evaluation.record_downstream, key))
+            evaluation.metrics["downstream"][key] = results[name]
+            evaluation.save()
+        comparison["classify accuracy"] = compare({n: r["accuracy"] for n, r in results.items()})
+        evaluation.pictures[f"confusion_{category}"] = confusion_picture(results["synthetic"]["confusion_matrix"],
+                                                                         all_types)
 
     if downstream in ("localize", "both"):
         unmasked = [s.image for t in all_types for s in generated_by_type[t] if s.mask is None]
@@ -322,17 +331,50 @@ def _measure_downstream(evaluation: Evaluation, classifier_factory: Callable[[in
                 f"{unmasked[0]}: generated image has no mask (expected <stem>_mask.png in the ground_truth "
                 f"folder of its type; {len(unmasked)} such image(s)). The localiser needs every mask."
             )
-        train = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
-        train += [(p, None) for p in real_layout.good_images(category)]
+        good = [(p, None) for p in real_layout.good_images(category)]
+        real = [(s.image, s.mask) for t in all_types for s in all_splits[t].reference]
+        synthetic = [(s.image, s.mask) for t in all_types for s in generated_by_type[t]]
         test = [(s.image, s.mask) for t in all_types for s in all_splits[t].held_out]
         test += [(p, None) for p in real_layout.good_test_images(category)]
-        evaluation.metrics["downstream"]["localize"] = train_localiser(
-            train, test, settings, localiser_factory, functools.partial(evaluation.record_downstream, "localize"))
+        results = {}
+        for name, train in training_sets(real, synthetic).items():
+            key = "localize" if name == "synthetic" else f"localize_{name}"
+            results[name] = train_localiser(train + good, test, settings, localiser_factory,
+                                            functools.partial(evaluation.record_downstream, key))
+            evaluation.metrics["downstream"][key] = results[name]
+            evaluation.save()
+        for level, score in (("image", "auroc"), ("pixel", "auroc"), ("pixel", "ap")):
+            comparison[f"localize {level} {score.upper()}"] = compare(
+                {n: r[level][score] for n, r in results.items()})
+        comparison["localize PRO"] = compare({n: r["pro"] for n, r in results.items()})
+    if comparison:
+        evaluation.metrics["downstream_comparison"] = comparison
         evaluation.save()
+
+
+TRAINING_SETS = ("real", "real+synthetic", "synthetic")
+
+
+def training_sets(real: list, synthetic: list) -> dict[str, list]:
+    """The three training sets of the downstream comparison: the real references only, both, the generated only."""
+    return {"real": list(real), "real+synthetic": list(real) + list(synthetic), "synthetic": list(synthetic)}
+
+
+def compare(values: dict[str, float | None]) -> dict[str, float | None]:
+    """One metric by training set, and the gains over the real-only baseline (None where either is missing)."""
+    out = {name: values.get(name) for name in TRAINING_SETS}
+    for name in ("real+synthetic", "synthetic"):
+        a, b = values.get(name), values.get("real")
+        out[f"gain {name} over real"] = None if a is None or b is None else a - b
+    return out
 
 
 def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.4f}"
 
 
 def _summary(metrics: dict[str, Any]) -> list[str]:
@@ -347,9 +389,13 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
         ic = item.get("ic_lpips")
         if ic is not None:
             lines.append(f"{head}: IC-LPIPS " + (f"{ic['value']:.4f}" if ic["available"] else f"unavailable: {ic['reason']}"))
+    for metric, values in metrics.get("downstream_comparison", {}).items():
+        lines.append(f"{metric}: real {_num(values['real'])}, real+synthetic {_num(values['real+synthetic'])}, "
+                     f"synthetic {_num(values['synthetic'])}; gain of real+synthetic over real "
+                     f"{_signed(values['gain real+synthetic over real'])}")
     cls = metrics["downstream"].get("classify")
     if cls:
-        lines.append(f"classify: accuracy {cls['accuracy']:.4f}")
+        lines.append(f"classify (synthetic): accuracy {cls['accuracy']:.4f}")
     loc = metrics["downstream"].get("localize")
     if loc:
         for level in ("image", "pixel"):

@@ -166,9 +166,15 @@ def _summary_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
             rows.append((f"{head} IC-LPIPS", (
                 f"{ic['value']:.4f} (clusters without a pair left out: {ic['value_excluding_singletons']:.4f})"
                 if ic["available"] else f"unavailable: {ic['reason']}")))
+    for metric, values in metrics.get("downstream_comparison", {}).items():
+        # the inspection models trained on the real references only, on both, and on the synthetic images only
+        shown = " / ".join(_fmt(values.get(n)) for n in ("real", "real+synthetic", "synthetic"))
+        gain = values.get("gain real+synthetic over real")
+        rows.append((f"{metric}: real / real+synthetic / synthetic",
+                     f"{shown} (gain of real+synthetic over real: {'n/a' if gain is None else f'{gain:+.4f}'})"))
     cls = metrics.get("downstream", {}).get("classify")
     if cls and "accuracy" in cls:
-        rows.append(("classify accuracy", _fmt(cls["accuracy"])))
+        rows.append(("classify accuracy (synthetic)", _fmt(cls["accuracy"])))
     loc = metrics.get("downstream", {}).get("localize")
     if loc and "image" in loc:
         for level in ("image", "pixel"):
