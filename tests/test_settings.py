@@ -114,7 +114,7 @@ def test_run_checks_every_stage_before_any_work(demo_root, tmp_path, monkeypatch
         raise AssertionError("trained before the generation settings were checked")
 
     monkeypatch.setattr(defectfill.train.trainer, "train", no_training)
-    for bad, pattern in (({"candidates": 0}, "--candidates"), ({"downstream_epochs": 0}, "--epochs"),
+    for bad, pattern in (({"candidates": 0}, "--candidates"), ({"downstream_epochs": 0}, "--downstream-epochs"),
                          ({"kid_subsets": 0}, "--kid-subsets"), ({"mask_scale": "0.5"}, "mask")):
         with pytest.raises(DefectFillError, match=pattern):
             run_all(RunConfig.build({"data": str(demo_root), "output": str(tmp_path / "w"), "downstream": "both",

@@ -54,35 +54,35 @@ def prompt_problem(template: str, what: str) -> str | None:
 
 @dataclass
 class TrainConfig(Settings):
-    data: str | None = field(default=None, metadata={"help": "dataset root folder"})
+    data: str | None = field(default=None, metadata={"help": "dataset root folder", "identity": False})
     category: str | None = field(default=None, metadata={"help": "object category, e.g. hazelnut"})
     defect_type: str | None = field(default=None, metadata={"help": "defect type, e.g. hole; 'all' or a comma list (hole,crack) trains one model for the object, with a new token per type (<hole>, <crack>)"})
-    output: str | None = field(default=None, metadata={"help": "run folder to write"})
+    output: str | None = field(default=None, metadata={"help": "run folder to write", "identity": False})
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id, folder, or the built-in defectfill-mini"})
     layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": LAYOUTS})
     good_images: str | None = field(default=None, metadata={"help": "folder of defect-free images for an annotation export (coco, yolo, cvat, labelstudio; relative: inside --data); default: good/, else the images without annotations"})
     resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
-    steps: int = field(default=2000, metadata={"help": "optimiser steps"})
-    batch_size: int = field(default=4, metadata={"help": "reference images per micro-batch (UNet batch is twice this)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
-    lr_unet: float = field(default=2e-4, metadata={"help": "learning rate of the UNet LoRA"})
-    lr_text: float = field(default=4e-5, metadata={"help": "learning rate of the text-encoder LoRA (and a new token)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps (rate is lr*(step+1)/warmup)"})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)"})
-    lambda_def: float = field(default=0.5, metadata={"help": "weight of the defect loss"})
-    lambda_obj: float = field(default=0.2, metadata={"help": "weight of the object loss"})
-    lambda_attn: float = field(default=0.05, metadata={"help": "weight of the attention loss"})
-    alpha: float = field(default=0.3, metadata={"help": "object-loss weight outside the defect"})
+    steps: int = field(default=2000, metadata={"help": "optimiser steps", "min": 1, "identity": False})
+    batch_size: int = field(default=4, metadata={"help": "reference images per micro-batch (UNet batch is twice this)", "min": 1})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step", "min": 1})
+    lr_unet: float = field(default=2e-4, metadata={"help": "learning rate of the UNet LoRA", "min": 0})
+    lr_text: float = field(default=4e-5, metadata={"help": "learning rate of the text-encoder LoRA (and a new token)", "min": 0})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps (rate is lr*(step+1)/warmup)", "min": 0})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)", "min": 1})
+    lambda_def: float = field(default=0.5, metadata={"help": "weight of the defect loss", "min": 0})
+    lambda_obj: float = field(default=0.2, metadata={"help": "weight of the object loss", "min": 0})
+    lambda_attn: float = field(default=0.05, metadata={"help": "weight of the attention loss", "min": 0})
+    alpha: float = field(default=0.3, metadata={"help": "object-loss weight outside the defect", "min": 0, "max": 1})
     token: str = field(default="sks", metadata={"help": "the rare word that stands for the defect, [V*]"})
     new_token: str | None = field(default=None, metadata={"help": "add this new word (e.g. '<hole>') with a trained embedding row instead of --token"})
-    mixed_precision: str = field(default="auto", metadata={"help": "autocast " + PRECISION_HELP + "; trainable weights stay fp32", "choices": PRECISIONS})
+    mixed_precision: str = field(default="auto", metadata={"help": "autocast " + PRECISION_HELP + "; trainable weights stay fp32", "choices": PRECISIONS, "identity": False})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations to save memory"})
-    compile: str = field(default="auto", metadata={"help": COMPILE_HELP + " the UNet and the VAE encoder", "choices": COMPILE_CHOICES})
-    save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps"})
-    sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)"})
-    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples"})
-    log_every: int = field(default=10, metadata={"help": "log scalars every this many steps"})
-    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from"})
+    compile: str = field(default="auto", metadata={"help": COMPILE_HELP + " the UNet and the VAE encoder", "choices": COMPILE_CHOICES, "identity": False})
+    save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps", "min": 1, "identity": False})
+    sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)", "min": 0, "identity": False})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples", "identity": False})
+    log_every: int = field(default=10, metadata={"help": "log scalars every this many steps", "identity": False})
+    resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from", "identity": False})
     seed: int = field(default=0, metadata={"help": "random seed (data order, augmentation, noise)"})
     defect_prompt: str = field(default="A photo of {token}", metadata={"help": "prompt of the defect branch"})
     object_prompt: str = field(default="A {object} with {token}", metadata={"help": "prompt of the object branch"})
@@ -90,7 +90,7 @@ class TrainConfig(Settings):
     num_boxes: int = field(default=30, metadata={"help": "boxes in the object branch's random mask"})
     box_min: float = field(default=0.03, metadata={"help": "smallest box side, fraction of the image side"})
     box_max: float = field(default=0.25, metadata={"help": "largest box side, fraction of the image side"})
-    max_scale: float = field(default=1.125, metadata={"help": "largest random enlargement before cropping back"})
+    max_scale: float = field(default=1.125, metadata={"help": "largest random enlargement before cropping back", "min": 1})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient"})
@@ -122,21 +122,11 @@ class TrainConfig(Settings):
         return {self.defect_type or "": self.prompt_token}
 
     def validate(self) -> None:
+        self.check_declared()  # the bounds in the fields' metadata
         check_all([
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
-            (self.steps >= 1, "--steps must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.lr_unet >= 0 and self.lr_text >= 0, "--lr-unet and --lr-text must be 0 or more"),
-            (self.warmup_steps >= 0, "--warmup-steps must be 0 or more"),
-            (self.lora_rank >= 1, "--lora-rank must be at least 1"),
-            (self.save_every >= 1, "--save-every must be at least 1"),
-            (self.sample_every >= 0, "--sample-every must be 0 or more"),
-            (min(self.lambda_def, self.lambda_obj, self.lambda_attn) >= 0, "loss weights must be 0 or more"),
             (self.lambda_def + self.lambda_obj + self.lambda_attn > 0, "at least one loss weight must be positive"),
-            (0 <= self.alpha <= 1, "--alpha must be in [0, 1]"),
             (0 < self.box_min <= self.box_max <= 1, "need 0 < --box-min <= --box-max <= 1"),
-            (self.max_scale >= 1, "--max-scale must be 1 or more"),
             (bool(self.token.strip()), "--token must not be empty"),
         ])
         for template, what in ((self.defect_prompt, "--defect-prompt"), (self.object_prompt, "--object-prompt")):
@@ -172,14 +162,8 @@ def type_token(defect_type: str) -> str:
     return f"<{defect_type}>"
 
 
-# Settings that may differ between a run and its continuation.
-NON_IDENTITY_KEYS = {"output", "resume", "steps", "save_every", "sample_every", "sample_steps", "log_every", "data",
-                     "mixed_precision", "compile"}
-
-
-# How `defectfill run` is carried out, not what it produces: left out of run.json, and free to differ between
-# the shards, the Ray run and the local run of one job (the types' own settings decide their folders).
-RUN_NON_IDENTITY_KEYS = {"executor", "ray_address", "gpus_per_task", "task_retries", "shard", "report_only"}
+# Settings that may differ between a run and its continuation (declared "identity": False on the field).
+NON_IDENTITY_KEYS = TrainConfig.non_identity_names()
 
 
 # --------------------------------------------------------------------------- generate
@@ -202,7 +186,7 @@ def sampling_checks(candidates: int, steps: int | None, guidance: float | None, 
 class GenerateConfig(Settings):
     run: str | None = field(default=None, metadata={"help": "run folder written by `defectfill train`; with --defect-types, several per-type runs may be given, comma-separated"})
     output: str | None = field(default=None, metadata={"help": "output dataset folder (MVTec layout)"})
-    count: int | None = field(default=None, metadata={"help": "number of defect images to write"})
+    count: int | None = field(default=None, metadata={"help": "number of defect images to write", "min": 1})
     defect_type: str | None = field(default=None, metadata={"help": "the defect type to draw from a run trained on several (one model per object); default: the run's one type"})
     defect_types: list[str] | None = field(default=None, metadata={"help": "several defects in one image, comma-separated (e.g. broken_large,contamination): painted one after the other, each in its own mask with its own token and Low-Fidelity Selection; written as the combined type a+b with the union mask"})
     images: str | None = field(default=None, metadata={"help": "folder of defect-free images (default: the category's train/good)"})
@@ -223,7 +207,7 @@ class GenerateConfig(Settings):
     save_attention: bool = field(default=False, metadata={"help": "also write the token's cross-attention map of each chosen image to attention/"})
     lpips_weights: str | None = field(default=None, metadata={"help": "local AlexNet weights for LPIPS (offline machines)"})
     lpips_random_backbone: bool = field(default=False, metadata={"help": "LPIPS with an untrained AlexNet (no download): for offline demos and tests only, its scores do not measure perceptual difference"})
-    preview_rows: int = field(default=8, metadata={"help": "rows of preview.png"})
+    preview_rows: int = field(default=8, metadata={"help": "rows of preview.png", "min": 0})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: accelerate's device)"})
     mixed_precision: str = field(default="auto", metadata={"help": "pipeline weights " + PRECISION_HELP, "choices": PRECISIONS})
     merge_lora: bool = field(default=True, metadata={"help": "merge the LoRA into the weights for sampling (the run's files stay as they are); --no-merge-lora keeps the LoRA layers"})
@@ -234,13 +218,12 @@ class GenerateConfig(Settings):
     required = ("run", "output", "count")
 
     def validate(self) -> None:
+        self.check_declared()  # the bounds in the fields' metadata
         check_all([
-            (self.count is None or self.count >= 1, f"--count {self.count}: must be at least 1"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pass one"),
             (not (self.defect_type and self.defect_types),
              "--defect-type and --defect-types exclude each other: one type, or several painted into each image"),
             *sampling_checks(self.candidates, self.steps, self.guidance, self.feather, self.batch_size),
-            (self.preview_rows >= 0, "--preview-rows must be 0 or more"),
         ])
         self.scale()
         if self.masks == "shapes":
@@ -322,16 +305,16 @@ class EvaluateConfig(Settings):
     downstream: str = field(default="none", metadata={"help": "also train the inspection models on generated data and test them on real data", "choices": DOWNSTREAM})
     kid: bool = field(default=True, metadata={"help": "compute KID (--no-kid: skip)"})
     ic_lpips: bool = field(default=True, metadata={"help": "compute IC-LPIPS (--no-ic-lpips: skip)"})
-    kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (reduced to the smaller image set; the size used is reported)"})
-    kid_subsets: int = field(default=100, metadata={"help": "number of KID subsets"})
+    kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (reduced to the smaller image set; the size used is reported)", "min": 2})
+    kid_subsets: int = field(default=100, metadata={"help": "number of KID subsets", "min": 1})
     inception_weights: str | None = field(default=None, metadata={"help": "local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth"})
     lpips_weights: str | None = field(default=None, metadata={"help": "local torchvision AlexNet weights for LPIPS"})
-    lpips_size: int = field(default=256, metadata={"help": "image size at which LPIPS is computed"})
-    grid_samples: int = field(default=8, metadata={"help": "samples per row of the report's grid"})
-    epochs: int = field(default=20, metadata={"help": "downstream training epochs"})
-    batch_size: int = field(default=16, metadata={"help": "downstream batch size"})
-    lr: float = field(default=1e-4, metadata={"help": "downstream learning rate (Adam)"})
-    image_size: int = field(default=256, metadata={"help": "downstream image size (multiple of 32)"})
+    lpips_size: int = field(default=256, metadata={"help": "image size at which LPIPS is computed", "min": 32})
+    grid_samples: int = field(default=8, metadata={"help": "samples per row of the report's grid", "min": 1})
+    epochs: int = field(default=20, metadata={"help": "downstream training epochs", "min": 1})
+    batch_size: int = field(default=16, metadata={"help": "downstream batch size", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "downstream learning rate (Adam)", "above": 0})
+    image_size: int = field(default=256, metadata={"help": "downstream image size (multiple of 32)", "min": 32})
     seed: int = field(default=0, metadata={"help": "seed for KID subsets and downstream training"})
     pretrained: bool = field(default=True, metadata={"help": "ImageNet-pretrained downstream backbones (--no-pretrained: from scratch)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
@@ -339,15 +322,11 @@ class EvaluateConfig(Settings):
     required = ("generated", "output")
 
     def validate(self) -> None:
+        self.check_declared()  # the bounds in the fields' metadata (the downstream models' too)
         check_all([
-            (self.kid_subset_size >= 2 and self.kid_subsets >= 1,
-             "--kid-subset-size must be at least 2 and --kid-subsets at least 1"),
-            (self.lpips_size >= 32, f"--lpips-size must be at least 32 (got {self.lpips_size})"),
-            (self.grid_samples >= 1, "--grid-samples must be at least 1"),
             (self.kid or self.ic_lpips or self.downstream != "none",
              "Nothing to evaluate: --no-kid and --no-ic-lpips without --downstream. Drop one"),
         ])
-        self.downstream_settings().check()
 
     def downstream_settings(self):
         """The downstream models' settings (device left as given: `auto` is resolved where they run)."""
@@ -382,12 +361,12 @@ class RunConfig(Settings):
     defect_type: str | None = field(default=None, metadata={"help": "one defect type (as --defect-types T)"})
     downstream: str = field(default="none", metadata={"help": "also train and test the inspection models per category", "choices": DOWNSTREAM})
     dry_run: bool = field(default=False, metadata={"help": "print the plan; load no model"})
-    executor: str = field(default="local", metadata={"help": "where each defect type is trained, generated and evaluated: local (one after another in this process) or ray (one Ray task per type, over the cluster; pip install 'defectfill[ray]')", "choices": EXECUTORS})
-    ray_address: str | None = field(default=None, metadata={"help": "with --executor ray: the Ray cluster to join ('auto': the one this machine is part of, or ADDRESS:PORT of its head); default: start a Ray on this machine for this run"})
-    gpus_per_task: float = field(default=1.0, metadata={"help": "with --executor ray: GPUs each defect type's task asks for (0: CPU only; 0.5: two types share a GPU)"})
-    task_retries: int = field(default=3, metadata={"help": "with --executor ray: times a task whose worker or node died is run again; it resumes from its last checkpoint"})
-    shard: str | None = field(default=None, metadata={"help": "I/N: process only the I-th of N disjoint slices of the plan (e.g. one Slurm array job each); writes no report, --report-only assembles it"})
-    report_only: bool = field(default=False, metadata={"help": "train, generate and evaluate nothing: assemble synth/, the report and summary.json from what the output folder holds (after --shard jobs); runs --downstream"})
+    executor: str = field(default="local", metadata={"help": "where each defect type is trained, generated and evaluated: local (one after another in this process) or ray (one Ray task per type, over the cluster; pip install 'defectfill[ray]')", "choices": EXECUTORS, "identity": False})
+    ray_address: str | None = field(default=None, metadata={"help": "with --executor ray: the Ray cluster to join ('auto': the one this machine is part of, or ADDRESS:PORT of its head); default: start a Ray on this machine for this run", "identity": False})
+    gpus_per_task: float = field(default=1.0, metadata={"help": "with --executor ray: GPUs each defect type's task asks for (0: CPU only; 0.5: two types share a GPU)", "min": 0, "identity": False})
+    task_retries: int = field(default=3, metadata={"help": "with --executor ray: times a task whose worker or node died is run again; it resumes from its last checkpoint", "min": 0, "identity": False})
+    shard: str | None = field(default=None, metadata={"help": "I/N: process only the I-th of N disjoint slices of the plan (e.g. one Slurm array job each); writes no report, --report-only assembles it", "identity": False})
+    report_only: bool = field(default=False, metadata={"help": "train, generate and evaluate nothing: assemble synth/, the report and summary.json from what the output folder holds (after --shard jobs); runs --downstream", "identity": False})
     one_model_per_object: bool = field(default=False, metadata={"help": "train one model per category (a new token per defect type, runs/<category>/) instead of one per defect type; every type is generated from it"})
     export: str | None = field(default=None, metadata={"help": "after synth/, also export every generated image as " + "|".join(EXPORT_FORMATS) + " (comma-separated, e.g. coco,hf) into <output>/export/<format>/, as `defectfill export` does"})
     export_prefix: str = field(default="synth_", metadata={"help": "start of every exported file name, so synthetic files never collide with the real ones"})
@@ -453,7 +432,8 @@ class RunConfig(Settings):
         together."""
         trained = ",".join(object_types) if self.one_model_per_object and object_types else defect_type
         return dataclasses.replace(self.train, category=category, defect_type=trained,
-                                   output=str(self.folders(category, defect_type)["run"]))
+                                   output=str(self.folders(category, defect_type)["run"])).named_as(
+                                       self.stage_renames("train"))
 
     def generate_config(self, category: str, defect_type: str) -> GenerateConfig:
         folders = self.folders(category, defect_type)
@@ -461,7 +441,8 @@ class RunConfig(Settings):
         return dataclasses.replace(self.generate, run=str(folders["run"]), output=str(folders["generated"]),
                                    seed=self.train.seed, mixed_precision=self.train.mixed_precision,
                                    compile=self.train.compile,
-                                   defect_type=defect_type if self.one_model_per_object else None)
+                                   defect_type=defect_type if self.one_model_per_object else None).named_as(
+                                       self.stage_renames("generate"))
 
     def evaluate_config(self, category: str, defect_type: str) -> EvaluateConfig:
         folders = self.folders(category, defect_type)
@@ -471,20 +452,19 @@ class RunConfig(Settings):
             lpips_size=min(self.evaluate.lpips_size, self.train.resolution),
             device=self.generate.device or "auto",
             defect_type=defect_type if self.one_model_per_object else self.evaluate.defect_type,
-        )
+        ).named_as(self.stage_renames("evaluate"))
 
     def downstream_config(self, category: str, synth: Path, output: Path) -> EvaluateConfig:
         return dataclasses.replace(
             self.evaluate, generated=str(synth), output=str(output), data=self.train.data, category=category,
             layout=self.train.layout, downstream=self.downstream, kid=False, ic_lpips=False,
             device=self.generate.device or "auto",
-        )
+        ).named_as(self.stage_renames("evaluate"))
 
     def validate(self) -> None:
-        """Every stage's settings are checked here, before any work starts."""
+        """Every stage's settings are checked here, before any work starts, each named by run's flag."""
+        self.check_declared()  # the bounds in the fields' metadata, the stages' under run's names
         check_all([
-            (self.gpus_per_task >= 0, f"--gpus-per-task {self.gpus_per_task}: must be 0 (CPU only) or more"),
-            (self.task_retries >= 0, f"--task-retries {self.task_retries}: must be 0 or more"),
             (self.ray_address is None or self.executor == "ray",
              f"--ray-address {self.ray_address}: only used with --executor ray; add --executor ray"),
             (not (self.report_only and self.shard),
@@ -512,3 +492,9 @@ class RunConfig(Settings):
             self.evaluate_config("x", "x").validate()
         if self.downstream != "none":
             self.downstream_config("x", Path("."), Path(".")).validate()
+
+
+# How `defectfill run` is carried out, not what it produces (declared "identity": False on run's own fields): left
+# out of run.json, and free to differ between the shards, the Ray run and the local run of one job (the types' own
+# settings decide their folders).
+RUN_NON_IDENTITY_KEYS = RunConfig.non_identity_names(own_only=True)
