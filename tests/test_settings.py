@@ -15,6 +15,7 @@ import yaml
 from defectfill.config.settings import PRECISIONS, flag, resolve_precision
 from defectfill.config.stages import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
 from defectfill.core.errors import DefectFillError
+from defectfill.outputs.job_folder import job_folder
 
 STAGES = [TrainConfig, GenerateConfig, EvaluateConfig, RunConfig]
 
@@ -42,8 +43,9 @@ def test_each_setting_is_a_flag_a_yaml_key_and_a_recorded_key(cls, tmp_path):
 def test_run_settings_reach_the_right_stage():
     config = RunConfig.from_settings({"data": "d", "output": "o", "steps": 5, "generate_steps": 3, "candidates": 2,
                                       "seed": 7, "downstream_epochs": 4, "kid_subsets": 9, "mixed_precision": "no"})
-    train, generate = config.train_config("disc", "scratch"), config.generate_config("disc", "scratch")
-    evaluate = config.evaluate_config("disc", "scratch")
+    folders = job_folder(config).type_folders("disc", "scratch")
+    train, generate = config.train_config("disc", "scratch", folders), config.generate_config("disc", "scratch", folders)
+    evaluate = config.evaluate_config("disc", "scratch", folders)
     assert (train.steps, generate.steps) == (5, 3), "train and generation steps swapped"
     assert generate.candidates == 2 and generate.seed == 7 and generate.mixed_precision == "no"
     assert evaluate.epochs == 4 and evaluate.kid_subsets == 9

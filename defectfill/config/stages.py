@@ -16,7 +16,8 @@ import dataclasses
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Protocol
 
 from defectfill.config.sampling import UNCONDITIONAL, resolve_sampling
 from defectfill.config.settings import PRECISIONS, Settings, check_all
@@ -338,6 +339,18 @@ class EvaluateConfig(Settings):
 # --------------------------------------------------------------------------- run
 
 
+class TypeFolders(Protocol):
+    """A defect type's folders in a `run` job folder (`outputs.job_folder.TypeFolders`)."""
+
+    run: Path
+    generated: Path
+    eval: Path
+
+
+# the folders validation derives each stage's settings with (nothing is written)
+_PLACEHOLDER_FOLDERS = SimpleNamespace(run=Path("x"), generated=Path("x"), eval=Path("x"))
+
+
 def _selection(names: list[str] | None, one: str | None) -> list[str] | None:
     """A list of names, one name, or None for all ("all" too)."""
     names = names or ([one] if one else None)
@@ -417,37 +430,28 @@ class RunConfig(Settings):
         return {k: v for k, v in self.to_dict().items() if k not in RUN_NON_IDENTITY_KEYS}
 
     # ------------------------------------------------------------------ each type's stage settings
+    # `folders`: the type's folders in the job folder (`outputs.job_folder.JobFolder.type_folders`: its run,
+    # generated and eval paths), which the layer that writes the job folder knows
 
-    def type_key(self, category: str, defect_type: str) -> str:
-        return f"{category}-{defect_type}"
-
-    def folders(self, category: str, defect_type: str) -> dict[str, Path]:
-        output, key = Path(self.output or ".").expanduser(), self.type_key(category, defect_type)
-        # one model per object: every type of the category is drawn from runs/<category>/
-        run = output / "runs" / (category if self.one_model_per_object else key)
-        return {"run": run, "generated": output / "generated" / key, "eval": output / "eval" / key}
-
-    def train_config(self, category: str, defect_type: str, object_types: list[str] | None = None) -> TrainConfig:
+    def train_config(self, category: str, defect_type: str, folders: TypeFolders,
+                     object_types: list[str] | None = None) -> TrainConfig:
         """The training of `defect_type`; one model per object: of `object_types` (the category's planned types)
         together."""
         trained = ",".join(object_types) if self.one_model_per_object and object_types else defect_type
         return dataclasses.replace(self.train, category=category, defect_type=trained,
-                                   output=str(self.folders(category, defect_type)["run"])).named_as(
-                                       self.stage_renames("train"))
+                                   output=str(folders.run)).named_as(self.stage_renames("train"))
 
-    def generate_config(self, category: str, defect_type: str) -> GenerateConfig:
-        folders = self.folders(category, defect_type)
+    def generate_config(self, category: str, defect_type: str, folders: TypeFolders) -> GenerateConfig:
         # the run's precision and seed carry over, so one setting decides both stages
-        return dataclasses.replace(self.generate, run=str(folders["run"]), output=str(folders["generated"]),
+        return dataclasses.replace(self.generate, run=str(folders.run), output=str(folders.generated),
                                    seed=self.train.seed, mixed_precision=self.train.mixed_precision,
                                    compile=self.train.compile,
                                    defect_type=defect_type if self.one_model_per_object else None).named_as(
                                        self.stage_renames("generate"))
 
-    def evaluate_config(self, category: str, defect_type: str) -> EvaluateConfig:
-        folders = self.folders(category, defect_type)
+    def evaluate_config(self, category: str, defect_type: str, folders: TypeFolders) -> EvaluateConfig:
         return dataclasses.replace(
-            self.evaluate, generated=str(folders["generated"]), output=str(folders["eval"]), run=str(folders["run"]),
+            self.evaluate, generated=str(folders.generated), output=str(folders.eval), run=str(folders.run),
             downstream="none", lpips_weights=self.generate.lpips_weights,
             lpips_size=min(self.evaluate.lpips_size, self.train.resolution),
             device=self.generate.device or "auto",
@@ -486,10 +490,10 @@ class RunConfig(Settings):
         if self.train.resume:
             raise DefectFillError("--resume is not needed with `run`: finished stages are skipped and training "
                                   "resumes by itself.")
-        self.train_config("x", "x").validate()
-        self.generate_config("x", "x").validate()
+        self.train_config("x", "x", _PLACEHOLDER_FOLDERS).validate()
+        self.generate_config("x", "x", _PLACEHOLDER_FOLDERS).validate()
         if self.evaluate.kid or self.evaluate.ic_lpips:  # run --no-kid --no-ic-lpips: no per-type evaluation
-            self.evaluate_config("x", "x").validate()
+            self.evaluate_config("x", "x", _PLACEHOLDER_FOLDERS).validate()
         if self.downstream != "none":
             self.downstream_config("x", Path("."), Path(".")).validate()
 

@@ -118,7 +118,7 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
     folders = job_folder(config).type_folders(cat, defect_type)
     stage = "train"
     try:
-        train_config = config.train_config(cat, defect_type, object_types)
+        train_config = config.train_config(cat, defect_type, folders, object_types)
         state = _train_state(folders.run, train_config.steps)
         if state == "complete":
             result.stages["train"] = "skipped"
@@ -130,7 +130,7 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
             result.stages["train"] = "ran"
 
         stage = "generate"
-        generate_config = config.generate_config(cat, defect_type)
+        generate_config = config.generate_config(cat, defect_type, folders)
         if manifest_count(folders.generated) >= generate_config.count:
             result.stages["generate"] = "skipped"
         else:
@@ -147,7 +147,7 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
             result.stages["evaluate"] = "skipped"
         else:
             print(f"{position} {cat}/{defect_type}: evaluate (KID, IC-LPIPS)")
-            evaluate(config.evaluate_config(cat, defect_type), **evaluate_kwargs)
+            evaluate(config.evaluate_config(cat, defect_type, folders), **evaluate_kwargs)
             result.stages["evaluate"] = "ran"
         if folders.metrics.is_file():
             _read_metrics(result, folders.metrics)
