@@ -1,3 +1,3 @@
-"""What defectfill writes, one module per folder tree: the training run folder (`run_folder`), its checkpoints
-(`checkpoints`), the generated dataset (`generated`) and the HTML/Markdown reports (`report`). The `run` job
-folder's layout is `config.stages.RunConfig.folders`."""
+"""What defectfill writes, one module per folder tree, each opening with its tree diagram: the training run folder
+(`run_folder`), its checkpoints (`checkpoints`), the generated dataset (`generated`), the `run` job folder
+(`job_folder`), and the evaluation folder and reports (`report`)."""
