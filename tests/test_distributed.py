@@ -120,7 +120,9 @@ def test_shards_are_disjoint_slices_that_cover_the_plan_in_any_order():
 
 def test_dry_run_of_a_shard_prints_its_slice(demo_root, tmp_path, capsys):
     assert main(["run", "--data", str(demo_root), "--categories", "all", "--output", str(tmp_path / "w"),
-                 "--shard", "2/2", "--dry-run"]) == 0
+                 "--shard", "2/2", "--dry-run",
+                 # offline, the pre-flight needs networks that are here: the built-in base, no KID/IC-LPIPS/AlexNet
+                 "--model", "defectfill-mini", "--no-kid", "--no-ic-lpips", "--lpips-random-backbone"]) == 0
     out = capsys.readouterr().out
     # sorted plan: disc/scratch, disc/spot, weave/crack -> shard 2 of 2 holds disc/spot only
     assert "shard 2/2: 1 of the plan's 3 defect type(s)" in out and "disc/spot" in out

@@ -332,7 +332,9 @@ def test_run_one_model_per_object_trains_once_and_draws_every_type(demo_root, ti
 
 def test_dry_run_plans_one_model_per_object(demo_root, tmp_path, capsys):
     assert main(["run", "--data", str(demo_root), "--categories", "all", "--output", str(tmp_path / "w"),
-                 "--steps", "30", "--one-model-per-object", "--dry-run"]) == 0
+                 "--steps", "30", "--one-model-per-object", "--dry-run",
+                 # offline, the pre-flight needs networks that are here: the built-in base, no KID/IC-LPIPS/AlexNet
+                 "--model", "defectfill-mini", "--no-kid", "--no-ic-lpips", "--lpips-random-backbone"]) == 0
     out = capsys.readouterr().out
     assert "3 defect type(s) in 2 model(s), one per object, 60 training steps in all" in out
 
