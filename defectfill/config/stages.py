@@ -87,7 +87,7 @@ class TrainConfig(Settings):
     seed: int = field(default=0, metadata={"help": "random seed (data order, augmentation, noise)"})
     defect_prompt: str = field(default="A photo of {token}", metadata={"help": "prompt of the defect branch"})
     object_prompt: str = field(default="A {object} with {token}", metadata={"help": "prompt of the object branch"})
-    attn_size: int | None = field(default=None, metadata={"help": "side of the attention-loss maps (default latent/4: 16 at 512 px)"})
+    attn_size: int | None = field(default=None, metadata={"help": "side of the attention-loss maps (default: the coarsest decoder cross-attention grid, 16 for SD2 at 512 px, 8 for defectfill-mini at 64 px)"})
     num_boxes: int = field(default=30, metadata={"help": "boxes in the object branch's random mask"})
     box_min: float = field(default=0.03, metadata={"help": "smallest box side, fraction of the image side"})
     box_max: float = field(default=0.25, metadata={"help": "largest box side, fraction of the image side"})
