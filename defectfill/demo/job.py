@@ -21,11 +21,13 @@ from defectfill.run.runner import run_all
 
 NOTES = {
     "defectfill-mini": (
-        "Demo on defectfill-mini, a 27 MB base pretrained by this project on drawn parts and surfaces at 64 px "
-        "(never on scratches, spots or cracks), fine-tuned per defect type on its 2 references and sampled with "
-        "the defect prompt at guidance 1 (README: what was measured on it). KID and "
-        "IC-LPIPS use the base's own VAE encoder as the feature network (offline), so they compare runs on this "
-        "data and are not comparable to published values; the downstream models train from scratch."),
+        "Demo on defectfill-mini, a 21 MB base pretrained by this project on drawn parts and surfaces at 64 px "
+        "(never on scratches, spots or cracks), fine-tuned per defect type on its 2 references and sampled as "
+        "the base recommends (the defect prompt at guidance 5; README: what was measured on it). Low-Fidelity "
+        "Selection scores the candidates with an untrained AlexNet (no download), so the kept candidate is "
+        "not the perceptually least normal one. KID and IC-LPIPS use the base's own VAE encoder as the feature "
+        "network (offline), so they compare runs on this data and are not comparable to published values; "
+        "KID on this few images is noisy. The downstream models train from scratch."),
     "tiny": (
         "Demo on a tiny, untrained diffusion network, with untrained stand-ins for the Inception (KID) and "
         "AlexNet (LPIPS) networks, so nothing is downloaded. It shows the pipeline working end to end, not "
