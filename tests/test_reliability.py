@@ -309,3 +309,40 @@ def test_generated_dataset_links_its_good_sources_for_anomalib(run_dir, demo_roo
     bare = tmp_path / "bare"
     run_generate(_generate(run_dir, bare, "--count", "1", "--no-with-good"))
     assert not (bare / "disc" / "train").exists()
+
+
+# --------------------------------------------------------------------------- issue 28: what is read back
+
+
+@pytest.mark.parametrize("content, shown", [
+    ({"category": "/tmp/elsewhere", "defect_type": "spot", "status": "done", "n_generated": 3}, "category"),
+    ({"category": "disc", "defect_type": "../../x", "status": "done"}, "defect_type"),
+    ([1, 2, 3], "holds a list"),
+    ({"status": "done", "n_generated": "many"}, "n_generated"),
+    ({"status": "done", "kid_x1e3": "low"}, "kid_x1e3"),
+    ({"status": "rm -rf"}, "status"),
+])
+def test_report_only_takes_names_from_the_plan_and_checks_results_files(tmp_path, content, shown):
+    from defectfill.outputs.job_folder import job_folder
+    from defectfill.run.process import read_result
+
+    config = RunConfig.from_settings({"data": "d", "output": str(tmp_path / "w")})
+    path = job_folder(config).result_path("disc", "spot")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(content))
+    result = read_result(config, "disc", "spot")
+    assert (result.category, result.defect_type, result.status) == ("disc", "spot", "failed")
+    assert shown in result.error and str(path) in result.error
+
+
+def test_report_only_reads_a_good_results_file(tmp_path):
+    from defectfill.outputs.job_folder import job_folder
+    from defectfill.run.process import read_result
+
+    config = RunConfig.from_settings({"data": "d", "output": str(tmp_path / "w")})
+    path = job_folder(config).result_path("disc", "spot")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"category": "disc", "defect_type": "spot", "status": "done", "n_generated": 2,
+                                "stages": {"train": "ran"}, "kid_x1e3": 1.5, "ic_lpips": None, "extra": 1}))
+    result = read_result(config, "disc", "spot")
+    assert (result.status, result.n_generated, result.kid_x1e3) == ("done", 2, 1.5)

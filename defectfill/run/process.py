@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields
@@ -98,14 +99,46 @@ def read_result(config: RunConfig, cat: str, defect_type: str) -> TypeResult:
         return TypeResult(cat, defect_type, status="missing",
                           error="not run yet: no job has finished this type; rerun the --shard job that holds it "
                                 "(or `defectfill run` without --report-only)")
-    known = {f.name for f in fields(TypeResult)}
     try:
         data = json.loads(path.read_text())
-        result = TypeResult(**{k: v for k, v in data.items() if k in known})
+        result = _checked_result(data, cat, defect_type)
     except (OSError, ValueError, TypeError) as exc:
         return TypeResult(cat, defect_type, status="failed",
                           error=f"{path}: unreadable ({exc}); rerun the --shard job that holds this type")
     return result
+
+
+_RESULT_STATUSES = {"pending", "done", "failed", "missing"}
+
+
+def _checked_result(data: Any, cat: str, defect_type: str) -> TypeResult:
+    """A results file's content as a TypeResult, every field checked: the names come from the plan (`cat`,
+    `defect_type`), never from the file, since they become paths; a wrong type raises ValueError naming the key."""
+    if not isinstance(data, dict):
+        raise ValueError(f"holds a {type(data).__name__}, not an object")
+    for key in ("category", "defect_type"):
+        if key in data and data[key] != (cat if key == "category" else defect_type):
+            raise ValueError(f"{key} {data[key]!r} is not the planned {cat if key == 'category' else defect_type!r}")
+    values: dict[str, Any] = {}
+    for f in fields(TypeResult):
+        if f.name in ("category", "defect_type") or f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "status":
+            ok = value in _RESULT_STATUSES
+        elif f.name == "stages":
+            ok = isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+        elif f.name == "error":
+            ok = value is None or isinstance(value, str)
+        elif f.name.startswith("n_"):
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:  # the metrics: a number or null
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                   and math.isfinite(value))
+        if not ok:
+            raise ValueError(f"{f.name} is {value!r}, not a valid value")
+        values[f.name] = value
+    return TypeResult(cat, defect_type, **values)
 
 
 def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
