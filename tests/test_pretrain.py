@@ -116,3 +116,78 @@ def test_max_minutes_stops_with_a_checkpoint_and_resume_finishes(capsys, tmp_pat
     code, err = _run(capsys, *args[:-2], "--resume")
     assert code == 0, err
     assert (out / "model_index.json").is_file()
+
+
+def test_a_stopped_run_leaves_the_stage_checkpoint_layout(capsys, tmp_path):
+    """checkpoints/stage{N}-{step}/ holds the weights, the optimiser and state.json, so older folders resume."""
+    import json
+
+    out = tmp_path / "base"
+    assert pretrain_base(_tiny(out, vae_steps=3), stop_after_steps=1, progress=False) is None
+    (saved,) = (out / "checkpoints").iterdir()
+    assert saved.name == "stage1-1"
+    assert sorted(p.name for p in saved.iterdir()) == ["optimizer.json", "optimizer.safetensors", "state.json",
+                                                      "weights.safetensors"]
+    assert json.loads((saved / "state.json").read_text()) == {"stage": 1, "step": 1}
+    assert all(k.startswith("vae.") for k in load_file(str(saved / "weights.safetensors")))
+
+
+def _old_build_networks(arch, size: int, seed: int):
+    """The builder pretrain had before it drew its networks from `model.networks`, as it was."""
+    import json
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from defectfill.pretrain.base import tokenizer_folder
+
+    vocab_size = len(json.loads((Path(tokenizer_folder(arch)) / "vocab.json").read_text()))
+    n = len(arch.unet_channels)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=arch.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
+            layers_per_block=arch.vae_layers, norm_num_groups=arch.vae_groups, sample_size=size,
+            scaling_factor=0.18215,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=size // 2 ** (len(arch.vae_channels) - 1), in_channels=9, out_channels=4,
+            layers_per_block=arch.unet_layers, block_out_channels=arch.unet_channels,
+            norm_num_groups=arch.unet_groups, cross_attention_dim=arch.text_hidden,
+            attention_head_dim=arch.unet_heads, use_linear_projection=True,
+            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 4,
+            num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads, max_position_embeddings=77,
+            projection_dim=arch.text_hidden, hidden_act="gelu", bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1, pad_token_id=0,
+        ))
+    return vae, unet, text_encoder
+
+
+def _config(module) -> dict:
+    return module.config.to_dict() if hasattr(module.config, "to_dict") else dict(module.config)
+
+
+@pytest.mark.parametrize("arch_name", ["base", "tiny"])
+def test_networks_from_the_shared_builder_have_the_old_weights(arch_name):
+    """pretrain's networks come from `model.networks`: same configs, same initial weights for a seed."""
+    from defectfill.model.networks import MINI
+    from defectfill.pretrain.base import BaseArch, build_networks, network_shape
+
+    arch = BaseArch() if arch_name == "base" else TINY_ARCH
+    if arch_name == "base":
+        assert network_shape(arch) == MINI
+    size = 64 if arch_name == "base" else 32
+    for old, new in zip(_old_build_networks(arch, size, 7), build_networks(arch, size, 7), strict=True):
+        assert type(old) is type(new)
+        assert _config(old) == _config(new)
+        old_state, new_state = old.state_dict(), new.state_dict()
+        assert old_state.keys() == new_state.keys()
+        for key in old_state:
+            assert torch.equal(old_state[key], new_state[key]), key

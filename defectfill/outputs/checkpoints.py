@@ -10,9 +10,17 @@ A `checkpoint-N/` folder holds:
 It is written to a hidden temporary folder and renamed into place, so a
 killed run never leaves a half-written checkpoint that `--resume latest` would pick.
 
-The pieces are public for any checkpoint of this kind (the base-model pretraining's too):
-`write_checkpoint_folder` (the temporary folder renamed into place), `save_optimizer`/`load_optimizer`
-(or `optimizer_to_files`/`optimizer_from_files` for the raw state), `save_rng_state`/`restore_rng_state`.
+The pieces are public for any checkpoint of this kind: `write_checkpoint_folder` (the temporary folder
+renamed into place), `save_optimizer`/`load_optimizer` (or `optimizer_to_files`/`optimizer_from_files` for
+the raw state), `save_rng_state`/`restore_rng_state`.
+
+The base-model pretraining (`defectfill pretrain-base`) writes its stage checkpoints with them, in
+`<output>/checkpoints/`, only the newest of each stage kept:
+    stage{N}-{step}/
+        weights.safetensors         the stage's networks' tensors, each prefixed by its network ("vae.", "unet.")
+        optimizer.safetensors/.json the optimiser's state (absent in stage 1's last one, which ends the stage)
+        state.json                  stage, step (and stage 1's measured latent scaling_factor at its end)
+Every random draw of a pretraining step is derived from (seed, stage, step), so these hold no RNG state.
 """
 
 from __future__ import annotations
@@ -38,10 +46,26 @@ OPTIMIZER_META = "optimizer.json"
 SCHEDULER = "scheduler.json"
 RNG_STATE = "rng_state.safetensors"
 TRAINER_STATE = "trainer_state.json"
+# a pretraining stage checkpoint's (see the module docstring)
+STAGE_WEIGHTS = "weights.safetensors"
+STAGE_STATE = "state.json"
 
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step}"
+
+
+def stage_checkpoint_name(stage: int, step: int) -> str:
+    return f"stage{stage}-{step}"
+
+
+def latest_stage_checkpoint(folder: Path, stage: int) -> Path | None:
+    """The newest complete `stage{stage}-{step}/` in `folder` (a pretraining's checkpoints/), or None."""
+    found = []
+    for p in folder.glob(f"stage{stage}-*"):
+        if p.is_dir() and (p / STAGE_STATE).is_file() and p.name.split("-")[-1].isdigit():
+            found.append((int(p.name.split("-")[-1]), p))
+    return max(found)[1] if found else None
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -112,11 +136,6 @@ def optimizer_from_files(optimizer: torch.optim.Optimizer, tensors: dict[str, to
         if "betas" in group:
             group["betas"] = tuple(group["betas"])
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
-
-
-# The earlier private names, still imported by code that has not moved to the public ones.
-_optimizer_to_files = optimizer_to_files
-_optimizer_from_files = optimizer_from_files
 
 
 def save_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:

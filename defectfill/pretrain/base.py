@@ -15,9 +15,11 @@ Two stages, both on images drawn by `defectfill.pretrain.world`:
 Between the stages the VAE's latent scaling factor is measured (1 / std of the
 latents of 256 world images, as SD did), and written to its config.
 
-Every random draw of step k of stage s comes from generators seeded by
-(seed, s, k), and checkpoints (safetensors + JSON, written to a temporary folder
-and renamed) hold the weights and the optimiser state, so `--resume` continues
+The networks are `defectfill.model.networks`' builders on the arch's `NetworkShape`, the
+objective's target its `diffusion_target`. Every random draw of step k of stage s comes from
+generators seeded by (seed, s, k), and checkpoints (`outputs.checkpoints`' stage checkpoints:
+safetensors + JSON, written to a temporary folder and renamed) hold the weights and the optimiser
+state, so `--resume` continues
 exactly where the last checkpoint was: a run stopped and resumed gives the
 same weights as one uninterrupted. `--max-minutes` stops a run cleanly with a
 checkpoint (for sessions whose commands have a time limit). At the end,
@@ -42,6 +44,16 @@ import torch.nn.functional as F
 
 from defectfill.core.atomic import replace_dir, write_json
 from defectfill.core.errors import DefectFillError
+from defectfill.model.networks import NetworkShape, build_text_encoder, build_unet, build_vae, diffusion_target
+from defectfill.outputs.checkpoints import (
+    STAGE_STATE,
+    STAGE_WEIGHTS,
+    latest_stage_checkpoint,
+    load_optimizer,
+    save_optimizer,
+    stage_checkpoint_name,
+    write_checkpoint_folder,
+)
 
 COMMAND = "pretrain-base"
 STATE_NAME = "pretrain.json"
@@ -161,37 +173,26 @@ class PretrainSettings:
 # --------------------------------------------------------------------------- networks
 
 
+def network_shape(arch: BaseArch) -> NetworkShape:
+    """The arch as `model.networks`' shape (the text encoder's feed-forward 4x and projection 1x its width)."""
+    return NetworkShape(unet_channels=arch.unet_channels, unet_layers=arch.unet_layers, unet_heads=arch.unet_heads,
+                        unet_groups=arch.unet_groups, vae_channels=arch.vae_channels, vae_layers=arch.vae_layers,
+                        vae_groups=arch.vae_groups, text_hidden=arch.text_hidden,
+                        text_intermediate=arch.text_hidden * 4, text_layers=arch.text_layers,
+                        text_heads=arch.text_heads, text_projection=arch.text_hidden)
+
+
 def build_networks(arch: BaseArch, size: int, seed: int):
-    """(vae, unet, text_encoder) with seeded random weights; the text encoder sized to the arch's tokenizer."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    """(vae, unet, text_encoder) with seeded random weights (`model.networks`' builders); the text encoder sized
+    to the arch's tokenizer. Drawn in this order, which decides the weights (it is not `networks.build_networks`'
+    order), so a seed gives the base the weights it has always had."""
     vocab_size = len(json.loads((Path(tokenizer_folder(arch)) / "vocab.json").read_text()))
-
-    n = len(arch.unet_channels)
+    shape = network_shape(arch)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=arch.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
-            layers_per_block=arch.vae_layers, norm_num_groups=arch.vae_groups, sample_size=size,
-            scaling_factor=0.18215,
-        )
-        unet = UNet2DConditionModel(
-            sample_size=size // 2 ** (len(arch.vae_channels) - 1), in_channels=9, out_channels=4,
-            layers_per_block=arch.unet_layers, block_out_channels=arch.unet_channels,
-            norm_num_groups=arch.unet_groups, cross_attention_dim=arch.text_hidden,
-            attention_head_dim=arch.unet_heads, use_linear_projection=True,
-            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=arch.text_hidden, intermediate_size=arch.text_hidden * 4,
-            num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_heads, max_position_embeddings=77,
-            projection_dim=arch.text_hidden, hidden_act="gelu", bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1, pad_token_id=0,
-        ))
+        vae = build_vae(shape, size)
+        unet = build_unet(shape, size)
+        text_encoder = build_text_encoder(shape, vocab_size)
     return vae, unet, text_encoder
 
 
@@ -202,11 +203,6 @@ def ddpm_scheduler(prediction_type: str = "epsilon"):
     return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          num_train_timesteps=1000, prediction_type=prediction_type, steps_offset=1,
                          clip_sample=False)
-
-
-def weights_megabytes(*modules: torch.nn.Module) -> float:
-    """fp32 safetensors size of these networks, in MB (10^6 bytes)."""
-    return sum(p.numel() * 4 for m in modules for p in m.state_dict().values()) / 1e6
 
 
 # --------------------------------------------------------------------------- draws
@@ -280,12 +276,12 @@ def unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, m
                     return_tensors="pt").input_ids
     hidden = text_encoder(ids)[0]
     pred = unet(unet_input(noisy, mask_latents, masked), t, encoder_hidden_states=hidden).sample
-    v_pred = scheduler.config.prediction_type == "v_prediction"
-    target = scheduler.get_velocity(latents, noise, t) if v_pred else noise
+    target = diffusion_target(scheduler, latents, noise, t)
     if min_snr_gamma <= 0:
         return F.mse_loss(pred, target)
     alpha_bar = scheduler.alphas_cumprod[t]
     snr = alpha_bar / (1 - alpha_bar)
+    v_pred = scheduler.config.prediction_type == "v_prediction"
     weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1 if v_pred else snr)  # (B,)
     return (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
@@ -299,55 +295,42 @@ def _module_tensors(prefix: str, module: torch.nn.Module) -> dict[str, torch.Ten
 
 def _save(folder: Path, stage: int, step: int, modules: dict[str, torch.nn.Module], optimizer,
           extra: dict[str, Any]) -> Path:
+    """checkpoints/stage{stage}-{step}/ (`outputs.checkpoints`' stage checkpoint); only the newest of a stage kept."""
     from safetensors.torch import save_file
 
-    from defectfill.outputs.checkpoints import optimizer_to_files
+    def fill(tmp: Path) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        for name, module in modules.items():
+            tensors.update(_module_tensors(name, module))
+        save_file(tensors, str(tmp / STAGE_WEIGHTS))
+        if optimizer is not None:
+            save_optimizer(tmp, optimizer)
+        (tmp / STAGE_STATE).write_text(json.dumps({"stage": stage, "step": step, **extra}, indent=2))
 
     ckpt = folder / "checkpoints"
-    final = ckpt / f"stage{stage}-{step}"
-    tmp = ckpt / f".stage{stage}-{step}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in modules.items():
-        tensors.update(_module_tensors(name, module))
-    save_file(tensors, str(tmp / "weights.safetensors"))
-    if optimizer is not None:
-        opt_tensors, opt_meta = optimizer_to_files(optimizer)
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
-    (tmp / "state.json").write_text(json.dumps({"stage": stage, "step": step, **extra}, indent=2))
-    replace_dir(tmp, final)
-    for old in ckpt.glob(f"stage{stage}-*"):  # only the newest of a stage is kept
+    final = write_checkpoint_folder(ckpt, stage_checkpoint_name(stage, step), fill)
+    for old in ckpt.glob(f"stage{stage}-*"):
         if old != final and old.is_dir() and not old.name.endswith(".tmp"):
             shutil.rmtree(old)
     return final
 
 
 def _latest(folder: Path, stage: int) -> Path | None:
-    found = []
-    for p in (folder / "checkpoints").glob(f"stage{stage}-*"):
-        if p.is_dir() and (p / "state.json").is_file() and p.name.split("-")[-1].isdigit():
-            found.append((int(p.name.split("-")[-1]), p))
-    return max(found)[1] if found else None
+    return latest_stage_checkpoint(folder / "checkpoints", stage)
 
 
 def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from defectfill.outputs.checkpoints import optimizer_from_files
-
     try:
-        tensors = load_file(str(path / "weights.safetensors"))
+        tensors = load_file(str(path / STAGE_WEIGHTS))
         for name, module in modules.items():
             own = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             module.load_state_dict(own)
         if optimizer is not None:
-            optimizer_from_files(optimizer, load_file(str(path / "optimizer.safetensors")),
-                                  json.loads((path / "optimizer.json").read_text()))
-        return json.loads((path / "state.json").read_text())
+            load_optimizer(path, optimizer)
+        return json.loads((path / STAGE_STATE).read_text())
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise DefectFillError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); remove it and "
                               "rerun with --resume, or start again in a new folder.") from None
@@ -451,7 +434,7 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
         step = 0
         last1 = _latest(folder, 1) if resume else None
         if last1 is not None:
-            finished = "scaling_factor" in json.loads((last1 / "state.json").read_text())
+            finished = "scaling_factor" in json.loads((last1 / STAGE_STATE).read_text())
             step = _load(last1, {"vae": vae}, None if finished else vae_opt)["step"]
         vae.train()
 
