@@ -457,6 +457,8 @@ def test_killed_run_resumes_to_exact_count(run_dir, tmp_path, monkeypatch):
     assert [r["index"] for r in _manifest(out)] == [0, 1]
     # a kill between writing an image and its manifest row, and a torn last manifest line
     stray = out / "disc" / "test" / "scratch" / "002.png"
+    with open(out / ".writing.part0.jsonl", "a") as fh:  # the item's files are journalled before they are written
+        fh.write(json.dumps({"files": ["disc/test/scratch/002.png", "disc/ground_truth/scratch/002_mask.png"]}) + "\n")
     Image.new("RGB", (64, 64), (255, 0, 0)).save(stray)
     with open(out / MANIFEST, "a") as fh:
         fh.write('{"index": 4, "ima')

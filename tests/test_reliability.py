@@ -346,3 +346,60 @@ def test_report_only_reads_a_good_results_file(tmp_path):
                                 "stages": {"train": "ran"}, "kid_x1e3": 1.5, "ic_lpips": None, "extra": 1}))
     result = read_result(config, "disc", "spot")
     assert (result.status, result.n_generated, result.kid_x1e3) == ("done", 2, 1.5)
+
+
+# --------------------------------------------------------------------------- issue 28: files the job did not make
+
+
+@pytest.mark.parametrize("flag", ["--overwrite", "--resume"])
+def test_generate_never_writes_into_a_real_dataset_with_overwrite_or_resume(run_dir, tmp_path, flag):
+    root = tmp_path / "mvtec"
+    for sub, name in (("test", "000.png"), ("ground_truth", "000_mask.png")):
+        (root / "disc" / sub / "scratch").mkdir(parents=True)
+        (root / "disc" / sub / "scratch" / name).write_text("precious")
+    with pytest.raises(DefectFillError, match="not written by `defectfill generate`") as caught:
+        run_generate(_generate(run_dir, root, "--count", "2", flag))
+    assert "--overwrite" not in str(caught.value)
+    assert (root / "disc" / "test" / "scratch" / "000.png").read_text() == "precious"
+    assert sorted(p.name for p in root.iterdir()) == ["disc"]
+
+
+def test_generate_never_writes_an_item_over_a_file_its_manifest_does_not_name(run_dir, tmp_path):
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "1"))
+    user = out / "disc" / "test" / "scratch" / "001.png"
+    user.write_text("the user's own")
+    for flag in ("--resume", "--overwrite"):
+        with pytest.raises(DefectFillError, match=r"001\.png is not a file this folder's manifest names"):
+            run_generate(_generate(run_dir, out, "--count", "2", flag))
+        assert user.read_text() == "the user's own"
+    assert (out / "disc" / "test" / "scratch" / "000.png").is_file()  # refused before anything was removed
+
+
+def test_overwrite_removes_only_its_own_files(run_dir, tmp_path):
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "2", "--save-candidates"))
+    kept = [out / "notes.txt", out / "rejected" / "001.png", out / "candidates" / "notes.txt",
+            out / "candidates" / "disc" / "scratch" / "keep-me.png", out / "disc" / "test" / "scratch" / "notes.txt"]
+    for path in kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    # the user rejects item 1: its row leaves the manifest, its files move to rejected/
+    manifest = out / "manifest.jsonl"
+    manifest.write_text(manifest.read_text().splitlines()[0] + "\n")
+    (out / "disc" / "test" / "scratch" / "001.png").unlink()
+    run_generate(_generate(run_dir, out, "--count", "1", "--overwrite", "--seed", "9"))
+    for path in kept:
+        assert path.read_text() == "mine", path
+    assert not (out / "candidates" / "disc" / "scratch" / "001_0.png").exists()  # our own candidate went
+
+
+@pytest.mark.parametrize("name", ["pytorch_lora_weights.safetensors", "checkpoint-1"])
+def test_train_never_writes_over_another_tools_weights(capsys, train_argv, tmp_path, name):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).write_text("another tool's")
+    code, err = _run_cli(capsys, *train_argv)
+    assert code == 2 and "is not a defectfill run" in err and name in err
+    assert (out / name).read_text() == "another tool's"
+    assert sorted(p.name for p in out.iterdir()) == [name]

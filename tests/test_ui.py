@@ -150,3 +150,29 @@ def test_placed_shape_lies_on_the_foreground_and_survives_the_editor_layer(demo_
 def test_missing_source_folder_is_named(runs_root, tmp_path):
     ws = Workspace([Path(runs_root)], tmp_path, device="cpu")
     assert [p.name for p in ws.good_images("disc-scratch")][:1] == ["000.png"]
+
+
+def test_an_edited_manifest_cannot_make_the_page_show_a_file_outside(runs_root, demo_root, tmp_path):
+    """Issue 28: the source image a row names is shown only from the dataset, the runs or a run's data."""
+    import json
+
+    from PIL import Image
+
+    datasets = tmp_path / "datasets"
+    root = datasets / "ds"
+    for sub in ("disc/test/scratch", "disc/ground_truth/scratch", "uploads"):
+        (root / sub).mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "disc/test/scratch/000.png")
+    Image.new("L", (8, 8)).save(root / "disc/ground_truth/scratch/000_mask.png")
+    secret = tmp_path / "private" / "secret.png"
+    secret.parent.mkdir()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(secret)
+    upload = root / "uploads" / "a.png"
+    Image.new("RGB", (8, 8)).save(upload)
+    good = sorted((demo_root / "disc" / "train" / "good").iterdir())[0]
+    ws = Workspace([runs_root], datasets, device="cpu")
+    for source, shown in ((secret, None), (upload, upload), (good, good), ("../../private/secret.png", None)):
+        row = {"index": 0, "image": "disc/test/scratch/000.png", "mask": "disc/ground_truth/scratch/000_mask.png",
+               "source_image": str(source)}
+        (root / "manifest.jsonl").write_text(json.dumps(row) + "\n")
+        assert ws.item_files("ds", 0)["source"] == shown, source

@@ -43,6 +43,7 @@ from defectfill.outputs.generated import (
     OutputFolder,
     append_row,
     finish_output,
+    items_problem,
     output_identity,
     output_problem,
     prepare_output,
@@ -233,7 +234,7 @@ def add_mask_sources(painters: list[Painter], settings: GenerateConfig) -> None:
 
 def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters: list[Painter],
                    drawers: list[DefectGenerator], n_images: int, scale: tuple[float, float],
-                   settings: GenerateConfig) -> dict[str, Any]:
+                   settings: GenerateConfig, part: Path) -> dict[str, Any]:
     """Several defects into one image, one after the other: defect i is painted into the result of defect i-1
     inside its own mask with its own token and its own LFS (against the image it is painted into). Writes the
     final image, the union mask and each defect's own mask; returns the manifest row."""
@@ -259,6 +260,7 @@ def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters:
         defects.append(defect)
         image = result.image
         steps.append((painter.defect_type, result.mask, image))
+    out.reserve(part, out.item_files(item.index))  # never over a file not ours
     for i, (defect, own) in enumerate(zip(defects, own_masks, strict=True)):
         path = out.defect_mask_path(item.index, i, defect["defect_type"])
         save_mask(own, path)
@@ -339,6 +341,8 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
         if is_main:
             # one process checks and prepares the folder; the others wait so they never see it half-prepared
             problem = output_problem(out, identity, settings.resume, settings.overwrite)  # before writing anything
+            # an item is never written over a file this folder's manifest does not name (nor deleted by --overwrite)
+            problem = problem or items_problem(out, [it.index for it in items])
             if problem:
                 raise DefectFillError(problem)
             out.root.mkdir(parents=True, exist_ok=True)
@@ -376,7 +380,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                     break
                 source = load_rgb(item.image)
                 if multi:
-                    row = _paint_several(out, item, source, painters, drawers, len(images), scale, settings)
+                    row = _paint_several(out, item, source, painters, drawers, len(images), scale, settings, part)
                     row["settings"] = identity["settings"]
                     append_row(part, row)
                 else:

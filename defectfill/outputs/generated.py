@@ -9,17 +9,23 @@ layout with a manifest of the finished items.
       attention/<category>/<type>/NNN[_I]_attn.png   the token's attention map (--save-attention)
       defect_masks/<category>/<type>/NNN_I_<t>_mask.png  each defect's own mask (several per image)
       manifest.jsonl (manifest.partR.jsonl while processes write)
+      .writing.partR.jsonl                           the item files each process is about to write (so an item a
+                                                     killed job left half-written is known as ours)
       generate.json                                  which run(s) and settings produced the folder
       preview.png (.preview/ while it is written)
 
 A manifest row is appended only once the item's image and mask exist, so a row always means a finished item.
+Only files a row (or a `.writing` row) of this folder names are ours: an item is never written over, and
+--overwrite never deletes, any other file (the user's notes, rejected items, a real dataset's images).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,15 @@ MANIFEST = "manifest.jsonl"
 STATE = "generate.json"  # which run and settings produced this output folder
 PREVIEW = "preview.png"
 PREVIEW_DIR = ".preview"  # one strip per early item, stacked into preview.png at the end
+WRITING_GLOB = ".writing.part*.jsonl"
+# the names this tool gives the files of its own sub-trees (candidates/<cat>/<type>/..., and so on): --overwrite
+# removes only files of these names, at that depth
+OWN_TREES = {
+    "candidates": re.compile(r"\d+_(d\d+_)?\d+\.png"),
+    "attention": re.compile(r"\d+(_\d+)?_attn\.png"),
+    "defect_masks": re.compile(r"\d+_\d+_.+_mask\.png"),
+}
+PREVIEW_NAME = re.compile(r"\d{6}\.png")
 
 
 def manifest_path(root: Path) -> Path:
@@ -150,6 +165,48 @@ class OutputFolder:
     def part_path(self, rank: int) -> Path:
         return self.root / f"manifest.part{rank}.jsonl"
 
+    def writing_path(self, part: Path) -> Path:
+        """The `.writing` journal beside a manifest part: the files its process is about to write."""
+        return self.root / f".writing.{part.name.split('.', 1)[1]}"
+
+    def owned(self) -> set[str]:
+        """Every file (relative, normalised) that a manifest row or a `.writing` row of this folder names."""
+        names: set[str] = set()
+        for path in self.manifest_files() + sorted(self.root.glob(WRITING_GLOB)):
+            if not path.is_file():
+                continue
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if not isinstance(row, dict):
+                    continue
+                found = [row.get("image"), row.get("mask"), row.get("attention")]
+                found += row.get("files") or [] if isinstance(row.get("files"), list) else []
+                for defect in row.get("defects") or [] if isinstance(row.get("defects"), list) else []:
+                    if isinstance(defect, dict):
+                        found += [defect.get("mask"), defect.get("attention")]
+                names |= {os.path.normpath(n) for n in found if isinstance(n, str) and n}
+        return names
+
+    def foreign_files(self, paths: list[Path], owned: set[str] | None = None) -> list[Path]:
+        """Those of `paths` that exist but are not ours (`owned`): writing there would destroy someone's file."""
+        owned = self.owned() if owned is None else owned
+        return [p for p in paths if (p.exists() or p.is_symlink())
+                and os.path.normpath(os.path.relpath(p, self.root)) not in owned]
+
+    def item_files(self, index: int) -> list[Path]:
+        """The MVTec-tree files of item `index`: its image and its mask."""
+        return [self.image_path(index), self.mask_path(index)]
+
+    def reserve(self, part: Path, paths: list[Path]) -> None:
+        """Before writing `paths`: refuse any that holds a file not ours, then record them as ours."""
+        foreign = self.foreign_files(paths)
+        if foreign:
+            raise DefectFillError(foreign_message(self.root, foreign))
+        append_row(self.writing_path(part), {"files": [str(p.relative_to(self.root)) for p in paths]})
+
     def manifest_files(self) -> list[Path]:
         return [self.root / MANIFEST] + sorted(self.root.glob("manifest.part*.jsonl"))
 
@@ -214,10 +271,42 @@ def output_problem(out: OutputFolder, identity: dict[str, Any], resume: bool, ov
                 previous.get("run_config_sha256") != identity["run_config_sha256"] else "other settings"
             return (f"--output {out.root}: holds results of {what} ({state_path}). Pass --resume to add to them, "
                     "--overwrite to replace them, or choose another --output folder.")
-    elif out.root.is_dir() and any(p.name not in IGNORED for p in out.root.iterdir()) and not (resume or overwrite):
-        return (f"--output {out.root}: folder is not empty and was not written by `defectfill generate`. "
-                "Choose an empty or new folder (or pass --overwrite to write into it anyway).")
+    elif out.root.is_dir() and any(p.name not in IGNORED for p in out.root.iterdir()):
+        # neither --resume nor --overwrite: nothing in a folder this tool did not make is ours to replace
+        others = sorted(p.name for p in out.root.iterdir() if p.name not in IGNORED)
+        return (f"--output {out.root}: folder is not empty and was not written by `defectfill generate` "
+                f"({', '.join(others[:5])}). Choose an empty or new folder.")
     return None
+
+
+def foreign_message(root: Path, foreign: list[Path]) -> str:
+    return (f"--output {root}: {foreign[0]} is not a file this folder's manifest names (it was not written by "
+            f"`defectfill generate`{f', nor {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "
+            "refusing to write over it. Move it away, or choose another --output folder.")
+
+
+def items_problem(out: OutputFolder, indices: list[int]) -> str | None:
+    """Why the items `indices` may not be written: a file at one of their paths that is not ours. Writes nothing."""
+    owned = out.owned()
+    foreign = [p for i in indices for p in out.foreign_files(out.item_files(i), owned)]
+    return foreign_message(out.root, foreign) if foreign else None
+
+
+def _remove_own_trees(root: Path) -> None:
+    """The files this tool names in its own sub-trees (candidates, attention maps, defect masks, preview strips),
+    then the folders left empty; anything else the user put there stays."""
+    for tree, pattern in OWN_TREES.items():
+        for path in sorted((root / tree).glob("*/*/*")):
+            if path.is_file() and not path.is_symlink() and pattern.fullmatch(path.name):
+                path.unlink()
+    for path in sorted((root / PREVIEW_DIR).glob("*")):
+        if path.is_file() and PREVIEW_NAME.fullmatch(path.name):
+            path.unlink()
+    for tree in [*OWN_TREES, PREVIEW_DIR]:
+        folders = sorted((p for p in (root / tree).glob("**/") if p.is_dir()), key=lambda p: -len(p.parts))
+        for folder in folders:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only an empty one goes
 
 
 def prepare_output(
@@ -229,19 +318,32 @@ def prepare_output(
         raise DefectFillError(problem)
     state_path = out.root / STATE
     if overwrite and state_path.is_file():
-        # only what this tool writes is removed; anything else the user keeps there stays
-        for row in out.finished().values():
-            for key in ("image", "mask"):
-                (out.root / row[key]).unlink(missing_ok=True)
+        # only what this tool writes is removed (the files its rows name); anything else the user keeps there stays
+        finished = out.finished()  # refuses a row naming a path outside the folder before anything is removed
+        for name in sorted(out.owned()):
+            path = contained(out.root, name, manifest_path(out.root))
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+        for row in finished.values():
             good = out.good_path(row.get("source_image"))
-            if good is not None:
-                good.unlink(missing_ok=True)
-        for name in ("candidates", "attention", "defect_masks", PREVIEW_DIR):
-            shutil.rmtree(out.root / name, ignore_errors=True)
-        for p in out.manifest_files() + [out.root / PREVIEW, state_path]:
+            source = Path(row.get("source_image") or "")
+            # a link of the row's own source (or a copy of it) is ours; another file of that name is not
+            if good is not None and good.is_file() and source.is_file() and _same_file(good, source):
+                good.unlink()
+        _remove_own_trees(out.root)
+        for p in out.manifest_files() + sorted(out.root.glob(WRITING_GLOB)) + [out.root / PREVIEW, state_path]:
             p.unlink(missing_ok=True)
     out.root.mkdir(parents=True, exist_ok=True)
     write_json(state_path, {**identity, **record})
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):
+            return True
+        return a.stat().st_size == b.stat().st_size and a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def save_png(image: Image.Image, path: Path) -> None:
@@ -322,6 +424,7 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
     """Write one generated item (image, mask, candidates, attention map, preview strip), then append its
     manifest row to `part`; returns the row. `defect_type` goes in the row when the output holds drawn types
     (a per-object run). `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
+    out.reserve(part, out.item_files(item.index))  # a file there that is not ours is refused, never replaced
     save_png(result.image, out.image_path(item.index))
     save_mask(result.mask, out.mask_path(item.index))
     attention = save_candidates_and_attention(out, item.index, result, save_candidates)

@@ -77,7 +77,6 @@ from defectfill.outputs.run_folder import (
     LOGS_DIR,
     TRAIN_LOG,
     append_metrics,
-    is_run_file,
     read_recorded_config,
     sample_path,
     type_token_file,
@@ -492,10 +491,12 @@ def _check_output(config: TrainConfig, out: Path) -> None:
             raise DefectFillError(f"{out}: already holds this run. Pass --resume latest to continue it, "
                                   "or choose another --output.")
         return
-    others = [p.name for p in out.iterdir() if not is_run_file(p.name) and not p.name.startswith(".")]
+    # without config.json (what marks a run folder as ours) only an empty folder is writable: a file of a run's
+    # name (another tool's pytorch_lora_weights.safetensors) is not ours to replace
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if others:
-        raise DefectFillError(f"{out}: folder is not empty and is not a defectfill run ({', '.join(sorted(others)[:5])}). "
-                              "Choose an empty or new --output.")
+        raise DefectFillError(f"{out}: folder is not empty and is not a defectfill run (no config.json; holds "
+                              f"{', '.join(others[:5])}). Choose an empty or new --output.")
     if config.resume:
         raise DefectFillError(f"{out}: no run to resume here (no config.json).")
 

@@ -516,10 +516,36 @@ class Workspace:
             if path.is_file():
                 candidates.append(path)
         attention = contained(root, row["attention"], root / MANIFEST) if row.get("attention") else None
-        source = Path(row.get("source_image") or "")
+        source = self._served_source(root, row.get("source_image"))
         return {"row": row, "image": image, "mask": contained(root, row["mask"], root / MANIFEST),
-                "source": source if source.is_file() else None, "candidates": candidates,
+                "source": source, "candidates": candidates,
                 "attention": attention if attention and attention.is_file() else None}
+
+    def _served_source(self, root: Path, name: Any) -> Path | None:
+        """A row's source image, only where it lies inside the dataset (uploads), a runs folder or the data
+        folder of one of the runs: an edited manifest must not make the page show any file on the machine."""
+        if not isinstance(name, str) or not name:
+            return None
+        source = Path(name)
+        if not source.is_absolute() or not source.is_file():
+            return None
+
+        def inside(folder: Path) -> bool:
+            folder_name = os.path.normpath(os.path.abspath(folder))
+            return os.path.commonpath([folder_name, os.path.normpath(str(source))]) == folder_name
+
+        if inside(root) or any(inside(r) for r in self.run_roots):
+            return source
+        for run in self.runs():
+            try:
+                data = self.run_config(run).data
+            except (DefectFillError, OSError, ValueError):
+                continue
+            if data and inside(Path(data).expanduser()):
+                return source
+        log.warning("%s: the source image %s lies outside the dataset and the runs' data folders; not shown.",
+                    root / MANIFEST, source)
+        return None
 
     def reject(self, dataset: str, index: int, reason: str = "") -> dict[str, Any]:
         """Move an item's image, mask and attention map under rejected/ (same relative paths) and mark its
