@@ -158,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"defectfill {args.command}: interrupted; {_again(args.command)} to continue.", file=sys.stderr)
         return 130
     except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            # an unreadable or unwritable file or folder, a read-only disk: named, not a traceback
+            where = exc.filename or "a file"
+            print(f"defectfill {args.command}: error: {where}: {exc.strerror or exc}. Check its permissions (or "
+                  f"choose another folder), then {_again(args.command)} to continue.", file=sys.stderr)
+            return 2
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         # every write is atomic, so what was finished is intact and a rerun continues from it

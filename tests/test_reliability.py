@@ -403,3 +403,69 @@ def test_train_never_writes_over_another_tools_weights(capsys, train_argv, tmp_p
     assert code == 2 and "is not a defectfill run" in err and name in err
     assert (out / name).read_text() == "another tool's"
     assert sorted(p.name for p in out.iterdir()) == [name]
+
+
+# --------------------------------------------------------------------------- issue 28: faults while writing
+
+
+def test_disk_full_while_writing_a_checkpoint_names_the_folder_and_resumes(capsys, train_argv, tmp_path, monkeypatch):
+    import defectfill.outputs.checkpoints as checkpoints
+
+    real, calls = checkpoints.save_rng_state, []
+
+    def fills_up(folder):
+        calls.append(folder)
+        if len(calls) == 2:  # checkpoint-1 fits, checkpoint-2 does not
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "rng_state.safetensors"))
+        real(folder)
+
+    monkeypatch.setattr(checkpoints, "save_rng_state", fills_up)
+    old = os.umask(0o022)
+    try:
+        code, err = _run_cli(capsys, *train_argv)
+        run = tmp_path / "run"
+        assert code == 2 and f"{run}: cannot write there: no space left on the disk" in err, err
+        assert "--resume latest" in err
+        assert not list(run.rglob("*.tmp*")) and (run / "checkpoint-1").is_dir()
+        monkeypatch.setattr(checkpoints, "save_rng_state", real)
+        assert _run_cli(capsys, *train_argv, "--resume", "latest")[0] == 0
+    finally:
+        os.umask(old)
+    # the LoRA file diffusers writes 0600 follows the umask like every other file
+    for path in (run / "pytorch_lora_weights.safetensors", run / "checkpoint-2" / "pytorch_lora_weights.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+@pytest.mark.parametrize("fault", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_an_unwritable_output_names_the_folder_and_leaves_no_tmp(capsys, run_dir, tmp_path, monkeypatch, fault):
+    out = tmp_path / "out"
+    real = Image.Image.save
+
+    def refuses(self, fp, *args, **kwargs):
+        if str(fp).endswith(".tmp.png") and "test" in str(fp):
+            exc = PermissionError if fault == errno.EACCES else OSError
+            raise exc(fault, os.strerror(fault), str(fp))
+        return real(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", refuses)
+    code, err = _run_cli(capsys, "generate", "--run", run_dir, "--output", out, "--count", "1", "--candidates", "1",
+                         "--steps", "1")
+    assert code == 2 and f"{out / 'disc' / 'test' / 'scratch'}: cannot write there" in err, err
+    assert not list(out.rglob("*.tmp*"))
+    monkeypatch.setattr(Image.Image, "save", real)
+    assert _run_cli(capsys, "generate", "--run", run_dir, "--output", out, "--count", "1", "--candidates", "1",
+                    "--steps", "1")[0] == 0
+
+
+def test_atomic_write_turns_a_refused_write_into_a_message(tmp_path):
+    from defectfill.core.atomic import atomic_write
+
+    def refused(path):
+        path.write_text("half")
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    with pytest.raises(DefectFillError, match=f"{tmp_path}: cannot write there: permission denied"):
+        atomic_write(tmp_path / "a.json", refused)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        atomic_write(tmp_path / "a.json", lambda p: 1 / 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,20 +11,57 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from defectfill.core.errors import DefectFillError
+
+# a write that fails for one of these reasons is the disk's or the folder's fault, not a bug: a message, no traceback
+_REASONS = {
+    errno.ENOSPC: ("no space left on the disk", "free some space"),
+    errno.EDQUOT: ("no space left on the disk (quota)", "free some space"),
+    errno.EROFS: ("the file system is read-only", "choose a writable folder"),
+    errno.EACCES: ("permission denied", "fix the folder's permissions or choose another folder"),
+    errno.EPERM: ("permission denied", "fix the folder's permissions or choose another folder"),
+}
+_SAFETENSORS_REASONS = {"StorageFull": errno.ENOSPC, "No space": errno.ENOSPC, "ReadOnlyFilesystem": errno.EROFS,
+                        "Read-only": errno.EROFS, "PermissionDenied": errno.EACCES, "Permission denied": errno.EACCES}
+
+
+def write_failure(folder: str | Path, exc: BaseException) -> DefectFillError | None:
+    """The message for a write into `folder` that failed with `exc` (disk full, read-only, not permitted), or
+    None for any other exception (a bug, which keeps its traceback). Every write is atomic, so what was finished
+    is intact and the same command continues from it."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if type(exc).__name__ == "SafetensorError":  # safetensors reports the OS error in its text
+        code = next((c for key, c in _SAFETENSORS_REASONS.items() if key in str(exc)), None)
+    if code not in _REASONS:
+        return None
+    reason, fix = _REASONS[code]
+    return DefectFillError(
+        f"{folder}: cannot write there: {reason} ({exc}). What was finished is kept and nothing half-written is "
+        f"left; {fix}, then rerun the same command to continue (`defectfill train`: with --resume latest).")
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give `path` the mode any new file gets (0666 less the umask); for files a library writes 0600."""
+    os.chmod(path, 0o666 & ~_umask())
+
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` and rename the result to `path` (same filesystem, so atomic)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result follows the umask like any file
+        follow_umask(tmp)  # mkstemp makes 0600; the result follows the umask like any file
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
+        failure = write_failure(path.parent, exc)
+        if failure is not None:
+            raise failure from exc
         raise
 
 
