@@ -3,6 +3,7 @@
 The public API, each name imported on first use (importing `defectfill` imports no torch):
 
     from defectfill import TrainConfig, GenerateConfig, EvaluateConfig, RunConfig   # settings
+    from defectfill import SamplingConfig                                             # DefectGenerator's sampling
     from defectfill import train, DefectGenerator, evaluate, run_all                 # the stages
     from defectfill import load_pipeline, DefectFillError
 
@@ -27,6 +28,7 @@ install_module_aliases({
 _API = {
     "TrainConfig": "defectfill.config.stages", "GenerateConfig": "defectfill.config.stages",
     "EvaluateConfig": "defectfill.config.stages", "RunConfig": "defectfill.config.stages",
+    "SamplingConfig": "defectfill.config.sampling",
     "DefectGenerator": "defectfill.generate.generator", "run_all": "defectfill.run.runner",
     "load_pipeline": "defectfill.model.pipeline",
 }

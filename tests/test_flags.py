@@ -67,6 +67,51 @@ def test_a_python_api_names_its_parameters():
             raise DefectFillError("--guidance must be 0 or more")
 
 
+def test_the_generator_names_its_python_parameters():
+    """DefectGenerator's sampling settings are SamplingConfig's, checked with their Python parameter names."""
+    from defectfill.config.sampling import SamplingConfig
+    from defectfill.generate.generator import DefectGenerator
+
+    for settings, message in (({"candidates": 0}, r"^candidates= must be at least 1 \(got 0\)\.$"),
+                              ({"steps": 0}, r"^steps= must be at least 1"),
+                              ({"guidance": -1.0}, r"^guidance= must be 0 or more"),
+                              ({"feather": -1}, r"^feather= must be 0 or more"),
+                              ({"batch_size": 0}, r"^batch_size= must be at least 1"),
+                              ({"unconditional": "both"}, r"^unconditional= 'both': choose one of tuned, base")):
+        with pytest.raises(DefectFillError, match=message):
+            DefectGenerator(None, "A photo of sks", "sks", 64, **settings)
+        with pytest.raises(DefectFillError, match=message):
+            DefectGenerator(None, "A photo of sks", "sks", 64, SamplingConfig(**settings))
+    # one SamplingConfig, or its settings by name over it; unset ones are the paper's
+    gen = DefectGenerator(None, "A photo of sks", "sks", 64, SamplingConfig(candidates=3, guidance=2.0), steps=4)
+    assert (gen.candidates, gen.steps, gen.guidance, gen.unconditional, gen.batch_size, gen.feather) == \
+        (3, 4, 2.0, "tuned", 3, 0)
+    gen.guidance = 1.0
+    assert gen.sampling.guidance == 1.0
+    assert DefectGenerator(None, "p {token}", "t", 64).sampling == SamplingConfig().resolved() == SamplingConfig(
+        candidates=8, steps=50, guidance=7.5, unconditional="tuned")
+    with pytest.raises(TypeError, match="sampling= takes a SamplingConfig"):
+        DefectGenerator(None, "A photo of sks", "sks", 64, 4)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        DefectGenerator(None, "A photo of sks", "sks", 64, candiates=4)
+
+
+def test_generate_and_run_declare_the_sampling_settings_once():
+    """generate's and run's sampling flags are SamplingConfig's fields: same defaults, help and bounds."""
+    import dataclasses
+
+    from defectfill.config.sampling import SamplingConfig
+    from defectfill.config.stages import GenerateConfig
+
+    own = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    for f in dataclasses.fields(SamplingConfig):
+        assert own[f.name].default == f.default and own[f.name].metadata == f.metadata, f.name
+    config = GenerateConfig(candidates=2, steps=3, guidance=1.5, feather=1, batch_size=2, scheduler="dpm")
+    assert config.sampling == SamplingConfig(candidates=2, steps=3, guidance=1.5, feather=1, batch_size=2,
+                                             scheduler="dpm")
+    assert RunConfig().generate.sampling == SamplingConfig()
+
+
 def test_declared_bounds_check_a_hand_made_config_too():
     with pytest.raises(DefectFillError, match=r"--lpips-size must be at least 32 \(got 16\)"):
         EvaluateConfig(generated="g", output="o", lpips_size=16).validate()

@@ -103,5 +103,5 @@ def test_unknown_unconditional_is_refused(run):
     from defectfill.core.errors import DefectFillError
     from defectfill.generate.generator import DefectGenerator
 
-    with pytest.raises(DefectFillError, match="--unconditional"):
+    with pytest.raises(DefectFillError, match="^unconditional= 'both': choose one of tuned, base"):
         DefectGenerator.from_run(run, candidates=1, unconditional="both")

@@ -1,4 +1,10 @@
-"""Sampling settings that follow the base model: its recommendation, unless the user sets a value.
+"""The sampling settings (`SamplingConfig`), and how those left unset follow the base model: its
+recommendation, unless the user sets a value.
+
+`SamplingConfig` declares each sampling setting once (default, help, bounds, choices): `generate` and
+`run` expose its fields as their own flags (`sampling_field`; `run` names `steps` and `batch_size`
+`--generate-steps` and `--generate-batch-size`), `DefectGenerator` takes one, and the UI checks its
+settings with it.
 
 A base folder may hold `defectfill_sampling.json`, the sampling its makers measured it to want:
 
@@ -12,16 +18,81 @@ paper's values (`PAPER_SAMPLING`). What was used is what the output records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from defectfill.config.settings import Settings
 from defectfill.core.errors import DefectFillError
 
 BASE_SAMPLING_NAME = "defectfill_sampling.json"
 UNCONDITIONAL = ("tuned", "base")
+SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
 # DefectFill's generation settings (prompt None: the run's object prompt "A {object} with {token}")
 PAPER_SAMPLING: dict[str, Any] = {"prompt": None, "guidance": 7.5, "steps": 50, "unconditional": "tuned"}
+
+
+def prompt_problem(template: str, what: str) -> str | None:
+    """Why a prompt template cannot be filled (no {token}, another placeholder, a stray brace), or None."""
+    if "{token}" not in template:
+        return f"{what} {template!r} must contain {{token}} (the trained defect word)"
+    try:
+        template.format(token="t", object="o")
+    except (KeyError, IndexError, ValueError) as exc:
+        return f"{what} {template!r}: {exc}; use only {{object}} and {{token}} as placeholders"
+    return None
+
+
+@dataclass
+class SamplingConfig(Settings):
+    """How each image is sampled. steps, guidance, unconditional and prompt left None are what the base
+    recommends (`resolved`), else the paper's (`PAPER_SAMPLING`)."""
+
+    candidates: int = field(default=8, metadata={"help": "candidates per image for Low-Fidelity Selection (1: no LPIPS)", "min": 1})
+    steps: int | None = field(default=None, metadata={"help": f"sampling steps (default: the base model's recommendation, else {PAPER_SAMPLING['steps']})", "min": 1})
+    guidance: float | None = field(default=None, metadata={"help": f"classifier-free guidance scale (default: the base model's recommendation, else {PAPER_SAMPLING['guidance']})", "min": 0})
+    unconditional: str | None = field(default=None, metadata={"help": "the guidance's unconditional branch: 'tuned' (the fine-tuned model, stock CFG) or 'base' (the base model: LoRA off for those rows) (default: the base model's recommendation, else tuned)", "choices": UNCONDITIONAL})
+    scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": SCHEDULERS})
+    prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the base model's recommendation, else the run's object prompt)"})
+    feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge", "min": 0})
+    batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)", "min": 1})
+
+    def validate(self) -> None:
+        self.check_declared()  # the bounds in the fields' metadata
+        for name in ("unconditional", "scheduler"):  # a hand-made config's choices (the flags check theirs)
+            value, choices = getattr(self, name), SAMPLING_FIELDS[name].metadata["choices"]
+            if value is not None and value not in choices:
+                raise DefectFillError(f"--{name} {value!r}: choose one of {', '.join(choices)}.")
+        if self.prompt is not None:
+            problem = prompt_problem(self.prompt, "--prompt")
+            if problem:
+                raise DefectFillError(problem + ".")
+
+    def resolved(self, model: str | None = None) -> SamplingConfig:
+        """A copy with prompt, steps, guidance and unconditional left unset filled as the base `model`
+        recommends (its defectfill_sampling.json), else (or without a model) the paper's; prompt may stay None
+        (the run's object prompt)."""
+        given = {key: getattr(self, key) for key in PAPER_SAMPLING}
+        if model is not None:
+            return dataclasses.replace(self, **resolve_sampling(model, **given))
+        return dataclasses.replace(self, **{key: PAPER_SAMPLING[key] if value is None else value
+                                            for key, value in given.items()})
+
+    def settings(self) -> dict[str, Any]:
+        """The settings by name (as `generate` records them)."""
+        return {name: getattr(self, name) for name in SAMPLING_FIELDS}
+
+
+SAMPLING_FIELDS = {f.name: f for f in dataclasses.fields(SamplingConfig)}
+
+
+def sampling_field(name: str) -> Any:
+    """SamplingConfig's field `name` for a settings class that has the sampling settings as its own flags
+    (`GenerateConfig`): the same default, help, bounds and choices, declared once."""
+    declared = SAMPLING_FIELDS[name]
+    return field(default=declared.default, metadata=declared.metadata)
 
 
 def _problem(key: str, value: Any) -> str | None:

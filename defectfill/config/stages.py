@@ -19,7 +19,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Protocol
 
-from defectfill.config.sampling import UNCONDITIONAL, resolve_sampling
+from defectfill.config.sampling import (
+    SCHEDULERS,  # noqa: F401 - also served as the old name defectfill.config.SCHEDULERS
+    SamplingConfig,
+    prompt_problem,
+    resolve_sampling,
+    sampling_field,
+)
 from defectfill.config.settings import PRECISIONS, Settings, check_all
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import check_plain_name
@@ -29,7 +35,6 @@ from defectfill.data.masks import SHAPES, parse_mask_scale, parse_shapes
 from defectfill.model.names import DEFAULT_MODEL
 
 LAYOUTS = ["auto", *DATA_LAYOUTS]
-SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
 EXECUTORS = ["local", "ray"]
@@ -37,17 +42,6 @@ EXPORT_FORMATS = ("coco", "hf", "labelstudio", "mvtec")  # `defectfill export --
 COMPILE_HELP = "torch.compile (auto: on a GPU, where it pays; not on a CPU, where it was measured slower):"
 PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other CUDA GPUs, full on a CPU), "
                   "no (full), fp16, bf16")
-
-
-def prompt_problem(template: str, what: str) -> str | None:
-    """Why a prompt template cannot be filled (no {token}, another placeholder, a stray brace), or None."""
-    if "{token}" not in template:
-        return f"{what} {template!r} must contain {{token}} (the trained defect word)"
-    try:
-        template.format(token="t", object="o")
-    except (KeyError, IndexError, ValueError) as exc:
-        return f"{what} {template!r}: {exc}; use only {{object}} and {{token}} as placeholders"
-    return None
 
 
 # --------------------------------------------------------------------------- train
@@ -172,15 +166,14 @@ NON_IDENTITY_KEYS = TrainConfig.non_identity_names()
 
 def sampling_checks(candidates: int, steps: int | None, guidance: float | None, feather: int,
                     batch_size: int | None) -> list[tuple[bool, str]]:
-    """The sampler's settings checks, shared by `GenerateConfig` and the `DefectGenerator` API (None: not set,
+    """SamplingConfig's declared bounds as (ok, message) checks, for callers of the earlier API (None: not set,
     the base's recommendation applies)."""
-    return [
-        (candidates >= 1, "--candidates must be at least 1"),
-        (steps is None or steps >= 1, "--steps must be at least 1"),
-        (guidance is None or guidance >= 0, "--guidance must be 0 or more"),
-        (feather >= 0, "--feather must be 0 or more pixels"),
-        (batch_size is None or batch_size >= 1, "--batch-size must be at least 1"),
-    ]
+    try:
+        SamplingConfig(candidates=candidates, steps=steps, guidance=guidance, feather=feather,
+                       batch_size=batch_size).check_declared()
+    except DefectFillError as exc:
+        return [(False, str(exc))]
+    return []
 
 
 @dataclass
@@ -194,15 +187,16 @@ class GenerateConfig(Settings):
     masks: str = field(default="held-out", metadata={"help": "'held-out' (masks of the run's held-out defect images), 'shapes', or a folder of masks"})
     shapes: str = field(default=",".join(SHAPES), metadata={"help": "shapes for --masks shapes, comma-separated"})
     mask_scale: str = field(default="0.005,0.05", metadata={"help": "area range of shape masks, fractions MIN,MAX"})
-    candidates: int = field(default=8, metadata={"help": "candidates per image for Low-Fidelity Selection (1: no LPIPS)"})
-    steps: int | None = field(default=None, metadata={"help": "sampling steps (default: the base model's recommendation, else 50)"})
-    guidance: float | None = field(default=None, metadata={"help": "classifier-free guidance scale (default: the base model's recommendation, else 7.5)"})
-    unconditional: str | None = field(default=None, metadata={"help": "the guidance's unconditional branch: 'tuned' (the fine-tuned model, stock CFG) or 'base' (the base model: LoRA off for those rows) (default: the base model's recommendation, else tuned)", "choices": UNCONDITIONAL})
-    scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": SCHEDULERS})
-    prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the base model's recommendation, else the run's object prompt)"})
-    feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge"})
+    # the sampling settings, declared once in `config.sampling.SamplingConfig` (`sampling`: them as one)
+    candidates: int = sampling_field("candidates")
+    steps: int | None = sampling_field("steps")
+    guidance: float | None = sampling_field("guidance")
+    unconditional: str | None = sampling_field("unconditional")
+    scheduler: str = sampling_field("scheduler")
+    prompt: str | None = sampling_field("prompt")
+    feather: int = sampling_field("feather")
     seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index"})
-    batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)"})
+    batch_size: int | None = sampling_field("batch_size")
     with_good: bool = field(default=True, metadata={"help": "link the defect-free source images into <category>/train/good, so anomalib's MVTec loaders can train on the folder (--no-with-good: leave them out)"})
     save_candidates: bool = field(default=False, metadata={"help": "also write every candidate to candidates/"})
     save_attention: bool = field(default=False, metadata={"help": "also write the token's cross-attention map of each chosen image to attention/"})
@@ -224,15 +218,16 @@ class GenerateConfig(Settings):
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pass one"),
             (not (self.defect_type and self.defect_types),
              "--defect-type and --defect-types exclude each other: one type, or several painted into each image"),
-            *sampling_checks(self.candidates, self.steps, self.guidance, self.feather, self.batch_size),
         ])
+        self.sampling.validate()  # the prompt template (the bounds are checked above, as this class's)
         self.scale()
         if self.masks == "shapes":
             parse_shapes(self.shapes)
-        if self.prompt is not None:
-            problem = prompt_problem(self.prompt, "--prompt")
-            if problem:
-                raise DefectFillError(problem + ".")
+
+    @property
+    def sampling(self) -> SamplingConfig:
+        """The sampling settings as one `SamplingConfig` (what `DefectGenerator` takes)."""
+        return SamplingConfig(**{name: getattr(self, name) for name in SamplingConfig.__dataclass_fields__})
 
     def sampling_for(self, model: str) -> GenerateConfig:
         """A copy with the sampling settings left unset filled as the base `model` recommends (`config.sampling`)."""

@@ -14,6 +14,7 @@ is `writer.py`; the canvas an image is sampled on, which training shares, is
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,9 +27,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from defectfill.config.sampling import UNCONDITIONAL, resolve_sampling
-from defectfill.config.settings import check_all, compile_module, precision_dtype, resolve_compile, resolve_precision
-from defectfill.config.stages import TrainConfig, prompt_problem, sampling_checks
+from defectfill.config.sampling import SAMPLING_FIELDS, SamplingConfig, prompt_problem
+from defectfill.config.settings import (
+    compile_module,
+    precision_dtype,
+    resolve_compile,
+    resolve_precision,
+    settings_named,
+)
+from defectfill.config.stages import TrainConfig
 from defectfill.core.errors import DefectFillError
 from defectfill.data.masks import fit_mask
 from defectfill.model.canvas import Canvas, prepare_canvas
@@ -207,6 +214,31 @@ def merge_lora_weights(pipe) -> None:
     pipe.unload_lora_weights()  # the fused weights stay; only the LoRA layers go
 
 
+def _sampling(sampling: SamplingConfig | None, settings: dict[str, Any], api: str) -> SamplingConfig:
+    """`sampling` (default SamplingConfig()) with the sampling settings given by name in `settings` (taken out of
+    it) over its own, checked, a message naming each as a Python parameter (`candidates=`)."""
+    if sampling is not None and not isinstance(sampling, SamplingConfig):
+        raise TypeError(f"{api}: sampling= takes a SamplingConfig (each setting may be given by name: "
+                        f"candidates=, steps=, ...), got {type(sampling).__name__}")
+    named = {name: settings.pop(name) for name in list(settings) if name in SAMPLING_FIELDS}
+    sampling = dataclasses.replace(sampling or SamplingConfig(), **named)
+    with settings_named(python=True, known=set(SAMPLING_FIELDS)):
+        sampling.validate()
+    return sampling
+
+
+def _sampling_setting(name: str) -> property:
+    """`DefectGenerator.<name>`: that setting of its `sampling`; set, a copy of `sampling` with it."""
+    def get(self) -> Any:
+        value = getattr(self.sampling, name)
+        return (value or self.sampling.candidates) if name == "batch_size" else value
+
+    def put(self, value: Any) -> None:
+        self.sampling = dataclasses.replace(self.sampling, **{name: value})
+
+    return property(get, put)
+
+
 class DefectGenerator:
     """Generate defect images on defect-free ones with a trained run.
 
@@ -220,30 +252,27 @@ class DefectGenerator:
         prompt: str,
         token: str,
         resolution: int,
-        candidates: int = 8,
-        steps: int = 50,
-        guidance: float = 7.5,
-        feather: int = 0,
-        batch_size: int | None = None,
+        sampling: SamplingConfig | None = None,
+        *,
         scorer: Scorer | None = None,
         lpips_weights: str | None = None,
         lpips_pretrained: bool = True,
         device: str | torch.device = "cpu",
         save_attention: bool = False,
-        unconditional: str = "tuned",
+        **settings: Any,
     ):
-        check_all(sampling_checks(candidates, steps, guidance, feather, batch_size))
-        if unconditional not in UNCONDITIONAL:
-            raise DefectFillError(f"--unconditional {unconditional!r}: choose tuned or base.")
-        # "base": the classifier-free-guidance branch without the prompt comes from the base model (LoRA off in
-        # the UNet and the text encoder), so guidance pushes away from the base's inpainting, not from a
-        # fine-tuned model's own unconditional prediction, which the LoRA has already moved toward the defect
-        self.unconditional = unconditional
+        """`prompt` is the filled prompt text; `sampling` how to sample (its steps, guidance and unconditional
+        left None: the paper's 50, 7.5 and tuned; its prompt and scheduler are `from_run`'s). Each sampling
+        setting may also be given by name (`candidates=4`, `steps=20`), over `sampling`'s."""
+        self.sampling = _sampling(sampling, settings, "DefectGenerator").resolved()
+        if settings:
+            raise TypeError(f"DefectGenerator got unexpected keyword argument(s) {', '.join(sorted(settings))}")
+        # unconditional "base": the classifier-free-guidance branch without the prompt comes from the base model
+        # (LoRA off in the UNet and the text encoder), so guidance pushes away from the base's inpainting, not from
+        # a fine-tuned model's own unconditional prediction, which the LoRA has already moved toward the defect
         self.pipe = pipe
         self.prompt, self.token = prompt, token
         self.resolution = resolution
-        self.candidates, self.steps, self.guidance, self.feather = candidates, steps, guidance, feather
-        self.batch_size = batch_size or candidates
         self.device = torch.device(device)
         self._scorer = scorer
         self._lpips_weights = lpips_weights
@@ -251,6 +280,14 @@ class DefectGenerator:
         self.save_attention = save_attention
         self.defect_type: str | None = None
         self.type_prompts: dict[str, tuple[str, str]] = {}  # each drawable type's (prompt, token), `from_run`
+
+    # the sampling settings in use, each also by name (`gen.guidance = 1.0` replaces `gen.sampling`'s)
+    candidates = _sampling_setting("candidates")
+    steps = _sampling_setting("steps")
+    guidance = _sampling_setting("guidance")
+    feather = _sampling_setting("feather")
+    unconditional = _sampling_setting("unconditional")
+    batch_size = _sampling_setting("batch_size")  # unset: every candidate of an image in one call
 
     def for_type(self, defect_type: str) -> "DefectGenerator":
         """The same pipeline drawing another defect type of its run (one model per object): a shallow copy with
@@ -270,18 +307,15 @@ class DefectGenerator:
         device: str | torch.device = "cpu",
         mixed_precision: str = "no",
         scorer: Scorer | None = None,
-        prompt: str | None = None,
-        scheduler: str = "ddim",
+        sampling: SamplingConfig | None = None,
         merge_lora: bool = True,
         compile: str = "no",
         defect_type: str | None = None,
-        steps: int | None = None,
-        guidance: float | None = None,
-        unconditional: str | None = None,
         **settings: Any,
     ) -> "DefectGenerator":
-        """Load the run's base model, LoRA and (if trained) new tokens; settings go to __init__.
+        """Load the run's base model, LoRA and (if trained) new tokens; the other settings go to __init__.
 
+        `sampling` (or each of its settings by name: `steps=20`, `prompt=...`, `scheduler="dpm"`): its
         `prompt`, `steps`, `guidance` and `unconditional` left None are what the run's base model recommends
         (`config.sampling`: its defectfill_sampling.json), else the paper's (object prompt, 50, 7.5, tuned).
 
@@ -292,13 +326,13 @@ class DefectGenerator:
         the LoRA into the weights it adapts and drops the LoRA layers (only in memory: the run's files stay
         as they are), so each sampling step runs the plain networks. `compile` (auto, yes, no) compiles the UNet.
         """
+        sampling = _sampling(sampling, settings, "DefectGenerator.from_run")
         run_dir = Path(run_dir).expanduser()
         config = read_trained_run(run_dir)
-        sampling = resolve_sampling(config.model, prompt=prompt, steps=steps, guidance=guidance,
-                                    unconditional=unconditional)
-        prompt, unconditional = sampling["prompt"], sampling["unconditional"]
+        sampling = sampling.resolved(config.model)
+        unconditional = sampling.unconditional
         defect_type = pick_defect_type(run_dir, config, defect_type)
-        type_prompts = {t: run_prompt(config, prompt, t) for t in config.type_tokens()}
+        type_prompts = {t: run_prompt(config, sampling.prompt, t) for t in config.type_tokens()}
         prompt_text, token = type_prompts[defect_type]
         dtype = precision_dtype(resolve_precision(mixed_precision, str(device)))
         pipe = load_pipeline(config.model, dtype)
@@ -317,13 +351,12 @@ class DefectGenerator:
             ) from None
         if merge_lora and unconditional != "base":  # the base's rows need the LoRA layers kept apart
             merge_lora_weights(pipe)
-        pipe.scheduler = _scheduler(pipe, scheduler)
+        pipe.scheduler = _scheduler(pipe, sampling.scheduler)
         pipe = pipe.to(device)
         if resolve_compile(compile, str(device)):
             pipe.unet = compile_module(pipe.unet)
         pipe.set_progress_bar_config(disable=True)
-        generator = cls(pipe, prompt_text, token, config.resolution, scorer=scorer, device=device,
-                        steps=sampling["steps"], guidance=sampling["guidance"], unconditional=unconditional,
+        generator = cls(pipe, prompt_text, token, config.resolution, sampling, scorer=scorer, device=device,
                         **settings)
         generator.defect_type, generator.type_prompts = defect_type, type_prompts
         log.info("sampling %r at guidance %g, %d steps, unconditional branch from the %s model", prompt_text,

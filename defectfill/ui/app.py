@@ -28,6 +28,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from defectfill.config.sampling import PAPER_SAMPLING  # noqa: E402
 from defectfill.core.errors import DefectFillError  # noqa: E402
 from defectfill.data.masks import SHAPES  # noqa: E402
 from defectfill.ui.backend import (  # noqa: E402
@@ -58,7 +59,9 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _thumb(path: Path) -> Image.Image:
-    with Image.open(path) as im:
+    from defectfill.data.images import open_image
+
+    with open_image(path) as im:
         im = im.convert("RGB")
         im.thumbnail((_THUMB, _THUMB))
         return im
@@ -127,10 +130,15 @@ class Handlers:
         return names[evt.index] if evt.index is not None and evt.index < len(names) else gr.update()
 
     @_friendly
-    def upload_image(self, image: Image.Image | None):
+    def upload_image(self, image: str | Path | Image.Image | None):
+        from defectfill.data.images import load_rgb
+
         if image is None:
             return gr.update(), None, None
-        source = Source(image.convert("RGB"), None, "upload")
+        # the upload arrives as a file and is read by the one safe reader: a decompression bomb or a broken file
+        # is a message on the page, not a traceback or a hang
+        rgb = image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(image)
+        source = Source(rgb, None, "upload")
         return _editor_value(source.image), source, None
 
     @_friendly
@@ -277,7 +285,7 @@ def _layout(ws: Workspace) -> SimpleNamespace:
                 image_dd = gr.Dropdown([], label="Defect-free image", elem_id="image", allow_custom_value=True)
                 good_gallery = gr.Gallery(label="The run's defect-free images (click one)", columns=4,
                                           height=260, allow_preview=False, format="png")
-                upload = gr.Image(type="pil", sources=["upload"], label="...or upload one", height=160)
+                upload = gr.Image(type="filepath", sources=["upload"], label="...or upload one", height=160)
             with gr.Column(scale=2):
                 editor = gr.ImageEditor(
                     label="Paint where the defect goes (or place a shape)", type="numpy", image_mode="RGBA",
@@ -291,7 +299,9 @@ def _layout(ws: Workspace) -> SimpleNamespace:
         with gr.Row():
             candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates", elem_id="n-candidates")
             steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
-            guidance = gr.Slider(1.0, 15.0, value=7.5, step=0.5, label="Guidance", elem_id="guidance")
+            # until a run is chosen (then the run's base's recommendation)
+            guidance = gr.Slider(1.0, 15.0, value=PAPER_SAMPLING["guidance"], step=0.5, label="Guidance",
+                                 elem_id="guidance")
             seed = gr.Number(0, precision=0, minimum=0, label="Seed")
             attention = gr.Checkbox(False, label="Show the token's attention")
         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
