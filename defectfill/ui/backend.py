@@ -14,6 +14,7 @@ anomalib read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from defectfill.config.sampling import SamplingConfig
 from defectfill.core.atomic import atomic_write
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained, folder_lock
@@ -343,20 +345,18 @@ class Workspace:
 
         return resolve_sampling(read_trained_run(self.run_dir(run)).model)
 
-    def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = 8, steps: int | None = None,
-                 guidance: float | None = None, seed: int = 0, attention: bool = False, shape: str | None = None,
-                 shape_size: float | None = None, progress: ProgressFn | None = None,
+    def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = SamplingConfig.candidates,
+                 steps: int | None = None, guidance: float | None = None, seed: int = 0, attention: bool = False,
+                 shape: str | None = None, shape_size: float | None = None, progress: ProgressFn | None = None,
                  defect_type: str | None = None) -> Outcome:
-        """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s.
-        `defect_type`: the type to draw from a per-object run (default: the run's first)."""
-        from defectfill.config.settings import check_all
-        from defectfill.config.stages import sampling_checks
+        """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s
+        (`SamplingConfig`). `defect_type`: the type to draw from a per-object run (default: the run's first)."""
         from defectfill.generate.generator import DefectGenerator
 
         candidates, seed = int(candidates), int(seed)
         steps = None if steps is None else int(steps)
         guidance = None if guidance is None else float(guidance)
-        check_all(sampling_checks(candidates, steps, guidance, 0, None))
+        SamplingConfig(candidates=candidates, steps=steps, guidance=guidance).validate()
         mask = fit_mask(np.asarray(mask, dtype=bool), source.image.size)
         if not mask.any():
             raise DefectFillError("the mask is empty: paint where the defect goes, or place a shape.")
@@ -366,10 +366,9 @@ class Workspace:
             # a generator per request over the loaded pipeline: the settings are the request's, the model is kept
             steps = loaded.steps if steps is None else steps  # unset: as the run's base recommends
             guidance = loaded.guidance if guidance is None else guidance
-            gen = DefectGenerator(loaded.pipe, drawer.prompt, drawer.token, loaded.resolution, candidates=candidates,
-                                  steps=steps, guidance=guidance, unconditional=loaded.unconditional,
-                                  device=self.device,
-                                  scorer=self._scorer, lpips_weights=self.lpips_weights,
+            sampling = dataclasses.replace(loaded.sampling, candidates=candidates, steps=steps, guidance=guidance)
+            gen = DefectGenerator(loaded.pipe, drawer.prompt, drawer.token, loaded.resolution, sampling,
+                                  device=self.device, scorer=self._scorer, lpips_weights=self.lpips_weights,
                                   lpips_pretrained=not self.lpips_random_backbone, save_attention=bool(attention))
             if progress:
                 progress(0.1, f"sampling {candidates} candidate(s), {steps} steps")
