@@ -469,3 +469,74 @@ def test_atomic_write_turns_a_refused_write_into_a_message(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
         atomic_write(tmp_path / "a.json", lambda p: 1 / 0)
+
+
+# --------------------------------------------------------------------------- issue 28: one safe image reader
+
+
+def test_every_image_open_goes_through_the_one_reader():
+    from pathlib import Path
+
+    import defectfill
+
+    package = Path(defectfill.__file__).parent
+    opens = [str(p.relative_to(package)) for p in package.rglob("*.py") if "Image.open(" in p.read_text()]
+    assert opens == ["data/images.py"], opens
+
+
+def test_data_reports_a_truncated_png(demo_root, tmp_path, capsys):
+    root = tmp_path / "mvtec"
+    shutil.copytree(demo_root, root)
+    image = sorted((root / "disc" / "test" / "scratch").glob("*.png"))[0]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    noise.save(image)
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    code = main(["data", "--data", str(root), "--category", "disc"])
+    out = capsys.readouterr().out
+    assert code == 1 and image.name in out and "cannot read this file as an image" in out, out
+
+
+def test_a_decompression_bomb_in_images_gives_a_message(capsys, run_dir, tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64)).save(images / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px is over twice the limit: PIL refuses
+    code, err = _run_cli(capsys, "generate", "--run", run_dir, "--output", tmp_path / "out", "--images", images,
+                         "--count", "1", "--candidates", "1", "--steps", "1")
+    assert code == 2 and "huge.png: image is too large to read safely" in err
+
+
+def test_an_unreadable_folder_is_named(capsys, demo_root, monkeypatch):
+    from pathlib import Path
+
+    real = Path.iterdir
+
+    def refused(self):
+        if self.name == "scratch" and self.parent.name == "test":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    code, err = _run_cli(capsys, "data", "--data", demo_root, "--category", "disc")
+    assert code == 2 and "scratch: Permission denied" in err, err
+
+
+# --------------------------------------------------------------------------- issue 28: bounded settings
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path):
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for k in range(1, 10):
+        prev, name = chr(ord("a") + k - 1), chr(ord("a") + k)
+        lines.append(f"{name}: &{name} [{', '.join(['*' + prev] * 9)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nseed: *j\n")
+    with pytest.raises(DefectFillError, match=r"bomb.yaml: not valid YAML .*aliases"):
+        GenerateConfig.from_settings({}, config_file=bomb, require=False)
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000 + "seed: 1\n")
+    with pytest.raises(DefectFillError, match="too large for a settings file"):
+        GenerateConfig.from_settings({}, config_file=big, require=False)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("seed: 3\ncount: 2\n")
+    assert GenerateConfig.from_settings({}, config_file=plain, require=False).seed == 3

@@ -340,6 +340,26 @@ def check_all(checks: list[tuple[bool, str]]) -> None:
             raise DefectFillError(message.rstrip(".") + ".")
 
 
+MAX_SETTINGS_BYTES = 1 << 20  # a settings file is a few lines; a document this big is not one
+
+
+@functools.cache
+def _settings_loader():
+    """yaml's safe loader without aliases: `*name` lets a few lines expand to gigabytes (the "billion laughs"),
+    and a settings file never needs one."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a settings file",
+                                                  mark)
+            return super().compose_node(parent, index)
+
+    return NoAliasLoader
+
+
 def load_yaml_settings(path: str | Path, cls: type[Settings]) -> dict[str, Any]:
     """The settings of a YAML file as flat names (`lr-unet` and `lr_unet` both accepted); unknown keys refused."""
     import yaml
@@ -348,7 +368,10 @@ def load_yaml_settings(path: str | Path, cls: type[Settings]) -> dict[str, Any]:
     if not path.is_file():
         raise DefectFillError(f"{path}: config file not found.")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        if path.stat().st_size > MAX_SETTINGS_BYTES:
+            raise DefectFillError(f"{path}: {path.stat().st_size} bytes is too large for a settings file "
+                                  f"(at most {MAX_SETTINGS_BYTES}).")
+        data = yaml.load(path.read_text(), Loader=_settings_loader()) or {}
     except yaml.YAMLError as exc:
         raise DefectFillError(f"{path}: not valid YAML ({exc}).") from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -19,11 +19,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import contained
 from defectfill.data.annotations import decode_coco_rle, fill_polygons, parse_query, reference
+from defectfill.data.images import image_size
 from defectfill.data.labelled import Labelled, LabelledLayout, folder_name
 
 ANNOTATIONS = "annotations"
@@ -69,11 +69,10 @@ def _size(image: dict, root: Path, where: Path) -> tuple[int, int]:
         pass
     path = _image_path(root, image, where)
     try:
-        with Image.open(path) as im:
-            return im.size
-    except OSError:
+        return image_size(path)
+    except DefectFillError as exc:
         raise DefectFillError(f"{where}: image {image.get('file_name')!r} has no width/height and cannot be "
-                              "opened to read them.") from None
+                              f"opened to read them ({exc}).") from None
 
 
 def _image_path(root: Path, image: dict, where: Path) -> Path:

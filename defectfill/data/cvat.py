@@ -21,7 +21,7 @@ import numpy as np
 
 from defectfill.core.errors import DefectFillError
 from defectfill.data.annotations import parse_query, reference
-from defectfill.data.images import _open, is_image_file
+from defectfill.data.images import is_image_file, open_image
 from defectfill.data.labelled import Labelled, LabelledLayout, all_images, folder_name
 
 LABELMAP = "labelmap.txt"
@@ -31,7 +31,7 @@ IMAGE_FOLDERS = ("JPEGImages", "images")
 
 def _colours(path: Path) -> np.ndarray:
     """HxWx3 uint8: a class mask's colours (a palette mask through its palette)."""
-    image = _open(path)
+    image = open_image(path)
     return np.asarray(image.convert("RGB"))
 
 

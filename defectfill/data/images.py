@@ -20,19 +20,43 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _open(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, load: bool = True) -> Image.Image:
+    """The one way defectfill opens an image file: every failure is a DefectFillError naming the file.
+
+    `load`: decode it now (a truncated or corrupt file fails here); False reads only the header (size, mode),
+    which still refuses a decompression bomb (PIL's `DecompressionBombError`, which is not an `OSError`).
+    """
     path = Path(path)
     if not path.exists():
         raise DefectFillError(f"{path}: file not found.")
+    image = None
     try:
         image = Image.open(path)
-        image.load()
+        if load:
+            image.load()
     except Image.DecompressionBombError as exc:  # PIL's guard against images that would exhaust memory
         raise DefectFillError(f"{path}: image is too large to read safely ({exc}). Downscale it (e.g. to a few "
                               "thousand pixels a side) or remove it.") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except PermissionError as exc:
+        raise DefectFillError(f"{path}: cannot read this file ({exc.strerror or exc}). Check its permissions.") \
+            from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        if image is not None:
+            image.close()
         raise DefectFillError(f"{path}: cannot read this file as an image ({exc}). Replace or remove it.") from None
     return image
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the header only, through `open_image`."""
+    with open_image(path, load=False) as image:
+        return image.size
+
+
+def image_mode(path: str | Path) -> str:
+    """The PIL mode from the header only, through `open_image`."""
+    with open_image(path, load=False) as image:
+        return image.mode
 
 
 def _to_uint8_array(image: Image.Image) -> np.ndarray:
@@ -51,7 +75,7 @@ def load_rgb(path: str | Path) -> Image.Image:
 
     Transparency is composited on black, the usual background of inspection photos.
     """
-    image = _open(path)
+    image = open_image(path)
     if image.mode in ("RGB",):
         return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -111,7 +135,7 @@ def load_labels(path: str | Path) -> np.ndarray:
 
     One channel (class-id masks, 8 or 16 bit, a palette's indices): the stored value, the class id.
     Colour: the colour packed as R*65536 + G*256 + B (`rgb_label`), alpha ignored."""
-    image = _open(path)
+    image = open_image(path)
     if image.mode in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L"):
         return np.asarray(image).astype(np.int64)
     if image.mode in ("LA", "PA"):
@@ -161,7 +185,7 @@ def load_mask(path: str | Path, rule: str = "auto") -> np.ndarray:
     if reference is not None:
         file, reader, query = reference
         return _reference_readers()[reader](file, query)
-    image = _open(path)
+    image = open_image(path)
     if rule == "nonzero":
         if image.mode not in ("1", "L", "P", "LA", "PA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F"):
             image = image.convert("RGB")

@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from defectfill.core.atomic import write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import contained
-from defectfill.data.images import MASK_RULES, load_mask, mask_file
+from defectfill.data.images import MASK_RULES, load_mask, mask_file, open_image
 from defectfill.data.layouts import DefectSample, Layout, find_type
 
 log = logging.getLogger(__name__)
@@ -194,11 +193,11 @@ def sample_problem(sample: DefectSample) -> tuple[str, str | None]:
         return "missing_mask", (f"{mask_file(sample.mask)}: mask file not found; it is named as the mask of "
                                 f"{sample.image.name} (VisA: in the category's image_anno.csv; an annotation export: "
                                 "its annotation file). Restore the file or correct that row.")
-    try:
-        with Image.open(sample.image) as im:
+    try:  # decoded, not only its header: a truncated file is reported here, not half-way through training
+        with open_image(sample.image) as im:
             size = im.size
-    except OSError as exc:
-        return "unreadable", f"{sample.image}: cannot read this file as an image ({exc})."
+    except DefectFillError as exc:
+        return "unreadable", str(exc)
     try:
         mask = load_mask(sample.mask, sample.mask_rule)
     except DefectFillError as exc:

@@ -17,10 +17,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from defectfill.core.errors import DefectFillError
 from defectfill.data.annotations import fill_polygons, parse_query, reference
+from defectfill.data.images import image_size
 from defectfill.data.labelled import Labelled, LabelledLayout, all_images, folder_name
 
 YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml")
@@ -112,11 +112,7 @@ class YOLOLayout(LabelledLayout):
             if unknown:
                 raise DefectFillError(f"{label}: class {unknown[0]} is not in {self.root / YAML_NAMES[0]}'s names "
                                       f"({', '.join(f'{k}: {v}' for k, v in sorted(names.items()))}). Add it there.")
-            try:
-                with Image.open(image) as im:
-                    width, height = im.size
-            except OSError as exc:
-                raise DefectFillError(f"{image}: cannot read this file as an image ({exc}).") from None
+            width, height = image_size(image)
             by_type: dict[str, list[int]] = {}
             for c in classes:
                 by_type.setdefault(folder_name(names.get(c, f"class_{c}")), []).append(c)

@@ -32,7 +32,7 @@ from defectfill.core.atomic import write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import claim_folder, folder_lock
 from defectfill.data import open_layout
-from defectfill.data.images import image_to_tensor, load_rgb
+from defectfill.data.images import image_mode, image_to_tensor, load_rgb
 from defectfill.data.layouts import DefectSample, Layout
 from defectfill.data.split import Split, make_split
 from defectfill.evaluate.metrics.downstream import train_classifier, train_localiser
@@ -100,8 +100,7 @@ def _load_images(paths: list[Path], notes: list[str], what: str) -> list[Image.I
     images = []
     for p in paths:
         images.append(load_rgb(p))  # first, for its clear error on unreadable files
-        with Image.open(p) as im:
-            modes.add(im.mode)
+        modes.add(image_mode(p))
     other = sorted(modes - {"RGB"})
     if other:
         notes.append(f"{what}: converted images of mode {', '.join(other)} to RGB")

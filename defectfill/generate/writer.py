@@ -31,7 +31,7 @@ from defectfill.config.stages import GenerateConfig, TrainConfig
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import folder_lock
 from defectfill.data import load_mask, load_rgb, open_layout
-from defectfill.data.images import is_image_file, mask_file
+from defectfill.data.images import image_size, is_image_file, mask_file
 from defectfill.data.layouts import find_type
 from defectfill.data.masks import estimate_foreground, fit_mask, list_user_masks, parse_shapes, shape_mask
 from defectfill.generate.generator import DefectGenerator, derived_seed
@@ -90,11 +90,7 @@ def _image_list(settings: GenerateConfig, config: TrainConfig) -> list[Path]:
     if not images:
         raise DefectFillError(f"{where}: no defect-free images found; pass --images DIR.")
     for path in images:  # headers only: a bad file fails now, not after the model has loaded
-        try:
-            with Image.open(path) as im:
-                im.size  # noqa: B018
-        except (OSError, ValueError) as exc:
-            raise DefectFillError(f"{path}: cannot read this file as an image ({exc}). Replace or remove it.") from None
+        image_size(path)  # a DefectFillError naming the file (unreadable, a decompression bomb)
     return images
 
 

@@ -38,6 +38,7 @@ from defectfill.config.stages import GenerateConfig
 from defectfill.core.atomic import atomic_write, write_failure, write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained
+from defectfill.data.images import open_image
 from defectfill.outputs.run_folder import read_recorded_config
 
 if TYPE_CHECKING:  # the generator's result type, for annotations only: this layer does not import generation
@@ -380,7 +381,7 @@ def preview_strip(source: Image.Image, result: GenerationResult, side: int = 128
 
 
 def write_preview(out: OutputFolder) -> None:
-    strips = [Image.open(p).convert("RGB") for p in sorted((out.root / PREVIEW_DIR).glob("*.png"))]
+    strips = [open_image(p).convert("RGB") for p in sorted((out.root / PREVIEW_DIR).glob("*.png"))]
     if not strips:
         return
     sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (0, 0, 0))

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from defectfill.config.stages import DownstreamSettings  # noqa: F401 - the models' settings, declared with the others
 from defectfill.core.errors import DefectFillError
-from defectfill.data.images import letterbox, letterbox_box, load_mask, load_rgb
+from defectfill.data.images import image_size, letterbox, letterbox_box, load_mask, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,8 +55,7 @@ def _image_tensor(path: Path, size: int) -> torch.Tensor:
 
 def _valid_tensor(path: Path, size: int) -> torch.Tensor:
     """(1, size, size): 1 where the letterboxed image of `path` lies, 0 on its padding."""
-    with Image.open(path) as im:
-        w, h, x0, y0 = letterbox_box(*im.size, size)
+    w, h, x0, y0 = letterbox_box(*image_size(path), size)
     valid = torch.zeros(1, size, size)
     valid[:, y0:y0 + h, x0:x0 + w] = 1.0
     return valid
