@@ -357,10 +357,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
             for painter in painters:  # one pipeline per run; a per-object run's types share it
                 if painter.run_dir not in generators:
                     generators[painter.run_dir] = DefectGenerator.from_run(
-                        painter.run_dir, device=device, mixed_precision=precision, prompt=settings.prompt,
-                        scheduler=settings.scheduler, candidates=settings.candidates, steps=settings.steps,
-                        guidance=settings.guidance, unconditional=settings.unconditional,
-                        feather=settings.feather, batch_size=settings.batch_size,
+                        painter.run_dir, device=device, mixed_precision=precision, sampling=settings.sampling,
                         lpips_weights=settings.lpips_weights, save_attention=settings.save_attention,
                         lpips_pretrained=not settings.lpips_random_backbone, merge_lora=settings.merge_lora,
                         compile=settings.compile, defect_type=painter.defect_type,
