@@ -29,12 +29,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_DEMO_SIZE = 2048
+
+
 def _make_demo_data(args: argparse.Namespace) -> int:
     from defectfill.core.folders import claim_folder
     from defectfill.demo.dataset import make_demo_dataset
 
     if args.size < 32:
         raise DefectFillError(f"--size {args.size}: the drawn parts need at least 32 pixels a side.")
+    if args.size > MAX_DEMO_SIZE:  # 36 images of this side are drawn in memory
+        raise DefectFillError(f"--size {args.size}: at most {MAX_DEMO_SIZE} pixels a side (the demo is for small "
+                              "images; 64 is the default).")
     root = make_demo_dataset(claim_folder(args.dir, "make-demo-data", flag="DIR"), size=args.size)
     print(f"demo dataset (MVTec AD layout) written to {root}")
     return 0

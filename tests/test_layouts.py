@@ -311,3 +311,14 @@ def test_evaluation_reads_visa_masks_as_nonzero(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         defectfill.evaluate.evaluator.evaluate(config)
     assert seen["rule"] == "nonzero"
+
+
+@pytest.mark.parametrize("again", ["candle/Data/Images/Anomaly/001.JPG", "./candle/Data/Images/Anomaly/001.JPG",
+                                   "Data/Images/Anomaly/001.JPG"])
+def test_a_visa_csv_listing_an_image_twice_is_refused(visa, again):
+    """Issue 28: listed twice, an image could be a reference and held out at once (an evaluation leak)."""
+    csv_path = visa / "candle" / "image_anno.csv"
+    with csv_path.open("a") as fh:
+        fh.write(f"{again},chunk of wax missing,candle/Data/Masks/Anomaly/001.png\n")
+    with pytest.raises(DefectFillError, match=r"image_anno.csv line 13: .*001.JPG is listed again \(first on line 7\)"):
+        make_split(open_layout(visa), "candle", "chunk_of_wax_missing")

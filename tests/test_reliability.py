@@ -540,3 +540,43 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path):
     plain = tmp_path / "plain.yaml"
     plain.write_text("seed: 3\ncount: 2\n")
     assert GenerateConfig.from_settings({}, config_file=plain, require=False).seed == 3
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--seed=-1"], r"--seed must be 0 or more \(got -1\)"),
+    (["--seed", str(2**32)], r"--seed must be in \[0, 4294967295\]"),
+    (["--log-every", "0"], r"--log-every must be at least 1"),
+    (["--weight-decay=-1"], r"--weight-decay must be 0 or more"),
+    (["--num-boxes=-1"], r"--num-boxes must be 0 or more"),
+    (["--attn-size", "0"], r"--attn-size must be at least 1"),
+    (["--sample-steps", "0"], r"--sample-steps must be at least 1"),
+    (["--resolution", "100000"], r"--resolution must be in \[8, 4096\]"),
+    (["--max-grad-norm", "0"], r"--max-grad-norm must be positive"),
+    (["--box-min", "0"], r"--box-min must be positive"),
+    (["--defect-prompt", "A photo of {token:>10}"], r"--defect-prompt .*\{token:>10\} has a format spec"),
+    (["--defect-prompt", "{token} {object:>999999999999}"], r"--defect-prompt .*\{object:>999999999999\} has a"),
+    (["--object-prompt", "A {object!r} with {token}"], r"--object-prompt .*\{object!r\} has a format spec"),
+])
+def test_unbounded_training_settings_are_refused_before_anything_is_written(capsys, train_argv, tmp_path, extra,
+                                                                             pattern):
+    code, err = _run_cli(capsys, *train_argv, *extra)
+    assert code == 2 and __import__("re").search(pattern, err), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, pattern", [
+    (["--seed=-1"], r"--seed must be 0 or more"),
+    (["--count", str(10**9)], r"--count must be in \[1, 1000000\]"),
+    (["--preview-rows", str(10**9)], r"--preview-rows must be in \[0, 1000\]"),
+])
+def test_unbounded_generate_settings_are_refused_before_anything_is_written(capsys, run_dir, tmp_path, extra,
+                                                                            pattern):
+    argv = ["generate", "--run", run_dir, "--output", tmp_path / "out", "--count", "1", *extra]
+    code, err = _run_cli(capsys, *argv)
+    assert code == 2 and __import__("re").search(pattern, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_demo_data_size_too_large(capsys, tmp_path):
+    code, err = _run_cli(capsys, "make-demo-data", tmp_path / "d", "--size", "100000")
+    assert code == 2 and "--size 100000: at most 2048" in err and not (tmp_path / "d").exists()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,19 @@ PAPER_SAMPLING: dict[str, Any] = {"prompt": None, "guidance": 7.5, "steps": 50, 
 
 
 def prompt_problem(template: str, what: str) -> str | None:
-    """Why a prompt template cannot be filled (no {token}, another placeholder, a stray brace), or None."""
-    if "{token}" not in template:
-        return f"{what} {template!r} must contain {{token}} (the trained defect word)"
+    """Why a prompt template cannot be filled (no {token}, another placeholder, a stray brace, a format spec), or
+    None."""
     try:
+        # a format spec or conversion ({token:>10}, {object!r}) pads or quotes the words; a huge width
+        # ({object:>999999999}) fills memory: checked on the parsed template, before anything is formatted
+        odd = next((f"{{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}"
+                    for _, name, spec, conv in string.Formatter().parse(template)
+                    if name is not None and (spec or conv)), None)
+        if odd:
+            return (f"{what} {template!r}: {odd} has a format spec or conversion; write plain {{object}} and "
+                    "{token}")
+        if "{token}" not in template:
+            return f"{what} {template!r} must contain {{token}} (the trained defect word)"
         template.format(token="t", object="o")
     except (KeyError, IndexError, ValueError) as exc:
         return f"{what} {template!r}: {exc}; use only {{object}} and {{token}} as placeholders"

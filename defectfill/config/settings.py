@@ -106,7 +106,8 @@ def _bound_problem(f: dataclasses.Field, value: Any) -> str | None:
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     low, high, above = f.metadata.get("min"), f.metadata.get("max"), f.metadata.get("above")
-    if low is not None and high is not None and not low <= value <= high:
+    # below the least: the least named (what a user who typed 0 needs); above the most: the whole range
+    if low is not None and high is not None and value > high:
         return f"must be in [{low}, {high}]"
     if low is not None and value < low:
         return "must be 0 or more" if low == 0 else f"must be at least {low}"

@@ -34,6 +34,14 @@ from defectfill.data.layouts import object_name
 from defectfill.data.masks import SHAPES, parse_mask_scale, parse_shapes
 from defectfill.model.names import DEFAULT_MODEL
 
+# bounds shared by several settings (declared on each field): what numpy and torch seeds accept, and sizes past
+# which a job would exhaust memory or run for years before its first result
+MAX_SEED = 2**32 - 1
+MAX_SIDE = 4096
+MAX_BATCH = 4096
+MAX_STEPS = 10_000_000
+MAX_COUNT = 1_000_000
+
 LAYOUTS = ["auto", *DATA_LAYOUTS]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
@@ -56,14 +64,14 @@ class TrainConfig(Settings):
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "diffusers inpainting pipeline: hub id, folder, or the built-in defectfill-mini"})
     layout: str = field(default="auto", metadata={"help": "dataset layout", "choices": LAYOUTS})
     good_images: str | None = field(default=None, metadata={"help": "folder of defect-free images for an annotation export (coco, yolo, cvat, labelstudio; relative: inside --data); default: good/, else the images without annotations"})
-    resolution: int = field(default=512, metadata={"help": "training image side in pixels"})
-    steps: int = field(default=2000, metadata={"help": "optimiser steps", "min": 1, "identity": False})
-    batch_size: int = field(default=4, metadata={"help": "reference images per micro-batch (UNet batch is twice this)", "min": 1})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step", "min": 1})
+    resolution: int = field(default=512, metadata={"help": "training image side in pixels", "min": 8, "max": MAX_SIDE})
+    steps: int = field(default=2000, metadata={"help": "optimiser steps", "min": 1, "max": MAX_STEPS, "identity": False})
+    batch_size: int = field(default=4, metadata={"help": "reference images per micro-batch (UNet batch is twice this)", "min": 1, "max": MAX_BATCH})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step", "min": 1, "max": MAX_BATCH})
     lr_unet: float = field(default=2e-4, metadata={"help": "learning rate of the UNet LoRA", "min": 0})
     lr_text: float = field(default=4e-5, metadata={"help": "learning rate of the text-encoder LoRA (and a new token)", "min": 0})
     warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps (rate is lr*(step+1)/warmup)", "min": 0})
-    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)", "min": 1})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (alpha = rank)", "min": 1, "max": 1024})
     lambda_def: float = field(default=0.5, metadata={"help": "weight of the defect loss", "min": 0})
     lambda_obj: float = field(default=0.2, metadata={"help": "weight of the object loss", "min": 0})
     lambda_attn: float = field(default=0.05, metadata={"help": "weight of the attention loss", "min": 0})
@@ -75,20 +83,20 @@ class TrainConfig(Settings):
     compile: str = field(default="auto", metadata={"help": COMPILE_HELP + " the UNet and the VAE encoder", "choices": COMPILE_CHOICES, "identity": False})
     save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps", "min": 1, "identity": False})
     sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)", "min": 0, "identity": False})
-    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples", "identity": False})
-    log_every: int = field(default=10, metadata={"help": "log scalars every this many steps", "identity": False})
+    sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples", "min": 1, "max": 1000, "identity": False})
+    log_every: int = field(default=10, metadata={"help": "log scalars every this many steps", "min": 1, "identity": False})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from", "identity": False})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, augmentation, noise)"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, augmentation, noise)", "min": 0, "max": MAX_SEED})
     defect_prompt: str = field(default="A photo of {token}", metadata={"help": "prompt of the defect branch"})
     object_prompt: str = field(default="A {object} with {token}", metadata={"help": "prompt of the object branch"})
-    attn_size: int | None = field(default=None, metadata={"help": "side of the attention-loss maps (default: the coarsest decoder cross-attention grid, 16 for SD2 at 512 px, 8 for defectfill-mini at 64 px)"})
-    num_boxes: int = field(default=30, metadata={"help": "boxes in the object branch's random mask"})
-    box_min: float = field(default=0.03, metadata={"help": "smallest box side, fraction of the image side"})
-    box_max: float = field(default=0.25, metadata={"help": "largest box side, fraction of the image side"})
+    attn_size: int | None = field(default=None, metadata={"help": "side of the attention-loss maps (default: the coarsest decoder cross-attention grid, 16 for SD2 at 512 px, 8 for defectfill-mini at 64 px)", "min": 1, "max": MAX_SIDE})
+    num_boxes: int = field(default=30, metadata={"help": "boxes in the object branch's random mask", "min": 0, "max": 10_000})
+    box_min: float = field(default=0.03, metadata={"help": "smallest box side, fraction of the image side", "above": 0, "max": 1})
+    box_max: float = field(default=0.25, metadata={"help": "largest box side, fraction of the image side", "above": 0, "max": 1})
     max_scale: float = field(default=1.125, metadata={"help": "largest random enlargement before cropping back", "min": 1})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm"})
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay", "min": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm", "above": 0})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient", "min": 1})
 
     required = ("data", "category", "defect_type", "output")
 
@@ -180,7 +188,7 @@ def sampling_checks(candidates: int, steps: int | None, guidance: float | None, 
 class GenerateConfig(Settings):
     run: str | None = field(default=None, metadata={"help": "run folder written by `defectfill train`; with --defect-types, several per-type runs may be given, comma-separated"})
     output: str | None = field(default=None, metadata={"help": "output dataset folder (MVTec layout)"})
-    count: int | None = field(default=None, metadata={"help": "number of defect images to write", "min": 1})
+    count: int | None = field(default=None, metadata={"help": "number of defect images to write", "min": 1, "max": MAX_COUNT})
     defect_type: str | None = field(default=None, metadata={"help": "the defect type to draw from a run trained on several (one model per object); default: the run's one type"})
     defect_types: list[str] | None = field(default=None, metadata={"help": "several defects in one image, comma-separated (e.g. broken_large,contamination): painted one after the other, each in its own mask with its own token and Low-Fidelity Selection; written as the combined type a+b with the union mask"})
     images: str | None = field(default=None, metadata={"help": "folder of defect-free images (default: the category's train/good)"})
@@ -195,14 +203,14 @@ class GenerateConfig(Settings):
     scheduler: str = sampling_field("scheduler")
     prompt: str | None = sampling_field("prompt")
     feather: int = sampling_field("feather")
-    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index"})
+    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index", "min": 0, "max": MAX_SEED})
     batch_size: int | None = sampling_field("batch_size")
     with_good: bool = field(default=True, metadata={"help": "link the defect-free source images into <category>/train/good, so anomalib's MVTec loaders can train on the folder (--no-with-good: leave them out)"})
     save_candidates: bool = field(default=False, metadata={"help": "also write every candidate to candidates/"})
     save_attention: bool = field(default=False, metadata={"help": "also write the token's cross-attention map of each chosen image to attention/"})
     lpips_weights: str | None = field(default=None, metadata={"help": "local AlexNet weights for LPIPS (offline machines)"})
     lpips_random_backbone: bool = field(default=False, metadata={"help": "LPIPS with an untrained AlexNet (no download): for offline demos and tests only, its scores do not measure perceptual difference"})
-    preview_rows: int = field(default=8, metadata={"help": "rows of preview.png", "min": 0})
+    preview_rows: int = field(default=8, metadata={"help": "rows of preview.png", "min": 0, "max": 1000})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, mps (default: accelerate's device)"})
     mixed_precision: str = field(default="auto", metadata={"help": "pipeline weights " + PRECISION_HELP, "choices": PRECISIONS})
     merge_lora: bool = field(default=True, metadata={"help": "merge the LoRA into the weights for sampling (the run's files stay as they are); --no-merge-lora keeps the LoRA layers"})
@@ -301,17 +309,17 @@ class EvaluateConfig(Settings):
     downstream: str = field(default="none", metadata={"help": "also train the inspection models on generated data and test them on real data", "choices": DOWNSTREAM})
     kid: bool = field(default=True, metadata={"help": "compute KID (--no-kid: skip)"})
     ic_lpips: bool = field(default=True, metadata={"help": "compute IC-LPIPS (--no-ic-lpips: skip)"})
-    kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (reduced to the smaller image set; the size used is reported)", "min": 2})
-    kid_subsets: int = field(default=100, metadata={"help": "number of KID subsets", "min": 1})
+    kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (reduced to the smaller image set; the size used is reported)", "min": 2, "max": MAX_COUNT})
+    kid_subsets: int = field(default=100, metadata={"help": "number of KID subsets", "min": 1, "max": 100_000})
     inception_weights: str | None = field(default=None, metadata={"help": "local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth"})
     lpips_weights: str | None = field(default=None, metadata={"help": "local torchvision AlexNet weights for LPIPS"})
-    lpips_size: int = field(default=256, metadata={"help": "image size at which LPIPS is computed", "min": 32})
-    grid_samples: int = field(default=8, metadata={"help": "samples per row of the report's grid", "min": 1})
-    epochs: int = field(default=20, metadata={"help": "downstream training epochs", "min": 1})
-    batch_size: int = field(default=16, metadata={"help": "downstream batch size", "min": 1})
+    lpips_size: int = field(default=256, metadata={"help": "image size at which LPIPS is computed", "min": 32, "max": MAX_SIDE})
+    grid_samples: int = field(default=8, metadata={"help": "samples per row of the report's grid", "min": 1, "max": 100})
+    epochs: int = field(default=20, metadata={"help": "downstream training epochs", "min": 1, "max": 100_000})
+    batch_size: int = field(default=16, metadata={"help": "downstream batch size", "min": 1, "max": MAX_BATCH})
     lr: float = field(default=1e-4, metadata={"help": "downstream learning rate (Adam)", "above": 0})
-    image_size: int = field(default=256, metadata={"help": "downstream image size (multiple of 32)", "min": 32})
-    seed: int = field(default=0, metadata={"help": "seed for KID subsets and downstream training"})
+    image_size: int = field(default=256, metadata={"help": "downstream image size (multiple of 32)", "min": 32, "max": MAX_SIDE})
+    seed: int = field(default=0, metadata={"help": "seed for KID subsets and downstream training", "min": 0, "max": MAX_SEED})
     pretrained: bool = field(default=True, metadata={"help": "ImageNet-pretrained downstream backbones (--no-pretrained: from scratch)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
 

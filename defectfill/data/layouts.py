@@ -22,6 +22,7 @@ annotation exports in a module each (``coco``, ``yolo``, ``cvat``, ``labelstudio
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,6 +309,7 @@ class VisALayout(Layout):
                 f"image, 'normal' or its defect types, its mask), as the dataset is released."
             )
         rows: list[AnnotatedImage] = []
+        seen: dict[str, int] = {}  # each image's first line
         try:
             with csv_path.open(newline="", encoding="utf-8-sig") as f:
                 reader = csv.DictReader(f)
@@ -329,6 +331,13 @@ class VisALayout(Layout):
                                               "write 'normal' or the defect type(s).")
                     image = self._resolve(category, record["image"], csv_path, number)
                     mask = self._resolve(category, record["mask"], csv_path, number) if record.get("mask") else None
+                    # an image listed twice would be drawn into both the references and the held-out set (an
+                    # evaluation leak), or be both normal and defective
+                    key = os.path.normcase(os.path.normpath(os.path.abspath(image)))
+                    if key in seen:
+                        raise DefectFillError(f"{csv_path} line {number}: {record['image']} is listed again (first on "
+                                              f"line {seen[key]}); list each image once.")
+                    seen[key] = number
                     rows.append(AnnotatedImage(image, tuple(dict.fromkeys(names)), mask, number))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise DefectFillError(f"{csv_path}: cannot read this file as a CSV table ({exc}).") from None
