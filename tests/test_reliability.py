@@ -580,3 +580,17 @@ def test_unbounded_generate_settings_are_refused_before_anything_is_written(caps
 def test_make_demo_data_size_too_large(capsys, tmp_path):
     code, err = _run_cli(capsys, "make-demo-data", tmp_path / "d", "--size", "100000")
     assert code == 2 and "--size 100000: at most 2048" in err and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("state", ['{"step": "2"}', '{"step": -1}', '{"step": 2, "skipped_steps": "x"}',
+                                   '{"skipped_steps": 0}', '{"step": 2, "config": [1]}', '[2]', '{"step": 2'])
+def test_a_checkpoint_state_read_back_is_checked(tmp_path, state):
+    from defectfill.outputs.checkpoints import read_trainer_state
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(state)
+    with pytest.raises(DefectFillError, match="checkpoint-2: trainer_state.json is damaged"):
+        read_trainer_state(checkpoint)
+    (checkpoint / "trainer_state.json").write_text('{"step": 2, "skipped_steps": 1, "config": {}}')
+    assert read_trainer_state(checkpoint)["step"] == 2

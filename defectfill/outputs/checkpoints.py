@@ -90,6 +90,15 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise DefectFillError(f"{path}: trainer_state.json is damaged ({exc}); resume from another checkpoint.") from None
     if not isinstance(state, dict):
         raise DefectFillError(f"{path}: trainer_state.json is damaged; resume from another checkpoint.")
+    # what is read back is checked: the step numbers as counts, the settings as a mapping
+    for key in ("step", "skipped_steps"):
+        value = state.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DefectFillError(f"{path}: trainer_state.json is damaged ({key} is {value!r}, not a count); "
+                                  "resume from another checkpoint.")
+    if "step" not in state or not isinstance(state.get("config", {}), dict):
+        raise DefectFillError(f"{path}: trainer_state.json is damaged (no step, or settings that are not a "
+                              "mapping); resume from another checkpoint.")
     return state
 
 
