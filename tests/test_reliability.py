@@ -566,6 +566,7 @@ def test_unbounded_training_settings_are_refused_before_anything_is_written(caps
 
 @pytest.mark.parametrize("extra, pattern", [
     (["--seed=-1"], r"--seed must be 0 or more"),
+    (["--seed", str(2**63)], r"--seed must be in \[0, 9223372036854775807\]"),
     (["--count", str(10**9)], r"--count must be in \[1, 1000000\]"),
     (["--preview-rows", str(10**9)], r"--preview-rows must be in \[0, 1000\]"),
 ])
@@ -594,3 +595,20 @@ def test_a_checkpoint_state_read_back_is_checked(tmp_path, state):
         read_trainer_state(checkpoint)
     (checkpoint / "trainer_state.json").write_text('{"step": 2, "skipped_steps": 1, "config": {}}')
     assert read_trainer_state(checkpoint)["step"] == 2
+
+
+def test_overwrite_keeps_the_items_rejected_in_the_ui(run_dir, tmp_path):
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "2"))
+    manifest = out / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    for key in ("image", "mask"):  # as the UI's reject moves them: rejected/<the same relative path>
+        moved = out / "rejected" / rows[1][key]
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(out / rows[1][key], moved)
+        rows[1][key] = str(moved.relative_to(out))
+    rows[1]["rejected"] = {"reason": "blurry"}
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run_generate(_generate(run_dir, out, "--count", "1", "--overwrite", "--seed", "4"))
+    assert (out / rows[1]["image"]).is_file() and (out / rows[1]["mask"]).is_file()
+    assert [json.loads(line)["index"] for line in manifest.read_text().splitlines()] == [0]

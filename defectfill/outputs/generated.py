@@ -13,6 +13,7 @@ layout with a manifest of the finished items.
                                                      killed job left half-written is known as ours)
       generate.json                                  which run(s) and settings produced the folder
       preview.png (.preview/ while it is written)
+      rejected/<the item's own paths>                items rejected in the browser UI (kept by --overwrite)
 
 A manifest row is appended only once the item's image and mask exist, so a row always means a finished item.
 Only files a row (or a `.writing` row) of this folder names are ours: an item is never written over, and
@@ -48,6 +49,7 @@ MANIFEST = "manifest.jsonl"
 STATE = "generate.json"  # which run and settings produced this output folder
 PREVIEW = "preview.png"
 PREVIEW_DIR = ".preview"  # one strip per early item, stacked into preview.png at the end
+REJECTED_DIR = "rejected"  # items rejected in the UI are moved here, keeping their relative paths
 WRITING_GLOB = ".writing.part*.jsonl"
 # the names this tool gives the files of its own sub-trees (candidates/<cat>/<type>/..., and so on): --overwrite
 # removes only files of these names, at that depth
@@ -323,6 +325,8 @@ def prepare_output(
         finished = out.finished()  # refuses a row naming a path outside the folder before anything is removed
         for name in sorted(out.owned()):
             path = contained(out.root, name, manifest_path(out.root))
+            if Path(name).parts[:1] == (REJECTED_DIR,):
+                continue  # a person's curation: the rejected items stay (only the manifest forgets them)
             if path.is_file() or path.is_symlink():
                 path.unlink()
         for row in finished.values():

@@ -37,12 +37,11 @@ from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained, folder_lock
 from defectfill.data.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
 from defectfill.model.device import resolve_device
-from defectfill.outputs.generated import MANIFEST, candidate_file
+from defectfill.outputs.generated import MANIFEST, REJECTED_DIR, candidate_file
 from defectfill.outputs.run_folder import LOGS_DIR, read_metrics
 
 log = logging.getLogger(__name__)
 
-REJECTED_DIR = "rejected"  # rejected items are moved here, keeping their relative paths
 UPLOADS_DIR = "uploads"  # uploaded source images, inside the dataset that uses them
 _RUN_SCAN_DEPTH = 3  # runs/<name>, work/<cat>/runs/<name>: deep enough for `defectfill run` folders
 _SKIP_DIRS = {LOGS_DIR, "__pycache__"}
