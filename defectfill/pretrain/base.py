@@ -30,6 +30,7 @@ a folder that `defectfill.model.load_pipeline` (and so `--model`) loads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -380,33 +381,50 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
     `stop_after_steps` stops after that many steps of this call (both stages counted), as if interrupted
     right after a checkpoint: for tests, and for running a long pretraining in pieces.
     """
-    from tqdm.auto import tqdm
-
     from defectfill.core.folders import folder_lock
-    from defectfill.model.tiny import assemble_inpaint_pipeline, clip_tokenizer
 
-    settings.check()
-    folder = _prepare_folder(settings, resume)
-    start = time.monotonic()
-    arch = settings.arch
-    vae, unet, text_encoder = build_networks(arch, settings.size, settings.seed)
-    done_here = 0
+    settings.check()  # 1. the settings
+    folder = _prepare_folder(settings, resume)  # 2. the folder (new, or the run to continue)
+    run = PretrainRun(settings, folder, stop_after_steps, max_minutes, progress)
+    with folder_lock(folder, COMMAND):
+        if not run.autoencoder_stage(resume):  # 3. stage 1: the VAE, its latent scale measured at the end
+            return None
+        if not run.unet_stage(resume):  # 4. stage 2: the UNet and the text encoder on the frozen VAE
+            return None
+        run.write_pipeline()  # 5. the finished pipeline folder, part by part, model_index.json last
+    return folder
 
-    def should_stop() -> bool:
-        if stop_after_steps is not None and done_here >= stop_after_steps:
+
+class PretrainRun:
+    """The state of one `pretrain_base` call: its networks, where it stops, and the steps of its stages."""
+
+    def __init__(self, settings: PretrainSettings, folder: Path, stop_after_steps: int | None,
+                 max_minutes: float | None, progress: bool):
+        self.settings, self.folder, self.progress = settings, folder, progress
+        self.stop_after_steps, self.max_minutes = stop_after_steps, max_minutes
+        self.start = time.monotonic()
+        self.done_here = 0  # steps taken by this call, both stages counted
+        self.vae, self.unet, self.text_encoder = build_networks(settings.arch, settings.size, settings.seed)
+        self.tokenizer = None
+
+    def should_stop(self) -> bool:
+        if self.stop_after_steps is not None and self.done_here >= self.stop_after_steps:
             return True
-        return max_minutes is not None and time.monotonic() - start > max_minutes * 60
+        return self.max_minutes is not None and time.monotonic() - self.start > self.max_minutes * 60
 
-    def run_stage(stage: int, step: int, total: int, peak_lr: float, modules: dict[str, torch.nn.Module], opt,
-                  params: list[torch.nn.Parameter], loss_at: Any, finish: Any, desc: str) -> bool:
+    def run_stage(self, stage: int, step: int, total: int, peak_lr: float, modules: dict[str, torch.nn.Module],
+                  opt, loss_at: Any, finish: Any, desc: str) -> bool:
         """Steps `step`..`total` of a stage, a checkpoint every --save-every steps and `finish()` at the end;
         False when stopped early (after writing a checkpoint to resume from)."""
-        nonlocal done_here
-        bar = tqdm(total=total, initial=step, desc=desc, disable=not progress)
+        from tqdm.auto import tqdm
+
+        settings = self.settings
+        params = [p for m in modules.values() for p in m.parameters()]
+        bar = tqdm(total=total, initial=step, desc=desc, disable=not self.progress)
         try:
             while step < total:
-                if should_stop():
-                    _save(folder, stage, step, modules, opt, {})
+                if self.should_stop():
+                    _save(self.folder, stage, step, modules, opt, {})
                     return False
                 rng, gen = step_rngs(settings.seed, stage, step)
                 for group in opt.param_groups:
@@ -417,73 +435,86 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 step += 1
-                done_here += 1
+                self.done_here += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 if step == total:
                     finish()
                 elif step % settings.save_every == 0:
-                    _save(folder, stage, step, modules, opt, {})
+                    _save(self.folder, stage, step, modules, opt, {})
         finally:
             bar.close()
         return True
 
-    with folder_lock(folder, COMMAND):
-        # ---------------------------------------------------------------- stage 1: the VAE
-        vae_opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    # ------------------------------------------------------------------ stage 1: the VAE
+
+    def autoencoder_loss(self, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+        images = autoencoder_batch(rng, self.settings.batch_size, self.settings.size)
+        return vae_loss(self.vae, images, gen, self.settings.kl_weight, self.settings.edge_weight)
+
+    def finish_autoencoder(self) -> None:
+        """The last checkpoint of stage 1 holds the measured latent scale and no optimiser."""
+        _save(self.folder, 1, self.settings.vae_steps, {"vae": self.vae}, None,
+              {"scaling_factor": _measure_scaling(self.vae, self.settings)})
+
+    def autoencoder_stage(self, resume: bool) -> bool:
+        settings, vae = self.settings, self.vae
+        opt = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
         step = 0
-        last1 = _latest(folder, 1) if resume else None
-        if last1 is not None:
-            finished = "scaling_factor" in json.loads((last1 / STAGE_STATE).read_text())
-            step = _load(last1, {"vae": vae}, None if finished else vae_opt)["step"]
+        last = _latest(self.folder, 1) if resume else None
+        if last is not None:
+            finished = "scaling_factor" in json.loads((last / STAGE_STATE).read_text())
+            step = _load(last, {"vae": vae}, None if finished else opt)["step"]
         vae.train()
-
-        def vae_step(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-            images = autoencoder_batch(rng, settings.batch_size, settings.size)
-            return vae_loss(vae, images, gen, settings.kl_weight, settings.edge_weight)
-
-        def vae_finish() -> None:  # the last checkpoint of stage 1 holds the measured latent scale, no optimiser
-            _save(folder, 1, settings.vae_steps, {"vae": vae}, None,
-                  {"scaling_factor": _measure_scaling(vae, settings)})
-
-        if not run_stage(1, step, settings.vae_steps, settings.vae_lr, {"vae": vae}, vae_opt,
-                         list(vae.parameters()), vae_step, vae_finish, "pretrain: VAE"):
-            return None
-        final1 = _load(_latest(folder, 1), {"vae": vae}, None)
-        vae.register_to_config(scaling_factor=final1["scaling_factor"])
+        if not self.run_stage(1, step, settings.vae_steps, settings.vae_lr, {"vae": vae}, opt,
+                              self.autoencoder_loss, self.finish_autoencoder, "pretrain: VAE"):
+            return False
+        final = _load(_latest(self.folder, 1), {"vae": vae}, None)
+        vae.register_to_config(scaling_factor=final["scaling_factor"])
         vae.eval().requires_grad_(False)
-        del vae_opt
+        return True
 
-        # ---------------------------------------------------------------- stage 2: UNet + text encoder
-        tokenizer = clip_tokenizer(tokenizer_folder(arch))
-        scheduler = ddpm_scheduler(settings.prediction_type)
-        params = list(unet.parameters()) + list(text_encoder.parameters())
+    # ------------------------------------------------------------------ stage 2: UNet + text encoder
+
+    def unet_loss(self, rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
+        images, captions, masks = world_batch(rng, self.settings.batch_size, self.settings.size)
+        return unet_loss(self.unet, self.text_encoder, self.tokenizer, self.vae, self.scheduler, images, captions,
+                         masks, gen, self.settings.min_snr_gamma)
+
+    def unet_stage(self, resume: bool) -> bool:
+        from defectfill.model.tiny import clip_tokenizer
+
+        settings = self.settings
+        self.tokenizer = clip_tokenizer(tokenizer_folder(settings.arch))
+        self.scheduler = ddpm_scheduler(settings.prediction_type)
+        networks = {"unet": self.unet, "text_encoder": self.text_encoder}
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         opt = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=0.0)
         step = 0
-        last2 = _latest(folder, 2) if resume else None
-        if last2 is not None:
-            step = _load(last2, {"unet": unet, "text_encoder": text_encoder}, opt)["step"]
-        unet.train()
-        text_encoder.train()
-        networks = {"unet": unet, "text_encoder": text_encoder}
+        last = _latest(self.folder, 2) if resume else None
+        if last is not None:
+            step = _load(last, networks, opt)["step"]
+        self.unet.train()
+        self.text_encoder.train()
+        return self.run_stage(2, step, settings.unet_steps, settings.unet_lr, networks, opt, self.unet_loss,
+                              functools.partial(_save, self.folder, 2, settings.unet_steps, networks, opt, {}),
+                              "pretrain: UNet")
 
-        def unet_step(rng: np.random.Generator, gen: torch.Generator) -> torch.Tensor:
-            images, captions, masks = world_batch(rng, settings.batch_size, settings.size)
-            return unet_loss(unet, text_encoder, tokenizer, vae, scheduler, images, captions, masks, gen,
-                             settings.min_snr_gamma)
+    # ------------------------------------------------------------------ the pipeline folder
 
-        if not run_stage(2, step, settings.unet_steps, settings.unet_lr, networks, opt, params, unet_step,
-                         lambda: _save(folder, 2, settings.unet_steps, networks, opt, {}), "pretrain: UNet"):
-            return None
+    def write_pipeline(self) -> None:
+        from defectfill.model.tiny import assemble_inpaint_pipeline
 
-        unet.eval()
-        text_encoder.eval()
-        pipe = assemble_inpaint_pipeline(unet, vae, text_encoder, settings.prediction_type, tokenizer)
+        self.unet.eval()
+        self.text_encoder.eval()
+        pipe = assemble_inpaint_pipeline(self.unet, self.vae, self.text_encoder, self.settings.prediction_type,
+                                         self.tokenizer)
+        folder = self.folder
         tmp = folder / ".pipeline.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
         pipe.save_pretrained(str(tmp), safe_serialization=True)
-        add_slow_tokenizer_files(Path(tokenizer_folder(arch)), tmp / "tokenizer")
+        add_slow_tokenizer_files(Path(tokenizer_folder(self.settings.arch)), tmp / "tokenizer")
         for item in sorted(tmp.iterdir()):  # each part replaced whole; model_index.json last
             if item.name != "model_index.json":
                 target = folder / item.name
@@ -493,7 +524,6 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
                     item.replace(target)
         (tmp / "model_index.json").replace(folder / "model_index.json")
         shutil.rmtree(tmp)
-    return folder
 
 
 def add_slow_tokenizer_files(source: Path, folder: Path) -> None:
