@@ -160,7 +160,8 @@ def resolve_sampling(model: str, **given: Any) -> dict[str, Any]:
     unknown = set(given) - set(PAPER_SAMPLING)
     if unknown:
         raise TypeError(f"not sampling settings: {', '.join(sorted(unknown))}")
-    recommended = read_base_sampling(model) if any(v is None for v in given.values()) or len(given) < 4 else {}
+    unset = [key for key in PAPER_SAMPLING if given.get(key) is None]
+    recommended = read_base_sampling(model) if unset else {}  # the base's file only when it can matter
     return {key: given[key] if given.get(key) is not None else recommended.get(key, paper)
             for key, paper in PAPER_SAMPLING.items()}
 

@@ -22,7 +22,7 @@ import numpy as np
 from defectfill.core.errors import DefectFillError
 from defectfill.data.annotations import parse_query, reference
 from defectfill.data.images import is_image_file, open_image
-from defectfill.data.labelled import Labelled, LabelledLayout, all_images, folder_name
+from defectfill.data.labelled import Labelled, LabelledLayout, all_images, folder_name, read_label_text
 
 LABELMAP = "labelmap.txt"
 CLASS_MASKS = "SegmentationClass"
@@ -52,10 +52,7 @@ def read_mask(file: Path, query: str) -> np.ndarray:
 def read_labelmap(path: Path) -> dict[tuple[int, int, int], str]:
     """colour -> label name of a labelmap.txt, the background (0, 0, 0) left out."""
     labels: dict[tuple[int, int, int], str] = {}
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DefectFillError(f"{path}: cannot read this file ({exc}).") from None
+    text = read_label_text(path)
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):

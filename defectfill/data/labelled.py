@@ -35,6 +35,14 @@ def folder_name(label: str) -> str:
     return name or "defect"
 
 
+def read_label_text(path: Path, what: str = "file") -> str:
+    """The text of an annotation export's text file; unreadable or not UTF-8 is a message naming the file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefectFillError(f"{path}: cannot read this {what} ({exc}).") from None
+
+
 def all_images(folder: Path) -> list[Path]:
     """Every image file under `folder` (recursively), sorted; hidden folders skipped."""
     if not folder.is_dir():

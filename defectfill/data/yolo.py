@@ -21,17 +21,14 @@ import numpy as np
 from defectfill.core.errors import DefectFillError
 from defectfill.data.annotations import fill_polygons, parse_query, reference
 from defectfill.data.images import image_size
-from defectfill.data.labelled import Labelled, LabelledLayout, all_images, folder_name
+from defectfill.data.labelled import Labelled, LabelledLayout, all_images, folder_name, read_label_text
 
 YAML_NAMES = ("data.yaml", "dataset.yaml", "data.yml")
 
 
 def _lines(path: Path) -> list[tuple[int, list[float]]]:
     rows = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DefectFillError(f"{path}: cannot read this label file ({exc}).") from None
+    text = read_label_text(path, "label file")
     for number, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts:
