@@ -7,7 +7,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ def write_failure(folder: str | Path, exc: BaseException) -> DefectFillError | N
         f"left; {fix}, then rerun the same command to continue (`defectfill train`: with --resume latest).")
 
 
+@contextmanager
+def writing_into(folder: str | Path, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Within the block, a write that fails (disk full, read-only, not permitted) becomes the message naming
+    `folder` (`write_failure`); `cleanup` first removes what the failed write left. Other errors pass unchanged."""
+    try:
+        yield
+    except BaseException as exc:
+        if cleanup is not None:
+            cleanup()
+        failure = write_failure(folder, exc)
+        if failure is not None:
+            raise failure from exc
+        raise
+
+
 def follow_umask(path: str | Path) -> None:
     """Give `path` the mode any new file gets (0666 less the umask); for files a library writes 0600."""
     os.chmod(path, 0o666 & ~_umask())
@@ -48,21 +64,20 @@ def follow_umask(path: str | Path) -> None:
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp_path)` and rename the result to `path` (same filesystem, so atomic)."""
     path = Path(path)
-    tmp = None
-    try:
+    tmp: list[str] = []
+
+    def remove_tmp() -> None:
+        if tmp and os.path.exists(tmp[0]):
+            os.remove(tmp[0])
+
+    with writing_into(path.parent, remove_tmp):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        tmp.append(name)
         os.close(fd)
-        write(Path(tmp))
-        follow_umask(tmp)  # mkstemp makes 0600; the result follows the umask like any file
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.remove(tmp)
-        failure = write_failure(path.parent, exc)
-        if failure is not None:
-            raise failure from exc
-        raise
+        write(Path(name))
+        follow_umask(name)  # mkstemp makes 0600; the result follows the umask like any file
+        os.replace(name, path)
 
 
 def _umask() -> int:

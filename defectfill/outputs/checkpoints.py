@@ -36,7 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from defectfill.core.atomic import replace_dir, write_failure
+from defectfill.core.atomic import replace_dir, writing_into
 from defectfill.core.errors import DefectFillError
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -181,20 +181,14 @@ def write_checkpoint_folder(parent: Path, name: str, fill: Callable[[Path], None
     """`parent/name`, filled by `fill(folder)` in a hidden temporary folder and renamed into place, so a killed
     process never leaves a half-written checkpoint that a resume would pick."""
     final, tmp = parent / name, parent / f".{name}.tmp"
-    try:
+    # a disk that filled up (or a folder made read-only) mid-checkpoint: no half-written folder stays, the
+    # earlier checkpoints are untouched, so the run resumes from the last one
+    with writing_into(parent, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         fill(tmp)
         replace_dir(tmp, final)
-    except BaseException as exc:
-        # a disk that filled up (or a folder made read-only) mid-checkpoint: no half-written folder stays, the
-        # earlier checkpoints are untouched, so the run resumes from the last one
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(parent, exc)
-        if failure is not None:
-            raise failure from exc
-        raise
     return final
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from defectfill.config.stages import GenerateConfig
-from defectfill.core.atomic import atomic_write, write_failure, write_json
+from defectfill.core.atomic import atomic_write, write_json, writing_into
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained
 from defectfill.data.images import open_image
@@ -417,16 +417,10 @@ def save_candidates_and_attention(out: OutputFolder, index: int, result: Generat
 def append_row(part: Path, row: dict[str, Any]) -> None:
     """Append one manifest row to `part`, flushed to disk: called only once the item's files exist, so a row
     always means a finished item."""
-    try:
-        with open(part, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        failure = write_failure(part.parent, exc)
-        if failure is not None:
-            raise failure from exc
-        raise
+    with writing_into(part.parent), open(part, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def write_item(out: OutputFolder, item: Item, source: Image.Image, result: GenerationResult, prompt: str,

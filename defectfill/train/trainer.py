@@ -41,7 +41,7 @@ import defectfill
 from defectfill.config.sampling import resolve_sampling
 from defectfill.config.settings import compile_module, precision_dtype, resolve_compile, resolve_precision
 from defectfill.config.stages import NON_IDENTITY_KEYS, TrainConfig
-from defectfill.core.atomic import atomic_write, follow_umask, write_failure
+from defectfill.core.atomic import atomic_write, follow_umask, writing_into
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import folder_lock
 from defectfill.data import Split, load_mask, load_rgb, make_split, open_layout
@@ -544,19 +544,13 @@ def write_weights(folder: Path, models: TrainingModels, config: TrainConfig) -> 
 def save_final_weights(out: Path, models: TrainingModels, config: TrainConfig) -> None:
     """`write_weights` into a temporary folder, then each file renamed into the run folder."""
     tmp = out / ".final-weights.tmp"
-    try:
+    with writing_into(out, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         write_weights(tmp, models, config)
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
         tmp.rmdir()
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(out, exc)
-        if failure is not None:
-            raise failure from exc
-        raise
 
 
 # --------------------------------------------------------------------------- samples
