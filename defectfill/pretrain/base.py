@@ -43,6 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from defectfill.config.settings import Settings, coerce, flag
+from defectfill.config.stages import MAX_BATCH, MAX_SEED, MAX_SIDE, MAX_STEPS
 from defectfill.core.atomic import replace_dir, write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.model.networks import NetworkShape, build_text_encoder, build_unet, build_vae, diffusion_target
@@ -60,28 +62,35 @@ COMMAND = "pretrain-base"
 STATE_NAME = "pretrain.json"
 
 
+def _arch_field(default: Any, help_text: str, low: int = 1, high: int = 4096) -> Any:
+    """A BaseArch field: its default, help and the bounds of its number (of each number, for a tuple)."""
+    return field(default=default, metadata={"help": help_text, "min": low, "max": high})
+
+
 @dataclass
 class BaseArch:
     """The architecture of the base: small enough for a CPU pretraining, same structure as SD2 inpainting.
 
     The defaults make 26.6 MB of fp32 safetensors (VAE 3.8, UNet 13.2, text encoder 9.7), under the issue's
-    30 MB; UNet (64, 128, 128) with text 64 would be 40 MB.
+    30 MB; UNet (64, 128, 128) with text 64 would be 40 MB. `check` refuses a shape the networks cannot be
+    built with (or would build narrower than asked) before any work.
     """
 
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # three levels: factor-4 latents
-    vae_layers: int = 1
-    vae_groups: int = 16
-    unet_channels: tuple[int, ...] = (48, 96, 96)
-    unet_layers: int = 1
-    unet_groups: int = 16
-    unet_heads: tuple[int, ...] = (4, 8, 8)
+    vae_channels: tuple[int, ...] = _arch_field((32, 64, 64), "VAE width per level (levels: factor-4 latents "
+                                                "for three)")
+    vae_layers: int = _arch_field(1, "VAE blocks per level", high=64)
+    vae_groups: int = _arch_field(16, "VAE norm groups (divides every VAE width)")
+    unet_channels: tuple[int, ...] = _arch_field((48, 96, 96), "UNet width per level (at least two levels)")
+    unet_layers: int = _arch_field(1, "UNet blocks per level", high=64)
+    unet_groups: int = _arch_field(16, "UNet norm groups (divides every UNet width)")
+    unet_heads: tuple[int, ...] = _arch_field((4, 8, 8), "attention heads per UNet level (each divides its width)")
     # also the UNet's cross_attention_dim
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
+    text_hidden: int = _arch_field(128, "text encoder width (the UNet's cross-attention width)")
+    text_layers: int = _arch_field(4, "text encoder layers", high=256)
+    text_heads: int = _arch_field(4, "text encoder attention heads (divides its width)")
     # "mini": CLIP's BPE cut to the world's and the prompts' words (`mini_tokenizer_folder`, ~1k rows);
     # "clip": all 49408 rows, which at this width would be most of the text encoder's weights, untrained
-    text_vocab: str = "mini"
+    text_vocab: str = field(default="mini", metadata={"help": "tokenizer vocabulary", "choices": ("mini", "clip")})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseArch:
@@ -89,7 +98,48 @@ class BaseArch:
         unknown = sorted(set(data) - names)
         if unknown:
             raise DefectFillError(f"unknown architecture setting(s): {', '.join(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        arch = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        arch.check()
+        return arch
+
+    def check(self) -> None:
+        """Each field's type and declared bounds, then what the builders need of them together: norm groups
+        that divide every width, heads that divide theirs, one head count per UNet level."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            if "choices" in meta:
+                if value not in meta["choices"]:
+                    raise DefectFillError(f"--arch {f.name} {value!r}: choose one of {', '.join(meta['choices'])}.")
+                continue
+            many = isinstance(f.default, tuple)
+            numbers = value if many and isinstance(value, tuple) else (value,)
+            wanted = "a list of whole numbers" if many else "a whole number"
+            if (many and (not isinstance(value, tuple) or not value)) or \
+                    any(isinstance(n, bool) or not isinstance(n, int) for n in numbers):
+                raise DefectFillError(f"--arch {f.name}: expected {wanted}, got {value!r}.")
+            bad = [n for n in numbers if not meta["min"] <= n <= meta["max"]]
+            if bad:
+                each = "each " if many else ""
+                raise DefectFillError(f"--arch {f.name} {value!r}: {each}must be in [{meta['min']}, {meta['max']}].")
+        problems = [
+            (len(self.unet_channels) >= 2, f"unet_channels {self.unet_channels}: needs at least two levels (the "
+                                           "decoder's cross-attention is in all but the lowest)"),
+            (len(self.unet_heads) == len(self.unet_channels),
+             f"unet_heads {self.unet_heads}: one head count per UNet level ({len(self.unet_channels)})"),
+            (all(c % self.vae_groups == 0 for c in self.vae_channels),
+             f"vae_channels {self.vae_channels}: each must be divisible by vae_groups {self.vae_groups}"),
+            (all(c % self.unet_groups == 0 for c in self.unet_channels),
+             f"unet_channels {self.unet_channels}: each must be divisible by unet_groups {self.unet_groups}"),
+            (all(c % h == 0 for c, h in zip(self.unet_channels, self.unet_heads, strict=False)),
+             f"unet_channels {self.unet_channels}: each must be divisible by its unet_heads {self.unet_heads} "
+             "(otherwise attention is built narrower than the level)"),
+            (self.text_hidden % self.text_heads == 0,
+             f"text_hidden {self.text_hidden}: must be divisible by text_heads {self.text_heads}"),
+        ]
+        for ok, problem in problems:
+            if not ok:
+                raise DefectFillError(f"--arch {problem}.")
 
 
 TINY_ARCH = BaseArch(vae_channels=(8, 16, 16), vae_groups=4, unet_channels=(16, 32, 32), unet_groups=8,
@@ -123,47 +173,59 @@ def tokenizer_folder(arch: BaseArch) -> str:
 
 
 @dataclass
-class PretrainSettings:
-    output: str
-    size: int = 64
+class PretrainSettings(Settings):
+    """`defectfill pretrain-base`'s settings; each bound declared on its field (`config.settings`), checked by
+    `check` with the flag named, the architecture's by `BaseArch.check`."""
+
+    output: str = field(default="", metadata={"help": "folder for checkpoints and the finished pipeline"})
+    size: int = field(default=64, metadata={"help": "image side in pixels (multiple of 8, at least 32)", "min": 32,
+                                            "max": MAX_SIDE})
     # measured on 2 CPU cores at 64 px, batch 16 (default BaseArch): stage 1 25-27 img/s, stage 2 34-41 img/s,
     # so about 20-21 + 46-55 minutes (plus checkpoints) for these defaults, inside the issue's 90 minutes
-    vae_steps: int = 2000
-    unet_steps: int = 5000
-    batch_size: int = 16
-    seed: int = 0
-    vae_lr: float = 1e-3
-    unet_lr: float = 5e-4
-    warmup_steps: int = 100
-    kl_weight: float = 1e-6
-    edge_weight: float = 1.0
+    vae_steps: int = field(default=2000, metadata={"help": "stage 1 steps (VAE)", "min": 1, "max": MAX_STEPS})
+    unet_steps: int = field(default=5000, metadata={"help": "stage 2 steps (UNet and text encoder)", "min": 1,
+                                                    "max": MAX_STEPS})
+    batch_size: int = field(default=16, metadata={"help": "images per step", "min": 1, "max": MAX_BATCH})
+    seed: int = field(default=0, metadata={"help": "random seed (weights and every step's draws)", "min": 0,
+                                           "max": MAX_SEED})
+    vae_lr: float = field(default=1e-3, metadata={"help": "peak learning rate of the VAE", "above": 0, "max": 1})
+    unet_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of the UNet and text encoder",
+                                                   "above": 0, "max": 1})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps", "min": 0, "max": MAX_STEPS})
+    kl_weight: float = field(default=1e-6, metadata={"help": "weight of the VAE's KL term", "min": 0})
+    edge_weight: float = field(default=1.0, metadata={"help": "weight of the VAE's image-gradient L1 term "
+                                                              "(keeps thin lines)", "min": 0})
     # Min-SNR-gamma loss weighting (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction; it
     # down-weights the easy low-noise steps and converges faster, which matters on a CPU budget. 0 = off.
-    min_snr_gamma: float = 5.0
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "Min-SNR-gamma loss weighting (0: off)", "min": 0})
     # v-prediction (as SD 2's 768 px models): at high noise an epsilon-predicting UNet must get epsilon nearly
     # exact for its image estimate to hold the colours of the unmasked surround (errors grow by
     # sqrt((1 - abar) / abar), about 13 at t = 950); measured on this base at 3000 of 7000 UNet steps, the
     # epsilon objective still repainted whole images in other colours. With v the surround is read off directly.
-    prediction_type: str = "v_prediction"
-    save_every: int = 250
-    arch: BaseArch = field(default_factory=BaseArch)
+    prediction_type: str = field(default="v_prediction", metadata={"help": "what the UNet predicts",
+                                                                   "choices": ("v_prediction", "epsilon")})
+    save_every: int = field(default=250, metadata={"help": "checkpoint every N steps", "min": 1, "max": MAX_STEPS})
+    arch: BaseArch = field(default_factory=BaseArch, metadata={"help": "architecture (BaseArch fields)"})
+
+    required = ("output",)
 
     def check(self) -> None:
-        if self.size < 32 or self.size % 8:
+        """Every setting before any work: `validate`, with a settings machinery message naming the flag."""
+        self.validate()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):  # a hand-made instance gets the type checks a command line gets
+            value = getattr(self, f.name)
+            if f.name != "arch" and value is not None:
+                coerce(flag(f.name), f, value)
+        if not self.output:
+            raise DefectFillError("--output is required: the folder for checkpoints and the finished pipeline.")
+        if self.size % 8 or self.size < 32:
             raise DefectFillError(f"--size {self.size}: must be a multiple of 8 and at least 32 pixels.")
-        for name in ("vae_steps", "unet_steps"):
-            if getattr(self, name) < 1:
-                raise DefectFillError(f"--{name.replace('_', '-')} must be at least 1.")
-        if self.batch_size < 1:
-            raise DefectFillError("--batch-size must be at least 1.")
-        if self.save_every < 1:
-            raise DefectFillError("--save-every must be at least 1.")
-        if self.arch.text_vocab not in ("mini", "clip"):
-            raise DefectFillError(f"--arch text_vocab {self.arch.text_vocab!r}: mini or clip.")
-        if self.edge_weight < 0:
-            raise DefectFillError("--edge-weight must be at least 0.")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise DefectFillError(f"--prediction-type {self.prediction_type}: epsilon or v_prediction.")
+        self.check_declared()
+        if not isinstance(self.arch, BaseArch):
+            raise DefectFillError(f"--arch: expected the BaseArch fields, got {type(self.arch).__name__}.")
+        self.arch.check()
 
     def to_json(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -320,10 +382,40 @@ def _latest(folder: Path, stage: int) -> Path | None:
     return latest_stage_checkpoint(folder / "checkpoints", stage)
 
 
-def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[str, Any]:
+def _damaged(path: Path, why: str) -> DefectFillError:
+    """A checkpoint that cannot be resumed from: named, with what to do; nothing of it is deleted."""
+    return DefectFillError(f"{path}: checkpoint is damaged ({why}); move it aside and rerun with --resume (that "
+                           "stage then starts again from its beginning), or start again in a new folder.")
+
+
+def read_stage_state(path: Path, stage: int, total: int) -> dict[str, Any]:
+    """A stage checkpoint's state.json, checked before a resume trusts it: a mapping whose stage is this one,
+    whose step is the folder's and within the stage, and whose latent scale (stage 1's last) is a positive
+    number."""
+    state_file = path / STAGE_STATE
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, f"{state_file.name} unreadable: {str(exc).splitlines()[0]}") from None
+    if not isinstance(state, dict):
+        raise _damaged(path, f"{state_file.name} is not a mapping")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total or \
+            path.name != stage_checkpoint_name(stage, step) or state.get("stage") != stage:
+        raise _damaged(path, f"{state_file.name} names stage {state.get('stage')!r}, step {step!r}, not this "
+                             f"folder's step of stage {stage} (0..{total})")
+    scale = state.get("scaling_factor")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise _damaged(path, f"{state_file.name}: scaling_factor {scale!r} is not a positive number")
+    return state
+
+
+def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer, stage: int, total: int) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    state = read_stage_state(path, stage, total)
     try:
         tensors = load_file(str(path / STAGE_WEIGHTS))
         for name, module in modules.items():
@@ -331,10 +423,10 @@ def _load(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict[st
             module.load_state_dict(own)
         if optimizer is not None:
             load_optimizer(path, optimizer)
-        return json.loads((path / STAGE_STATE).read_text())
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise DefectFillError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); remove it and "
-                              "rerun with --resume, or start again in a new folder.") from None
+    # a damaged optimizer.json can hold any JSON: wrong types surface as TypeError/AttributeError
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, SafetensorError) as exc:
+        raise _damaged(path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
+    return state
 
 
 # --------------------------------------------------------------------------- the run
@@ -354,7 +446,12 @@ def _prepare_folder(settings: PretrainSettings, resume: bool) -> Path:
         try:
             saved = json.loads(state_file.read_text())
         except (OSError, ValueError) as exc:
-            raise DefectFillError(f"{state_file}: damaged ({exc}); start again in a new folder.") from None
+            saved = exc
+        if not isinstance(saved, dict):
+            why = saved if isinstance(saved, Exception) else f"a {type(saved).__name__}, not the settings"
+            raise DefectFillError(f"{state_file}: damaged ({why}); it records the run's settings. Restore it "
+                                  "(each setting as the run was started, e.g. from a copy), or start again in a "
+                                  "new folder; the checkpoints are left as they are.") from None
         mine = json.loads(json.dumps(settings.to_json()))
         changed = sorted(k for k in set(saved) | set(mine) if k not in ("vae_steps", "unet_steps")
                          and saved.get(k) != mine.get(k))
@@ -384,6 +481,8 @@ def pretrain_base(settings: PretrainSettings, resume: bool = False, max_minutes:
     from defectfill.core.folders import folder_lock
 
     settings.check()  # 1. the settings
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes >= 0):
+        raise DefectFillError(f"--max-minutes {max_minutes}: must be 0 or more (minutes before a clean stop).")
     folder = _prepare_folder(settings, resume)  # 2. the folder (new, or the run to continue)
     run = PretrainRun(settings, folder, stop_after_steps, max_minutes, progress)
     with folder_lock(folder, COMMAND):
@@ -463,13 +562,16 @@ class PretrainRun:
         step = 0
         last = _latest(self.folder, 1) if resume else None
         if last is not None:
-            finished = "scaling_factor" in json.loads((last / STAGE_STATE).read_text())
-            step = _load(last, {"vae": vae}, None if finished else opt)["step"]
+            finished = "scaling_factor" in read_stage_state(last, 1, settings.vae_steps)
+            step = _load(last, {"vae": vae}, None if finished else opt, 1, settings.vae_steps)["step"]
         vae.train()
         if not self.run_stage(1, step, settings.vae_steps, settings.vae_lr, {"vae": vae}, opt,
                               self.autoencoder_loss, self.finish_autoencoder, "pretrain: VAE"):
             return False
-        final = _load(_latest(self.folder, 1), {"vae": vae}, None)
+        last = _latest(self.folder, 1)
+        final = _load(last, {"vae": vae}, None, 1, settings.vae_steps)
+        if "scaling_factor" not in final:
+            raise _damaged(last, f"{STAGE_STATE} of the finished stage has no scaling_factor")
         vae.register_to_config(scaling_factor=final["scaling_factor"])
         vae.eval().requires_grad_(False)
         return True
@@ -493,7 +595,7 @@ class PretrainRun:
         step = 0
         last = _latest(self.folder, 2) if resume else None
         if last is not None:
-            step = _load(last, networks, opt)["step"]
+            step = _load(last, networks, opt, 2, settings.unet_steps)["step"]
         self.unet.train()
         self.text_encoder.train()
         return self.run_stage(2, step, settings.unet_steps, settings.unet_lr, networks, opt, self.unet_loss,

@@ -1,0 +1,148 @@
+"""Reliability, part 2: pretrain-base's settings, architecture and resume records; the UI's unreadable folders;
+generate's journal; 1cls split CSVs; seeds; and a battery of bad inputs and faults against every command."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+
+import pytest
+from helpers import write_run
+
+from defectfill.cli import main
+from defectfill.config.settings import _kind
+from defectfill.config.stages import GenerateConfig
+from defectfill.core.errors import DefectFillError
+from defectfill.pretrain.base import TINY_ARCH, BaseArch, PretrainSettings, pretrain_base
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return code, err
+
+
+def _tiny(output, **overrides) -> PretrainSettings:
+    settings = dict(output=str(output), size=32, vae_steps=3, unet_steps=2, batch_size=1, seed=5, save_every=1,
+                    warmup_steps=1, arch=TINY_ARCH)
+    settings.update(overrides)
+    return PretrainSettings(**settings)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir, demo_root):
+    return write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
+
+
+def _generate(run, out, *extra) -> GenerateConfig:
+    parser = argparse.ArgumentParser()
+    GenerateConfig.add_arguments(parser)
+    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", "1", *extra])
+    return GenerateConfig.from_args(args)
+
+
+# --------------------------------------------------------------------------- pretrain-base: settings
+
+
+def test_every_pretrain_number_declares_its_bounds():
+    """Each numeric setting of pretrain-base and of its architecture has a least (and the architecture's a
+    most) on its field, as the other stages' settings do."""
+    for f in dataclasses.fields(PretrainSettings):
+        if _kind(f) in ("int", "float"):
+            assert "min" in f.metadata or "above" in f.metadata, f.name
+    assert PretrainSettings.__dataclass_fields__["seed"].metadata["max"] == 2**32 - 1
+    for f in dataclasses.fields(BaseArch):
+        assert ("min" in f.metadata and "max" in f.metadata) or "choices" in f.metadata, f.name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "4294967296"], r"--seed must be in \[0, 4294967295\] \(got 4294967296\)"),
+    (["--seed", "-1"], r"--seed must be 0 or more"),
+    (["--size", "8192"], r"--size must be in \[32, 4096\]"),
+    (["--batch-size", "100000"], r"--batch-size must be in \[1, 4096\]"),
+    (["--save-every", "0"], r"--save-every must be at least 1"),
+    (["--unet-steps", "100000000"], r"--unet-steps must be in \[1, 10000000\]"),
+    (["--edge-weight", "nan"], r"--edge-weight: expected a finite number"),
+    (["--edge-weight", "-1"], r"--edge-weight must be 0 or more"),
+    (["--max-minutes", "-1"], r"--max-minutes -1.0: must be 0 or more"),
+    (["--arch", '{"unet_heads": [5, 8, 8]}'], r"--arch unet_channels \(48, 96, 96\): each must be divisible by "
+                                               r"its unet_heads \(5, 8, 8\)"),
+    (["--arch", '{"unet_groups": 5}'], r"each must be divisible by unet_groups 5"),
+    (["--arch", '{"vae_groups": 7}'], r"--arch vae_channels \(32, 64, 64\): each must be divisible by vae_groups 7"),
+    (["--arch", '{"unet_layers": 0}'], r"--arch unet_layers 0: must be in \[1, 64\]"),
+    (["--arch", '{"text_heads": 3}'], r"--arch text_hidden 128: must be divisible by text_heads 3"),
+    (["--arch", '{"unet_channels": [48], "unet_heads": [4]}'], r"needs at least two levels"),
+    (["--arch", '{"unet_heads": [4, 8]}'], r"one head count per UNet level \(3\)"),
+    (["--arch", '{"vae_channels": 32}'], r"--arch vae_channels: expected a list of whole numbers, got 32"),
+    (["--arch", '{"text_vocab": "all"}'], r"--arch text_vocab 'all': choose one of mini, clip"),
+])
+def test_pretrain_refuses_bad_settings_before_any_work(capsys, tmp_path, flags, message):
+    import re
+
+    out = tmp_path / "base"
+    code, err = _cli(capsys, "pretrain-base", "--output", out, "--size", "32", "--vae-steps", "1",
+                     "--unet-steps", "1", "--batch-size", "1", *flags)
+    assert code == 2 and re.search(message, err), err
+    assert not out.exists()  # refused before the folder was made or a network built
+
+
+def test_a_hand_made_pretrain_setting_is_type_checked_too():
+    with pytest.raises(DefectFillError, match=r"--vae-lr: expected a finite number, got nan"):
+        _tiny("x", vae_lr=float("nan")).check()
+    with pytest.raises(DefectFillError, match=r"--vae-lr must be positive"):
+        _tiny("x", vae_lr=0.0).check()
+    with pytest.raises(DefectFillError, match=r"--vae-steps: expected a whole number, got 1.5"):
+        _tiny("x", vae_steps=1.5).check()
+
+
+# --------------------------------------------------------------------------- pretrain-base: resume records
+
+
+@pytest.fixture(scope="module")
+def stopped_pretrain(tmp_path_factory):
+    """A tiny pretraining stopped after two steps of stage 1 (checkpoint stage1-2), to damage copies of."""
+    out = tmp_path_factory.mktemp("pretrain") / "base"
+    assert pretrain_base(_tiny(out), stop_after_steps=2, progress=False) is None
+    assert (out / "checkpoints" / "stage1-2" / "state.json").is_file()
+    return out
+
+
+def _damage(folder, case):
+    ckpt = folder / "checkpoints" / "stage1-2"
+    if case == "truncated_record":
+        text = (folder / "pretrain.json").read_text()
+        (folder / "pretrain.json").write_text(text[: len(text) // 2])
+        return folder / "pretrain.json"
+    if case == "record_a_list":
+        (folder / "pretrain.json").write_text("[1, 2]")
+        return folder / "pretrain.json"
+    if case == "truncated_state":
+        (ckpt / "state.json").write_text('{"stage": 1, "st')
+    elif case == "state_a_list":
+        (ckpt / "state.json").write_text("[]")
+    elif case == "state_step_text":
+        (ckpt / "state.json").write_text('{"stage": 1, "step": "2"}')
+    elif case == "state_step_other":
+        (ckpt / "state.json").write_text('{"stage": 1, "step": 7}')
+    elif case == "optimizer_meta":
+        (ckpt / "optimizer.json").write_text('{"param_groups": 3, "scalars": []}')
+    elif case == "weights_truncated":
+        data = (ckpt / "weights.safetensors").read_bytes()
+        (ckpt / "weights.safetensors").write_bytes(data[:100])
+    return ckpt
+
+
+@pytest.mark.parametrize("case", ["truncated_record", "record_a_list", "truncated_state", "state_a_list",
+                                  "state_step_text", "state_step_other", "optimizer_meta", "weights_truncated"])
+def test_a_damaged_resume_record_is_named_and_nothing_is_deleted(stopped_pretrain, tmp_path, case):
+    folder = tmp_path / "base"
+    shutil.copytree(stopped_pretrain, folder)
+    named = _damage(folder, case)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    with pytest.raises(DefectFillError) as info:
+        pretrain_base(_tiny(folder), resume=True, progress=False)
+    message = str(info.value)
+    assert str(named) in message and ("new folder" in message or "move it aside" in message), message
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # the checkpoints are all kept
