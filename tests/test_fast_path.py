@@ -140,3 +140,114 @@ def test_both_steps_accept_wrapped_modules_without_truth_value(setup):
     finally:
         models.unet_call = models.text_encoder_call = None
     torch.testing.assert_close(wrapped.total, plain.total)
+
+
+def _with(config, **overrides):
+    saved = {k: getattr(config, k) for k in overrides}
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return saved
+
+
+@pytest.mark.parametrize("overrides", [
+    {"attn_scales": "all"},
+    {"attn_scales": "all", "lambda_attn_consistency": 0.5},
+    {"lambda_attn_consistency": 0.5},  # the consistency term with today's one-map L_attn
+    {"lambda_perceptual": 0.5},
+])
+def test_optional_terms_match_the_reference(setup, overrides):
+    """Multi-scale L_attn, the consistency term and the perceptual term: the fast step equals the naive one."""
+    config = setup[0]
+    saved = _with(config, **overrides)
+    try:
+        fast, fast_grads, slow, slow_grads = _both(setup, 2)
+    finally:
+        _with(config, **saved)
+    for name in TERMS:
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=1e-5, atol=1e-6)
+    assert fast.extras.keys() == slow.extras.keys()
+    for name in fast.extras:
+        torch.testing.assert_close(fast.extras[name], slow.extras[name], rtol=1e-5, atol=1e-6)
+        assert fast.extras[name] > 0
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _attention_only_grads(setup, **overrides):
+    config = setup[0]
+    saved = _with(config, lambda_def=0.0, lambda_obj=0.0, **overrides)
+    try:
+        fast, fast_grads, _, _ = _both(setup, 1)
+    finally:
+        _with(config, **saved)
+    return fast, fast_grads
+
+
+def test_all_scales_train_every_decoder_resolution(setup):
+    """With --attn-scales all, each decoder grid's own map is compared with the mask: the gradient reaches the
+    cross-attention keys of each up block (on the tiny UNet: up_blocks.1 at 8x8, up_blocks.2 at 16x16), the loss is
+    the mean of the per-grid losses, and it differs from today's one-map L_attn."""
+    from defectfill.model.attention import token_maps_by_scale
+    from defectfill.train import losses as L
+
+    config, models, images, masks, prompts = setup
+    fast, grads = _attention_only_grads(setup, lambda_attn=1.0, attn_scales="all")
+    for block in ("up_blocks.1.", "up_blocks.2."):
+        keys = [n for n in grads if n.startswith("unet." + block) and "attn2.to_k.lora" in n]
+        assert keys and all(grads[n].abs().sum() > 0 for n in keys), block
+    # by hand: the recorded maps of the same micro-batch, per grid
+    batch = make_micro_batch(images, masks, config, 1, 0, 0, 1)
+    with torch.no_grad():
+        saved = _with(config, lambda_def=0.0, lambda_obj=0.0, lambda_attn=1.0)
+        try:
+            recorded = []
+            original = models.recorder.stop
+            models.recorder.stop = lambda: (recorded.extend(models.recorder.maps), original())[1]
+            try:
+                defectfill_losses(models, batch, prompts, config, torch.device("cpu"))
+            finally:
+                models.recorder.stop = original
+        finally:
+            _with(config, **saved)
+    from defectfill.model.pipeline import vae_scale_factor
+
+    side = images.shape[-1] // vae_scale_factor(models.vae)
+    scales = token_maps_by_scale(recorded, (side, side))
+    assert [tuple(m.shape[-2:]) for m in scales] == [(side // 2, side // 2), (side, side)]
+    per_grid = [L.attention_loss(m, batch.masks) for m in scales]
+    torch.testing.assert_close(fast.attention, torch.stack(per_grid).mean(), rtol=1e-5, atol=1e-7)
+    coarsest, _ = _attention_only_grads(setup, lambda_attn=1.0)
+    assert not torch.isclose(coarsest.attention, fast.attention)
+
+
+def test_consistency_alone_trains_the_finer_grid(setup):
+    """The consistency term on its own (L_attn off) has a gradient on both grids' cross-attention keys."""
+    fast, grads = _attention_only_grads(setup, lambda_attn=0.0, lambda_attn_consistency=1.0)
+    assert fast.extras["attention_consistency"] > 0
+    torch.testing.assert_close(fast.total, fast.extras["attention_consistency"])
+    for block in ("up_blocks.1.", "up_blocks.2."):
+        keys = [n for n in grads if n.startswith("unet." + block) and "attn2.to_k.lora" in n]
+        assert keys and all(grads[n].abs().sum() > 0 for n in keys), block
+
+
+def test_perceptual_term_trains_the_lora_and_zero_changes_nothing(setup):
+    """--lambda-perceptual alone: its gradient reaches the UNet's and the text encoder's LoRA through the VAE
+    decoder. At 0 (the default) the VAE decoder is never called and the step is the three-loss step."""
+    config, models, images, masks, prompts = setup
+    fast, grads = _attention_only_grads(setup, lambda_attn=0.0, lambda_perceptual=1.0)
+    assert fast.extras["perceptual"] > 0
+    torch.testing.assert_close(fast.total, fast.extras["perceptual"])
+    unet_lora = [n for n in grads if n.startswith("unet.") and "lora" in n]
+    assert unet_lora and sum(float(grads[n].abs().sum()) for n in unet_lora) > 0
+    assert any(grads[n].abs().sum() > 0 for n in grads if n.startswith("text_encoder."))
+    calls = []
+    hook = models.vae.decoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            plain = defectfill_losses(models, make_micro_batch(images, masks, config, 1, 0, 0, 1), prompts, config,
+                                      torch.device("cpu"))
+    finally:
+        hook.remove()
+    assert not calls and not plain.extras
+    torch.testing.assert_close(plain.total, config.lambda_def * plain.defect + config.lambda_obj * plain.object
+                               + config.lambda_attn * plain.attention)

@@ -112,3 +112,21 @@ def test_the_attention_maps_default_to_the_coarsest_decoder_cross_attention_grid
     assert coarsest_cross_attention_side(sd2, 64) == 16
     assert coarsest_cross_attention_side(mini, 16) == 8
     assert coarsest_cross_attention_side(unet(("CrossAttnUpBlock2D",) * 3), 16) == 4
+
+
+def test_attention_consistency_is_zero_when_the_grids_agree_and_positive_when_not():
+    from defectfill.train.losses import attention_consistency, multi_scale_attention_loss
+
+    coarse = torch.zeros(1, 2, 2)
+    coarse[0, 0, 0] = 1.0
+    fine_agree = coarse.repeat_interleave(2, 1).repeat_interleave(2, 2)  # the same map on the 4x4 grid
+    assert float(attention_consistency([coarse, fine_agree])) == 0.0
+    fine_other = torch.zeros(1, 4, 4)
+    fine_other[0, 3, 3] = 1.0  # its peak in the opposite corner
+    assert float(attention_consistency([coarse, fine_other])) > 0.1
+    assert float(attention_consistency([coarse])) == 0.0
+    mask = fine_agree[:, None]  # (1, 1, 4, 4): the coarse map's cell
+    # the coarse map and the agreeing fine map both equal the mask at their grid: loss 0; the other fine map not
+    assert float(multi_scale_attention_loss([coarse, fine_agree], mask)) == 0.0
+    half = float(multi_scale_attention_loss([coarse, fine_other], mask))
+    assert half == pytest.approx(float(attention_loss(fine_other, mask)) / 2)

@@ -48,6 +48,7 @@ LAYOUTS = ["auto", *DATA_LAYOUTS]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
 EXECUTORS = ["local", "ray"]
+ATTN_SCALES = ["coarsest", "all"]
 EXPORT_FORMATS = ("coco", "hf", "labelstudio", "mvtec")  # `defectfill export --to`, `run --export`
 COMPILE_HELP = "torch.compile (auto: on a GPU, where it pays; not on a CPU, where it was measured slower):"
 PRECISION_HELP = ("precision: auto (bf16 on GPUs that support it, fp16 on other CUDA GPUs, full on a CPU), "
@@ -92,6 +93,9 @@ class TrainConfig(Settings):
     defect_prompt: str = field(default="A photo of {token}", metadata={"help": "prompt of the defect branch"})
     object_prompt: str = field(default="A {object} with {token}", metadata={"help": "prompt of the object branch"})
     attn_size: int | None = field(default=None, metadata={"help": "side of the attention-loss maps (default: the coarsest decoder cross-attention grid, 16 for SD2 at 512 px, 8 for defectfill-mini at 64 px)", "min": 1, "max": MAX_SIDE})
+    attn_scales: str = field(default="coarsest", metadata={"help": "grids of L_attn: 'coarsest' (one map, every decoder cross-attention layer averaged on --attn-size) or 'all' (one map and one L_attn per decoder grid, averaged)", "choices": ATTN_SCALES})
+    lambda_attn_consistency: float = field(default=0.0, metadata={"help": "weight of the agreement between the decoder grids' token maps, each resized to the coarsest (0: off)", "min": 0})
+    lambda_perceptual: float = field(default=0.0, metadata={"help": "weight of the decoded pixel loss: the VAE-decoded x0 prediction of the defect branch against the reference, mean absolute error inside the defect mask (0: off; costs a VAE decode with gradient)", "min": 0})
     num_boxes: int = field(default=30, metadata={"help": "boxes in the object branch's random mask", "min": 0, "max": 10_000})
     box_min: float = field(default=0.03, metadata={"help": "smallest box side, fraction of the image side", "above": 0, "max": 1})
     box_max: float = field(default=0.25, metadata={"help": "largest box side, fraction of the image side", "above": 0, "max": 1})
@@ -130,7 +134,10 @@ class TrainConfig(Settings):
         self.check_declared()  # the bounds in the fields' metadata
         check_all([
             (self.resolution >= 8 and self.resolution % 8 == 0, "--resolution must be a positive multiple of 8"),
-            (self.lambda_def + self.lambda_obj + self.lambda_attn > 0, "at least one loss weight must be positive"),
+            (self.lambda_def + self.lambda_obj + self.lambda_attn + self.lambda_attn_consistency
+             + self.lambda_perceptual > 0, "at least one loss weight must be positive"),
+            (self.attn_scales in ATTN_SCALES, f"--attn-scales {self.attn_scales!r}: choose one of "
+             + ", ".join(ATTN_SCALES)),
             (0 < self.box_min <= self.box_max <= 1, "need 0 < --box-min <= --box-max <= 1"),
             (bool(self.token.strip()), "--token must not be empty"),
         ])

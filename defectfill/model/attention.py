@@ -123,6 +123,20 @@ def token_attention_map(token_maps: list[torch.Tensor], latent_hw: tuple[int, in
     return mean / peak[:, None, None]
 
 
+def token_maps_by_scale(token_maps: list[torch.Tensor], latent_hw: tuple[int, int]) -> list[torch.Tensor]:
+    """Per-layer token maps (B, Nq_l) -> one map per grid, coarsest first: (B, h_s, w_s), the mean of that grid's
+    layers, divided per sample by its max (as `token_attention_map` does for the one map)."""
+    by_grid: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for m in token_maps:
+        h, w = layer_grid(latent_hw, m.shape[1])
+        by_grid.setdefault((h, w), []).append(m.float().reshape(-1, h, w))
+    out = []
+    for grid in sorted(by_grid, key=lambda g: g[0] * g[1]):
+        mean = torch.stack(by_grid[grid]).mean(0)
+        out.append(mean / mean.flatten(1).amax(1).clamp_min(1e-8)[:, None, None])
+    return out
+
+
 class AttentionRecorder:
     """Records the [V*] token's cross-attention maps in the UNet decoder.
 
@@ -184,6 +198,12 @@ class AttentionRecorder:
         if not self.maps:
             raise RuntimeError("no attention maps recorded: call start(token_weights) before the UNet forward")
         return token_attention_map(self.maps, latent_hw, size)
+
+    def by_scale(self, latent_hw: tuple[int, int]) -> list[torch.Tensor]:
+        """The recorded maps as one map per decoder grid, coarsest first, see `token_maps_by_scale`."""
+        if not self.maps:
+            raise RuntimeError("no attention maps recorded: call start(token_weights) before the UNet forward")
+        return token_maps_by_scale(self.maps, latent_hw)
 
     def running_mean(self) -> torch.Tensor:
         """Running mode: the mean of every map since `start`, (B', *running_hw), divided per row by its max."""

@@ -125,3 +125,16 @@ def diffusion_target(scheduler, latents, noise, timesteps):
     if scheduler.config.prediction_type == "v_prediction":
         return scheduler.get_velocity(latents, noise, timesteps)
     return noise
+
+
+def predicted_clean_latents(scheduler, noisy, prediction, timesteps):
+    """The clean latents x0 the UNet's `prediction` at `timesteps` implies for `noisy` (epsilon or v-prediction):
+    eps: (x_t - sqrt(1 - a) eps) / sqrt(a); v: sqrt(a) x_t - sqrt(1 - a) v, with a the cumulative alpha."""
+    import torch
+
+    check_prediction_type(scheduler)
+    alphas = scheduler.alphas_cumprod.to(noisy.device, torch.float32)[timesteps].view(-1, 1, 1, 1)
+    a, s = alphas.sqrt(), (1.0 - alphas).sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        return a * noisy - s * prediction
+    return (noisy - s * prediction) / a

@@ -26,9 +26,8 @@ from defectfill.model.attention import (
     ExplicitAttnProcessor,
     coarsest_cross_attention_side,
     is_decoder_cross_attention,
-    token_attention_map,
 )
-from defectfill.model.networks import diffusion_target
+from defectfill.model.networks import diffusion_target, predicted_clean_latents
 from defectfill.model.pipeline import dilate_to_latent_cells, latent_cell_mask, unet_input, vae_scale_factor
 from defectfill.train import losses as L
 
@@ -104,6 +103,7 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
     unet_call, text_encoder = models.callables()
 
     preds, maps = [], None
+    consistency = config.lambda_attn_consistency > 0
     with autocast():
         for i, (mask_lat, masked_lat) in enumerate(conds):  # one text call and one UNet call per branch
             text = text_encoder(prompts.input_ids[i:i + 1].to(device))[0].expand(b, -1, -1)
@@ -111,15 +111,24 @@ def naive_losses(models, batch, prompts, config, device: torch.device, store: At
             pred = unet_call(unet_input(noisy, mask_lat, masked_lat).to(unet.dtype), timesteps,
                              encoder_hidden_states=text).sample
             preds.append(pred.float())
-            if i == 0 and config.lambda_attn > 0:
+            if i == 0 and (config.lambda_attn > 0 or consistency):
                 weights = prompts.token_weights.to(device).expand(b, -1)
-                maps = token_attention_map(token_maps(store.decoder_cross_attention(), weights), (lh, lw),
-                                           config.attn_size or coarsest_cross_attention_side(unet, lh))
+                maps = L.attention_terms(token_maps(store.decoder_cross_attention(), weights), (lh, lw),
+                                         batch.masks.to(device), config.attn_scales,
+                                         config.attn_size or coarsest_cross_attention_side(unet, lh), consistency)
+        decoded = None
+        if config.lambda_perceptual > 0:  # the defect branch's x0 prediction, decoded with its graph
+            x0 = predicted_clean_latents(sched, noisy.float(), preds[0], timesteps)
+            decoded = vae.decode((x0 / sf).to(vae.dtype)).sample
     m_lat = conds[0][0].float()
     l_def = L.defect_loss(target, preds[0], m_lat)
     valid = None
     if batch.valid is not None:  # latent cells wholly on the image (letterbox padding weighs 0 in L_obj)
         valid = 1.0 - latent_cell_mask(1.0 - batch.valid.to(device).float(), vae_scale_factor(vae))
     l_obj = L.object_loss(target, preds[1], m_lat, config.alpha, valid)
-    l_attn = L.attention_loss(maps, batch.masks.to(device)) if maps is not None else torch.zeros((), device=device)
-    return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)
+    zero = torch.zeros((), device=device)
+    l_attn, l_cons = maps if maps is not None else (zero, zero)
+    extras = {"attention_consistency": (l_cons, config.lambda_attn_consistency)}
+    if decoded is not None:
+        extras["perceptual"] = (L.decoded_pixel_loss(decoded, images, batch.masks.to(device)), config.lambda_perceptual)
+    return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn, extras)

@@ -50,7 +50,7 @@ from defectfill.data.images import letterbox
 from defectfill.data.layouts import Layout
 from defectfill.data.split import ObjectSplit, make_object_split
 from defectfill.model.attention import AttentionRecorder, coarsest_cross_attention_side
-from defectfill.model.networks import check_prediction_type, diffusion_target
+from defectfill.model.networks import check_prediction_type, diffusion_target, predicted_clean_latents
 from defectfill.model.pipeline import (
     LORA_WEIGHTS_NAME,
     TOKEN_WEIGHTS_NAME,
@@ -378,14 +378,17 @@ def defectfill_losses(
             g = batch.groups.to(device)
             text = torch.cat([text[g], text[n_groups + g]])  # (2B, 77, D)
             token_weights = prompts.token_weights.to(device)[g]  # (B, 77)
-        record = config.lambda_attn > 0
+        consistency = config.lambda_attn_consistency > 0
+        record = config.lambda_attn > 0 or consistency
         models.recorder.start(token_weights if record else None)
         model_in = unet_input(torch.cat([noisy, noisy]), mask_latents, masked_latents).to(unet.dtype)  # (2B,9,h,w)
         pred = unet_call(model_in, torch.cat([timesteps, timesteps]), encoder_hidden_states=text).sample  # (2B,4,h,w)
         if record:
             attn_size = config.attn_size or coarsest_cross_attention_side(unet, lh)
-            maps = models.recorder.aggregate((lh, lw), attn_size)  # (B, s, s)
+            l_attn, l_cons = L.attention_terms(models.recorder.maps, (lh, lw), masks, config.attn_scales, attn_size,
+                                               consistency)
         models.recorder.stop()
+        decoded = perceptual_decode(models, noisy, pred[:b], timesteps) if config.lambda_perceptual > 0 else None
 
     pred = pred.float()
     # the real defect mask at latent size: every cell it touches (max reduction), the cells the UNet is told to
@@ -393,8 +396,28 @@ def defectfill_losses(
     m_lat = mask_latents[:b].float()
     l_def = L.defect_loss(target, pred[:b], m_lat)
     l_obj = L.object_loss(target, pred[b:], m_lat, config.alpha, valid_cells(batch.valid, vae, device))
-    l_attn = L.attention_loss(maps, masks) if record else torch.zeros((), device=device)
-    return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn)
+    if not record:
+        l_attn = l_cons = torch.zeros((), device=device)
+    return L.combine(l_def, l_obj, l_attn, config.lambda_def, config.lambda_obj, config.lambda_attn,
+                     optional_terms(config, l_cons, decoded, images, masks))
+
+
+def perceptual_decode(models: TrainingModels, noisy: torch.Tensor, pred: torch.Tensor,
+                      timesteps: torch.Tensor) -> torch.Tensor:
+    """The defect rows' predicted clean latents, decoded by the (frozen) VAE with their graph: the perceptual
+    term's gradient reaches the LoRA through the decoder. (B, 3, H, W) in [-1, 1]."""
+    vae = models.vae
+    x0 = predicted_clean_latents(models.noise_scheduler, noisy.float(), pred.float(), timesteps)
+    return vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample
+
+
+def optional_terms(config: TrainConfig, l_cons: torch.Tensor, decoded: torch.Tensor | None, images: torch.Tensor,
+                   masks: torch.Tensor) -> dict[str, tuple[torch.Tensor, float]]:
+    """The optional loss terms and their weights (a 0 weight: left out of the total)."""
+    terms = {"attention_consistency": (l_cons, config.lambda_attn_consistency)}
+    if decoded is not None:
+        terms["perceptual"] = (L.decoded_pixel_loss(decoded, images, masks), config.lambda_perceptual)
+    return terms
 
 
 def _optimizer_step(accelerator, optimizer, params: list[nn.Parameter], loss_sum: torch.Tensor,
