@@ -75,7 +75,11 @@ def run_dir(demo_root, tmp_path):
 
 
 def test_evaluate_run_writes_metrics_and_report(demo_root, run_dir, tmp_path):
+    from defectfill.outputs.run_folder import append_metrics
+
     synth = make_generated(demo_root, tmp_path / "synth")
+    for step in (1, 2):
+        append_metrics(run_dir, {"step": step, "loss": {"total": 1.0 / step}})
     out = tmp_path / "eval"
     metrics = evaluate(synth, out, run=run_dir, feature_extractor=PoolFeatures(), distance=abs_distance,
                        kid_subsets=10, lpips_size=32)
@@ -100,6 +104,11 @@ def test_evaluate_run_writes_metrics_and_report(demo_root, run_dir, tmp_path):
     assert "data:image/png;base64," in page and "samples_disc_scratch" in page
     assert "kid.mean_x1e3" in page and "ic_lpips.value" in page and "n_real_held_out" in page
     assert (out / "report.md").is_file() and (out / "samples_disc_scratch.png").is_file()
+    # the run's loss curve, the LFS scores of the manifest and the defect areas, each a picture of the report
+    # (this folder has no manifest, so no LFS scores to draw)
+    assert (out / "losses_disc_scratch.png").is_file() and (out / "areas_disc_scratch.png").is_file()
+    assert not (out / "lfs_disc_scratch.png").exists()
+    assert "Training losses: disc / scratch" in page and "Defect sizes: real vs generated" in page
 
 
 def test_evaluate_data_mode_with_downstream_models(demo_root, tmp_path):
@@ -123,6 +132,7 @@ def test_evaluate_data_mode_with_downstream_models(demo_root, tmp_path):
     assert saved["downstream"]["localize"]["status"] == "done"
     page = (out / "report.html").read_text()
     assert "confusion_disc" in page and "image.auroc" in page and "pixel.f1_max" in page
+    assert "Tested on 8 real images" in page  # too few test images to read small differences
     assert (out / "confusion_disc.png").is_file()
     # the same models trained on the real references only and on real + synthetic, side by side with the gain
     down = metrics["downstream"]
@@ -134,7 +144,8 @@ def test_evaluate_data_mode_with_downstream_models(demo_root, tmp_path):
     assert acc["real"] == down["classify_real"]["accuracy"] and acc["synthetic"] == cls["accuracy"]
     assert acc["gain real+synthetic over real"] == pytest.approx(acc["real+synthetic"] - acc["real"])
     assert comparison["localize image AUROC"]["real"] == down["localize_real"]["image"]["auroc"]
-    assert "classify accuracy: real / real+synthetic / synthetic" in page and "gain of real+synthetic over real" in page
+    assert "Defect type classifier: accuracy (trained on real / real+synthetic / synthetic)" in page
+    assert "adding the synthetic images" in page and "higher is better" in page
 
 
 def test_mode_and_size_differences_are_converted_and_said(demo_root, run_dir, tmp_path):

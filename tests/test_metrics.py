@@ -427,7 +427,7 @@ def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
     cat = demo_root / "disc"
     pairs = [(p, cat / "ground_truth" / "spot" / f"{p.stem}_mask.png") for p in sorted((cat / "test" / "spot").glob("*.png"))]
     grid = sample_grid(pairs[:3], pairs[3:], n=3, tile=32)
-    assert grid.size[1] == 4 * 36
+    assert grid.size[1] == 4 * 36 + 4  # real, its close-ups (the spots are small), generated, its close-ups
     metrics = {
         "settings": {"category": "disc", "kid_subsets": 100},
         "image_metrics": [{
@@ -448,9 +448,11 @@ def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
     assert json.loads(paths["metrics"].read_text()) == metrics
     page = paths["html"].read_text()
     md = paths["markdown"].read_text()
+    # every recorded value stays in the report under its metrics.json key (a collapsed section)
     for name in ["kid.mean", "kid.mean_x1e3", "kid.subset_size", "ic_lpips.reason", "accuracy",
                  "per_type_accuracy.spot", "image.auroc", "pixel.ap", "pixel.f1_max", "pro", "kid_subsets", "48x48",
-                 "KID x 10^3 (mean ± std)", "IC-LPIPS", "localize pixel AUROC / AP / F1-max"]:
+                 "Realism gap (KID x 10^3)", "Diversity (IC-LPIPS)",
+                 "Defect localiser: pixel AUROC / AP / F1-max (trained on synthetic)"]:
         assert name in page and name in md, name
     assert "12.300 ± 1.000" in page and "0.0123" in md and "0.42" in md
     assert "unavailable: IC-LPIPS needs a cluster" in md
@@ -459,3 +461,90 @@ def test_report_files_name_every_metric_and_embed_the_grid(tmp_path, demo_root):
     assert base64.b64decode(embedded[0]) == (tmp_path / "eval" / "samples_disc_spot.png").read_bytes()
     assert "<img" in page and "src='samples" not in page  # nothing linked: the page stands alone
     assert "](samples_disc_spot.png)" in md
+
+
+def _kid_item(n_real: int, mean: float, std: float, sizes: list[int]) -> dict:
+    n_gen = sum(sizes)
+    return {"category": "disc", "defect_type": "spot", "n_real_held_out": n_real, "n_generated": n_gen,
+            "n_references": len(sizes), "notes": [],
+            "kid": {"available": True, "n_real": n_real, "n_generated": n_gen, "mean": mean / 1e3, "std": std / 1e3,
+                    "mean_x1e3": mean, "std_x1e3": std, "subset_size": min(n_real, n_gen), "subsets": 20},
+            "ic_lpips": {"available": True, "n_generated": n_gen, "n_references": len(sizes), "cluster_sizes": sizes,
+                         "value": 0.1, "value_excluding_singletons": 0.2}}
+
+
+def test_report_says_direction_sample_and_cautions_on_small_samples(tmp_path):
+    """The demo's case (KID -9.25 ± 27.46 on 4 real images, clusters 8, 0) is read with its direction, its
+    sample and a caution each; 60 real images spread over both references carry none of them."""
+    from defectfill.outputs.report import write_report
+
+    small = write_report(tmp_path / "small", {"settings": {"selection_lpips": "untrained AlexNet"},
+                                              "image_metrics": [_kid_item(4, -9.25, 27.46, [8, 0])]}, {})
+    page, md = small["html"].read_text(), small["markdown"].read_text()
+    for text in (page, md):
+        assert "lower is better" in text and "higher is better" in text
+        assert "4 real held-out, 8 generated images" in text and "group sizes 8, 0" in text
+        assert "Unreliable: KID on 4 images per side" in text
+        assert "negative KID is not &#39;better than perfect&#39;" in text or "negative KID is not 'better" in text
+        assert "Diversity warning" in text and "untrained (random) AlexNet" in text
+    assert "-9.250 ± 27.460" in page
+    large = write_report(tmp_path / "large", {"settings": {"selection_lpips": "AlexNet"},
+                                              "image_metrics": [_kid_item(60, 4.0, 1.0, [30, 30])]}, {})
+    page = large["html"].read_text()
+    assert "lower is better" in page and "60 real held-out" in page
+    for caution in ("Unreliable", "negative KID", "Diversity warning", "untrained", "spread (±) is larger"):
+        assert caution not in page, caution
+
+
+def test_report_escapes_names_from_the_data(tmp_path):
+    """A defect type named like HTML is shown as text: the template engine escapes it."""
+    from defectfill.outputs.report import write_report
+
+    item = _kid_item(60, 4.0, 1.0, [30, 30]) | {"defect_type": "<script>x</script>"}
+    page = write_report(tmp_path / "e", {"settings": {}, "image_metrics": [item]}, {})["html"].read_text()
+    assert "<script>x" not in page and "&lt;script&gt;x" in page
+
+
+def test_charts_draw_their_data(tmp_path):
+    """The loss curve draws one coloured line per loss; the LFS histogram counts chosen and other candidates;
+    the area plot has both groups; nothing to draw gives no picture."""
+    import numpy as np
+
+    from defectfill.outputs.charts import COLOURS
+    from defectfill.outputs.report import area_picture, lfs_picture, loss_picture
+
+    rows = [{"step": s, "loss": {"defect": 1.0 / s, "total": 2.0 / s}} for s in (1, 2, 3)]
+    curve = np.asarray(loss_picture(rows))
+    for colour in COLOURS[:2]:
+        assert (curve == colour).all(axis=-1).sum() > 50, colour  # a line (and its legend box) in each colour
+    assert (curve == COLOURS[2]).all(axis=-1).sum() == 0
+    assert loss_picture([]) is None and lfs_picture([]) is None and area_picture([], []) is None
+    lfs = lfs_picture([{"scores": [0.1, 0.5], "chosen": 1}, {"scores": [0.2, 0.6, 0.3], "chosen": 1}])
+    assert lfs is not None and (np.asarray(lfs) == COLOURS[1]).all(axis=-1).sum() > 0
+    assert area_picture([1.0, 2.0], [1.5]) is not None
+
+
+def test_sample_grid_outlines_the_defect_and_crops_a_small_one(tmp_path):
+    """The contour is drawn around the mask (not over it) and a small defect gets a close-up row; a large one
+    needs none."""
+    import numpy as np
+    from PIL import Image
+
+    from defectfill.outputs.report import OUTLINE, sample_grid
+
+    img = np.full((64, 64, 3), 200, np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    small = np.zeros((64, 64), np.uint8)
+    small[30:34, 30:34] = 255
+    Image.fromarray(small).save(tmp_path / "small.png")
+    big = np.zeros((64, 64), np.uint8)
+    big[4:60, 4:60] = 255
+    Image.fromarray(big).save(tmp_path / "big.png")
+    grid = np.asarray(sample_grid([(tmp_path / "a.png", tmp_path / "small.png")], [], tile=64))
+    assert grid.shape[0] == 4 + 3 * (64 + 4)  # real, its close-up, an empty generated row
+    tile = grid[4:68, 114:178]
+    assert (tile == OUTLINE).all(axis=-1).sum() > 0 and (tile[31:33, 31:33] == 200).all()  # defect untouched
+    close = grid[72:136, 114:178]
+    assert (close == OUTLINE).all(axis=-1).sum() > (tile == OUTLINE).all(axis=-1).sum()  # magnified
+    grid = np.asarray(sample_grid([(tmp_path / "a.png", tmp_path / "big.png")], [], tile=64))
+    assert grid.shape[0] == 4 + 2 * (64 + 4)  # no close-up row

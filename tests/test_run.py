@@ -44,6 +44,13 @@ def test_demo_at_test_size_writes_a_report_of_every_type(tmp_path, capsys):
     # each type's own evaluation report carries the note too, and no downstream settings (none ran there)
     type_report = (work / "eval" / "disc-scratch" / "report.html").read_text()
     assert "defectfill-mini" in type_report and "downstream_epochs" not in type_report
+    # LFS ran on an untrained AlexNet: the run's report, each type's report and the preview picture say so
+    assert report.count("untrained (random) AlexNet") == 3 and "untrained (random) AlexNet" in type_report
+    assert "real images (fewer than about 50) is unreliable" in report
+    from PIL import Image
+
+    preview = Image.open(work / "generated" / "disc-scratch" / "preview.png").convert("RGB")
+    assert preview.getpixel((preview.width - 2, 2)) == (120, 20, 20)  # the banner over the strips
     # the combined synthetic dataset reads back with the project's own MVTec loader
     from defectfill.data import open_layout
 

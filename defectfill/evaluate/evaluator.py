@@ -39,16 +39,21 @@ from defectfill.evaluate.metrics.downstream import train_classifier, train_local
 from defectfill.evaluate.metrics.ic_lpips import Distance, ic_lpips_details, lpips_distance_fn
 from defectfill.evaluate.metrics.kid import kid_images
 from defectfill.model.device import resolve_device
+from defectfill.outputs.generated import read_manifest, selection_network
 from defectfill.outputs.report import (
     METRICS_NAME,
     REPORT_HTML,
     REPORT_MD,
+    area_picture,
     confusion_picture,
+    lfs_picture,
+    loss_picture,
+    mask_area,
     sample_grid,
     sample_grid_name,
     write_report,
 )
-from defectfill.outputs.run_folder import read_run_config, read_run_split, run_split_path
+from defectfill.outputs.run_folder import read_metrics, read_run_config, read_run_split, run_split_path
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +233,7 @@ def _initial_metrics(evaluation: Evaluation) -> dict[str, Any]:
             # the downstream models' settings only where they ran
             **({f"downstream_{k}": v for k, v in settings.to_json().items()} if config.downstream != "none" else {}),
             "run_resolution": run_config.resolution if run_config is not None else None,
+            "selection_lpips": selection_network(evaluation.generated),
         },
         "image_metrics": [],
         "downstream": {},
@@ -274,7 +280,24 @@ def _measure_images(evaluation: Evaluation, split: Split) -> None:
     evaluation.metrics["image_metrics"].append(item)
     evaluation.pictures[sample_grid_name(split.category, split.defect_type)] = sample_grid(
         _pairs(split.held_out), _pairs(gen_samples), n=config.grid_samples, real_mask_rule=split.mask_rule)
+    _add_pictures(evaluation, split, gen_samples)
     evaluation.save()
+
+
+def _add_pictures(evaluation: Evaluation, split: Split, gen_samples: list[DefectSample]) -> None:
+    """The type's loss curve (with --run), LFS-score histogram and real-vs-generated defect areas, where there is
+    something to draw."""
+    name = f"{split.category}_{split.defect_type}"
+    pictures: dict[str, Image.Image | None] = {}
+    if evaluation.config.run is not None:
+        pictures[f"losses_{name}"] = loss_picture(read_metrics(evaluation.config.run))
+    folder = f"{split.category}/test/{split.defect_type}/"
+    rows = [r for r in read_manifest(evaluation.generated) if str(r.get("image", "")).startswith(folder)]
+    pictures[f"lfs_{name}"] = lfs_picture(rows)
+    pictures[f"areas_{name}"] = area_picture(
+        [mask_area(s.mask, split.mask_rule) for s in split.held_out if s.mask is not None],
+        [mask_area(s.mask) for s in gen_samples if s.mask is not None])
+    evaluation.pictures.update({k: v for k, v in pictures.items() if v is not None})
 
 
 def _measure_downstream(evaluation: Evaluation, classifier_factory: Callable[[int, bool], nn.Module] | None,

@@ -83,6 +83,19 @@ def is_generated_dataset(folder: Path) -> bool:
     return (Path(folder) / STATE).is_file()
 
 
+def selection_network(root: Path) -> str | None:
+    """Which network Low-Fidelity Selection scored a generated dataset's candidates with (its generate.json):
+    "untrained AlexNet" (--lpips-random-backbone), "AlexNet", or None when the folder does not say."""
+    try:
+        state = json.loads((Path(root) / STATE).read_text())
+    except (OSError, ValueError):
+        return None
+    config = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(config, dict) or "lpips_random_backbone" not in config:
+        return None
+    return "untrained AlexNet" if config["lpips_random_backbone"] else "AlexNet"
+
+
 def preview_path(root: Path) -> Path:
     return Path(root) / PREVIEW
 
@@ -360,6 +373,8 @@ def thumb(image: Image.Image, side: int) -> Image.Image:
 
 
 CAPTION_H = 14  # px under each tile for its label
+PREVIEW_UNTRAINED = ("LFS scores from an UNTRAINED AlexNet (--lpips-random-backbone):",
+                     "not perceptual; the chosen candidate is not the least normal-looking one")
 
 
 def preview_strip(source: Image.Image, result: GenerationResult, side: int = 128) -> Image.Image:
@@ -388,8 +403,18 @@ def write_preview(out: OutputFolder) -> None:
     strips = [open_image(p).convert("RGB") for p in sorted((out.root / PREVIEW_DIR).glob("*.png"))]
     if not strips:
         return
-    sheet = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), (0, 0, 0))
-    y = 0
+    # a preview is looked at without the report beside it: say on the picture when the scores mean nothing
+    banner = PREVIEW_UNTRAINED if selection_network(out.root) == "untrained AlexNet" else None
+    top = 2 * CAPTION_H if banner else 0
+    sheet = Image.new("RGB", (max(s.width for s in strips), top + sum(s.height for s in strips)), (0, 0, 0))
+    if banner:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(sheet)
+        draw.rectangle([0, 0, sheet.width, top - 1], fill=(120, 20, 20))
+        for k, line in enumerate(banner):
+            draw.text((4, 1 + k * CAPTION_H), line, fill=(255, 255, 255))
+    y = top
     for s in strips:
         sheet.paste(s, (0, y))
         y += s.height

@@ -31,9 +31,15 @@ from defectfill.core.folders import claim_folder, folder_lock
 from defectfill.data import make_split, open_layout
 from defectfill.outputs.checkpoints import list_checkpoints
 from defectfill.outputs.export import export, parse_formats
-from defectfill.outputs.generated import manifest_count, preview_path, read_manifest, type_folders
+from defectfill.outputs.generated import (
+    manifest_count,
+    preview_path,
+    read_manifest,
+    selection_network,
+    type_folders,
+)
 from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
-from defectfill.outputs.report import sample_grid_name, write_run_report
+from defectfill.outputs.report import KID_RELIABLE_N, UNTRAINED_LFS, sample_grid_name, write_run_report
 from defectfill.run.preflight import preflight
 from defectfill.run.process import (
     TypeResult,
@@ -314,6 +320,15 @@ def print_summary(results: list[TypeResult], output: Path, report: bool = True) 
         print(f"\nreport: {JobFolder(output).report}")
 
 
+def _row_cautions(r: TypeResult) -> list[str]:
+    """What makes a type's numbers in the run's table weak (its evaluation report says more)."""
+    cautions = []
+    if r.kid_x1e3 is not None and r.n_held_out < KID_RELIABLE_N:
+        cautions.append(f"KID on {r.n_held_out} real images (fewer than about {KID_RELIABLE_N}) is unreliable"
+                        + ("; below 0 it means no measurable difference" if r.kid_x1e3 < 0 else ""))
+    return cautions
+
+
 def _write_report(config: RunConfig, output: Path, results: list[TypeResult], downstream: dict[str, str],
                   note: str | None, seconds: float) -> None:
     """summary.json, report.html and report.md of the whole run."""
@@ -339,10 +354,12 @@ def _write_report(config: RunConfig, output: Path, results: list[TypeResult], do
             "run": os.path.relpath(folders.run, output),
             # a failed type may have no evaluation: no link to a report that does not exist
             "evaluation": os.path.relpath(eval_report, output) if eval_report.is_file() else None,
+            "cautions": _row_cautions(r),
         })
+        untrained = selection_network(folders.generated) == "untrained AlexNet"
         sections.append({"title": f"{r.category} / {r.defect_type}",
                          "grid": folders.eval / f"{sample_grid_name(r.category, r.defect_type)}.png",
-                         "preview": preview_path(folders.generated)})
+                         "preview": preview_path(folders.generated), "cautions": [UNTRAINED_LFS] if untrained else []})
     write_run_report(output, rows, sections, downstream, note, seconds)
 
 
