@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import shutil
 
 import pytest
@@ -146,3 +147,33 @@ def test_a_damaged_resume_record_is_named_and_nothing_is_deleted(stopped_pretrai
     message = str(info.value)
     assert str(named) in message and ("new folder" in message or "move it aside" in message), message
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # the checkpoints are all kept
+
+
+# --------------------------------------------------------------------------- generate's .writing journal
+
+
+def test_the_writing_journal_is_pruned_and_a_killed_jobs_journal_cleaned_on_resume(run_dir, tmp_path):
+    from PIL import Image
+
+    from defectfill.generate.writer import run_generate
+    from defectfill.outputs.generated import WRITING_GLOB
+
+    out = tmp_path / "out"
+    run_generate(_generate(run_dir, out, "--count", "4"), stop_after=2)
+    assert not list(out.glob(WRITING_GLOB))  # each finished item took its journal entry with it
+    # killed mid-item: item 2's files journalled and half written, no row; and a journal of an item
+    # this resume will not draw (index 7 of a longer job)
+    names = ["disc/test/scratch/002.png", "disc/ground_truth/scratch/002_mask.png", "disc/test/scratch/007.png"]
+    (out / ".writing.part0.jsonl").write_text(json.dumps({"files": names[:2]}) + "\n")
+    (out / ".writing.part1.jsonl").write_text(json.dumps({"files": names[2:]}) + "\n" + '{"files": ["di')
+    for name in (names[0], names[2]):
+        Image.new("RGB", (64, 64), (255, 0, 0)).save(out / name)
+    (out / "notes.txt").write_text("mine")  # journals name item files only; anything else stays
+    (out / ".writing.part2.jsonl").write_text(json.dumps({"files": ["notes.txt", "../outside.png"]}) + "\n")
+    (tmp_path / "outside.png").write_text("not ours")
+    run_generate(_generate(run_dir, out, "--count", "4", "--resume"))
+    assert not list(out.glob(WRITING_GLOB))
+    assert not (out / names[2]).exists()  # the half-written item nobody redraws is gone with its journal
+    assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.png").read_text() == "not ours"
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]

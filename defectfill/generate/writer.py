@@ -41,7 +41,6 @@ from defectfill.outputs.generated import (
     PREVIEW_DIR,
     Item,
     OutputFolder,
-    append_row,
     finish_output,
     items_problem,
     output_identity,
@@ -288,6 +287,69 @@ def _several_preview_strip(source: Image.Image, union: np.ndarray, steps: list[t
     return strip
 
 
+class BackgroundWriter:
+    """Runs each item's writes (`write_item`: PNG encoding, atomic files, then its manifest row) on one worker
+    thread, in the order given, while the sampling thread goes on to the next images.
+
+    At most `depth` items wait, so memory stays bounded. The first failure stops the writes after it and is
+    raised on the sampling thread at the next `submit` or at `close`; items written before it keep their
+    rows, so a resumed run redoes only the rest. `enabled=False` writes on the caller's thread instead."""
+
+    def __init__(self, enabled: bool = True, depth: int = 8):
+        self.enabled = enabled
+        self._error: BaseException | None = None
+        if enabled:
+            import queue
+            import threading
+
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._work, name="defectfill-writer", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:  # after a failure nothing more is written
+                fn, args, kwargs = job
+                try:
+                    fn(*args, **kwargs)
+                except BaseException as exc:  # handed to the sampling thread
+                    self._error = exc
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, fn, *args: Any, **kwargs: Any) -> None:
+        if not self.enabled:
+            fn(*args, **kwargs)
+            return
+        self._raise()
+        self._queue.put((fn, args, kwargs))
+
+    def close(self) -> None:
+        """Waits for every submitted write; raises the first failure."""
+        if self.enabled and self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the items already sampled are still written; the error that stopped sampling is the one raised
+            self.close()
+        except Exception:
+            log.exception("a write failed while stopping")
+
+
 def _process_info(device: str | None, rank: int | None, world_size: int | None):
     """(rank, world size, accelerate's state); tests may simulate rank and world size."""
     from accelerate import PartialState
@@ -366,21 +428,33 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                         generators[painter.run_dir].scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
             drawers = [generators[p.run_dir].for_type(p.defect_type) for p in painters]
             part = out.part_path(rank)
-            bar = tqdm(mine, desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
+            todo = mine if stop_after is None else mine[:stop_after]
+            bar = tqdm(total=len(todo), desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
                        position=rank if distributed else None, disable=None)
-            for n, item in enumerate(bar):
-                if stop_after is not None and n >= stop_after:
-                    break
-                source = load_rgb(item.image)
-                if multi:
+            if multi:  # each defect is painted into the result of the one before: one item at a time
+                for item in todo:
+                    source = load_rgb(item.image)
                     row = _paint_several(out, item, source, painters, drawers, len(images), scale, settings, part)
                     row["settings"] = identity["settings"]
-                    append_row(part, row)
-                else:
-                    result = drawers[0](source, _item_mask(item, source, scale), item.seed)
-                    write_item(out, item, source, result, drawers[0].prompt, identity["settings"], part,
-                               save_candidates=settings.save_candidates, preview_rows=settings.preview_rows,
-                               defect_type=drawers[0].defect_type if settings.painted_types() else None)
+                    out.add_row(part, row)
+                    bar.update(1)
+            else:
+                drawer = drawers[0]
+                written = {"save_candidates": settings.save_candidates, "preview_rows": settings.preview_rows,
+                           "defect_type": drawer.defect_type if settings.painted_types() else None}
+                with BackgroundWriter(settings.background_writes) as writer:
+                    for start in range(0, len(todo), settings.batch_images):
+                        group = todo[start : start + settings.batch_images]
+                        sources = [load_rgb(item.image) for item in group]
+                        requests = [(s, _item_mask(it, s, scale), it.seed) for it, s in zip(group, sources, strict=True)]
+                        if len(group) == 1:
+                            results = [drawer(*requests[0])]
+                        else:
+                            results = drawer.generate_many(requests)
+                        for item, source, result in zip(group, sources, results, strict=True):
+                            writer.submit(write_item, out, item, source, result, drawer.prompt, identity["settings"],
+                                          part, **written)
+                        bar.update(len(group))
             bar.close()
         if distributed:
             state.wait_for_everyone()

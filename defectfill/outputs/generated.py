@@ -10,7 +10,8 @@ layout with a manifest of the finished items.
       defect_masks/<category>/<type>/NNN_I_<t>_mask.png  each defect's own mask (several per image)
       manifest.jsonl (manifest.partR.jsonl while processes write)
       .writing.partR.jsonl                           the item files each process is about to write (so an item a
-                                                     killed job left half-written is known as ours)
+                                                     killed job left half-written is known as ours); gone once
+                                                     the item's row is written, and cleaned when a job resumes
       generate.json                                  which run(s) and settings produced the folder
       preview.png (.preview/ while it is written)
       rejected/<the item's own paths>                items rejected in the browser UI (kept by --overwrite)
@@ -127,6 +128,29 @@ class Item:
     mask_rule: str = "half"  # how a mask file is read: "nonzero" for VisA's held-out masks (`load_mask`)
 
 
+# an item's image or mask as a journal names it: <cat>/test/<type>/NNN.png, <cat>/ground_truth/<type>/NNN_mask.png
+_ITEM_FILE = re.compile(r"[^/]+/(test/[^/]+/\d+\.png|ground_truth/[^/]+/\d+_mask\.png)")
+
+
+def _row_files(path: Path) -> list[str]:
+    """The files the rows of a manifest part or a journal name (image, mask, attention, a journal's files, each
+    defect's mask and map); lines that are not rows (a torn last line) are skipped."""
+    found: list[Any] = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(row, dict):
+            continue
+        found += [row.get("image"), row.get("mask"), row.get("attention")]
+        found += row.get("files") or [] if isinstance(row.get("files"), list) else []
+        for defect in row.get("defects") or [] if isinstance(row.get("defects"), list) else []:
+            if isinstance(defect, dict):
+                found += [defect.get("mask"), defect.get("attention")]
+    return [n for n in found if isinstance(n, str) and n]
+
+
 class OutputFolder:
     """The files of one output folder: names, the finished-item manifest, the run identity."""
 
@@ -189,21 +213,8 @@ class OutputFolder:
         """Every file (relative, normalised) that a manifest row or a `.writing` row of this folder names."""
         names: set[str] = set()
         for path in self.manifest_files() + sorted(self.root.glob(WRITING_GLOB)):
-            if not path.is_file():
-                continue
-            for line in path.read_text(errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
-                if not isinstance(row, dict):
-                    continue
-                found = [row.get("image"), row.get("mask"), row.get("attention")]
-                found += row.get("files") or [] if isinstance(row.get("files"), list) else []
-                for defect in row.get("defects") or [] if isinstance(row.get("defects"), list) else []:
-                    if isinstance(defect, dict):
-                        found += [defect.get("mask"), defect.get("attention")]
-                names |= {os.path.normpath(n) for n in found if isinstance(n, str) and n}
+            if path.is_file():
+                names |= {os.path.normpath(n) for n in _row_files(path)}
         return names
 
     def foreign_files(self, paths: list[Path], owned: set[str] | None = None) -> list[Path]:
@@ -222,6 +233,36 @@ class OutputFolder:
         if foreign:
             raise DefectFillError(foreign_message(self.root, foreign))
         append_row(self.writing_path(part), {"files": [str(p.relative_to(self.root)) for p in paths]})
+
+    def add_row(self, part: Path, row: dict[str, Any]) -> None:
+        """Append a finished item's row to `part`, then drop `part`'s journal: the row names the item's files
+        now, and a process writes one item at a time, so the journal holds nothing else (it never grows)."""
+        append_row(part, row)
+        self.writing_path(part).unlink(missing_ok=True)
+
+    def clean_journals(self) -> list[Path]:
+        """Before a job (re)starts here: the half-written item files a killed job's journals name and no row
+        names are removed (only names of an item's image or mask inside this folder; a journal is read back,
+        not trusted), then the journals. Returns the files removed."""
+        journals = sorted(self.root.glob(WRITING_GLOB))
+        if not journals:
+            return []
+        named: set[str] = set()
+        for path in self.manifest_files():
+            if path.is_file():
+                named |= {os.path.normpath(n) for n in _row_files(path)}
+        removed = []
+        for journal in journals:
+            for name in _row_files(journal):
+                name = os.path.normpath(name)
+                if name in named or not _ITEM_FILE.fullmatch(name.replace(os.sep, "/")):
+                    continue
+                path = self.root / name
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                    removed.append(path)
+            journal.unlink(missing_ok=True)
+        return removed
 
     def manifest_files(self) -> list[Path]:
         return [self.root / MANIFEST] + sorted(self.root.glob("manifest.part*.jsonl"))
@@ -303,6 +344,7 @@ def foreign_message(root: Path, foreign: list[Path]) -> str:
 
 def items_problem(out: OutputFolder, indices: list[int]) -> str | None:
     """Why the items `indices` may not be written: a file at one of their paths that is not ours. Writes nothing."""
+    out.finished()  # first a row naming a path outside the folder: the edited manifest is what to name
     owned = out.owned()
     foreign = [p for i in indices for p in out.foreign_files(out.item_files(i), owned)]
     return foreign_message(out.root, foreign) if foreign else None
@@ -352,6 +394,7 @@ def prepare_output(
         for p in out.manifest_files() + sorted(out.root.glob(WRITING_GLOB)) + [out.root / PREVIEW, state_path]:
             p.unlink(missing_ok=True)
     out.root.mkdir(parents=True, exist_ok=True)
+    out.clean_journals()  # a killed job's half-written item is redrawn; its journal goes
     write_json(state_path, {**identity, **record})
 
 
@@ -471,7 +514,7 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
     if attention is not None:
         row["attention"] = attention
     row["settings"] = settings_identity
-    append_row(part, row)
+    out.add_row(part, row)
     return row
 
 
