@@ -177,3 +177,24 @@ def test_the_writing_journal_is_pruned_and_a_killed_jobs_journal_cleaned_on_resu
     assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.png").read_text() == "not ours"
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
+
+
+# --------------------------------------------------------------------------- VisA's 1cls split CSV
+
+
+@pytest.mark.parametrize("again", ["candle,test,normal,candle/Data/Images/Normal/0000.JPG,",  # train and test
+                                   "candle,train,normal,./candle/Data/Images/Normal/0001.JPG,"])  # train twice
+def test_a_1cls_split_csv_listing_an_image_twice_is_refused(tmp_path, again):
+    from test_layouts import make_visa
+
+    from defectfill.data import open_layout
+
+    root = make_visa(tmp_path / "visa")
+    with (root / "split_csv" / "1cls.csv").open("a") as fh:
+        fh.write(again + "\n")
+    layout = open_layout(root, "auto")
+    with pytest.raises(DefectFillError, match=r"1cls.csv line 1\d: .*\.JPG is listed again \(first on line \d\)"):
+        layout.good_images("candle")
+    # the released file (each image once) still reads
+    make_visa(tmp_path / "clean")
+    assert len(open_layout(tmp_path / "clean", "auto").good_images("candle")) == 3

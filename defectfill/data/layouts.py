@@ -331,13 +331,7 @@ class VisALayout(Layout):
                                               "write 'normal' or the defect type(s).")
                     image = self._resolve(category, record["image"], csv_path, number)
                     mask = self._resolve(category, record["mask"], csv_path, number) if record.get("mask") else None
-                    # an image listed twice would be drawn into both the references and the held-out set (an
-                    # evaluation leak), or be both normal and defective
-                    key = os.path.normcase(os.path.normpath(os.path.abspath(image)))
-                    if key in seen:
-                        raise DefectFillError(f"{csv_path} line {number}: {record['image']} is listed again (first on "
-                                              f"line {seen[key]}); list each image once.")
-                    seen[key] = number
+                    _listed_once(seen, image, record["image"], csv_path, number)
                     rows.append(AnnotatedImage(image, tuple(dict.fromkeys(names)), mask, number))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise DefectFillError(f"{csv_path}: cannot read this file as a CSV table ({exc}).") from None
@@ -399,13 +393,16 @@ class VisALayout(Layout):
             path = self.root / self.SPLIT_FILE
             if path.is_file():
                 try:
+                    seen: dict[str, int] = {}
                     with path.open(newline="", encoding="utf-8-sig") as f:
-                        for row in csv.DictReader(f):
+                        for number, row in enumerate(csv.DictReader(f), start=2):
                             row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if isinstance(v, str)}
                             if row.get("label") != "normal" or row.get("split") not in ("train", "test"):
                                 continue
                             cat = row.get("object", "")
-                            image = self._resolve(cat, row.get("image", ""), path, 0)
+                            image = self._resolve(cat, row.get("image", ""), path, number)
+                            # listed in train and test, the image would be a reference and held out at once
+                            _listed_once(seen, image, row.get("image", ""), path, number)
                             self._one_class.setdefault(cat, {"train": [], "test": []})[row["split"]].append(image)
                 except (OSError, UnicodeDecodeError, csv.Error) as exc:
                     raise DefectFillError(f"{path}: cannot read this file as a CSV table ({exc}).") from None
@@ -423,6 +420,16 @@ class VisALayout(Layout):
     def good_test_images(self, category: str) -> list[Path]:
         split = self._one_class_split().get(category)
         return sorted(split["test"]) if split and split["train"] else []
+
+
+def _listed_once(seen: dict[str, int], image: Path, name: str, csv_path: Path, number: int) -> None:
+    """Refuse an image a CSV lists a second time (`seen`: each image's first line, updated): it would be drawn
+    into both the references and the held-out set (an evaluation leak), or be both normal and defective."""
+    key = os.path.normcase(os.path.normpath(os.path.abspath(image)))
+    if key in seen:
+        raise DefectFillError(f"{csv_path} line {number}: {name} is listed again (first on line {seen[key]}); "
+                              "list each image once.")
+    seen[key] = number
 
 
 class MVTecAD2Layout(Layout):
