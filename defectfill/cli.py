@@ -7,10 +7,12 @@ message (no traceback) and the command exits with status 2.
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -57,10 +59,57 @@ def _command(module: str, function: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _options(parser: argparse.ArgumentParser) -> list[str]:
+    return [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+
+
+def _suggestion(word: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the known word closest to a mistyped one, or ''."""
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, each mistyped flag followed by the closest real one."""
+    known = _options(parser)
+    hints = [_suggestion(e.split("=", 1)[0], known).strip(" ()") for e in extras if e.startswith("--")]
+    return "unrecognized arguments: " + " ".join(extras) + "".join(f"; {h}" for h in hints if h)
+
+
+def _invalid_choice(message: str) -> str:
+    """argparse's "invalid choice: 'x' (choose from ...)" with the closest choice named first."""
+    match = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+    if not match:
+        return message
+    choices = re.findall(r"'([^']*)'|([^\s,]+)", match.group(2))
+    names = [a or b for a, b in choices]
+    return message + _suggestion(match.group(1), names)
+
+
+class _TopParser(argparse.ArgumentParser):
+    """The top-level parser: a flag no subcommand knows is refused by that subcommand's parser (its usage, not
+    the top level's), with the closest flag it has; a mistyped subcommand, with the closest one."""
+
+    subcommands: dict[str, argparse.ArgumentParser]
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            parser = self.subcommands.get(getattr(parsed, "command", None) or "", self)
+            parser.error(_unrecognized(parser, extras))
+        return parsed
+
+    def error(self, message: str):  # type: ignore[override]
+        super().error(_invalid_choice(message))
+
+
 class _Parser(argparse.ArgumentParser):
     """A subcommand's parser whose arguments may come from a module that imports torch (`add_arguments`
     names it, as "module:function"): they are added when the subcommand is parsed or its help is shown, so
-    `defectfill --help` stays quick."""
+    `defectfill --help` stays quick. A value outside a flag's choices is refused with the closest choice."""
+
+    def error(self, message: str):  # type: ignore[override]
+        super().error(_invalid_choice(message))
 
     def __init__(self, *args: Any, add_arguments: str | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -88,12 +137,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """Every subcommand. The settings classes and argument adders used here import no torch; demo's and
     pretrain-base's arguments are added when those subcommands are parsed."""
+    from defectfill.config.settings import flag
     from defectfill.config.stages import EvaluateConfig, GenerateConfig, RunConfig, TrainConfig
     from defectfill.data.inspection import add_arguments as add_data_arguments
     from defectfill.outputs.export import add_arguments as add_export_arguments
     from defectfill.ui import add_arguments as add_ui_arguments  # no gradio import: the extra is optional
 
-    parser = argparse.ArgumentParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
+    parser = _TopParser(prog="defectfill", description="Few-shot realistic defect image generation (DefectFill).")
     parser.add_argument("--version", action="version", version=f"defectfill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     # (name, help, settings class, command)
@@ -107,7 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
          _command("defectfill.run.runner", "run_command")),
     ]
     for name, help_text, settings, command in stages:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # the required flags, then the sections of --help: the usage line stays short however many flags there are
+        required = " ".join(f"{flag(n)} {n.upper()}" for n in settings.required)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           usage=f"%(prog)s {required} [options]  (every option: defectfill {name} --help)")
         settings.add_arguments(p)
         p.set_defaults(func=command)
 
@@ -142,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help=help_text, description=help_text)
     add_ui_arguments(p)
     p.set_defaults(func=_ui)
+    parser.subcommands = dict(sub.choices)
     return parser
 
 

@@ -160,3 +160,64 @@ def test_resume_with_no_checkpoint_in_a_run(capsys, base_args, tmp_path):
     (tmp_path / "run" / "config.json").write_text(json.dumps(cfg.to_dict()))
     code, err = _run(capsys, *(base_args + ["--resume", "latest"]))
     assert code == 2 and "found no checkpoint-N folder" in err
+
+
+# --------------------------------------------------------------------------- help and mistyped input
+
+
+def _section(help_text: str, title: str) -> str:
+    """One --help section: from its title line to the next section's."""
+    start = help_text.index(f"\n{title}:\n")
+    rest = help_text[start + len(title) + 3:]
+    ends = [i for i in (rest.find("\n\n"),) if i >= 0]
+    return rest[: ends[0]] if ends else rest
+
+
+def test_run_help_is_in_sections_with_one_default_and_required_flags_marked(capsys):
+    from defectfill.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: defectfill run --data DATA --output OUTPUT [options]")
+    sections = {t: _section(text, t) for t in ("data", "model", "training", "checkpoints and logging", "sampling",
+                                               "Low-Fidelity Selection", "evaluation", "inspection models", "output",
+                                               "execution")}
+    assert "--steps STEPS" in sections["training"] and "--lr-unet" in sections["training"]
+    assert "--guidance" in sections["sampling"] and "--generate-steps" in sections["sampling"]
+    assert "--lpips-random-backbone" in sections["Low-Fidelity Selection"]
+    assert "--kid-subsets" in sections["evaluation"] and "--downstream-epochs" in sections["inspection models"]
+    assert "--executor" in sections["execution"] and "--data DATA" in sections["data"]
+    assert "(default: None)" not in text
+    run = build_parser().subcommands["run"]
+    run.format_help()  # its flags are complete
+    for action in run._actions:
+        assert (action.help or "").count("default") <= 1, action.option_strings
+    helps = {a.dest: a.help for a in run._actions}
+    assert helps["data"].endswith("(required)") and helps["output"].endswith("(required)")
+    assert helps["steps"].endswith("(default: 2000)")
+
+
+def test_a_mistyped_flag_names_the_closest_one_with_the_subcommands_usage(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--data", "d", "--output", "o", "--stpes", "3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: defectfill run --data DATA")  # the subcommand's usage, not the top level's
+    assert "defectfill run: error: unrecognized arguments: --stpes 3; did you mean --steps?" in err
+    with pytest.raises(SystemExit):
+        main(["train", "--lr-unt=1"])
+    assert "did you mean --lr-unet?" in capsys.readouterr().err
+
+
+def test_a_mistyped_command_or_choice_names_the_closest_one(capsys):
+    with pytest.raises(SystemExit):
+        main(["rn", "--data", "d"])
+    assert "invalid choice: 'rn'" in (err := capsys.readouterr().err) and "(did you mean run?)" in err
+    with pytest.raises(SystemExit):
+        main(["run", "--downstream", "bth"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: defectfill run") and "(did you mean both?)" in err
+    with pytest.raises(SystemExit):
+        main(["run", "--xyzzy"])
+    assert "did you mean" not in capsys.readouterr().err  # nothing close: no guess

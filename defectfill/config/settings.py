@@ -179,6 +179,11 @@ def coerce(name: str, f: dataclasses.Field, value: Any, source: str = "") -> Any
     return value
 
 
+# the order of the --help sections of every command
+GROUP_ORDER = ["data", "model", "training", "checkpoints and logging", "generation", "sampling",
+               "Low-Fidelity Selection", "evaluation", "inspection models", "output", "execution", "settings"]
+
+
 @dataclass(frozen=True)
 class FlatField:
     """One flat setting: its name (flag/YAML/JSON key), where it lives, and the dataclass field behind it."""
@@ -193,6 +198,10 @@ class Settings:
     """Base of a stage's settings dataclass; see the module docstring."""
 
     required: ClassVar[tuple[str, ...]] = ()  # flat names that must have a value
+    # --help sections: title -> the flat names in it (GROUP_ORDER orders them); a setting named in none is in
+    # the composed stage's section, else in help_default_group
+    help_groups: ClassVar[dict[str, tuple[str, ...]]] = {}
+    help_default_group: ClassVar[str] = "settings"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each class's own `validate` names settings as `named_as` said, when it said."""
@@ -238,22 +247,60 @@ class Settings:
     # ------------------------------------------------------------------ command line
 
     @classmethod
+    def help_group(cls, flat: FlatField) -> str:
+        """The --help section of a flat setting: the one this class's `help_groups` names it in, else the one the
+        composed stage's class names it in (run's `--steps` is train's "training"), else the class's
+        `help_default_group`."""
+        for title, names in cls.help_groups.items():
+            if flat.name in names:
+                return title
+        if len(flat.path) > 1:
+            stage = type(getattr(cls(), flat.path[0]))
+            if issubclass(stage, Settings):
+                for title, names in stage.help_groups.items():
+                    if flat.path[1] in names:
+                        return title
+                return stage.help_default_group
+        return cls.help_default_group
+
+    @classmethod
+    def flag_help(cls, flat: FlatField) -> str:
+        """A flag's help: its text, then "(required)" or its default; no default where there is none (None) or
+        where the text already says what happens without it."""
+        text = flat.field.metadata.get("help", "")
+        if flat.name in cls.required:
+            return f"{text} (required)"
+        if flat.default is None or flat.default == [] or "default" in text:
+            return text
+        default = flat.default
+        if isinstance(default, bool):
+            default = "on" if default else "off"
+        elif isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        return f"{text} (default: {default})"
+
+    @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser, config_option: bool = True) -> None:
-        """One flag per flat setting; unset flags stay absent so a --config file can fill them."""
+        """One flag per flat setting, in --help sections (`help_group`, in GROUP_ORDER); unset flags stay absent
+        so a --config file can fill them."""
         if config_option:
             parser.add_argument("--config", help="YAML file of settings (keys as the flags, - or _); flags override it")
-        for f in cls.flat_fields():
+        flats = cls.flat_fields()
+        by_group: dict[str, list[FlatField]] = {}
+        for f in flats:
+            by_group.setdefault(cls.help_group(f), []).append(f)
+        order = sorted(by_group, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
+        groups = {title: parser.add_argument_group(title) for title in order}
+        for f in flats:
             kind = _kind(f.field)
-            help_text = f.field.metadata.get("help", "")
-            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name,
-                                      "help": f"{help_text} (default: {f.default})"}
+            kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name, "help": cls.flag_help(f)}
             if kind == "bool":
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = {"int": int, "float": float}.get(kind, str)
                 if "choices" in f.field.metadata:
                     kwargs["choices"] = f.field.metadata["choices"]
-            parser.add_argument(flag(f.name), **kwargs)
+            groups[cls.help_group(f)].add_argument(flag(f.name), **kwargs)
 
     @classmethod
     def from_args(cls: type[S], args: argparse.Namespace, require: bool = True) -> S:

@@ -105,6 +105,14 @@ class TrainConfig(Settings):
     max_nonfinite_steps: int = field(default=10, metadata={"help": "stop after this many steps in a row with a non-finite loss or gradient", "min": 1})
 
     required = ("data", "category", "defect_type", "output")
+    help_default_group = "training"
+    help_groups = {
+        "data": ("data", "category", "defect_type", "layout", "good_images", "resolution"),
+        "model": ("model", "lora_rank", "token", "new_token", "defect_prompt", "object_prompt"),
+        "checkpoints and logging": ("output", "save_every", "checkpoints_total_limit", "sample_every", "sample_steps",
+                                    "log_every", "report_to", "resume"),
+        "execution": ("mixed_precision", "gradient_checkpointing", "compile"),
+    }
 
     @property
     def prompt_token(self) -> str:
@@ -228,6 +236,14 @@ class GenerateConfig(Settings):
     overwrite: bool = field(default=False, metadata={"help": "replace the results in the output folder"})
 
     required = ("run", "output", "count")
+    help_default_group = "generation"
+    help_groups = {
+        "sampling": (*(f.name for f in dataclasses.fields(SamplingConfig)), "seed"),
+        "Low-Fidelity Selection": ("lpips_weights", "lpips_random_backbone"),
+        "output": ("output", "with_good", "save_candidates", "save_attention", "preview_rows", "resume", "overwrite",
+                   "background_writes"),
+        "execution": ("device", "mixed_precision", "merge_lora", "compile"),
+    }
 
     def validate(self) -> None:
         self.check_declared()  # the bounds in the fields' metadata
@@ -333,6 +349,13 @@ class EvaluateConfig(Settings):
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1, ..."})
 
     required = ("generated", "output")
+    help_default_group = "evaluation"
+    help_groups = {
+        "data": ("generated", "run", "data", "category", "defect_type", "layout"),
+        "inspection models": ("downstream", "epochs", "batch_size", "lr", "image_size", "seed", "pretrained"),
+        "output": ("output", "grid_samples"),
+        "execution": ("device",),
+    }
 
     def validate(self) -> None:
         self.check_declared()  # the bounds in the fields' metadata (the downstream models' too)
@@ -413,6 +436,13 @@ class RunConfig(Settings):
         "pretrained": "downstream_pretrained", "seed": "downstream_seed", "kid": "kid", "ic_lpips": "ic_lpips"}})
 
     required = ("data", "output")
+    help_default_group = "execution"
+    help_groups = {
+        "data": ("categories", "defect_types", "category", "defect_type"),
+        "model": ("one_model_per_object",),
+        "inspection models": ("downstream",),
+        "output": ("output", "export", "export_prefix"),
+    }
 
     def selected_categories(self) -> list[str] | None:
         """The categories to run; None for every category of the dataset."""
