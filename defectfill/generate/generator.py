@@ -40,7 +40,7 @@ from defectfill.core.errors import DefectFillError
 from defectfill.data.masks import fit_mask
 from defectfill.model.canvas import Canvas, prepare_canvas
 from defectfill.model.names import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME
-from defectfill.model.pipeline import load_pipeline, vae_scale_factor
+from defectfill.model.pipeline import LoraMerge, load_pipeline, merge_lora_layers, vae_scale_factor
 from defectfill.outputs.run_folder import pick_defect_type, read_trained_run, type_token_file
 
 log = logging.getLogger(__name__)
@@ -205,13 +205,20 @@ def lora_on_rows(unet: torch.nn.Module, rows: torch.Tensor) -> Iterator[None]:
             hook.remove()
 
 
-def merge_lora_weights(pipe) -> None:
-    """Fold the loaded LoRA into the UNet's and text encoder's weights and remove the LoRA layers.
+def merge_lora_weights(pipe) -> LoraMerge:
+    """Fold the loaded LoRA into the UNet's and text encoder's weights and remove those LoRA layers.
 
-    A sampling step then costs what the base model costs: no extra LoRA matmuls per projection.
+    A sampling step then costs what the base model costs: no extra LoRA matmuls per projection. The change is
+    added in fp32 and rounded once; a layer whose weights' dtype would round its change away (a small change in
+    bf16) stays a LoRA layer (`merge_lora_layers`), so the merged model samples what the unmerged one does.
     """
-    pipe.fuse_lora(lora_scale=1.0)
-    pipe.unload_lora_weights()  # the fused weights stay; only the LoRA layers go
+    models = [m for m in (pipe.unet, getattr(pipe, "text_encoder", None)) if m is not None]
+    merge = merge_lora_layers(*models)
+    if not merge.kept:
+        pipe.unload_lora_weights()  # no LoRA layer is left: drop the adapters' bookkeeping too
+    log.info("LoRA merged into %d layers; %d kept as LoRA layers (their weights' dtype rounds the change away)",
+             merge.merged, len(merge.kept))
+    return merge
 
 
 def _sampling(sampling: SamplingConfig | None, settings: dict[str, Any], api: str) -> SamplingConfig:

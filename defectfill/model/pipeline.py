@@ -12,6 +12,7 @@ The UNet of an SD inpainting model takes 9 channels in this order, exactly as
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -183,6 +184,65 @@ def save_lora_weights(directory: str | Path, unet: nn.Module, text_encoder: nn.M
         str(directory), unet_lora_layers=unet_layers, text_encoder_lora_layers=text_layers,
         weight_name=LORA_WEIGHTS_NAME, safe_serialization=True,
     )
+
+
+# a merged layer must carry its LoRA change to within this fraction of the change (relative L2 error of the
+# weight change the stored merged weight holds); bf16 rounds a change under 0.2-0.4 % of a weight away
+MERGE_TOLERANCE = 0.5
+
+
+@dataclass(frozen=True)
+class LoraMerge:
+    """What `merge_lora_layers` did: the LoRA layers folded into their weights, and those kept as LoRA layers
+    (by name) because their weights' dtype cannot hold the change."""
+
+    merged: int
+    kept: tuple[str, ...]
+
+
+def _lora_delta(layer: nn.Module) -> torch.Tensor | None:
+    """The fp32 weight change of a plain PEFT LoRA Linear with one active adapter; None for anything else
+    (DoRA and other variants, several adapters, already merged), which then stays a LoRA layer."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    if not isinstance(layer, LoraLinear) or layer.merged or len(layer.active_adapters) != 1:
+        return None
+    name = layer.active_adapters[0]
+    if name in getattr(layer, "lora_variant", {}) or layer.use_dora.get(name, False):
+        return None
+    a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+    delta = (b @ a) * layer.scaling[name]
+    return delta.T if layer.fan_in_fan_out else delta
+
+
+def merge_lora_layers(*models: nn.Module, tolerance: float = MERGE_TOLERANCE) -> LoraMerge:
+    """Fold each LoRA layer of `models` into the weight it adapts, where that weight's dtype can hold the change.
+
+    The change is added in fp32 and rounded once to the weight's dtype. Where the rounded weight misses the change
+    by more than `tolerance` of it (relative L2; in bf16 a change of about 0.3 % of the weights or less mostly
+    rounds back to the base weight), the layer stays a LoRA layer and adds the change at run time, as an unmerged model does.
+    The merged layers are replaced by their base layers; with none kept, the models' LoRA bookkeeping is left to
+    the caller (`unload_lora_weights`)."""
+    from peft.tuners.lora import LoraLayer
+
+    merged, kept = 0, []
+    for model in models:
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+            delta = _lora_delta(layer)
+            base = layer.get_base_layer()
+            if delta is not None:
+                weight = base.weight
+                rounded = (weight.float() + delta).to(weight.dtype)
+                error = (rounded.float() - weight.float() - delta).norm() / delta.norm().clamp_min(1e-30)
+                if error <= tolerance or not delta.any():
+                    with torch.no_grad():
+                        weight.copy_(rounded)
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent) if parent else model, child, base)
+                    merged += 1
+                    continue
+            kept.append(f"{type(model).__name__}.{name}")
+    return LoraMerge(merged, tuple(kept))
 
 
 # --------------------------------------------------------------------------- defect token
