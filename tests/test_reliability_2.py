@@ -198,3 +198,26 @@ def test_a_1cls_split_csv_listing_an_image_twice_is_refused(tmp_path, again):
     # the released file (each image once) still reads
     make_visa(tmp_path / "clean")
     assert len(open_layout(tmp_path / "clean", "auto").good_images("candle")) == 3
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_the_ui_takes_seeds_in_generates_range_and_records_them_there(run_dir, tmp_path):
+    """The page's seed is generate's --seed (0..2**32-1): one outside is a message before any model loads."""
+    import numpy as np
+    from PIL import Image
+
+    from defectfill.ui.backend import Source, Workspace
+
+    ws = Workspace([run_dir], tmp_path / "datasets", device="cpu")
+    (name,) = ws.runs()
+    source = Source(Image.new("RGB", (64, 64), (90, 90, 90)), None, "upload")
+    mask = np.zeros((64, 64), bool)
+    mask[20:30, 20:30] = True
+    for seed in (2**32, -1, 2**63):
+        with pytest.raises(DefectFillError, match=rf"seed {seed}: choose a whole number in \[0, 4294967295\]"):
+            ws.generate(name, source, mask, candidates=1, steps=1, seed=seed)
+    assert ws._loaded is None  # refused before the model was loaded
+    with pytest.raises(DefectFillError, match=r"--seed must be in \[0, 4294967295\]"):
+        GenerateConfig.build({"run": "r", "output": "o", "count": 1, "seed": 2**32})

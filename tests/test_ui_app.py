@@ -79,7 +79,7 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
     client.predict(RUN, api_name="/select_run")
     client.predict(RUN, "000.png", api_name="/select_image")
     placed = client.predict("ellipse", 0.05, 3, api_name="/place_shape")
-    seed = derived_seed(0, 0)  # the seed `defectfill generate --seed 0` gives item 0
+    seed = 0  # as `defectfill generate --seed 0`: its item 0 (item seed derived_seed(0, 0))
     t0 = time.perf_counter()
     gallery, chosen, scores_md = client.predict(RUN, _editor_arg(placed), 2, 2, 7.5, seed, False, "scratch",
                                                 api_name="/generate")
@@ -102,6 +102,7 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
     run_generate(GenerateConfig.from_args(_parser().parse_args(args)))
     assert _files(ui_root) == _files(cli_root)  # the layout: MVTec tree, candidates, train/good, preview
     ui_row, cli_row = (json.loads((r / MANIFEST).read_text()) for r in (ui_root, cli_root))
+    assert ui_row["seed"] == derived_seed(0, 0) and ui_row["settings"]["seed"] == 0  # generate --seed 0's item 0
     assert ui_row.keys() == cli_row.keys() and ui_row["settings"].keys() == cli_row["settings"].keys()
     for key in ui_row.keys() - {"source_image", "mask_source", "settings"}:
         assert ui_row[key] == cli_row[key], key

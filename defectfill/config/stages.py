@@ -37,8 +37,6 @@ from defectfill.model.names import DEFAULT_MODEL
 # bounds shared by several settings (declared on each field): what numpy and torch seeds accept, and sizes past
 # which a job would exhaust memory or run for years before its first result
 MAX_SEED = 2**32 - 1
-# generate's seed: the UI records an item's own seed there, and item seeds (`derived_seed`) span torch's range
-MAX_ITEM_SEED = 2**63 - 1
 MAX_SIDE = 4096
 MAX_BATCH = 4096
 MAX_STEPS = 10_000_000
@@ -220,7 +218,7 @@ class GenerateConfig(Settings):
     scheduler: str = sampling_field("scheduler")
     prompt: str | None = sampling_field("prompt")
     feather: int = sampling_field("feather")
-    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index", "min": 0, "max": MAX_ITEM_SEED})
+    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index", "min": 0, "max": MAX_SEED})
     batch_size: int | None = sampling_field("batch_size")
     with_good: bool = field(default=True, metadata={"help": "link the defect-free source images into <category>/train/good, so anomalib's MVTec loaders can train on the folder (--no-with-good: leave them out)"})
     save_candidates: bool = field(default=False, metadata={"help": "also write every candidate to candidates/"})

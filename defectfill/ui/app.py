@@ -29,6 +29,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from defectfill.config.sampling import PAPER_SAMPLING  # noqa: E402
+from defectfill.config.stages import MAX_SEED  # noqa: E402
 from defectfill.core.errors import DefectFillError  # noqa: E402
 from defectfill.data.masks import SHAPES  # noqa: E402
 from defectfill.ui.backend import (  # noqa: E402
@@ -302,7 +303,7 @@ def _layout(ws: Workspace) -> SimpleNamespace:
             # until a run is chosen (then the run's base's recommendation)
             guidance = gr.Slider(1.0, 15.0, value=PAPER_SAMPLING["guidance"], step=0.5, label="Guidance",
                                  elem_id="guidance")
-            seed = gr.Number(0, precision=0, minimum=0, label="Seed")
+            seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
             attention = gr.Checkbox(False, label="Show the token's attention")
         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():

@@ -353,6 +353,12 @@ class Workspace:
         from defectfill.generate.generator import DefectGenerator
 
         candidates, seed = int(candidates), int(seed)
+        from defectfill.config.stages import MAX_SEED
+        from defectfill.generate.generator import derived_seed
+
+        if not 0 <= seed <= MAX_SEED:  # the range of generate's --seed, which the dataset's generate.json records
+            raise DefectFillError(f"seed {seed}: choose a whole number in [0, {MAX_SEED}].")
+        item_seed = derived_seed(seed, 0)  # the item `defectfill generate --seed <seed>` draws first
         steps = None if steps is None else int(steps)
         guidance = None if guidance is None else float(guidance)
         SamplingConfig(candidates=candidates, steps=steps, guidance=guidance).validate()
@@ -371,10 +377,10 @@ class Workspace:
                                   lpips_pretrained=not self.lpips_random_backbone, save_attention=bool(attention))
             if progress:
                 progress(0.1, f"sampling {candidates} candidate(s), {steps} steps")
-            result = gen(source.image, mask, seed=seed)
+            result = gen(source.image, mask, seed=item_seed)
             if candidates > 1:
                 self._scorer = gen.scorer  # LPIPS loaded once, kept with the model
-        settings = {"candidates": candidates, "steps": steps, "guidance": guidance, "seed": seed,
+        settings = {"candidates": candidates, "steps": steps, "guidance": guidance, "seed": seed, "item_seed": item_seed,
                     "attention": bool(attention)}
         if shape:
             settings.update(shape=shape, mask_scale=list(shape_scale(float(shape_size or 0.02))))
@@ -470,7 +476,7 @@ class Workspace:
             # resume: the UI adds item by item with the settings of each; generate.json records the latest
             prepare_output(out, identity, resume=True, overwrite=False,
                            record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
-            item = Item(index, source_path, outcome.mask_source, s["seed"])
+            item = Item(index, source_path, outcome.mask_source, s["item_seed"])
             row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
                              out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows,
                              defect_type=drawn)
