@@ -81,11 +81,15 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
     placed = client.predict("ellipse", 0.05, 3, api_name="/place_shape")
     seed = 0  # as `defectfill generate --seed 0`: its item 0 (item seed derived_seed(0, 0))
     t0 = time.perf_counter()
-    gallery, chosen, scores_md = client.predict(RUN, _editor_arg(placed), 2, 2, 7.5, seed, False, "scratch",
-                                                api_name="/generate")
+    # the dict /place_shape returned goes back as it is
+    gallery, chosen, scores_md, zoom = client.predict(RUN, placed, 2, 2, 7.5, seed, False, "scratch",
+                                                      api_name="/generate")
     print(f"generate through the API: {time.perf_counter() - t0:.1f} s")
-    assert len(gallery) == 2 and sum("CHOSEN" in g["caption"] for g in gallery) == 1
-    assert all("LFS 0." in g["caption"] for g in gallery) and "| #1 |" in scores_md
+    assert len(gallery) == 2 and sum("✓" in g["caption"] for g in gallery) == 1
+    assert all(len(g["caption"]) <= 10 and " 0." in g["caption"] for g in gallery) and "| #1 |" in scores_md
+    # results readable: upscaled to >= 256 px (the base paints 64 px), the zoom crop as large
+    assert min(Image.open(gallery[0]["image"]).size) >= 256 and min(Image.open(chosen).size) >= 256
+    assert min(Image.open(zoom).size) >= 256
     status, _ = client.predict("disc-scratch", api_name="/add_to_dataset")
     assert "Added item 0" in status
     ui_root = ws.datasets_root / "disc-scratch"
@@ -111,7 +115,7 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
                  "candidates/disc/scratch/000_0.png", "candidates/disc/scratch/000_1.png"):
         assert np.array_equal(np.asarray(Image.open(ui_root / name)), np.asarray(Image.open(cli_root / name))), name
     state = json.loads((ui_root / "generate.json").read_text())
-    assert state.keys() == json.loads((cli_root / "generate.json").read_text()).keys()
+    assert state.keys() - {"per_item_settings"} == json.loads((cli_root / "generate.json").read_text()).keys()
     assert state["config"]["candidates"] == 2 and state["config"]["mixed_precision"] == "no"
     mask = load_mask(ui_root / "disc/ground_truth/scratch/000_mask.png")
     assert 0.04 <= mask.mean() <= 0.06  # the placed shape's size
@@ -121,8 +125,14 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
     # the same result cannot be added twice; a second generation becomes item 1
     with pytest.raises(gradio_client.exceptions.AppError, match="already in"):
         client.predict("disc-scratch", api_name="/add_to_dataset")
-    client.predict(RUN, _editor_arg(placed), 1, 2, 7.5, 5, True, api_name="/generate")
+    client.predict(RUN, _editor_arg(placed), 1, 2, 3.0, 5, True, api_name="/generate")
     assert "Added item 1" in client.predict("disc-scratch", api_name="/add_to_dataset")[0]
+    # generate.json stays item 0's (the folder's record is not rewritten by a later add); item 1's own settings
+    # are its row's
+    assert json.loads((ui_root / "generate.json").read_text()) == state
+    rows = [json.loads(line) for line in (ui_root / MANIFEST).read_text().splitlines()]
+    assert state["settings"] == rows[0]["settings"] and state["config"]["guidance"] == 7.5
+    assert rows[1]["settings"]["guidance"] == 3.0 and rows[1]["settings"]["candidates"] == 1
 
     # the Dataset tab: the item with its candidates and scores; reject moves it aside and marks it
     image, mask_file, source, cands, row = client.predict("disc-scratch", 0, api_name="/item")

@@ -40,10 +40,14 @@ from defectfill.ui.backend import (  # noqa: E402
     framed,
     mask_from_layers,
     mask_layer,
+    os_error_message,
+    outlined,
     place_shape,
+    zoomed,
 )
 
 _THUMB = 256  # px: the run's defect-free images are shown as thumbnails, not served from its data folder
+LOSS_NAMES = ("total", "defect", "object", "attention")  # the curves training logs (the plot's legend)
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,6 +59,8 @@ def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except DefectFillError as exc:
             raise gr.Error(str(exc)) from None
+        except OSError as exc:  # an unreadable or unwritable folder of runs, datasets or uploads
+            raise gr.Error(os_error_message(exc)) from None
 
     return wrapper
 
@@ -69,8 +75,50 @@ def _thumb(path: Path) -> Image.Image:
 
 
 def _editor_value(image: Image.Image, mask: np.ndarray | None = None) -> dict[str, Any]:
+    """The editor showing `image`, with `mask` (a placed shape) as its layer. gradio's editor keeps a layer sent
+    from the server but does not draw it, so a placed shape is also laid into the composite, which the editor
+    shows as its picture; generation adds the placed shape to what is painted, so what is seen is the mask."""
     layer = mask_layer(mask if mask is not None else np.zeros((image.height, image.width), dtype=bool))
-    return {"background": image.convert("RGBA"), "layers": [layer], "composite": None}
+    background = image.convert("RGBA")
+    composite = None
+    if mask is not None:
+        composite = background.copy()
+        composite.alpha_composite(layer)
+    return {"background": background, "layers": [layer], "composite": composite}
+
+
+def _session_editor_data() -> type:
+    """The editor's payload model for /generate, accepting the dict /place_shape returned to a gradio_client: the
+    client hands back its own downloaded copies as plain paths, which are not the server's to read; they are
+    dropped, and the handler uses what this session placed (the source and the shape it holds)."""
+    from gradio.components.image_editor import EditorData
+    from pydantic import model_validator
+
+    class SessionEditorData(EditorData):
+        @model_validator(mode="before")
+        @classmethod
+        def _drop_client_paths(cls, data: Any) -> Any:
+            if isinstance(data, dict):
+                data = {**data, **{key: None for key in ("background", "composite") if isinstance(data.get(key), str)}}
+                if isinstance(data.get("layers"), list):
+                    data["layers"] = [layer for layer in data["layers"] if not isinstance(layer, str)]
+            return data
+
+    return SessionEditorData
+
+
+def _editor_image(value: Any) -> Image.Image | None:
+    """An editor value's picture (its background) as RGB, from whatever a client sent: an image, an array or a
+    file the server received."""
+    from defectfill.data.images import load_rgb
+
+    if value is None:
+        return None
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value[..., :3] if value.ndim == 3 else value).convert("RGB")
+    return load_rgb(value)
 
 
 def build_app(ws: Workspace) -> gr.Blocks:
@@ -116,7 +164,16 @@ class Handlers:
         sampling = self.ws.recommended_sampling(run)  # the run's base's recommendation, the paper's otherwise
         return (gr.update(choices=names, value=names[0] if names else None), gallery, message, suggested,
                 gr.update(choices=types, value=types[0], interactive=len(types) > 1),
-                gr.update(value=sampling["steps"]), gr.update(value=sampling["guidance"]))
+                gr.update(value=sampling["steps"]), gr.update(value=sampling["guidance"]),
+                gr.update(value=sampling["prompt"]), gr.update(value=sampling["unconditional"]), "")
+
+    @_friendly
+    def sampling_note(self, run: str, prompt: str, steps: float, guidance: float, unconditional: str):
+        """The warning beside the sampling controls when they depart from the base's recommendation."""
+        if not run:
+            return ""
+        note = self.ws.sampling_note(run, (prompt or "").strip() or None, steps, guidance, unconditional or None)
+        return f"⚠ {note}" if note else ""
 
     @_friendly
     def select_image(self, run: str, name: str):
@@ -149,38 +206,58 @@ class Handlers:
         mask = place_shape(source.image, shape, float(size), int(seed))
         return _editor_value(source.image, mask), {"shape": shape, "size": float(size), "mask": mask}
 
-    @_friendly
-    def generate(self, run: str, source: Source | None, editor: dict | None, placed: dict | None, candidates: float,
-                 steps: float, guidance: float, seed: float, attention: bool, defect_type: str | None = None,
-                 progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress idiom
+    def clear_mask(self, source: Source | None):
         if source is None:
-            raise DefectFillError("choose or upload a defect-free image first.")
-        mask = mask_from_layers(list((editor or {}).get("layers") or []), source.image.size)
+            return gr.update(), None
+        return _editor_value(source.image), None
+
+    @_friendly
+    def generate(self, run: str, source: Source | None, editor: Any, placed: dict | None, candidates: float,
+                 steps: float, guidance: float, seed: float, attention: bool, defect_type: str | None = None,
+                 prompt: str | None = None, unconditional: str | None = None, lpips_fallback: bool = True,
+                 progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress idiom
+        editor = editor if isinstance(editor, dict) else {"background": editor, "layers": []}
+        if source is None:  # an API client that sent the picture in the editor value (e.g. /place_shape's)
+            image = _editor_image(editor.get("background"))
+            if image is None:
+                raise DefectFillError("choose or upload a defect-free image first (API: call /select_image or "
+                                      "/upload_image, or send the editor value's background with handle_file).")
+            source = Source(image, None, "upload")
+        layers = [layer for layer in (editor.get("layers") or []) if layer is not None]
+        mask = mask_from_layers(layers, source.image.size)
         shape = None
-        if placed is not None and np.array_equal(placed["mask"], mask):
-            shape = placed["shape"]  # the placed shape, unedited: recorded as `generate --masks shapes` does
+        if placed is not None and placed["mask"].shape == mask.shape[:2]:
+            mask = mask | placed["mask"]  # the placed shape is in the editor's picture, so it stays in the mask
+            if np.array_equal(placed["mask"], mask):
+                shape = placed["shape"]  # the placed shape, unedited: recorded as `generate --masks shapes` does
         outcome = self.ws.generate(run, source, mask, candidates=int(candidates), steps=int(steps),
-                              guidance=float(guidance), seed=int(seed), attention=bool(attention),
-                              shape=shape, shape_size=placed["size"] if shape else None,
-                              progress=functools.partial(_report_progress, progress), defect_type=defect_type or None)
+                                   guidance=float(guidance), seed=int(seed), attention=bool(attention),
+                                   shape=shape, shape_size=placed["size"] if shape else None,
+                                   progress=functools.partial(_report_progress, progress),
+                                   defect_type=defect_type or None, prompt=prompt, unconditional=unconditional,
+                                   lpips_fallback=bool(lpips_fallback))
         result = outcome.result
         gallery = []
         for i, cand in enumerate(result.candidates):
-            score = f"LFS {result.scores[i]:.4f}" if result.scores else "LFS n/a (1 candidate)"
+            shown = outlined(cand, result.mask)
+            score = f" {result.scores[i]:.3f}" if result.scores else ""
             chosen = i == result.chosen
-            gallery.append((framed(cand) if chosen else cand, f"{'CHOSEN · ' if chosen else ''}#{i} · {score}"))
+            # short captions (the gallery cuts long ones); the full text is the table below
+            gallery.append((framed(shown) if chosen else shown, f"#{i}{score}{' ✓' if chosen else ''}"))
         shown = result.image
         if result.attention is not None:
             shown = attention_overlay(result.image, result.attention)
         lines = [f"**{len(result.candidates)} candidate(s)**, seed {outcome.settings['seed']}, mask "
-                 f"`{outcome.mask_source}` ({int(result.mask.sum())} px). Low-Fidelity Selection keeps the "
-                 "candidate least like the input inside the mask's box (highest LPIPS). Prompt: "
-                 f"`{outcome.prompt}`.", "",
-                 "| candidate | LFS score | |", "|---|---|---|"]
+                 f"`{outcome.mask_source}` ({int(result.mask.sum())} px, outlined in cyan). Low-Fidelity "
+                 "Selection keeps the candidate least like the input inside the mask's box (highest LPIPS); it is "
+                 f"framed in green and marked ✓. Prompt: `{outcome.prompt}`.", ""]
+        lines += [f"> ⚠ {note}" for note in outcome.notes] + ([""] if outcome.notes else [])
+        lines += ["| candidate | LFS score (higher: less like the input) | |", "|---|---|---|"]
         for i in range(len(result.candidates)):
-            score = f"{result.scores[i]:.4f}" if result.scores else "-"
+            score = f"{result.scores[i]:.4f}" if result.scores else "- (1 candidate: no selection)"
             lines.append(f"| #{i} | {score} | {'chosen' if i == result.chosen else ''} |")
-        return gallery, shown, "\n".join(lines), outcome
+        zoom = zoomed([source.image, result.image], result.mask)
+        return gallery, outlined(shown, result.mask), "\n".join(lines), outcome, zoom
 
     @_friendly
     def add(self, outcome: Outcome | None, dataset: str):
@@ -293,10 +370,12 @@ def _layout(ws: Workspace) -> SimpleNamespace:
                     sources=[], format="png", transforms=[], layers=False, elem_id="editor",
                     brush=gr.Brush(colors=["#ff0000"], color_mode="fixed", default_size="auto"),
                 )
+                editor.data_model = _session_editor_data()
                 with gr.Row():
                     shape_dd = gr.Dropdown(list(SHAPES), value="ellipse", label="Shape")
                     size = gr.Slider(0.002, 0.3, value=0.03, step=0.001, label="Shape size (area fraction)")
                     place_btn = gr.Button("Place shape", elem_id="place")
+                    clear_btn = gr.Button("Clear mask", elem_id="clear-mask")
         with gr.Row():
             candidates = gr.Slider(1, 16, value=4, step=1, label="Candidates", elem_id="n-candidates")
             steps = gr.Slider(1, 100, value=30, step=1, label="Steps", elem_id="steps")
@@ -305,11 +384,23 @@ def _layout(ws: Workspace) -> SimpleNamespace:
                                  elem_id="guidance")
             seed = gr.Number(0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed")
             attention = gr.Checkbox(False, label="Show the token's attention")
+        with gr.Row():
+            # until a run is chosen (then the run's base's recommendation, as the steps and guidance)
+            prompt = gr.Textbox("A {object} with {token}", label="Prompt ({token}: the trained defect word; "
+                                "{object}: the category)", elem_id="prompt", scale=3)
+            unconditional = gr.Radio(["tuned", "base"], value=PAPER_SAMPLING["unconditional"],
+                                     label="Guidance's unconditional branch", elem_id="unconditional", scale=1)
+            lpips_fallback = gr.Checkbox(True, label="LPIPS: untrained AlexNet when the weights cannot be fetched "
+                                         "(offline; said with the result)", elem_id="lpips-fallback", scale=1)
+        sampling_md = gr.Markdown(elem_id="sampling-note")
         generate_btn = gr.Button("Generate", variant="primary", elem_id="generate")
         with gr.Row():
-            cand_gallery = gr.Gallery(label="Candidates (LFS score; the chosen one is framed)", columns=4,
-                                      height=320, format="png", elem_id="candidates")
-            chosen_img = gr.Image(label="Chosen", type="pil", format="png", height=320, elem_id="chosen")
+            cand_gallery = gr.Gallery(label="Candidates (LFS score; ✓ chosen, framed)", columns=2,
+                                      height=560, format="png", elem_id="candidates", object_fit="contain")
+            chosen_img = gr.Image(label="Chosen (mask outlined)", type="pil", format="png", height=560,
+                                  elem_id="chosen")
+        zoom_img = gr.Image(label="Zoom on the defect's box: source | chosen", type="pil", format="png",
+                            height=300, elem_id="zoom")
         scores_md = gr.Markdown()
         with gr.Row():
             dataset_name = gr.Textbox(label="Dataset folder (inside the datasets folder)", elem_id="dataset")
@@ -324,7 +415,8 @@ def _layout(ws: Workspace) -> SimpleNamespace:
             show_rejected = gr.Checkbox(False, label="Show rejected")
         shown_state = gr.State([])
         items_gallery = gr.Gallery(label="Items", columns=6, height=300, allow_preview=False)
-        item_index = gr.Number(-1, precision=0, label="Item index")
+        item_index = gr.Number(None, precision=0, label="Item index", placeholder="none (click an item)",
+                               elem_id="item-index")
         with gr.Row():
             item_image = gr.Image(label="Image", type="filepath", height=220)
             item_mask = gr.Image(label="Mask", type="filepath", height=220)
@@ -338,16 +430,23 @@ def _layout(ws: Workspace) -> SimpleNamespace:
     with gr.Tab("Run"):
         run_md = gr.Markdown()
         settings_json = gr.JSON(label="Settings (config.json)")
-        loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="Losses (metrics.jsonl)", height=300)
+        loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="Losses (metrics.jsonl)", height=300,
+                                color_title="loss", colors_in_legend=list(LOSS_NAMES), x_title="step",
+                                y_title="loss value", elem_id="losses")
         samples_gallery = gr.Gallery(label="Logged sample inpaintings: source | mask | inpainting", columns=1,
                                      height=300)
 
-    return SimpleNamespace(run_dd=run_dd, run_type_dd=run_type_dd, runs_btn=runs_btn, source_state=source_state, placed_state=placed_state, outcome_state=outcome_state, data_note=data_note, image_dd=image_dd, good_gallery=good_gallery, upload=upload, editor=editor, shape_dd=shape_dd, size=size, place_btn=place_btn, candidates=candidates, steps=steps, guidance=guidance, seed=seed, attention=attention, generate_btn=generate_btn, cand_gallery=cand_gallery, chosen_img=chosen_img, scores_md=scores_md, dataset_name=dataset_name, add_btn=add_btn, add_md=add_md, ds_dd=ds_dd, refresh_btn=refresh_btn, cat_dd=cat_dd, type_dd=type_dd, show_rejected=show_rejected, shown_state=shown_state, items_gallery=items_gallery, item_index=item_index, item_image=item_image, item_mask=item_mask, item_source=item_source, item_cands=item_cands, item_row=item_row, reason=reason, reject_btn=reject_btn, reject_md=reject_md, run_md=run_md, settings_json=settings_json, loss_plot=loss_plot, samples_gallery=samples_gallery)
+    return SimpleNamespace(clear_btn=clear_btn, prompt=prompt, unconditional=unconditional,
+                           lpips_fallback=lpips_fallback, sampling_md=sampling_md, zoom_img=zoom_img, run_dd=run_dd, run_type_dd=run_type_dd, runs_btn=runs_btn, source_state=source_state, placed_state=placed_state, outcome_state=outcome_state, data_note=data_note, image_dd=image_dd, good_gallery=good_gallery, upload=upload, editor=editor, shape_dd=shape_dd, size=size, place_btn=place_btn, candidates=candidates, steps=steps, guidance=guidance, seed=seed, attention=attention, generate_btn=generate_btn, cand_gallery=cand_gallery, chosen_img=chosen_img, scores_md=scores_md, dataset_name=dataset_name, add_btn=add_btn, add_md=add_md, ds_dd=ds_dd, refresh_btn=refresh_btn, cat_dd=cat_dd, type_dd=type_dd, show_rejected=show_rejected, shown_state=shown_state, items_gallery=items_gallery, item_index=item_index, item_image=item_image, item_mask=item_mask, item_source=item_source, item_cands=item_cands, item_row=item_row, reason=reason, reject_btn=reject_btn, reject_md=reject_md, run_md=run_md, settings_json=settings_json, loss_plot=loss_plot, samples_gallery=samples_gallery)
 
 
 def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
     """Each component's events to their handler; the named ones are the page's API."""
-    run_outputs = [c.image_dd, c.good_gallery, c.data_note, c.dataset_name, c.run_type_dd, c.steps, c.guidance]
+    run_outputs = [c.image_dd, c.good_gallery, c.data_note, c.dataset_name, c.run_type_dd, c.steps, c.guidance,
+                   c.prompt, c.unconditional, c.sampling_md]
+    sampling_inputs = [c.run_dd, c.prompt, c.steps, c.guidance, c.unconditional]
+    for control in (c.prompt, c.steps, c.guidance, c.unconditional):
+        control.change(h.sampling_note, sampling_inputs, c.sampling_md, api_visibility="private")
     c.run_dd.change(h.select_run, c.run_dd, run_outputs, api_name="select_run")
     c.run_dd.change(h.show_run, c.run_dd, [c.settings_json, c.loss_plot, c.samples_gallery, c.run_md], api_name="run_info")
     demo.load(h.select_run, c.run_dd, run_outputs, api_visibility="private")
@@ -357,9 +456,11 @@ def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
     c.good_gallery.select(h.pick_from_gallery, c.run_dd, c.image_dd, api_visibility="private")
     c.upload.upload(h.upload_image, c.upload, [c.editor, c.source_state, c.placed_state], api_name="upload_image")
     c.place_btn.click(h.place, [c.source_state, c.shape_dd, c.size, c.seed], [c.editor, c.placed_state], api_name="place_shape")
+    c.clear_btn.click(h.clear_mask, c.source_state, [c.editor, c.placed_state], api_visibility="private")
     # one generation at a time on the device: two tabs queue instead of sharing its memory
     c.generate_btn.click(h.generate, [c.run_dd, c.source_state, c.editor, c.placed_state, c.candidates, c.steps, c.guidance, c.seed,
-                                  c.attention, c.run_type_dd], [c.cand_gallery, c.chosen_img, c.scores_md, c.outcome_state],
+                                  c.attention, c.run_type_dd, c.prompt, c.unconditional, c.lpips_fallback],
+                         [c.cand_gallery, c.chosen_img, c.scores_md, c.outcome_state, c.zoom_img],
                        api_name="generate", concurrency_limit=1, concurrency_id="device")
     c.add_btn.click(h.add, [c.outcome_state, c.dataset_name], [c.add_md, c.ds_dd], api_name="add_to_dataset",
                   concurrency_limit=1, concurrency_id="write")

@@ -37,12 +37,15 @@ from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import IGNORED, contained, folder_lock
 from defectfill.data.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
 from defectfill.model.device import resolve_device
+from defectfill.model.lpips import ALEXNET_FILE
 from defectfill.outputs.generated import MANIFEST, REJECTED_DIR, candidate_file
 from defectfill.outputs.run_folder import LOGS_DIR, read_metrics
 
 log = logging.getLogger(__name__)
 
 UPLOADS_DIR = "uploads"  # uploaded source images, inside the dataset that uses them
+# generate.json of a dataset the UI writes: its settings are item 0's, each item's own are in its manifest row
+UI_ITEM_SETTINGS = "written by `defectfill ui`: these settings are item 0's; each item's are its manifest row's"
 _RUN_SCAN_DEPTH = 3  # runs/<name>, work/<cat>/runs/<name>: deep enough for `defectfill run` folders
 _SKIP_DIRS = {LOGS_DIR, "__pycache__"}
 
@@ -107,8 +110,13 @@ def mask_from_layers(layers: list[np.ndarray | None], size: tuple[int, int]) -> 
         if layer is None:
             continue
         arr = np.asarray(layer)
-        painted = arr[..., 3] > 0 if arr.ndim == 3 and arr.shape[2] == 4 else (
-            arr.max(axis=2) > 0 if arr.ndim == 3 else arr > 0)
+        if arr.ndim == 3 and arr.shape[2] == 4 and (arr[..., 3] < 255).any():
+            painted = arr[..., 3] > 0  # a painted layer: the strokes are its opaque pixels
+        else:
+            # a plain mask (an API client's black-and-white file, opaque once the editor made it RGBA): white is
+            # the defect
+            grey = arr[..., :3].max(axis=2) if arr.ndim == 3 else arr
+            painted = grey > (127 if grey.dtype == np.uint8 else 0)
         mask = painted if mask is None else (mask | fit_mask(painted, (mask.shape[1], mask.shape[0])))
     if mask is None:
         return np.zeros((size[1], size[0]), dtype=bool)
@@ -225,6 +233,7 @@ class Outcome:
     prompt: str
     defect_type: str | None = None  # the type drawn (a per-object run draws several; None: the run's one)
     added_to: list[str] = field(default_factory=list)  # datasets it was added to (one add per dataset)
+    notes: list[str] = field(default_factory=list)  # what the person should know about this result (shown with it)
 
 
 def attention_overlay(image: Image.Image, attention: np.ndarray, strength: float = 0.6) -> Image.Image:
@@ -234,6 +243,67 @@ def attention_overlay(image: Image.Image, attention: np.ndarray, strength: float
     heat = np.concatenate([np.ones_like(a), a, np.zeros_like(a)], axis=2) * 255  # red -> yellow
     out = base * (1 - strength * a) + heat * strength * a
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+VIEW_SIDE = 256  # px: results are shown at least this large (a 64 px base's output is unreadable at its size)
+
+
+def upscaled(image: Image.Image, side: int = VIEW_SIDE) -> Image.Image:
+    """`image` enlarged by a whole factor (nearest: the model's pixels stay visible as pixels) so its shorter
+    side is at least `side`; a large image is returned as it is."""
+    factor = max(1, math.ceil(side / max(1, min(image.size))))
+    im = image.convert("RGB")
+    return im if factor == 1 else im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST)
+
+
+def outlined(image: Image.Image, mask: np.ndarray, colour: tuple[int, int, int] = (0, 255, 255),
+             side: int = VIEW_SIDE) -> Image.Image:
+    """`image` upscaled (`upscaled`) with the mask's contour drawn on it (torchvision's draw_segmentation_masks
+    on the outline), so the defect's place is seen without hiding what was painted there."""
+    import torch
+    from torchvision.utils import draw_segmentation_masks
+
+    big = upscaled(image, side)
+    m = fit_mask(np.asarray(mask, dtype=bool), big.size)
+    width = max(1, min(big.size) // 128)
+    inner = m.copy()
+    for _ in range(width):  # erode by one pixel per step: what is left of the outline is `width` px wide
+        inner[1:-1, 1:-1] &= inner[:-2, 1:-1] & inner[2:, 1:-1] & inner[1:-1, :-2] & inner[1:-1, 2:]
+        inner[[0, -1], :] = False
+        inner[:, [0, -1]] = False
+    contour = m & ~inner
+    pixels = torch.from_numpy(np.asarray(big).copy()).permute(2, 0, 1)
+    drawn = draw_segmentation_masks(pixels, torch.from_numpy(contour), alpha=1.0, colors=colour)
+    return Image.fromarray(drawn.permute(1, 2, 0).numpy())
+
+
+def zoom_box(mask: np.ndarray, margin: float = 0.5, least: int = 16) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of a square around the mask's box, `margin` of its side added each way, at least
+    `least` px, kept inside the image."""
+    ys, xs = np.nonzero(mask)
+    h, w = mask.shape
+    if not len(xs):
+        return 0, 0, w, h
+    cx, cy = (xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2
+    half = min(max((max(xs.max() - xs.min(), ys.max() - ys.min()) + 1) * (1 + 2 * margin), least) / 2, w / 2, h / 2)
+    left = int(round(min(max(cx - half, 0), w - 2 * half)))
+    top = int(round(min(max(cy - half, 0), h - 2 * half)))
+    return left, top, left + int(round(2 * half)), top + int(round(2 * half))
+
+
+def zoomed(images: list[Image.Image], mask: np.ndarray, side: int = VIEW_SIDE) -> Image.Image:
+    """The same crop around the defect's box of each image (source, chosen, ...), side by side, upscaled, the mask's
+    contour on each."""
+    box = zoom_box(mask)
+    crop_mask = mask[box[1]:box[3], box[0]:box[2]]
+    tiles = [outlined(im.convert("RGB").crop(box), crop_mask, side=side) for im in images]
+    sheet = Image.new("RGB", (sum(t.width for t in tiles) + 8 * (len(tiles) - 1), max(t.height for t in tiles)),
+                      (255, 255, 255))
+    x = 0
+    for t in tiles:
+        sheet.paste(t, (x, 0))
+        x += t.width + 8
+    return sheet
 
 
 def framed(image: Image.Image, colour: tuple[int, int, int] = (0, 200, 0)) -> Image.Image:
@@ -267,7 +337,7 @@ class Workspace:
         self.precision = resolve_precision(mixed_precision, self.device)
         self.lpips_weights, self.lpips_random_backbone = lpips_weights, lpips_random_backbone
         self.scheduler = scheduler
-        self._loaded: tuple[Path, Any] | None = None  # (run folder, DefectGenerator)
+        self._loaded: tuple[tuple[Path, bool], Any] | None = None  # ((run folder, LoRA unmerged), DefectGenerator)
         self._scorer: Any = None
         self._lock = threading.Lock()
 
@@ -317,12 +387,17 @@ class Workspace:
 
     # ------------------------------------------------------------------ generation
 
-    def generator(self, run: str, progress: ProgressFn | None = None):
-        """The run's DefectGenerator, loaded once and kept until another run is used."""
+    def generator(self, run: str, progress: ProgressFn | None = None, unconditional: str | None = None):
+        """The run's DefectGenerator, loaded once and kept until another run is used. unconditional "base" needs
+        the LoRA layers kept apart (not merged): asking for it reloads a merged model once."""
         from defectfill.generate.generator import DefectGenerator
 
         run_dir = self.run_dir(run)
-        if self._loaded is None or self._loaded[0] != run_dir:
+        if unconditional is None:
+            unconditional = self.recommended_sampling(run)["unconditional"]
+        key = (run_dir, unconditional == "base")
+        # an unmerged model samples either way; a merged one only with the tuned branch
+        if self._loaded is None or self._loaded[0][0] != run_dir or (key[1] and not self._loaded[0][1]):
             if progress:
                 progress(0.0, f"loading the model of {run}")
             self._loaded = None  # free the previous model first
@@ -330,27 +405,50 @@ class Workspace:
             gen = DefectGenerator.from_run(run_dir, device=self.device, mixed_precision=self.precision,
                                            scheduler=self.scheduler, lpips_weights=self.lpips_weights,
                                            lpips_pretrained=not self.lpips_random_backbone,
-                                           defect_type=self.defect_types(run)[0])
+                                           defect_type=self.defect_types(run)[0], unconditional=unconditional)
             # the pipeline's own step bar back on: gradio's Progress(track_tqdm=True) shows it in the page
             gen.pipe.set_progress_bar_config(disable=False, leave=False, desc="sampling")
-            self._loaded = (run_dir, gen)
+            self._loaded = (key, gen)
         return self._loaded[1]
 
     def recommended_sampling(self, run: str) -> dict[str, Any]:
         """The sampling a run's base recommends, with the paper's values where it says nothing (`config.sampling`):
-        the page's steps and guidance start there."""
+        the page's prompt, steps, guidance and unconditional branch start there. The prompt is a template; the
+        base saying none is the run's object prompt."""
         from defectfill.config.sampling import resolve_sampling
-        from defectfill.outputs.run_folder import read_trained_run
 
-        return resolve_sampling(read_trained_run(self.run_dir(run)).model)
+        config = self.run_config(run)
+        sampling = resolve_sampling(config.model)
+        return {**sampling, "prompt": sampling["prompt"] or config.object_prompt}
+
+    def sampling_note(self, run: str, prompt: str | None = None, steps: int | None = None,
+                      guidance: float | None = None, unconditional: str | None = None) -> str:
+        """What a person should know before sampling with these settings: each one that departs from what the
+        run's base recommends (its defectfill_sampling.json), or "" when they follow it (or the base says nothing)."""
+        from defectfill.config.sampling import read_base_sampling
+
+        config = self.run_config(run)
+        said = read_base_sampling(config.model)
+        asked = {"prompt": prompt, "steps": None if steps is None else int(steps),
+                 "guidance": None if guidance is None else float(guidance), "unconditional": unconditional}
+        differs = [f"{key} {asked[key]!r} (recommended: {said[key]!r})" for key in ("prompt", "guidance", "steps",
+                   "unconditional") if key in said and asked[key] is not None and asked[key] != said[key]]
+        if not differs:
+            return ""
+        return (f"Sampling differs from what the base `{config.model}` was measured to want: {'; '.join(differs)}. "
+                "Expect weaker defects (an object prompt or high guidance mostly repaints the part).")
 
     def generate(self, run: str, source: Source, mask: np.ndarray, candidates: int = SamplingConfig.candidates,
                  steps: int | None = None, guidance: float | None = None, seed: int = 0, attention: bool = False,
                  shape: str | None = None, shape_size: float | None = None, progress: ProgressFn | None = None,
-                 defect_type: str | None = None) -> Outcome:
+                 defect_type: str | None = None, prompt: str | None = None, unconditional: str | None = None,
+                 lpips_fallback: bool = False) -> Outcome:
         """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s
-        (`SamplingConfig`). `defect_type`: the type to draw from a per-object run (default: the run's first)."""
-        from defectfill.generate.generator import DefectGenerator
+        (`SamplingConfig`); those left None are what the run's base recommends. `prompt` is a template with {token}
+        (and {object}). `defect_type`: the type to draw from a per-object run (default: the run's first).
+        `lpips_fallback`: when the AlexNet weights cannot be fetched (offline), score with the untrained backbone
+        (said in the outcome's notes and recorded with the item) instead of failing."""
+        from defectfill.generate.generator import DefectGenerator, run_prompt
 
         candidates, seed = int(candidates), int(seed)
         from defectfill.config.stages import MAX_SEED
@@ -361,31 +459,69 @@ class Workspace:
         item_seed = derived_seed(seed, 0)  # the item `defectfill generate --seed <seed>` draws first
         steps = None if steps is None else int(steps)
         guidance = None if guidance is None else float(guidance)
-        SamplingConfig(candidates=candidates, steps=steps, guidance=guidance).validate()
+        prompt = (prompt or "").strip() or None
+        unconditional = unconditional or None
+        SamplingConfig(candidates=candidates, steps=steps, guidance=guidance, prompt=prompt,
+                       unconditional=unconditional).validate()
         mask = fit_mask(np.asarray(mask, dtype=bool), source.image.size)
         if not mask.any():
             raise DefectFillError("the mask is empty: paint where the defect goes, or place a shape.")
+        notes: list[str] = []
         with self._lock:
-            loaded = self.generator(run, progress)
+            loaded = self.generator(run, progress, unconditional)
             drawer = loaded.for_type(defect_type) if defect_type else loaded  # that type's prompt and token
+            prompt_text = drawer.prompt
+            if prompt is not None:
+                prompt_text, _ = run_prompt(self.run_config(run), prompt, drawer.defect_type)
             # a generator per request over the loaded pipeline: the settings are the request's, the model is kept
             steps = loaded.steps if steps is None else steps  # unset: as the run's base recommends
             guidance = loaded.guidance if guidance is None else guidance
-            sampling = dataclasses.replace(loaded.sampling, candidates=candidates, steps=steps, guidance=guidance)
-            gen = DefectGenerator(loaded.pipe, drawer.prompt, drawer.token, loaded.resolution, sampling,
-                                  device=self.device, scorer=self._scorer, lpips_weights=self.lpips_weights,
-                                  lpips_pretrained=not self.lpips_random_backbone, save_attention=bool(attention))
+            unconditional = loaded.unconditional if unconditional is None else unconditional
+            sampling = dataclasses.replace(loaded.sampling, candidates=candidates, steps=steps, guidance=guidance,
+                                           unconditional=unconditional)
+            random_backbone = self.lpips_random_backbone
+
+            def make(random: bool) -> DefectGenerator:
+                return DefectGenerator(loaded.pipe, prompt_text, drawer.token, loaded.resolution, sampling,
+                                       device=self.device, scorer=self._scorer,
+                                       lpips_weights=self.lpips_weights, lpips_pretrained=not random,
+                                       save_attention=bool(attention))
+
+            gen = make(random_backbone)
+            if candidates > 1:
+                try:
+                    gen.scorer  # noqa: B018 - LPIPS loaded before sampling: a failed download wastes no sampling
+                except DefectFillError as exc:
+                    if not lpips_fallback or random_backbone or self.lpips_weights:
+                        raise DefectFillError(f"{exc} In the page: tick 'LPIPS: untrained AlexNet when offline' "
+                                              "(its scores only approximate perceptual difference).") from None
+                    random_backbone = True
+                    self.lpips_random_backbone = True  # the weights stay out of reach: later requests skip the try
+                    self._scorer = None
+                    gen = make(True)
+                    notes.append("The AlexNet weights for LPIPS could not be fetched, so Low-Fidelity Selection "
+                                 f"scored with an untrained AlexNet: its choice is not a perceptual one. Put "
+                                 f"{ALEXNET_FILE} in $TORCH_HOME/hub/checkpoints (or start with --lpips-weights) "
+                                 "for real scores.")
             if progress:
                 progress(0.1, f"sampling {candidates} candidate(s), {steps} steps")
             result = gen(source.image, mask, seed=item_seed)
             if candidates > 1:
                 self._scorer = gen.scorer  # LPIPS loaded once, kept with the model
+        if candidates > 1 and random_backbone and not notes:
+            notes.append("LPIPS runs on an untrained AlexNet (--lpips-random-backbone): the LFS choice is not a "
+                         "perceptual one.")
+        note = self.sampling_note(run, prompt or self.recommended_sampling(run)["prompt"], steps, guidance,
+                                  unconditional)
+        if note:
+            notes.insert(0, note)
         settings = {"candidates": candidates, "steps": steps, "guidance": guidance, "seed": seed, "item_seed": item_seed,
-                    "attention": bool(attention)}
+                    "attention": bool(attention), "prompt": prompt, "unconditional": unconditional,
+                    "lpips_random_backbone": bool(random_backbone)}
         if shape:
             settings.update(shape=shape, mask_scale=list(shape_scale(float(shape_size or 0.02))))
         return Outcome(run, self.run_dir(run), source, result, f"shape:{shape}" if shape else "drawn", settings,
-                       drawer.prompt, drawer.defect_type)
+                       prompt_text, drawer.defect_type, notes=notes)
 
     # ------------------------------------------------------------------ datasets
 
@@ -468,14 +604,19 @@ class Workspace:
                 masks="shapes" if s.get("shape") else "drawn", shapes=s.get("shape") or ",".join(SHAPES),
                 mask_scale=",".join(str(v) for v in s.get("mask_scale", DEFAULT_MASK_SCALE)),
                 candidates=s["candidates"], steps=s["steps"], guidance=s["guidance"], seed=s["seed"],
+                prompt=s.get("prompt"), unconditional=s.get("unconditional"),
                 scheduler=self.scheduler, save_candidates=True, save_attention=s["attention"],
-                lpips_weights=self.lpips_weights, lpips_random_backbone=self.lpips_random_backbone,
+                lpips_weights=self.lpips_weights,
+                lpips_random_backbone=s.get("lpips_random_backbone", self.lpips_random_backbone),
                 device=self.device, mixed_precision=self.precision, defect_type=drawn,
             ), require=False)
             identity = output_identity([outcome.run_dir], settings)
-            # resume: the UI adds item by item with the settings of each; generate.json records the latest
-            prepare_output(out, identity, resume=True, overwrite=False,
-                           record={"config": {**settings.to_dict(), "mixed_precision": self.precision}})
+            if not state.is_file():
+                # the UI adds item by item, each with its own settings (its manifest row's): generate.json is the
+                # first item's and is not rewritten, so it stays true of item 0 and says where the others' are
+                prepare_output(out, identity, resume=True, overwrite=False,
+                               record={"config": {**settings.to_dict(), "mixed_precision": self.precision},
+                                       "per_item_settings": UI_ITEM_SETTINGS})
             item = Item(index, source_path, outcome.mask_source, s["item_seed"])
             row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
                              out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows,
@@ -601,6 +742,17 @@ def item_kind(row: dict[str, Any]) -> tuple[str, str]:
     image = (row.get("rejected") or {}).get("from", {}).get("image") or row.get("image", "")
     parts = Path(image).parts
     return (parts[0], parts[2]) if len(parts) >= 4 else ("", "")
+
+
+def os_error_message(exc: OSError) -> str:
+    """What the page says when reading or writing a dataset, a run or an upload failed (permission denied, a
+    read-only or full disk, a folder gone): the path and the fix; what was finished is kept (writes are atomic)."""
+    path = exc.filename or "a file of the app's folders"
+    reason = exc.strerror or type(exc).__name__
+    folder = Path(path).parent if exc.filename and not Path(path).is_dir() else Path(path)
+    return (f"{path}: {reason}. The app (running as this machine's user) must be able to read and write {folder}: "
+            "fix its permissions, free disk space or choose another folder (`defectfill ui --runs/--datasets`), "
+            "then try again; what was finished is kept.")
 
 
 def _png_bytes(image: Image.Image) -> bytes:
