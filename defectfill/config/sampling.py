@@ -67,6 +67,7 @@ class SamplingConfig(Settings):
     scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": SCHEDULERS})
     prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the base model's recommendation, else the run's object prompt)"})
     feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge", "min": 0})
+    latent_blend: bool = field(default=False, metadata={"help": "blended latent diffusion: after each sampler step the latents outside the mask become the source's, noised to that step (the source's clean latents at the last); off: the stock inpainting loop"})
     batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)", "min": 1})
 
     def validate(self) -> None:

@@ -271,6 +271,48 @@ def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters:
     }
 
 
+def _paint_jointly(out: OutputFolder, item: Item, source: Image.Image, painters: list[Painter],
+                   drawers: list[DefectGenerator], n_images: int, scale: tuple[float, float],
+                   settings: GenerateConfig, part: Path) -> dict[str, Any]:
+    """Several defects into one image in one sampling pass (--multi-defect joint, `steering.paint_jointly`): each
+    defect's mask is chosen as `_paint_several` chooses it (kept 2 px off the earlier ones), then one prompt names
+    every token, each token's attention is steered to its own mask, and one LFS runs over the union. Writes what
+    `_paint_several` writes; every defect's record carries the pass's prompt, seeds and scores."""
+    from defectfill.generate.steering import paint_jointly
+
+    taken = np.zeros((source.size[1], source.size[0]), bool)
+    own_masks: list[np.ndarray] = []
+    mask_sources: list[str] = []
+    for i, painter in enumerate(painters):
+        mask, mask_source = defect_mask(painter, item.index, n_images, i, derived_seed(item.seed, i), source, scale,
+                                        taken)
+        for earlier in own_masks:  # a forced overlap: the later defect owns it, as in sequential painting
+            earlier &= ~mask
+        own_masks.append(mask.copy())
+        mask_sources.append(mask_source)
+        taken |= mask
+    result, prompt = paint_jointly(drawers[0], source, own_masks, [p.defect_type for p in painters], item.seed)
+    out.reserve(part, out.item_files(item.index))  # never over a file not ours
+    save_candidates_and_attention(out, item.index, result, settings.save_candidates)
+    defects: list[dict[str, Any]] = []
+    for i, (painter, own, mask_source) in enumerate(zip(painters, own_masks, mask_sources, strict=True)):
+        path = out.defect_mask_path(item.index, i, painter.defect_type)
+        save_mask(own, path)
+        defects.append({"defect_type": painter.defect_type, "run": str(painter.run_dir), "mask_source": mask_source,
+                        "mask": str(path.relative_to(out.root)), "prompt": prompt, "seed": item.seed,
+                        "candidate_seeds": result.seeds, "scores": result.scores, "chosen": result.chosen})
+    save_png(result.image, out.image_path(item.index))
+    save_mask(result.mask, out.mask_path(item.index))
+    if item.index < settings.preview_rows:
+        step = ("+".join(p.defect_type for p in painters), result.mask, result.image)
+        save_png(_several_preview_strip(source, result.mask, [step]), out.root / PREVIEW_DIR / f"{item.index:06d}.png")
+    return {
+        "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
+        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+        "seed": item.seed, "defect_type": out.defect_type, "defects": defects, "multi_defect": "joint",
+    }
+
+
 def _several_preview_strip(source: Image.Image, union: np.ndarray, steps: list[tuple[str, np.ndarray, Image.Image]],
                            side: int = 128) -> Image.Image:
     """source | union mask | the image after each defect (captioned with its type); the last one is framed."""
@@ -379,6 +421,10 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
     scale = settings.scale()
     run_dirs = run_folders(settings.run)
     painters = plan_painters(settings, run_dirs)
+    if settings.multi_defect == "joint" and len({p.run_dir for p in painters}) > 1:
+        raise DefectFillError(f"--multi-defect joint: --run {settings.run} gives several runs; one pass needs one "
+                              "run trained on every type (train --defect-type all, or run --one-model-per-object), "
+                              "or paint them one after the other (--multi-defect sequential).")
     config = painters[0].config
     settings = settings.sampling_for(config.model)  # what the base recommends, where the user set nothing
     category, defect_type = config.category, "+".join(p.defect_type for p in painters)
@@ -434,7 +480,8 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
             if multi:  # each defect is painted into the result of the one before: one item at a time
                 for item in todo:
                     source = load_rgb(item.image)
-                    row = _paint_several(out, item, source, painters, drawers, len(images), scale, settings, part)
+                    paint = _paint_jointly if settings.multi_defect == "joint" else _paint_several
+                    row = paint(out, item, source, painters, drawers, len(images), scale, settings, part)
                     row["settings"] = identity["settings"]
                     out.add_row(part, row)
                     bar.update(1)
