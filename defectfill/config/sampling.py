@@ -30,7 +30,7 @@ from defectfill.core.errors import DefectFillError
 
 BASE_SAMPLING_NAME = "defectfill_sampling.json"
 UNCONDITIONAL = ("tuned", "base")
-SCHEDULERS = ["ddim", "dpm", "euler", "pndm"]
+SCHEDULERS = ["ddim", "dpm++", "unipc", "dpm", "euler", "pndm"]  # dpm: the same solver as dpm++ (older name)
 # DefectFill's generation settings (prompt None: the run's object prompt "A {object} with {token}")
 PAPER_SAMPLING: dict[str, Any] = {"prompt": None, "guidance": 7.5, "steps": 50, "unconditional": "tuned"}
 
@@ -64,11 +64,11 @@ class SamplingConfig(Settings):
     steps: int | None = field(default=None, metadata={"help": f"sampling steps (default: the base model's recommendation, else {PAPER_SAMPLING['steps']})", "min": 1})
     guidance: float | None = field(default=None, metadata={"help": f"classifier-free guidance scale (default: the base model's recommendation, else {PAPER_SAMPLING['guidance']})", "min": 0})
     unconditional: str | None = field(default=None, metadata={"help": "the guidance's unconditional branch: 'tuned' (the fine-tuned model, stock CFG) or 'base' (the base model: LoRA off for those rows) (default: the base model's recommendation, else tuned)", "choices": UNCONDITIONAL})
-    scheduler: str = field(default="ddim", metadata={"help": "sampler", "choices": SCHEDULERS})
+    scheduler: str = field(default="ddim", metadata={"help": "sampler, built from the base's scheduler config: ddim (the paper's), dpm++ (2nd-order multistep DPM-Solver++) or unipc (UniPC multistep), the multistep solvers meant for fewer --steps; dpm is dpm++", "choices": SCHEDULERS})
     prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the base model's recommendation, else the run's object prompt)"})
     feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge", "min": 0})
-    latent_blend: bool = field(default=False, metadata={"help": "blended latent diffusion: after each sampler step the latents outside the mask become the source's, noised to that step (the source's clean latents at the last); off: the stock inpainting loop"})
     batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)", "min": 1})
+    batch_images: int = field(default=1, metadata={"help": "images whose candidates share each pipeline call (those of one canvas size): more fill a GPU's UNet calls; 1 samples each image in its own call, as before (the same seeds either way, the same images within float tolerance)", "min": 1, "max": 256})
 
     def validate(self) -> None:
         self.check_declared()  # the bounds in the fields' metadata

@@ -13,10 +13,11 @@ is `writer.py`; the canvas an image is sampled on, which training shares, is
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,11 @@ class LPIPSScorer:
         self.model = model
 
     def __call__(self, candidates: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        return self.score_pairs(candidates, source.expand_as(candidates))
+
+    def score_pairs(self, candidates: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """(N,) distances of N (candidate, source) crop pairs of one size: the crops of several images scored in
+        one call (each row's score is its own, as in a call per image)."""
         from defectfill.model.lpips import lpips_distance
 
         h, w = candidates.shape[-2:]
@@ -68,10 +74,10 @@ class LPIPSScorer:
         size = (max(h, _LPIPS_MIN_SIDE), max(w, _LPIPS_MIN_SIDE))
         if size != (h, w):
             candidates = F.interpolate(candidates, size=size, mode="bilinear", align_corners=False)
-            source = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
+            sources = F.interpolate(sources, size=size, mode="bilinear", align_corners=False)
         device = next(self.model.parameters()).device
         a = candidates.float().to(device)
-        b = source.float().to(device).expand_as(a)
+        b = sources.float().to(device)
         return lpips_distance(self.model, a, b).cpu()
 
 
@@ -81,10 +87,10 @@ def mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
 
 
-def _to_tensor(arr: np.ndarray) -> torch.Tensor:
-    """(..., H, W, 3) uint8 -> (..., 3, H, W) float in [-1, 1]."""
-    t = torch.from_numpy(np.array(arr, dtype=np.float32)) / 127.5 - 1.0
-    return t.movedim(-1, -3)
+def _to_tensor(arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """(..., H, W, 3) uint8 (an array, or a tensor on any device) -> (..., 3, H, W) float in [-1, 1]."""
+    t = arr.float() if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr, dtype=np.float32))
+    return (t / 127.5 - 1.0).movedim(-1, -3)
 
 
 def select_low_fidelity(
@@ -127,6 +133,17 @@ def feather_alpha(mask: np.ndarray, feather: int) -> np.ndarray:
     return np.where(mask, np.minimum(depth / feather, 1.0), 0.0).astype(np.float32)
 
 
+def paste_back_tensor(generated: torch.Tensor, source: torch.Tensor, mask: torch.Tensor,
+                      alpha: torch.Tensor) -> torch.Tensor:
+    """`paste_back` on tensors of any device: (N,H,W,3) uint8 generated, (H,W,3) uint8 source, (H,W) bool mask,
+    (H,W) float32 `feather_alpha` -> (N,H,W,3) uint8, the same bytes as `paste_back` (the same float32 operations
+    in the same order, each its own kernel, so no fused multiply-add changes a rounding)."""
+    a = alpha[..., None]
+    blended = torch.round(a * generated.float() + (1 - a) * source.float())  # round half to even, as np.rint
+    out = blended.clamp(0, 255).to(torch.uint8)
+    return torch.where(mask[..., None], out, source)
+
+
 def paste_back(generated: np.ndarray, source: np.ndarray, mask: np.ndarray, feather: int = 0) -> np.ndarray:
     """(…,H,W,3) uint8 generated, (H,W,3) uint8 source, (H,W) bool mask -> uint8, equal to source outside the mask."""
     alpha = feather_alpha(mask, feather)[..., None]  # (H, W, 1)
@@ -159,13 +176,23 @@ def derived_seed(seed: int, index: int) -> int:
 
 
 def _scheduler(pipe, name: str):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
+    """The sampler `name`, built from the base's scheduler config (its betas, prediction type, spacing)."""
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        UniPCMultistepScheduler,
+    )
 
-    classes = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
-               "pndm": PNDMScheduler}
-    if name not in classes:
-        raise DefectFillError(f"--scheduler {name!r}: choose one of {', '.join(classes)}.")
-    return classes[name].from_config(pipe.scheduler.config)
+    # dpm and dpm++ are the same solver (2nd-order multistep DPM-Solver++); dpm stays for recorded settings
+    made = {"ddim": (DDIMScheduler, {}), "dpm": (DPMSolverMultistepScheduler, {}),
+            "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+            "unipc": (UniPCMultistepScheduler, {}), "euler": (EulerDiscreteScheduler, {}), "pndm": (PNDMScheduler, {})}
+    if name not in made:
+        raise DefectFillError(f"--scheduler {name!r}: choose one of {', '.join(made)}.")
+    cls, overrides = made[name]
+    return cls.from_config(pipe.scheduler.config, **overrides)
 
 
 def run_prompt(config: TrainConfig, template: str | None = None, defect_type: str | None = None) -> tuple[str, str]:
@@ -293,9 +320,9 @@ class DefectGenerator:
     steps = _sampling_setting("steps")
     guidance = _sampling_setting("guidance")
     feather = _sampling_setting("feather")
-    latent_blend = _sampling_setting("latent_blend")
     unconditional = _sampling_setting("unconditional")
     batch_size = _sampling_setting("batch_size")  # unset: every candidate of an image in one call
+    batch_images = _sampling_setting("batch_images")  # images whose candidates share a call (`generate_many`)
 
     def for_type(self, defect_type: str) -> "DefectGenerator":
         """The same pipeline drawing another defect type of its run (one model per object): a shallow copy with
@@ -394,16 +421,6 @@ class DefectGenerator:
         weights[n if cfg else 0 :, positions] = 1.0 / len(positions)
         return weights
 
-    def _step_kwargs(self, image, generators: list[torch.Generator], height: int, width: int) -> dict[str, Any]:
-        """The pipeline's per-step arguments: none (the stock loop), or with latent_blend the callback that keeps
-        the latents outside the mask on the source's (`steering.LatentBlend`). `image`: the canvas image, or one
-        per row. Called before the pipeline draws from `generators`."""
-        if not self.sampling.latent_blend:
-            return {}
-        from defectfill.generate.steering import latent_blend_kwargs
-
-        return latent_blend_kwargs(self.pipe, image, generators, height, width)
-
     @contextmanager
     def _unconditional_from_base(self, n: int) -> Iterator[dict[str, Any]]:
         """The pipeline's prompt arguments for n candidates; with unconditional="base" under guidance, the
@@ -423,17 +440,29 @@ class DefectGenerator:
         with lora_on_rows(self.pipe.unet, rows):
             yield {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative}
 
-    @torch.no_grad()
-    def _sample(self, image: Image.Image, mask: np.ndarray, seed: int) -> tuple[np.ndarray, list[int], Canvas, np.ndarray | None]:
-        """-> (N, h, w, 3) uint8 at the model's scale (the image's aspect, `Canvas.scaled`), the candidate seeds,
-        the canvas, and with save_attention the token's cross-attention maps (N, h_lat, w_lat) in [0, 1] on the
-        canvas's latent grid (else None)."""
-        factor = vae_scale_factor(self.pipe.vae)
-        canvas, image_c, mask_c = prepare_canvas(image, mask, self.resolution, factor)
-        (sw, sh), (cw, ch) = canvas.scaled, canvas.size
+    def _prepare(self, image: Image.Image, mask: np.ndarray, seed: int) -> _Job:
+        image = image.convert("RGB")
+        mask = fit_mask(np.asarray(mask, dtype=bool), image.size)
+        if not mask.any():
+            raise DefectFillError("the target mask is empty: draw the defect region in white.")
+        canvas, image_c, mask_c = prepare_canvas(image, mask, self.resolution, vae_scale_factor(self.pipe.vae))
         seeds = [derived_seed(seed, i) for i in range(self.candidates)]
+        return _Job(image, mask, np.array(image), canvas, image_c, mask_c, seeds)  # a writable copy: torch's
+
+    @torch.no_grad()
+    def _sample(self, jobs: list[_Job]) -> list[tuple[np.ndarray, np.ndarray | None]]:
+        """Each job's candidates (N, h, w, 3) uint8 at the model's scale (the image's aspect, `Canvas.scaled`) and
+        with save_attention the token's cross-attention maps (N, h_lat, w_lat) in [0, 1] on the canvas's latent
+        grid (else None). The jobs share one canvas size; each pipeline call holds a chunk of the candidates
+        (`batch_size`) of every job. One job is sampled as it always was (one image, its candidates as
+        `num_images_per_prompt`); several go as one row per candidate, each image's masked-image latents made as
+        its own call makes them (`_mask_latents_per_image`), so every row gets the same noise, conditioning
+        and steps as in a call of its image alone."""
+        factor = vae_scale_factor(self.pipe.vae)
+        (cw, ch) = jobs[0].canvas.size
         gen_device = "cpu" if self.device.type == "mps" else self.device
-        outputs, maps = [], []
+        outputs: list[list[np.ndarray]] = [[] for _ in jobs]
+        maps: list[list[np.ndarray]] = [[] for _ in jobs]
         recorder = None
         if self.save_attention:
             from defectfill.model.attention import AttentionRecorder
@@ -443,53 +472,158 @@ class DefectGenerator:
             recorder = AttentionRecorder(self.pipe.unet, running_hw=(ch // factor, cw // factor))
         try:
             for start in range(0, self.candidates, self.batch_size):
-                chunk = seeds[start : start + self.batch_size]
-                generators = [torch.Generator(gen_device).manual_seed(s) for s in chunk]
+                chunk = range(start, min(start + self.batch_size, self.candidates))
+                n = len(jobs) * len(chunk)
+                generators = [torch.Generator(gen_device).manual_seed(job.seeds[c]) for job in jobs for c in chunk]
+                if len(jobs) == 1:
+                    images: dict[str, Any] = {"image": jobs[0].image_c, "mask_image": jobs[0].mask_c}
+                    per_image: contextlib.AbstractContextManager = contextlib.nullcontext()
+                else:
+                    images = {"image": [job.image_c for job in jobs for _ in chunk],
+                              "mask_image": [job.mask_c for job in jobs for _ in chunk]}
+                    per_image = _mask_latents_per_image(self.pipe, len(chunk))
                 if recorder is not None:
-                    recorder.start(self._token_weights(len(chunk)).to(self.device))
-                with self._unconditional_from_base(len(chunk)) as prompt_kwargs:
+                    recorder.start(self._token_weights(n).to(self.device))
+                with self._unconditional_from_base(n) as prompt_kwargs, per_image:
                     out = self.pipe(
-                        image=image_c, mask_image=mask_c, height=ch, width=cw,
-                        num_images_per_prompt=len(chunk), generator=generators,
+                        **images, height=ch, width=cw, num_images_per_prompt=n, generator=generators,
                         num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
-                        **prompt_kwargs, **self._step_kwargs(image_c, generators, ch, cw),
-                    ).images  # (n, ch, cw, 3) float in [0, 1]
-                outputs.append(np.clip(np.rint(out[:, :sh, :sw] * 255), 0, 255).astype(np.uint8))
+                        **prompt_kwargs,
+                    ).images  # (n, ch, cw, 3) float in [0, 1], the rows of job j at [j * len(chunk), ...)
+                att = None
                 if recorder is not None:
                     # mean over every decoder layer and step; the conditional rows are the last n
-                    maps.append(recorder.running_mean()[-len(chunk) :].cpu().numpy())  # (n, h_lat, w_lat)
+                    att = recorder.running_mean()[-n:].cpu().numpy()  # (n, h_lat, w_lat)
                     recorder.stop()
+                for j, job in enumerate(jobs):
+                    (sw, sh) = job.canvas.scaled
+                    rows = slice(j * len(chunk), (j + 1) * len(chunk))
+                    outputs[j].append(np.clip(np.rint(out[rows, :sh, :sw] * 255), 0, 255).astype(np.uint8))
+                    if att is not None:
+                        maps[j].append(att[rows])
         finally:
             if recorder is not None:
                 recorder.remove()
-        return np.concatenate(outputs), seeds, canvas, (np.concatenate(maps) if maps else None)
+        return [(np.concatenate(o), np.concatenate(m) if m else None) for o, m in zip(outputs, maps, strict=True)]
+
+    def _finish(self, jobs: list[_Job], sampled: list[tuple[np.ndarray, np.ndarray | None]]) -> list[GenerationResult]:
+        """Paste-back and Low-Fidelity Selection of sampled jobs, on the generator's device: each job's candidates
+        go there once, are pasted back there (`paste_back_tensor`, the bytes of `paste_back`) and their crops
+        scored there; an LPIPS scorer scores the crops of every job of one crop size in one call."""
+        pasted: list[torch.Tensor] = []
+        for job, (raw, _) in zip(jobs, sampled, strict=True):
+            w, h = job.image.size
+            resized = np.stack([
+                np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) if c.shape[:2] != (h, w)
+                else c for c in raw
+            ])  # (N, H, W, 3)
+            mask_t = torch.from_numpy(job.mask).to(self.device)
+            alpha = torch.from_numpy(feather_alpha(job.mask, self.feather)).to(self.device)
+            pasted.append(paste_back_tensor(torch.from_numpy(resized).to(self.device),
+                                            torch.from_numpy(job.source).to(self.device), mask_t, alpha))
+        scores: list[list[float] | None] = [None] * len(jobs)
+        if self.candidates > 1:
+            scores = self._scores(jobs, pasted)
+        results = []
+        for job, (_, maps), cands, job_scores in zip(jobs, sampled, pasted, scores, strict=True):
+            chosen = 0 if job_scores is None else int(np.argmax(job_scores))
+            cands_np = cands.cpu().numpy()
+            attention = None
+            if maps is not None:
+                # one resize, latent grid -> the canvas at the source's scale, then the canvas padding cut off
+                w, h = job.image.size
+                (sw, sh), (cw, ch) = job.canvas.scaled, job.canvas.size
+                big = (max(w, round(cw * w / sw)), max(h, round(ch * h / sh)))
+                att = Image.fromarray(maps[chosen].astype(np.float32), mode="F").resize(big, Image.Resampling.BILINEAR)
+                attention = np.clip(np.asarray(att)[:h, :w], 0.0, 1.0)  # (H, W)
+            results.append(GenerationResult(
+                image=Image.fromarray(cands_np[chosen]), mask=job.mask, candidates=[Image.fromarray(c) for c in cands_np],
+                scores=job_scores, chosen=chosen, attention=attention, seeds=job.seeds,
+            ))
+        return results
+
+    def _scores(self, jobs: list[_Job], pasted: list[torch.Tensor]) -> list[list[float] | None]:
+        """Each job's LFS scores of its pasted candidates' mask-box crops against its source's."""
+        crops, refs = [], []
+        for job, cands in zip(jobs, pasted, strict=True):
+            y0, y1, x0, x1 = mask_bbox(job.mask)
+            crops.append(_to_tensor(cands[:, y0:y1, x0:x1]))  # (N, 3, h, w)
+            refs.append(_to_tensor(torch.from_numpy(job.source[None, y0:y1, x0:x1]).to(cands.device)))
+        out: list[list[float] | None] = [None] * len(jobs)
+        scorer = self.scorer
+        pairs = getattr(scorer, "score_pairs", None)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, c in enumerate(crops):  # one call per crop size; a plain scorer gets one call per image
+            groups.setdefault(tuple(c.shape[-2:]) if pairs is not None else (j,), []).append(j)
+        for members in groups.values():
+            if pairs is not None:
+                got = pairs(torch.cat([crops[j] for j in members]),
+                            torch.cat([refs[j].expand_as(crops[j]) for j in members]))
+            else:
+                got = scorer(crops[members[0]], refs[members[0]])
+            got = torch.as_tensor(got).reshape(-1).float()
+            if got.numel() != self.candidates * len(members):
+                raise RuntimeError(f"scorer returned {got.numel()} scores for "
+                                   f"{self.candidates * len(members)} candidates")
+            for k, j in enumerate(members):
+                out[j] = [float(x) for x in got[k * self.candidates : (k + 1) * self.candidates]]
+        return out
+
+    def generate_many(self, requests: Sequence[tuple[Image.Image, np.ndarray, int]],
+                      images_per_call: int | None = None) -> list[GenerationResult]:
+        """`self(image, mask, seed)` for each request, in order, the candidates of up to `images_per_call`
+        (default `batch_images`) images of one canvas size in each pipeline call: the same seeds, and the same
+        images within float tolerance (one image per call gives them exactly)."""
+        k = images_per_call or self.batch_images
+        jobs = [self._prepare(image, mask, seed) for image, mask, seed in requests]
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, job in enumerate(jobs):
+            by_size.setdefault(job.canvas.size, []).append(i)
+        results: list[GenerationResult | None] = [None] * len(jobs)
+        for members in by_size.values():
+            for start in range(0, len(members), k):
+                group = members[start : start + k]
+                done = self._finish([jobs[i] for i in group], self._sample([jobs[i] for i in group]))
+                for i, result in zip(group, done, strict=True):
+                    results[i] = result
+        return results  # type: ignore[return-value]
 
     def __call__(self, image: Image.Image, mask: np.ndarray, seed: int = 0) -> GenerationResult:
         """N candidates for one defect-free image and target mask (True = defect), the LFS choice among them."""
-        image = image.convert("RGB")
-        mask = fit_mask(np.asarray(mask, dtype=bool), image.size)
-        if not mask.any():
-            raise DefectFillError("the target mask is empty: draw the defect region in white.")
-        source = np.asarray(image)  # (H, W, 3) uint8
-        raw, seeds, canvas, maps = self._sample(image, mask, seed)
-        w, h = image.size
-        resized = np.stack([
-            np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) if c.shape[:2] != (h, w) else c
-            for c in raw
-        ])  # (N, H, W, 3)
-        pasted = paste_back(resized, source, mask, self.feather)  # (N, H, W, 3)
-        if self.candidates == 1:
-            chosen, scores = 0, None
-        else:
-            chosen, scores = select_low_fidelity(pasted, source, mask, self.scorer)
-        attention = None
-        if maps is not None:
-            # one resize, latent grid -> the canvas at the source's scale, then the canvas padding cut off
-            (sw, sh), (cw, ch) = canvas.scaled, canvas.size
-            big = (max(w, round(cw * w / sw)), max(h, round(ch * h / sh)))
-            att = Image.fromarray(maps[chosen].astype(np.float32), mode="F").resize(big, Image.Resampling.BILINEAR)
-            attention = np.clip(np.asarray(att)[:h, :w], 0.0, 1.0)  # (H, W)
-        return GenerationResult(
-            image=Image.fromarray(pasted[chosen]), mask=mask, candidates=[Image.fromarray(c) for c in pasted],
-            scores=scores, chosen=chosen, attention=attention, seeds=seeds,
-        )
+        return self.generate_many([(image, mask, seed)], images_per_call=1)[0]
+
+
+@dataclass
+class _Job:
+    """One image to generate: its inputs at source size and on the model's canvas, its candidates' seeds."""
+
+    image: Image.Image  # RGB, source size
+    mask: np.ndarray  # (H, W) bool at source size
+    source: np.ndarray  # (H, W, 3) uint8
+    canvas: Canvas
+    image_c: Image.Image
+    mask_c: Image.Image
+    seeds: list[int]
+
+
+@contextmanager
+def _mask_latents_per_image(pipe, rows: int) -> Iterator[None]:
+    """Within the block, a pipeline call whose batch holds several images (`rows` consecutive rows each) makes each
+    image's mask and masked-image latents as a call of that image alone does: diffusers encodes a call's one
+    masked image once, sampled with the call's first generator, but a batch of masked images row by row, each
+    with its own row's generator (another latent sample)."""
+    original = pipe.prepare_mask_latents
+
+    def per_image(mask, masked_image, batch_size, height, width, dtype, device, generator, cfg):
+        parts = [original(mask[s : s + 1], masked_image[s : s + 1], rows, height, width, dtype, device,
+                          generator[s : s + rows], False) for s in range(0, batch_size, rows)]
+        masks, latents = torch.cat([m for m, _ in parts]), torch.cat([x for _, x in parts])
+        if cfg:  # [unconditional rows, conditional rows], as the pipeline lays them out
+            masks, latents = torch.cat([masks] * 2), torch.cat([latents] * 2)
+        return masks, latents
+
+    pipe.prepare_mask_latents = per_image  # an instance attribute over the method, removed after
+    try:
+        yield
+    finally:
+        del pipe.prepare_mask_latents
