@@ -48,6 +48,7 @@ LAYOUTS = ["auto", *DATA_LAYOUTS]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
 EXECUTORS = ["local", "ray"]
+MULTI_DEFECT = ["sequential", "joint"]
 ATTN_SCALES = ["coarsest", "all"]
 EXPORT_FORMATS = ("coco", "hf", "labelstudio", "mvtec")  # `defectfill export --to`, `run --export`
 COMPILE_HELP = "torch.compile (auto: on a GPU, where it pays; not on a CPU, where it was measured slower):"
@@ -220,6 +221,8 @@ class GenerateConfig(Settings):
     scheduler: str = sampling_field("scheduler")
     prompt: str | None = sampling_field("prompt")
     feather: int = sampling_field("feather")
+    latent_blend: bool = sampling_field("latent_blend")
+    multi_defect: str = field(default="sequential", metadata={"help": "with --defect-types: 'sequential' paints each defect into the result of the one before (its own prompt, its own LFS); 'joint' paints them all in one pass from one run trained on every type (one model per object), one prompt with every token, each token's cross-attention steered to its own mask", "choices": MULTI_DEFECT})
     seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index", "min": 0, "max": MAX_ITEM_SEED})
     batch_size: int | None = sampling_field("batch_size")
     batch_images: int = sampling_field("batch_images")
@@ -253,6 +256,10 @@ class GenerateConfig(Settings):
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other; pass one"),
             (not (self.defect_type and self.defect_types),
              "--defect-type and --defect-types exclude each other: one type, or several painted into each image"),
+            (self.multi_defect in MULTI_DEFECT, f"--multi-defect {self.multi_defect!r}: choose one of "
+             + ", ".join(MULTI_DEFECT)),
+            (self.multi_defect == "sequential" or len(self.defect_types or []) > 1,
+             "--multi-defect joint paints several defect types into each image: give them with --defect-types A,B"),
         ])
         self.sampling.validate()  # the prompt template (the bounds are checked above, as this class's)
         self.scale()
@@ -289,6 +296,10 @@ class GenerateConfig(Settings):
             identity["unconditional"] = self.unconditional
         if self.painted_types():  # only when asked: folders written before these settings keep their identity
             identity["defect_types"] = self.painted_types()
+        if self.latent_blend:  # likewise: only the options that are on
+            identity["latent_blend"] = True
+        if self.multi_defect != "sequential":
+            identity["multi_defect"] = self.multi_defect
         return identity
 
 
@@ -427,7 +438,7 @@ class RunConfig(Settings):
         "count": "count", "images": "images", "masks": "masks", "shapes": "shapes", "mask_scale": "mask_scale",
         "candidates": "candidates", "steps": "generate_steps", "guidance": "guidance",
         "unconditional": "unconditional", "scheduler": "scheduler",
-        "prompt": "prompt", "feather": "feather", "batch_size": "generate_batch_size",
+        "prompt": "prompt", "feather": "feather", "batch_size": "generate_batch_size", "latent_blend": "latent_blend",
         "batch_images": "batch_images",
         "with_good": "with_good", "save_candidates": "save_candidates", "save_attention": "save_attention", "lpips_weights": "lpips_weights",
         "lpips_random_backbone": "lpips_random_backbone", "preview_rows": "preview_rows", "device": "device",
