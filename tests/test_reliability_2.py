@@ -221,3 +221,46 @@ def test_the_ui_takes_seeds_in_generates_range_and_records_them_there(run_dir, t
     assert ws._loaded is None  # refused before the model was loaded
     with pytest.raises(DefectFillError, match=r"--seed must be in \[0, 4294967295\]"):
         GenerateConfig.build({"run": "r", "output": "o", "count": 1, "seed": 2**32})
+
+
+# --------------------------------------------------------------------------- the UI's unreadable folders
+
+
+def test_the_uis_permission_errors_are_messages_naming_the_folder(run_dir, tmp_path, monkeypatch):
+    """An unreadable dataset or an unwritable datasets folder (root ignores modes, so the refusals are made
+    where the OS would make them) is a gr.Error naming the path and the fix, not a traceback."""
+    import errno
+    from pathlib import Path
+
+    import gradio as gr
+
+    import defectfill.ui.backend as backend
+    from defectfill.ui.app import Handlers
+    from defectfill.ui.backend import Workspace
+
+    ws = Workspace([run_dir], tmp_path / "datasets", device="cpu")
+    root = tmp_path / "datasets" / "ds"
+    root.mkdir(parents=True)
+    (root / "manifest.jsonl").write_text("")
+    (root / "generate.json").write_text("{}")
+    h = Handlers(ws)
+    real_read = Path.read_text
+
+    def unreadable(self, *args, **kwargs):
+        if self.name == "manifest.jsonl":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    with pytest.raises(gr.Error) as info:
+        h.open_dataset("ds")
+    assert str(root / "manifest.jsonl") in str(info.value) and "permissions" in str(info.value)
+    monkeypatch.setattr(Path, "read_text", real_read)
+
+    def unwritable(folder, command):
+        raise PermissionError(errno.EROFS, "Read-only file system", str(folder / ".defectfill.lock"))
+
+    monkeypatch.setattr(backend, "folder_lock", unwritable)
+    with pytest.raises(gr.Error, match=rf"{root}.*Read-only file system.*must be able to read and write {root}"):
+        h.reject("ds", 0, "")
+    assert "Traceback" not in backend.os_error_message(OSError(errno.ENOSPC, "No space left on device"))

@@ -329,9 +329,11 @@ class Handlers:
         return info["settings"], losses, samples, f"Run folder: `{info['folder']}`"
 
 
+    @_friendly
     def rescan_runs(self):
         return gr.update(choices=list(self.ws.runs()))
 
+    @_friendly
     def refresh_datasets(self):
         return gr.update(choices=self.ws.datasets())
 
