@@ -67,6 +67,7 @@ class SamplingConfig(Settings):
     scheduler: str = field(default="ddim", metadata={"help": "sampler, built from the base's scheduler config: ddim (the paper's), dpm++ (2nd-order multistep DPM-Solver++) or unipc (UniPC multistep), the multistep solvers meant for fewer --steps; dpm is dpm++", "choices": SCHEDULERS})
     prompt: str | None = field(default=None, metadata={"help": "prompt template with {token} and {object} (default: the base model's recommendation, else the run's object prompt)"})
     feather: int = field(default=0, metadata={"help": "blend this many pixels inside the mask edge", "min": 0})
+    latent_blend: bool = field(default=False, metadata={"help": "blended latent diffusion: after each sampler step the latents outside the mask become the source's, noised to that step (the source's clean latents at the last); off: the stock inpainting loop"})
     batch_size: int | None = field(default=None, metadata={"help": "candidates per pipeline call (default: all candidates of an image in one call)", "min": 1})
     batch_images: int = field(default=1, metadata={"help": "images whose candidates share each pipeline call (those of one canvas size): more fill a GPU's UNet calls; 1 samples each image in its own call, as before (the same seeds either way, the same images within float tolerance)", "min": 1, "max": 256})
 

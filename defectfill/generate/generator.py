@@ -320,6 +320,7 @@ class DefectGenerator:
     steps = _sampling_setting("steps")
     guidance = _sampling_setting("guidance")
     feather = _sampling_setting("feather")
+    latent_blend = _sampling_setting("latent_blend")
     unconditional = _sampling_setting("unconditional")
     batch_size = _sampling_setting("batch_size")  # unset: every candidate of an image in one call
     batch_images = _sampling_setting("batch_images")  # images whose candidates share a call (`generate_many`)
@@ -421,6 +422,16 @@ class DefectGenerator:
         weights[n if cfg else 0 :, positions] = 1.0 / len(positions)
         return weights
 
+    def _step_kwargs(self, image, generators: list[torch.Generator], height: int, width: int) -> dict[str, Any]:
+        """The pipeline's per-step arguments: none (the stock loop), or with latent_blend the callback that keeps
+        the latents outside the mask on the source's (`steering.LatentBlend`). `image`: the canvas image, or one
+        per row. Called before the pipeline draws from `generators`."""
+        if not self.sampling.latent_blend:
+            return {}
+        from defectfill.generate.steering import latent_blend_kwargs
+
+        return latent_blend_kwargs(self.pipe, image, generators, height, width)
+
     @contextmanager
     def _unconditional_from_base(self, n: int) -> Iterator[dict[str, Any]]:
         """The pipeline's prompt arguments for n candidates; with unconditional="base" under guidance, the
@@ -488,7 +499,7 @@ class DefectGenerator:
                     out = self.pipe(
                         **images, height=ch, width=cw, num_images_per_prompt=n, generator=generators,
                         num_inference_steps=self.steps, guidance_scale=self.guidance, output_type="np",
-                        **prompt_kwargs,
+                        **prompt_kwargs, **self._step_kwargs(images["image"], generators, ch, cw),
                     ).images  # (n, ch, cw, 3) float in [0, 1], the rows of job j at [j * len(chunk), ...)
                 att = None
                 if recorder is not None:
