@@ -264,3 +264,40 @@ def test_the_uis_permission_errors_are_messages_naming_the_folder(run_dir, tmp_p
     with pytest.raises(gr.Error, match=rf"{root}.*Read-only file system.*must be able to read and write {root}"):
         h.reject("ds", 0, "")
     assert "Traceback" not in backend.os_error_message(OSError(errno.ENOSPC, "No space left on device"))
+
+
+# --------------------------------------------------------------------------- a battery of bad inputs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--run", "{empty}", "--output", "{tmp}/o", "--count", "1"], r"no config.json; this is not a "
+                                                                              r"finished defectfill run folder"),
+    (["evaluate", "--generated", "{garbage_gen}", "--output", "{tmp}/o"], r"Name what to compare with"),
+    (["data", "--data", "{tmp}/nope"], r"nope: data folder not found"),
+    (["data", "--data", "{garbage}"], r"cannot tell the dataset layout"),
+    (["export", "--generated", "{tmp}/nope", "--to", "coco", "--output", "{tmp}/o"], r"--generated .*: folder not "
+                                                                                     r"found"),
+    (["run", "--data", "{tmp}/nope", "--output", "{tmp}/o", "--dry-run"], r"data folder not found"),
+    (["pretrain-base", "--output", "{tmp}/o", "--arch", "{tmp}/nope.json"], r"--arch .*nope.json: cannot read"),
+    (["pretrain-base", "--output", "{tmp}/o", "--arch", "[1, 2]"], r"--arch: must be a JSON object"),
+    (["pretrain-base", "--output", "{tmp}/o", "--arch", "{empty}"], r"--arch .*: cannot read \(Is a directory\)"),
+    (["pretrain-base", "--output", "{tmp}/o", "--arch", '{"vae_channels": ["a"]}'], r"expected a list of whole"),
+    (["pretrain-base", "--output", "{file}", "--resume"], r"is a file, not a folder"),
+    (["pretrain-base", "--output", "{tmp}/o", "--resume"], r"--resume given but no pretraining was started"),
+])
+def test_bad_input_to_each_command_is_a_message(capsys, tmp_path, argv, message):
+    import re
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "a.png").write_bytes(bytes(range(256)) * 2)  # not an image
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "manifest.jsonl").write_text("not json\n")
+    (tmp_path / "gen" / "generate.json").write_text("[]")
+    (tmp_path / "file").write_text("x")
+    places = {"tmp": tmp_path, "empty": tmp_path / "empty", "garbage": tmp_path / "garbage",
+              "garbage_gen": tmp_path / "gen", "file": tmp_path / "file"}
+    argv = [a if a.startswith('{"') else a.format(**places) for a in argv]
+    code, err = _cli(capsys, *argv)
+    assert code == 2 and re.search(message, err), err
+    assert not (tmp_path / "o").exists()  # refused before writing anything

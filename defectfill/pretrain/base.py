@@ -676,7 +676,7 @@ def _arch_from_arg(value: str | None) -> BaseArch:
         return TINY_ARCH
     text = value
     path = Path(value).expanduser()
-    if not value.lstrip().startswith("{"):
+    if not value.lstrip().startswith(("{", "[")):  # inline JSON (a list is refused below), else a file
         try:
             text = path.read_text()
         except OSError as exc:
