@@ -48,6 +48,7 @@ LAYOUTS = ["auto", *DATA_LAYOUTS]
 DOWNSTREAM = ["none", "classify", "localize", "both"]
 COMPILE_CHOICES = ["auto", "yes", "no"]
 EXECUTORS = ["local", "ray"]
+REPORT_TO = ["tensorboard", "wandb", "mlflow", "none"]  # accelerate's trackers `train --report-to` offers
 MULTI_DEFECT = ["sequential", "joint"]
 ATTN_SCALES = ["coarsest", "all"]
 EXPORT_FORMATS = ("coco", "hf", "labelstudio", "mvtec")  # `defectfill export --to`, `run --export`
@@ -86,6 +87,8 @@ class TrainConfig(Settings):
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute UNet activations to save memory"})
     compile: str = field(default="auto", metadata={"help": COMPILE_HELP + " the UNet and the VAE encoder", "choices": COMPILE_CHOICES, "identity": False})
     save_every: int = field(default=500, metadata={"help": "write checkpoint-N every this many steps", "min": 1, "identity": False})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "keep only the newest N checkpoint-* folders: the older ones are deleted once a new one is written (default: keep every one)", "min": 1, "identity": False})
+    report_to: str = field(default="tensorboard", metadata={"help": "where the losses, rates and samples are logged, through accelerate's trackers: tensorboard (in logs/), wandb or mlflow (each when installed; mlflow's local store in logs/mlruns unless MLFLOW_TRACKING_URI says), none (metrics.jsonl and train.log only)", "choices": REPORT_TO, "identity": False})
     sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)", "min": 0, "identity": False})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples", "min": 1, "max": 1000, "identity": False})
     log_every: int = field(default=10, metadata={"help": "log scalars every this many steps", "min": 1, "identity": False})
