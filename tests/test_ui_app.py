@@ -192,12 +192,53 @@ def _set_number(browser, elem_id: str, value: int) -> None:
     box.send_keys(str(value), Keys.TAB)
 
 
-def test_a_real_browser_generates_through_the_buttons(served):
+def _shot(element) -> np.ndarray:
+    import io
+
+    return np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")).astype(int)
+
+
+def _picture_box(shot: np.ndarray) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the editor's picture in a screenshot of the editor: the non-white block,
+    leaving out the tool bar (left) and the zoom bar and label (top)."""
+    h, w, _ = shot.shape
+    inner = shot[40:h - 5, 60:w - 60]
+    ys, xs = np.nonzero(inner.min(axis=2) < 200)
+    return xs.min() + 60, ys.min() + 40, xs.max() + 61, ys.max() + 41
+
+
+def _grown(mask: np.ndarray, n: int) -> np.ndarray:
+    """`mask` dilated by n pixels (4-neighbour steps)."""
+    out = mask.copy()
+    for _ in range(n):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+def _reddish(pixels: np.ndarray) -> np.ndarray:
+    return (pixels[..., 0] - np.maximum(pixels[..., 1], pixels[..., 2])) > 60
+
+
+def test_a_real_browser_generates_through_the_buttons(served, demo_root):
+    """The page in headless Chromium: the placed shape is seen in the editor (pixels of the screenshot inside the
+    shape red, outside not), the prompt typed is the one sampled, results are shown large."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    url, _, _ = served
+    from defectfill.data import load_rgb
+    from defectfill.ui.backend import place_shape
+
+    url, ws, _ = served
+    source = load_rgb(demo_root / "disc" / "train" / "good" / "000.png")
+    placed = place_shape(source, "ellipse", 0.03, 0)  # the page's default shape, size and seed
+    token = ws.run_config(RUN).prompt_token
     browser = _browser()
     try:
         wait = WebDriverWait(browser, 120)
@@ -205,13 +246,35 @@ def test_a_real_browser_generates_through_the_buttons(served):
         # the run's first image is loaded into the editor on page load
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#editor canvas")))
         wait.until(lambda b: "defect-free image(s) of" in b.page_source)
+        # the prompt starts at the base's recommendation (the tiny base has none: the run's object prompt)
+        prompt_box = browser.find_element(By.CSS_SELECTOR, "#prompt textarea")
+        assert prompt_box.get_attribute("value") == "A {object} with {token}"
         _set_number(browser, "steps", 2)
         _set_number(browser, "n-candidates", 3)
+        time.sleep(1.0)
+        editor = browser.find_element(By.ID, "editor")
+        before = _shot(editor)
         browser.find_element(By.ID, "place").click()
-        time.sleep(1.0)  # the placed shape's layer reaches the editor
+        wait.until(lambda b: _reddish(_shot(editor)).sum() > 200)
+        time.sleep(1.0)  # the picture settles
+        after = _shot(editor)
+        assert after.shape == before.shape
+        left, top, right, bottom = _picture_box(before)
+        scale = (right - left) / source.width
+        assert abs((bottom - top) / source.height - scale) < 0.05 * scale  # the picture shown whole, unstretched
+        ys, xs = np.mgrid[top:bottom, left:right]
+        shape = placed[np.clip(((ys - top + 0.5) / scale).astype(int), 0, source.height - 1),
+                       np.clip(((xs - left + 0.5) / scale).astype(int), 0, source.width - 1)]
+        inside = ~_grown(~shape, 3)  # away from the edge, where pixels blend
+        outside = ~_grown(shape, 3)
+        red_after, red_before = _reddish(after[top:bottom, left:right]), _reddish(before[top:bottom, left:right])
+        assert inside.sum() > 200 and red_after[inside].mean() > 0.9, red_after[inside].mean()
+        assert red_after[outside].mean() < 0.01 and red_before[inside].mean() < 0.01
+        prompt_box.send_keys(Keys.CONTROL, "a")
+        prompt_box.send_keys("A photo of {token}", Keys.TAB)
         browser.find_element(By.ID, "generate").click()
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#candidates img")) >= 3)
-        wait.until(lambda b: "CHOSEN" in b.page_source and "LFS 0." in b.page_source)
+        wait.until(lambda b: "✓" in b.page_source and f"A photo of {token}" in b.page_source)
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "ui-generate.png"
         browser.save_screenshot(str(shot))
