@@ -9,6 +9,8 @@ A `checkpoint-N/` folder holds:
     pytorch_lora_weights.safetensors  the LoRA at this step, loadable by diffusers
 It is written to a hidden temporary folder and renamed into place, so a
 killed run never leaves a half-written checkpoint that `--resume latest` would pick.
+With --checkpoints-total-limit N the older ones are then deleted (`prune_checkpoints`),
+each renamed to `.checkpoint-N.deleting` first.
 
 The pieces are public for any checkpoint of this kind: `write_checkpoint_folder` (the temporary folder
 renamed into place), `save_optimizer`/`load_optimizer` (or `optimizer_to_files`/`optimizer_from_files` for
@@ -190,6 +192,26 @@ def write_checkpoint_folder(parent: Path, name: str, fill: Callable[[Path], None
         fill(tmp)
         replace_dir(tmp, final)
     return final
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoint-N folders of a run (diffusers'
+    `checkpoints_total_limit`); returns the folders deleted.
+
+    Called only once a new checkpoint is in place, so the newest is never touched. Each old folder is first
+    renamed to a hidden name, then deleted: a job killed midway leaves a `.checkpoint-N.deleting` folder that
+    `list_checkpoints` never offers to a resume (and the next prune removes), not a half-deleted checkpoint."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    for stale in run_dir.glob(".checkpoint-*.deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
+    old = list_checkpoints(run_dir)[:-keep]
+    for folder in old:
+        doomed = folder.with_name(f".{folder.name}.deleting")
+        with writing_into(run_dir):
+            folder.rename(doomed)
+            shutil.rmtree(doomed)
+    return old
 
 
 def save_checkpoint(

@@ -9,6 +9,7 @@
       checkpoint-N/                        resumable state (see checkpoints.py)
       metrics.jsonl                        the curves: one JSON object per logged step (`append_metrics`)
       logs/, train.log                     TensorBoard scalars, logs/samples/step-NNNNNN.png, the text log
+      README.md                            the model card: base, token, prompts, steps, losses, how to load it
 
 This module is the one place that knows these names and reads config.json back
 into a `TrainConfig`.
@@ -23,8 +24,9 @@ from typing import Any
 
 import defectfill
 from defectfill.config.stages import TrainConfig
-from defectfill.core.atomic import write_json
+from defectfill.core.atomic import write_json, write_text
 from defectfill.core.errors import DefectFillError
+from defectfill.data.layouts import object_name
 from defectfill.data.split import ObjectSplit, Split, read_split
 from defectfill.model.names import LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME
 
@@ -33,7 +35,9 @@ SPLIT_NAME = "split.json"
 LOGS_DIR = "logs"  # TensorBoard scalars, and the logged sample inpaintings in logs/samples/
 TRAIN_LOG = "train.log"  # the text log, for people
 METRICS_NAME = "metrics.jsonl"  # the logged curves, for programs (`append_metrics`, `read_metrics`)
-RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, LOGS_DIR, TRAIN_LOG, METRICS_NAME}
+MODEL_CARD = "README.md"  # what the run is and how to load it, for people and the Hugging Face Hub
+RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, LOGS_DIR, TRAIN_LOG, METRICS_NAME,
+             MODEL_CARD}
 
 
 def type_token_file(defect_type: str) -> str:
@@ -215,3 +219,62 @@ def pick_defect_type(run_dir: str | Path, config: TrainConfig, asked: str | None
         return match
     raise DefectFillError(f"{flag} {asked}: the run {run_dir} does not know this defect type; it trained "
                           f"{', '.join(types)}.")
+
+
+def model_card(run_dir: str | Path, config: TrainConfig) -> str:
+    """The run's README.md: what was trained on which base, with which token and prompts, for how many steps,
+    its last logged losses, the newest logged sample, and how diffusers loads it."""
+    run_dir = Path(run_dir)
+    tokens = config.type_tokens()
+    rows = read_metrics(run_dir)
+    last = rows[-1] if rows else None
+    samples = sorted((run_dir / LOGS_DIR / "samples").glob("step-*.png"))
+    types = ", ".join(tokens)
+    lines = [
+        "---", "library_name: diffusers", f"base_model: {config.model}",
+        "tags: [defectfill, lora, stable-diffusion-inpainting, defect-generation]", "---", "",
+        f"# DefectFill LoRA: {config.category} / {types}", "",
+        f"A DefectFill LoRA (defectfill {defectfill.__version__}) that paints the {types} defect of "
+        f"{config.category} into a masked region of a defect-free image.", "",
+        "| | |", "| --- | --- |",
+        f"| base model | `{config.model}` |",
+        f"| token | {', '.join(f'`{t}` ({name})' for name, t in tokens.items())} |",
+        f"| defect prompt | `{_prompt(config.defect_prompt, tokens, config)}` |",
+        f"| object prompt (training) | `{_prompt(config.object_prompt, tokens, config)}` |",
+        f"| steps | {last['step'] if last else 0} of {config.steps} (batch {config.batch_size}, "
+        f"resolution {config.resolution}, LoRA rank {config.lora_rank}) |",
+    ]
+    if last and isinstance(last.get("loss"), dict):
+        lines.append("| last logged losses | " + ", ".join(f"{k} {v:.4f}" for k, v in last["loss"].items()
+                                                        if isinstance(v, (int, float))) + " |")
+    lines += ["", "## Load it with diffusers", "", "```python",
+              "from diffusers import StableDiffusionInpaintPipeline", "",
+              f'pipe = StableDiffusionInpaintPipeline.from_pretrained("{config.model}")',
+              f'pipe.load_lora_weights("{run_dir.name}")  # this folder: {LORA_WEIGHTS_NAME}']
+    if config.per_object:
+        files = [type_token_file(t) for t in tokens]
+        lines.append(f"pipe.load_textual_inversion({[f'{run_dir.name}/{f}' for f in files]}, "
+                     f"token={list(tokens.values())})")
+    elif config.new_token:
+        lines.append(f'pipe.load_textual_inversion("{run_dir.name}/{TOKEN_WEIGHTS_NAME}", token="{config.new_token}")')
+    lines += [f'image = pipe(prompt="{_prompt(config.defect_prompt, tokens, config)}", image=part, '
+              "mask_image=mask).images[0]", "```", "",
+              "`defectfill generate --run <this folder>` does the same with Low-Fidelity Selection and writes an "
+              "MVTec-layout dataset. Settings: config.json; the reference/held-out split: split.json.", ""]
+    if samples:
+        rel = samples[-1].relative_to(run_dir).as_posix()
+        lines += ["## Sample", "", f"![sample at the last logged step (source / mask / sample)]({rel})", ""]
+    return "\n".join(lines)
+
+
+def _prompt(template: str, tokens: dict[str, str], config: TrainConfig) -> str:
+    """A prompt template with the first type's token and the category's object name filled in, as text."""
+    token = next(iter(tokens.values()))
+    return template.replace("{token}", token).replace("{object}", object_name(config.category))
+
+
+def write_model_card(run_dir: str | Path, config: TrainConfig) -> Path:
+    """README.md of a finished run (`model_card`), written atomically."""
+    path = Path(run_dir) / MODEL_CARD
+    write_text(path, model_card(run_dir, config))
+    return path

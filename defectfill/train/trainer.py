@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -69,6 +70,7 @@ from defectfill.model.pipeline import (
 from defectfill.outputs.checkpoints import (
     list_checkpoints,
     load_checkpoint,
+    prune_checkpoints,
     read_trainer_state,
     resolve_resume,
     save_checkpoint,
@@ -80,6 +82,7 @@ from defectfill.outputs.run_folder import (
     read_recorded_config,
     sample_path,
     type_token_file,
+    write_model_card,
     write_run_files,
 )
 from defectfill.train import losses as L
@@ -661,7 +664,7 @@ class TrainingRun:
     nonfinite_in_a_row: int = 0
     sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # loss sums since the last log
     n_sums: int = 0
-    writer: Any = None  # TensorBoard's, on the main process
+    trackers: list[Any] = dataclasses.field(default_factory=list)  # --report-to's (accelerate), main process only
 
     @property
     def is_main(self) -> bool:
@@ -710,6 +713,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
         accelerator.wait_for_everyone()
         if run.is_main:
             save_final_weights(out, run.models, config)
+            write_model_card(out, config)
             log.info("done: %s (%d steps skipped)", out / LORA_WEIGHTS_NAME, run.skipped)
     return out
 
@@ -717,6 +721,7 @@ def train(config: TrainConfig, pipe=None) -> Path:
 def _checked_config(config: TrainConfig, out: Path) -> tuple[TrainConfig, Layout]:
     """(the settings with the defect types in the dataset's spelling, the dataset), once the output folder
     may take them."""
+    check_tracker(config.report_to)  # before any model loads: a missing tracker package is named at once
     layout = open_layout(config.data, config.layout, config.good_images)
     config = dataclasses.replace(config, defect_type=resolve_defect_types(layout, config))
     _check_output(config, out)
@@ -806,12 +811,45 @@ def _open_run_folder(run: TrainingRun, job: ExitStack) -> None:
     write_run_files(out, config, run.data.split)
     handler = _setup_logging(out, run.is_main)
     job.callback(_remove_log_handler, handler)
-    from torch.utils.tensorboard import SummaryWriter
-
-    run.writer = SummaryWriter(str(out / LOGS_DIR))
-    job.callback(run.writer.close)
+    run.trackers = start_trackers(config.report_to, out, config)
+    for tracker in run.trackers:
+        job.callback(tracker.finish)
     log.info("training %s/%s on %d reference images (%d held out), steps %d -> %d", config.category,
              config.defect_type, len(run.data.references.images), run.data.n_held_out, run.start_step, config.steps)
+
+
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_tracker(report_to: str) -> None:
+    """--report-to names a tracker whose package is installed (tensorboard is a dependency; none needs none)."""
+    package = TRACKER_PACKAGES.get(report_to)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise DefectFillError(f"--report-to {report_to}: the {package} package is not installed. Install it "
+                              f"(pip install {package}), or choose --report-to tensorboard or none.")
+
+
+def start_trackers(report_to: str, out: Path, config: TrainConfig) -> list[Any]:
+    """accelerate's tracker for --report-to, started: TensorBoard's event files straight in logs/ (as before
+    trackers: the same folder for tensorboard --logdir), wandb's run named after the run folder, mlflow's in
+    logs/mlruns unless MLFLOW_TRACKING_URI names a server. wandb and mlflow get the settings; TensorBoard's
+    hparams would add a folder per start, and config.json holds them."""
+    if report_to == "none":
+        return []
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    logs = out / LOGS_DIR
+    if report_to == "tensorboard":
+        tracker = TensorBoardTracker("", str(logs))
+    elif report_to == "wandb":
+        tracker = WandBTracker("defectfill", name=out.name, dir=str(logs))
+    else:
+        tracker = MLflowTracker(experiment_name="defectfill", logging_dir=str(logs / "mlruns"), run_name=out.name)
+    tracker.start()
+    if report_to != "tensorboard":
+        tracker.store_init_configuration({k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                          for k, v in config.to_dict().items()})
+    return [tracker]
 
 
 def _remove_log_handler(handler: logging.Handler) -> None:
@@ -878,14 +916,13 @@ def _log_step(run: TrainingRun, done: int, step_lrs: list[float], grad_norm: tor
     """The mean losses since the last log (and the step's rates, gradient norm, skipped steps) to TensorBoard,
     the progress bar, train.log (for people) and metrics.jsonl (for programs: the UI's curves)."""
     means = {k: float(v) / run.n_sums for k, v in run.sums.items()}
-    writer, skipped = run.writer, run.skipped
-    for k, v in means.items():
-        writer.add_scalar(f"loss/{k}", v, done)
-    writer.add_scalar("lr/unet", step_lrs[0], done)
-    writer.add_scalar("lr/text", step_lrs[1], done)
+    skipped = run.skipped
+    scalars = {**{f"loss/{k}": v for k, v in means.items()}, "lr/unet": step_lrs[0], "lr/text": step_lrs[1],
+               "skipped_steps": skipped}
     if grad_norm is not None:
-        writer.add_scalar("grad_norm", float(grad_norm), done)
-    writer.add_scalar("skipped_steps", skipped, done)
+        scalars["grad_norm"] = float(grad_norm)
+    for tracker in run.trackers:
+        tracker.log(scalars, step=done)
     progress.set_postfix(loss=f"{means['total']:.4f}", ldef=f"{means['defect']:.4f}",
                          lobj=f"{means['object']:.4f}", lattn=f"{means['attention']:.4f}")
     log.info("step %d loss %.5f def %.5f obj %.5f attn %.5f lr %.2e skipped %d", done, means["total"],
@@ -905,6 +942,9 @@ def _checkpoint(run: TrainingRun, step: int) -> None:
                         {"skipped_steps": run.skipped, "defectfill_version": defectfill.__version__,
                          "config": config.to_dict()},
                         functools.partial(write_weights, models=models, config=config))
+        if config.checkpoints_total_limit is not None:  # the new one is in place: the oldest beyond N go
+            for gone in prune_checkpoints(run.out, config.checkpoints_total_limit):
+                log.info("removed %s (--checkpoints-total-limit %d)", gone.name, config.checkpoints_total_limit)
 
 
 def _log_sample(run: TrainingRun, done: int) -> None:
@@ -913,4 +953,8 @@ def _log_sample(run: TrainingRun, done: int) -> None:
     sample_file = sample_path(run.out, done)
     sample_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(sample_file, functools.partial(strip.save, format="PNG"))
-    run.writer.add_image("samples", np.asarray(strip), done, dataformats="HWC")
+    for tracker in run.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(strip), done, dataformats="HWC")
+        elif hasattr(tracker, "log_images"):  # wandb; mlflow has no images: they stay in logs/samples
+            tracker.log_images({"samples": [np.asarray(strip)]}, step=done)
