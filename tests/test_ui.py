@@ -3,6 +3,7 @@ run discovery, loss curves, shapes on the foreground. (The app itself: tests/tes
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -176,3 +177,84 @@ def test_an_edited_manifest_cannot_make_the_page_show_a_file_outside(runs_root, 
                "source_image": str(source)}
         (root / "manifest.jsonl").write_text(json.dumps(row) + "\n")
         assert ws.item_files("ds", 0)["source"] == shown, source
+
+
+def test_a_plain_black_and_white_mask_is_read_as_white_is_the_defect():
+    """An API client's mask file: opaque once the editor makes it RGBA, so white (not alpha) marks the defect."""
+    plain = np.zeros((8, 8), dtype=np.uint8)
+    plain[2:4, 3:6] = 255
+    rgba = np.dstack([plain, plain, plain, np.full_like(plain, 255)])
+    for layer in (plain, np.dstack([plain] * 3), rgba):
+        assert np.array_equal(mask_from_layers([layer], (8, 8)), plain > 0)
+    painted = np.zeros((8, 8, 4), dtype=np.uint8)
+    painted[1, 1] = (255, 0, 0, 160)  # a brush stroke on a transparent layer
+    assert mask_from_layers([painted], (8, 8)).sum() == 1
+
+
+@pytest.fixture(scope="module")
+def mini_like_run(tmp_path_factory, tiny_model_dir, demo_root):
+    """A run on a copy of the tiny base that recommends its sampling as defectfill-mini does."""
+    import shutil
+
+    from defectfill.config.sampling import write_base_sampling
+
+    root = tmp_path_factory.mktemp("mini-like")
+    base = root / "base"
+    shutil.copytree(tiny_model_dir, base)
+    write_base_sampling(base, {"prompt": "A photo of {token}", "guidance": 5.0, "unconditional": "tuned"})
+    write_run(root / "runs" / "disc-scratch", base, demo_root)
+    return root
+
+
+def test_the_page_samples_as_the_base_recommends_and_says_when_it_does_not(mini_like_run):
+    ws = Workspace([mini_like_run / "runs"], mini_like_run / "datasets", device="cpu", lpips_random_backbone=True)
+    recommended = ws.recommended_sampling("disc-scratch")
+    assert recommended["prompt"] == "A photo of {token}" and recommended["guidance"] == 5.0
+    assert ws.sampling_note("disc-scratch", "A photo of {token}", 50, 5.0, "tuned") == ""
+    note = ws.sampling_note("disc-scratch", "A {object} with {token}", 50, 7.5, "tuned")
+    assert "guidance 7.5 (recommended: 5.0)" in note and "'A {object} with {token}'" in note
+
+    from defectfill.data import load_rgb
+
+    image = load_rgb(ws.good_images("disc-scratch")[0])
+    mask = place_shape(image, "ellipse", 0.05, 0)
+    token = ws.run_config("disc-scratch").prompt_token
+    from defectfill.ui.backend import Source
+
+    source = Source(image, None, "upload")
+    outcome = ws.generate("disc-scratch", source, mask, candidates=1, steps=1)
+    assert outcome.prompt == f"A photo of {token}" and outcome.settings["guidance"] == 5.0 and not outcome.notes
+    outcome = ws.generate("disc-scratch", source, mask, candidates=1, steps=1, guidance=7.5,
+                          prompt="A {object} with {token}", unconditional="base")
+    assert outcome.prompt == f"A disc with {token}" and outcome.settings["unconditional"] == "base"
+    assert "guidance 7.5" in outcome.notes[0]
+    with pytest.raises(DefectFillError, match="must contain {token}"):
+        ws.generate("disc-scratch", source, mask, candidates=1, steps=1, prompt="A photo")
+
+
+def test_offline_lpips_falls_back_to_the_untrained_backbone_when_asked(runs_root, tmp_path, monkeypatch):
+    """No AlexNet download: with the page's checkbox the generation scores with the untrained backbone and says so
+    (and the item records it); without it, the message names the checkbox. No restart either way."""
+    import defectfill.model.lpips as lpips_module
+    from defectfill.data import load_rgb
+    from defectfill.ui.backend import Source
+
+    real = lpips_module.load_lpips
+
+    def offline(weights=None, pretrained_backbone=True, device="cpu"):
+        if pretrained_backbone and weights is None:
+            raise DefectFillError("LPIPS needs torchvision's ImageNet AlexNet weights, which could not be downloaded.")
+        return real(weights, pretrained_backbone=pretrained_backbone, device=device)
+
+    monkeypatch.setattr(lpips_module, "load_lpips", offline)
+    ws = Workspace([runs_root], tmp_path / "datasets", device="cpu")
+    image = load_rgb(ws.good_images("disc-scratch")[0])
+    source, mask = Source(image, None, "upload"), place_shape(image, "ellipse", 0.05, 0)
+    with pytest.raises(DefectFillError, match="untrained AlexNet when offline"):
+        ws.generate("disc-scratch", source, mask, candidates=2, steps=1)
+    outcome = ws.generate("disc-scratch", source, mask, candidates=2, steps=1, lpips_fallback=True)
+    assert outcome.result.scores is not None and outcome.settings["lpips_random_backbone"] is True
+    assert any("untrained AlexNet" in n and "could not be fetched" in n for n in outcome.notes)
+    row = ws.add_to_dataset(outcome, "ds")
+    state = json.loads((tmp_path / "datasets" / "ds" / "generate.json").read_text())
+    assert state["config"]["lpips_random_backbone"] is True and row["settings"]["candidates"] == 2

@@ -591,12 +591,10 @@ class Workspace:
             rows = OutputFolder(root, config.category, drawn or config.defect_type, 1).finished()
             index = max(rows, default=-1) + 1
             out = OutputFolder(root, config.category, drawn or config.defect_type, index + 1)
-            source_path = outcome.source.path
-            if source_path is None:  # an upload: kept inside the dataset, so the folder stays complete
+            source_path, png = outcome.source.path, b""
+            if source_path is None:  # an upload: kept inside the dataset (written once the folder is ours)
                 png = _png_bytes(outcome.source.image)
                 source_path = root / UPLOADS_DIR / f"{hashlib.sha256(png).hexdigest()[:16]}.png"
-                if not source_path.is_file():
-                    atomic_write(source_path, lambda p: p.write_bytes(png))
             s = outcome.settings
             settings = GenerateConfig.build(dict(
                 run=str(outcome.run_dir), output=str(root), count=index + 1,
@@ -617,6 +615,8 @@ class Workspace:
                 prepare_output(out, identity, resume=True, overwrite=False,
                                record={"config": {**settings.to_dict(), "mixed_precision": self.precision},
                                        "per_item_settings": UI_ITEM_SETTINGS})
+            if png and not source_path.is_file():
+                atomic_write(source_path, lambda p: p.write_bytes(png))
             item = Item(index, source_path, outcome.mask_source, s["item_seed"])
             row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
                              out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows,
