@@ -6,8 +6,8 @@
   their own folders by `config.json` and `generate.json`.)
 - `folder_lock`: an exclusive lock on a job's folder for as long as the job
   runs, so a second writer is refused instead of mixing its results in. The
-  lock is `flock` on `.defectfill.lock`: the system drops it when the holder
-  dies, so a killed job never leaves a stale lock.
+  lock is `filelock`'s on `.defectfill.lock` (flock; on Windows msvcrt): the
+  system drops it when the holder dies, so a killed job never leaves a stale lock.
 - `contained`: a path read from a file (a manifest, a split) resolved and
   required to stay inside the folder it belongs to.
 - `check_plain_name`: a name from settings or metadata that becomes a folder
@@ -66,32 +66,72 @@ def claim_folder(folder: str | Path, command: str, flag: str = "--output") -> Pa
     return folder
 
 
+def _lock_refused(folder: str | Path, path: Path, name: str) -> DefectFillError:
+    """The message for a lock another job holds, naming that job when its lock file says."""
+    try:
+        holder = path.read_text(errors="replace").strip()[:200]
+    except OSError:  # Windows: the holder's locked bytes cannot be read
+        holder = ""
+    what = "writing here" if name == LOCK else f"holding {path.name}"
+    return DefectFillError(f"{folder}: another defectfill job is {what} ({holder or 'another process'}). Wait for "
+                           "it to finish, or choose another folder.")
+
+
+def _name_holder(fd: int, holder: bytes) -> None:
+    """Write who holds the lock into its file (the lock stays held; readers only name it in a message)."""
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, holder)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: str | Path, command: str, shared: bool = False, name: str = LOCK) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (which must exist); a second holder is refused at once.
 
     `shared`: many shared holders at once (the shards of one `run`), none beside an exclusive one.
     `name`: the lock file in `folder` (`.defectfill.lock`; `run` also locks each defect type by its own file).
+
+    The exclusive lock is `filelock.FileLock`: `flock` on Unix, `msvcrt.locking` on Windows, both dropped by the
+    system when the holder dies (a killed job leaves no stale lock), the file kept on release
+    (`preserve_lock_file`: waiters and shared holders lock one inode) and never a soft marker file (which a
+    killed job would leave behind). filelock has no shared lock of this kind, so the shared one is `flock`
+    `LOCK_SH` on the same file, which excludes filelock's `LOCK_EX` and the other way round (on Windows there
+    is no shared lock).
     """
+    path = Path(folder) / name
+    holder = f"defectfill {command}, pid {os.getpid()}\n".encode()
+    if shared:
+        with _shared_lock(folder, path, name, holder):
+            yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path, blocking=False, thread_local=False, preserve_lock_file=True,
+                    on_acquired=lambda fd: _name_holder(fd, holder))
+    try:
+        lock.acquire()
+    except Timeout:
+        raise _lock_refused(folder, path, name) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _shared_lock(folder: str | Path, path: Path, name: str, holder: bytes) -> Iterator[None]:
     try:
         import fcntl
-    except ImportError:  # no flock (Windows): run without the lock
+    except ImportError:  # no flock (Windows): run without the shared lock
         yield
         return
-    path = Path(folder) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            what = "writing here" if name == LOCK else f"holding {path.name}"
-            raise DefectFillError(
-                f"{folder}: another defectfill job is {what} ({holder}). Wait for it to finish, "
-                "or choose another folder."
-            ) from None
-        os.ftruncate(fd, 0)  # shared holders: the latest one is named
-        os.pwrite(fd, f"defectfill {command}, pid {os.getpid()}\n".encode(), 0)
+            raise _lock_refused(folder, path, name) from None
+        _name_holder(fd, holder)  # shared holders: the latest one is named
         yield
     finally:
         os.close(fd)  # closing drops the lock
