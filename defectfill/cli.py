@@ -25,9 +25,13 @@ def _train(args: argparse.Namespace) -> int:
     from defectfill.config.stages import TrainConfig
     from defectfill.train.trainer import train
 
-    out = train(TrainConfig.from_args(args))
+    config = TrainConfig.from_args(args)
+    out = train(config)
     if int(os.environ.get("RANK", "0")) == 0:  # one line, not one per process
         print(f"LoRA written to {out}/pytorch_lora_weights.safetensors")
+        from defectfill.run.token_check import after_training
+
+        after_training(out, config)
     return 0
 
 
@@ -152,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "paint the learned defect into defect-free images (MVTec layout out)", GenerateConfig,
          _command("defectfill.generate.writer", "generate_command")),
         ("evaluate", "KID, IC-LPIPS and downstream inspection metrics, with a report", EvaluateConfig,
-         _command("defectfill.evaluate.evaluator", "evaluate_command")),
+         _command("defectfill.run.token_check", "evaluate_command")),  # evaluate, with the token self-check
         ("run", "train, generate and evaluate every defect type of a category, with one report", RunConfig,
          _command("defectfill.run.runner", "run_command")),
     ]

@@ -121,7 +121,8 @@ def test_declared_bounds_check_a_hand_made_config_too():
 
 def test_identity_is_declared_on_the_settings():
     assert NON_IDENTITY_KEYS == {"output", "resume", "steps", "save_every", "sample_every", "sample_steps",
-                                 "log_every", "data", "mixed_precision", "compile"}
+                                 "log_every", "data", "mixed_precision", "compile", "checkpoints_total_limit",
+                                 "report_to", "token_check", "token_check_masks", "token_check_steps"}
     assert RUN_NON_IDENTITY_KEYS == {"executor", "ray_address", "gpus_per_task", "task_retries", "shard",
                                      "report_only"}
     recorded = RunConfig.build({"data": "d", "output": "o", "executor": "ray", "task_retries": 5}).recorded()

@@ -91,6 +91,9 @@ class TrainConfig(Settings):
     report_to: str = field(default="tensorboard", metadata={"help": "where the losses, rates and samples are logged, through accelerate's trackers: tensorboard (in logs/), wandb or mlflow (each when installed; mlflow's local store in logs/mlruns unless MLFLOW_TRACKING_URI says), none (metrics.jsonl and train.log only)", "choices": REPORT_TO, "identity": False})
     sample_every: int = field(default=250, metadata={"help": "log sample inpaintings every this many steps (0: never)", "min": 0, "identity": False})
     sample_steps: int = field(default=25, metadata={"help": "DDIM steps of the logged samples", "min": 1, "max": 1000, "identity": False})
+    token_check: bool = field(default=True, metadata={"help": "after training, the token self-check: paint a few held-out masks with and without the token and say whether the token carries the defect (token_check.json; --no-token-check: skip)", "identity": False})
+    token_check_masks: int = field(default=4, metadata={"help": "masks the token self-check paints", "min": 1, "max": 100, "identity": False})
+    token_check_steps: int = field(default=10, metadata={"help": "sampling steps of each token self-check painting", "min": 1, "max": 1000, "identity": False})
     log_every: int = field(default=10, metadata={"help": "log scalars every this many steps", "min": 1, "identity": False})
     resume: str | None = field(default=None, metadata={"help": "'latest' or a checkpoint folder to continue from", "identity": False})
     seed: int = field(default=0, metadata={"help": "random seed (data order, augmentation, noise)", "min": 0, "max": MAX_SEED})
@@ -114,7 +117,8 @@ class TrainConfig(Settings):
         "data": ("data", "category", "defect_type", "layout", "good_images", "resolution"),
         "model": ("model", "lora_rank", "token", "new_token", "defect_prompt", "object_prompt"),
         "checkpoints and logging": ("output", "save_every", "checkpoints_total_limit", "sample_every", "sample_steps",
-                                    "log_every", "report_to", "resume"),
+                                    "log_every", "report_to", "resume", "token_check", "token_check_masks",
+                                    "token_check_steps"),
         "execution": ("mixed_precision", "gradient_checkpointing", "compile"),
     }
 
@@ -350,6 +354,9 @@ class EvaluateConfig(Settings):
     downstream: str = field(default="none", metadata={"help": "also train the inspection models on generated data and test them on real data", "choices": DOWNSTREAM})
     kid: bool = field(default=True, metadata={"help": "compute KID (--no-kid: skip)"})
     ic_lpips: bool = field(default=True, metadata={"help": "compute IC-LPIPS (--no-ic-lpips: skip)"})
+    token_check: bool = field(default=True, metadata={"help": "with --run: the token self-check, painting a few of the run's masks with and without its token (metrics.json, the report; --no-token-check: skip)"})
+    token_check_masks: int = field(default=4, metadata={"help": "masks the token self-check paints", "min": 1, "max": 100})
+    token_check_steps: int = field(default=10, metadata={"help": "sampling steps of each token self-check painting", "min": 1, "max": 1000})
     kid_subset_size: int = field(default=1000, metadata={"help": "KID subset size (reduced to the smaller image set; the size used is reported)", "min": 2, "max": MAX_COUNT})
     kid_subsets: int = field(default=100, metadata={"help": "number of KID subsets", "min": 1, "max": 100_000})
     inception_weights: str | None = field(default=None, metadata={"help": "local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth"})

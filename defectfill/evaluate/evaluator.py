@@ -51,6 +51,7 @@ from defectfill.outputs.report import (
     mask_area,
     sample_grid,
     sample_grid_name,
+    token_check_summary,
     write_report,
 )
 from defectfill.outputs.run_folder import read_metrics, read_run_config, read_run_split, run_split_path
@@ -156,11 +157,14 @@ def evaluate(
     classifier_factory: Callable[[int, bool], nn.Module] | None = None,
     localiser_factory: Callable[[bool], nn.Module] | None = None,
     note: str | None = None,
+    token_probe: Callable[[Path, EvaluateConfig], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Compute every asked metric, save metrics.json as results come, write the report; return the metrics.
 
     The networks are injectable (tests, offline demos); by default the standard ones are loaded.
     `note` is shown at the top of the report (the demo's: its networks are untrained).
+    `token_probe(run, config)`: with `--run` and `token_check`, the token self-check's record, kept as
+    metrics.json's `token_check` (it paints, which this stage does not: `run.token_check` passes it).
 
     1. check the settings and open the generated folder;
     2. find what is compared: the run's split, or each type's split of the dataset;
@@ -180,6 +184,9 @@ def evaluate(
                 _measure_images(evaluation, split)
         if config.downstream != "none":
             _measure_downstream(evaluation, classifier_factory, localiser_factory)
+        if token_probe is not None and config.run is not None and config.token_check:
+            evaluation.metrics["token_check"] = token_probe(Path(config.run), config)
+            evaluation.save()
         write_report(evaluation.output, evaluation.metrics, evaluation.pictures, note=note)
     return evaluation.metrics
 
@@ -427,11 +434,14 @@ def _summary(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
+def evaluate_command(args: argparse.Namespace,
+                     token_probe: Callable[[Path, EvaluateConfig], dict[str, Any]] | None = None) -> int:
     """`defectfill evaluate`: evaluate with the standard networks and print a summary. Returns the exit status."""
     config = EvaluateConfig.from_args(args)
-    metrics = evaluate(config)
+    metrics = evaluate(config, token_probe=token_probe)
     for line in _summary(metrics):
         print(line)
+    if metrics.get("token_check"):
+        print(token_check_summary(metrics["token_check"]))
     print(f"report: {Path(config.output) / REPORT_HTML} (and {REPORT_MD}, {METRICS_NAME})")
     return 0

@@ -435,8 +435,22 @@ def _sections(metrics: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]
             rows += [(f"confusion[true={c}] (columns: {', '.join(record['classes'])})", ", ".join(map(str, row)))
                      for c, row in zip(record["classes"], record["confusion_matrix"], strict=True)]
         sections.append((f"Downstream: {name}", rows))
+    check = metrics.get("token_check")
+    if check:
+        rows = [("verdict", token_check_summary(check)), ("rule", check.get("rule", "")),
+                ("masks", f"{check.get('masks')} ({check.get('origin', '')}), {check.get('steps')} steps")]
+        rows += [(f"{r['prompt']} ({r['text']!r}) at guidance {r['guidance']:g}", f"{r['distance']:.4f}")
+                 for r in check.get("distances", [])]
+        sections.append(("Token self-check", rows))
     sections.append(("Settings", _rows(metrics.get("settings", {}))))
     return sections
+
+
+def token_check_summary(record: dict[str, Any]) -> str:
+    """The token self-check's verdict in one line with its numbers (report, `evaluate`'s summary, the UI)."""
+    return (f"{record['verdict']} (distance to the real defects at guidance {record['guidance']:g}: "
+            f"{record['with_token']:.4f} with the token, {record['without_token']:.4f} without, "
+            f"{record['untouched']:.4f} untouched)")
 
 
 def _environment():

@@ -8,6 +8,7 @@
       learned_embeds-<type>.safetensors    one model per object: each type's token row ({"<type>": row})
       checkpoint-N/                        resumable state (see checkpoints.py)
       metrics.jsonl                        the curves: one JSON object per logged step (`append_metrics`)
+      token_check.json                     the token self-check after training (`defectfill.run.token_check`)
       logs/, train.log                     TensorBoard scalars, logs/samples/step-NNNNNN.png, the text log
       README.md                            the model card: base, token, prompts, steps, losses, how to load it
 
@@ -36,8 +37,9 @@ LOGS_DIR = "logs"  # TensorBoard scalars, and the logged sample inpaintings in l
 TRAIN_LOG = "train.log"  # the text log, for people
 METRICS_NAME = "metrics.jsonl"  # the logged curves, for programs (`append_metrics`, `read_metrics`)
 MODEL_CARD = "README.md"  # what the run is and how to load it, for people and the Hugging Face Hub
+TOKEN_CHECK_NAME = "token_check.json"  # does the token carry the defect (`defectfill.run.token_check`)
 RUN_FILES = {CONFIG_NAME, SPLIT_NAME, LORA_WEIGHTS_NAME, TOKEN_WEIGHTS_NAME, LOGS_DIR, TRAIN_LOG, METRICS_NAME,
-             MODEL_CARD}
+             MODEL_CARD, TOKEN_CHECK_NAME}
 
 
 def type_token_file(defect_type: str) -> str:
@@ -196,6 +198,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("step"), int):
             rows.append(row)
     return rows
+
+
+def read_token_check(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run's token self-check record (token_check.json), or None when it has none or it cannot be read."""
+    try:
+        record = json.loads((Path(run_dir) / TOKEN_CHECK_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "verdict" in record else None
 
 
 def read_run_split(run_dir: str | Path, defect_type: str | None = None) -> Split:

@@ -146,6 +146,7 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
     import defectfill.train.trainer
     from defectfill.evaluate.evaluator import evaluate
     from defectfill.generate.writer import run_generate
+    from defectfill.run.token_check import after_training, evaluation_probe
 
     result = TypeResult(cat, defect_type)
     folders = job_folder(config).type_folders(cat, defect_type)
@@ -161,6 +162,7 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
             train_config.resume = "latest" if state == "partial" else None
             defectfill.train.trainer.train(train_config)
             result.stages["train"] = "ran"
+            after_training(folders.run, train_config)
 
         stage = "generate"
         generate_config = config.generate_config(cat, defect_type, folders)
@@ -180,7 +182,8 @@ def _process_type(cat: str, defect_type: str, config: RunConfig, position: str,
             result.stages["evaluate"] = "skipped"
         else:
             print(f"{position} {cat}/{defect_type}: evaluate (KID, IC-LPIPS)")
-            evaluate(config.evaluate_config(cat, defect_type, folders), **evaluate_kwargs)
+            probe = evaluation_probe if train_config.token_check else None  # the run's --no-token-check
+            evaluate(config.evaluate_config(cat, defect_type, folders), token_probe=probe, **evaluate_kwargs)
             result.stages["evaluate"] = "ran"
         if folders.metrics.is_file():
             _read_metrics(result, folders.metrics)
