@@ -9,6 +9,11 @@ drew or named (tests/test_world.py). Per seed, each variant is one `defectfill r
     e  plain LoRA inpainting: one MSE inside the mask with the generation prompt, no object branch, no L_attn
     f  the base with no fine-tuning (learning rates 0: the LoRA stays the identity)
     g  copy-paste: a real reference defect (its masked pixels) moved onto the target mask's centre
+    h  a with L_attn on every decoder grid and the consistency term (--attn-scales all, 0.05)
+    i  a's LoRA sampled with latent blending (--latent-blend)
+    j  a with the decoded pixel term (--lambda-perceptual 0.1)
+    k  one model per object (disc), a scratch and a spot per image, painted one after the other
+    l  as k, both in one steered pass (--multi-defect joint); paired with k, not with a
 
 KID and IC-LPIPS use the base's own VAE encoder (defectfill.evaluate.metrics.base_features; no ImageNet network is
 available offline), and the table adds the mask-region feature distance of defectfill.evaluate.metrics.mask_stats.
@@ -45,7 +50,17 @@ VARIANTS = {
                                               "alpha": 1.0, "prompt": "A {object} with {token}"}),
     "f": ("base, no fine-tuning", {"lr_unet": 0.0, "lr_text": 0.0, "steps": 1, "warmup_steps": 0}),
     "g": ("copy-paste of a real defect", {}),
+    # issue 24's extensions, each off by default until these show it helps
+    "h": ("L_attn on every decoder grid + consistency", {"attn_scales": "all", "lambda_attn_consistency": 0.05}),
+    "i": ("latent blending at sampling (a's LoRA)", {"latent_blend": True}),
+    "j": ("with the decoded pixel (perceptual) term", {"lambda_perceptual": 0.1}),
+    # several defects in one image from one model per object (disc: scratch and spot), paired with each other
+    "k": ("one object model, scratch+spot one after the other", {"multi_defect": "sequential"}),
+    "l": ("one object model, scratch+spot in one steered pass", {"multi_defect": "joint"}),
 }
+REUSES_A = ("d", "g", "i")  # variants that change only the sampling (or need a's split): a's trained runs
+COMBINED = ("k", "l")  # their items are two-defect images: compared with each other, not with a
+COMBINED_TYPES = ("disc", ["scratch", "spot"])
 
 
 def base_settings(args: argparse.Namespace, data: Path, seed: int) -> dict:
@@ -122,6 +137,8 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     from defectfill.evaluate.metrics.base_features import base_metric_networks
     from defectfill.run.runner import plan_types, run_all
 
+    if key in COMBINED:
+        return combined_variant(key, args, data, seed)
     name, overrides = VARIANTS[key]
     out = Path(args.output) / f"{key}-seed{seed}"
     settings = base_settings(args, data, seed)
@@ -131,7 +148,7 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     settings["categories"] = cats
     config = RunConfig.from_settings(settings)
     pairs = plan_types(open_layout(data), cats, None)
-    if key in ("d", "g"):  # d and g reuse a's trained runs (d only changes the sampling; g needs the split)
+    if key in REUSES_A:  # d and i only change the sampling; g needs a's split
         source = Path(args.output) / f"a-seed{seed}" / "runs"
         if not source.is_dir():
             raise SystemExit(f"variant {key} needs variant a first (missing {source})")
@@ -163,6 +180,57 @@ def run_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> li
     return rows
 
 
+def combined_variant(key: str, args: argparse.Namespace, data: Path, seed: int) -> list[dict]:
+    """Variants k and l: one model per object on disc (`run --one-model-per-object`, in k's folder, trained once
+    for both), then `count` images with a scratch and a spot each, painted one after the other (k) or in one
+    steered pass (l) from the same items (backgrounds, masks, seeds). One row per defect type: the per-sample
+    distance of each painted region (its own mask) to that type's held-out real regions."""
+    import quality_stats as qs
+
+    from defectfill.config.stages import GenerateConfig, RunConfig
+    from defectfill.data.images import load_mask, load_rgb
+    from defectfill.evaluate.metrics.base_features import base_metric_networks
+    from defectfill.evaluate.metrics.mask_stats import feature_distance
+    from defectfill.generate.writer import run_generate
+    from defectfill.outputs.generated import manifest_path
+    from defectfill.outputs.job_folder import job_folder
+    from defectfill.outputs.run_folder import read_run_split
+    from defectfill.run.runner import run_all
+
+    name, overrides = VARIANTS[key]
+    cat, types = COMBINED_TYPES
+    out = Path(args.output) / f"k-seed{seed}"
+    settings = base_settings(args, data, seed)
+    settings.update(output=str(out), categories=[cat], one_model_per_object=True, downstream="none")
+    config = RunConfig.from_settings(settings)
+    feature_extractor, distance = base_metric_networks(args.model)
+    started = time.time()
+    run_all(config, feature_extractor=feature_extractor, distance=distance,
+            note="quality benchmark, variants k and l: one model per object")  # finished stages are skipped
+    run_dir = job_folder(config).type_folders(cat, types[0]).run
+    gen_out = out / f"combined-{overrides['multi_defect']}"
+    run_generate(GenerateConfig(run=str(run_dir), output=str(gen_out), count=args.count, defect_types=list(types),
+                                multi_defect=overrides["multi_defect"], candidates=args.candidates,
+                                steps=args.generate_steps, guidance=args.guidance, prompt=args.prompt, seed=seed,
+                                lpips_random_backbone=True, mixed_precision="no", compile="no", preview_rows=8))
+    seconds = time.time() - started
+    manifest = sorted((json.loads(line) for line in manifest_path(gen_out).read_text().splitlines() if line.strip()),
+                      key=lambda r: r["index"])
+    rows = []
+    for i, t in enumerate(types):
+        generated = [(np.asarray(load_rgb(gen_out / r["image"])), load_mask(gen_out / r["defects"][i]["mask"], "half"))
+                     for r in manifest]
+        real_f = qs.region_features(qs.real_pairs(read_run_split(run_dir, t)))
+        gen_f = qs.region_features(generated)
+        rows.append({"variant": key, "name": name, "seed": seed, "category": cat, "defect_type": f"{t} (of {'+'.join(types)})",
+                     "status": "ok", "n_generated": len(manifest), "kid_x1e3": None, "kid_std_x1e3": None,
+                     "ic_lpips": None, "downstream": {}, "seconds_whole_variant": round(seconds, 1),
+                     "one_class": False, "mask_feature_distance": feature_distance(gen_f, real_f),
+                     "sample_distances": qs.nearest_distances(gen_f, real_f).tolist(),
+                     "crop_kid": qs.crop_kid(qs.real_pairs(read_run_split(run_dir, t)), generated, feature_extractor)})
+    return rows
+
+
 def sample_measures(key: str, args, config, cat: str, t: str, feature_extractor) -> dict:
     """Per-sample distances, crop KID, retention and token dependence of one type's run (quality_stats)."""
     import quality_stats as qs
@@ -179,7 +247,7 @@ def sample_measures(key: str, args, config, cat: str, t: str, feature_extractor)
     out = {"mask_feature_distance": feature_distance(gen_f, real_f),
            "sample_distances": qs.nearest_distances(gen_f, real_f).tolist(),
            "crop_kid": qs.crop_kid(real, generated, feature_extractor)}
-    if key in ("g", "d"):  # copy-paste has no model; d is a's model
+    if key in REUSES_A:  # copy-paste has no model; d and i are a's model
         return out
     goods = sorted((split.data_root / cat / "train" / "good").glob("*.png"))
     targets = [(qs.Image.open(goods[i % len(goods)]).convert("RGB"), m) for i, (_, m) in enumerate(generated)]
@@ -252,18 +320,18 @@ def print_summary(rows: list[dict]) -> None:
             kid_cell = f"{np.mean(kid):.1f} +- {np.std(kid, ddof=1) if len(kid) > 1 else 0:.1f}" if kid else "n/a"
             print(f"| {cat}/{t} | {v} {VARIANTS[v][0]} | {cell([np.array(r['sample_distances']) for r in mine])} | "
                   f"{cell(colour)} | {cell(ret) if ret else 'n/a'} | {cell(tok) if tok else 'n/a'} | {kid_cell} |")
-    print("\n| type | a against | a - X per-sample distance [95 % CI] | verdict |")
+    print("\n| type | A against | A - X per-sample distance [95 % CI] | verdict (a: A) |")
     print("| --- | --- | --- | --- |")
     for cat, t in types:
-        a = _per_seed(rows, "a", cat, t)
         for v in variants:
-            other = _per_seed(rows, v, cat, t)
-            seeds = sorted(set(a) & set(other))
-            if v == "a" or not seeds:
+            base = "k" if v in COMBINED else "a"  # the two-defect variants pair with each other, the rest with a
+            mine, other = _per_seed(rows, base, cat, t), _per_seed(rows, v, cat, t)
+            seeds = sorted(set(mine) & set(other))
+            if v == base or not seeds:
                 continue
-            s = qs.paired_verdict([a[k] for k in seeds], [other[k] for k in seeds])
-            print(f"| {cat}/{t} | {v} {VARIANTS[v][0]} | {s['mean']:+.3f} [{s['ci95'][0]:+.3f}, {s['ci95'][1]:+.3f}] | "
-                  f"{s['verdict']} |")
+            s = qs.paired_verdict([mine[k] for k in seeds], [other[k] for k in seeds])
+            print(f"| {cat}/{t} | {base} against {v} {VARIANTS[v][0]} | {s['mean']:+.3f} [{s['ci95'][0]:+.3f}, "
+                  f"{s['ci95'][1]:+.3f}] | {s['verdict']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
