@@ -96,9 +96,7 @@ def retention_error(generator, goods: list[Path], category: str, n: int) -> np.n
     return np.array(errors)
 
 
-def without_token(prompt: str, token: str) -> str:
-    return " ".join(prompt.replace(token, " ").split())
-
+from defectfill.run.token_check import without_token  # noqa: E402,F401 - the package's probe, for quality.py
 
 # --------------------------------------------------------------------------- statistics
 

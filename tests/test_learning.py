@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features
+from defectfill.run.token_check import without_token
 
 MODEL = "defectfill-mini"
 SIZE = 64
@@ -134,10 +135,6 @@ def _paint(generator, targets, prompt: str | None = None):
     return np.stack(features), maps
 
 
-def _without_token(prompt: str, token: str) -> str:
-    return " ".join(prompt.replace(token, " ").split())
-
-
 @pytest.fixture(scope="module")
 def painted(runs, spot_data):
     """What the base and each fine-tune paint into the held-out masks on new discs: with the run's default
@@ -155,7 +152,7 @@ def painted(runs, spot_data):
             continue
         prompt, token = gen.prompt, gen.token
         gen.save_attention = False  # no token to map
-        out[name + "/no_token"] = _paint(gen, targets, _without_token(prompt, token))
+        out[name + "/no_token"] = _paint(gen, targets, without_token(prompt, token))
         gen.prompt, guidance = prompt, gen.guidance
         gen.guidance = 1.0
         out[name + "/guidance1"] = _paint(gen, targets)
