@@ -282,3 +282,44 @@ def test_a_real_browser_generates_through_the_buttons(served, demo_root):
         assert not browser.find_elements(By.CSS_SELECTOR, ".toast-body.error")
     finally:
         browser.quit()
+
+
+def test_a_batch_on_chosen_images_then_review_against_the_references(served):
+    """N images with one shape, each its own item seed (as `defectfill generate` seeds item i) and its own placed
+    shape; added as items in turn; approved and unapproved in the manifest; the run's real references beside."""
+    from defectfill.outputs.run_folder import read_run_split
+
+    url, ws, base = served
+    client = gradio_client.Client(url, verbose=False)
+    client.predict(RUN, api_name="/select_run")
+    gallery, md = client.predict(RUN, ["000.png", "001.png"], 3, "ellipse", 0.05, 0, 1, 1, 7.5, "scratch",
+                                 api_name="/generate_batch")
+    assert [g["caption"] for g in gallery] == ["#0 000.png", "#1 001.png", "#2 000.png"]
+    assert min(Image.open(gallery[0]["image"]).size) >= 256 and "| 2 | 000.png |" in md
+    status, _ = client.predict("batch-ds", api_name="/add_batch")
+    assert "Added items 0–2 (3)" in status
+    root = ws.datasets_root / "batch-ds"
+    rows = [json.loads(line) for line in (root / MANIFEST).read_text().splitlines()]
+    assert [Path(r["source_image"]).name for r in rows] == ["000.png", "001.png", "000.png"]
+    assert [r["seed"] for r in rows] == [derived_seed(0, i) for i in range(3)]
+    assert all(r["mask_source"] == "shape:ellipse" for r in rows)
+    masks = [load_mask(root / r["mask"]) for r in rows]
+    assert not np.array_equal(masks[0], masks[2])  # same image, own seed: the shape lies elsewhere
+    with pytest.raises(gradio_client.exceptions.AppError, match="already in that dataset"):
+        client.predict("batch-ds", api_name="/add_batch")
+
+    assert "1 item(s) approved: 1" in client.predict("batch-ds", 1, api_name="/approve")
+    items = client.predict("batch-ds", "", "", False, api_name="/items")
+    assert [i["is_approved"] for i in items] == [False, True, False]
+    assert "approved" in json.loads((root / MANIFEST).read_text().splitlines()[1])
+    client.predict("batch-ds", 1, api_name="/unapprove")
+    assert not any(i["is_approved"] for i in client.predict("batch-ds", "", "", False, api_name="/items"))
+    client.predict("batch-ds", 2, "", api_name="/reject")
+    with pytest.raises(gradio_client.exceptions.AppError, match="is rejected"):
+        client.predict("batch-ds", 2, api_name="/approve")
+    assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))
+
+    references = client.predict("batch-ds", 0, api_name="/references")
+    expected = read_run_split(ws.run_dir(RUN)).reference
+    assert len(references) == len(expected) > 0
+    assert sorted(r["caption"] for r in references) == sorted(s.image.name for s in expected)

@@ -38,6 +38,7 @@ from defectfill.ui.backend import (  # noqa: E402
     Workspace,
     attention_overlay,
     framed,
+    item_kind,
     mask_from_layers,
     mask_layer,
     os_error_message,
@@ -165,7 +166,8 @@ class Handlers:
         return (gr.update(choices=names, value=names[0] if names else None), gallery, message, suggested,
                 gr.update(choices=types, value=types[0], interactive=len(types) > 1),
                 gr.update(value=sampling["steps"]), gr.update(value=sampling["guidance"]),
-                gr.update(value=sampling["prompt"]), gr.update(value=sampling["unconditional"]), "")
+                gr.update(value=sampling["prompt"]), gr.update(value=sampling["unconditional"]), "",
+                gr.update(choices=names, value=[]))
 
     @_friendly
     def sampling_note(self, run: str, prompt: str, steps: float, guidance: float, unconditional: str):
@@ -260,6 +262,38 @@ class Handlers:
         return gallery, outlined(shown, result.mask), "\n".join(lines), outcome, zoom
 
     @_friendly
+    def generate_batch(self, run: str, names: list[str] | None, count: float, shape: str, size: float, seed: float,
+                       candidates: float, steps: float, guidance: float, defect_type: str | None = None,
+                       prompt: str | None = None, unconditional: str | None = None, lpips_fallback: bool = True,
+                       progress: gr.Progress = gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's progress idiom
+        outcomes = self.ws.generate_batch(run, list(names or []), int(count), shape, float(size), int(seed),
+                                          progress=functools.partial(_report_progress, progress),
+                                          candidates=int(candidates), steps=int(steps), guidance=float(guidance),
+                                          defect_type=defect_type or None, prompt=prompt,
+                                          unconditional=unconditional, lpips_fallback=bool(lpips_fallback))
+        gallery = [(outlined(o.result.image, o.result.mask), f"#{i} {o.source.label}") for i, o in enumerate(outcomes)]
+        lines = [f"**{len(outcomes)} image(s)**, a `{shape}` of about {float(size):.3f} of the area placed on each "
+                 "with the item's own seed. Prompt: " f"`{outcomes[0].prompt}`.", "",
+                 "| # | image | item seed | LFS score of the chosen |", "|---|---|---|---|"]
+        for i, o in enumerate(outcomes):
+            score = f"{max(o.result.scores):.4f}" if o.result.scores else "-"
+            lines.append(f"| {i} | {o.source.label} | {o.settings['item_seed']} | {score} |")
+        notes = list(dict.fromkeys(n for o in outcomes for n in o.notes))
+        lines += [""] + [f"> ⚠ {n}" for n in notes] if notes else []
+        return gallery, "\n".join(lines), outcomes
+
+    @_friendly
+    def add_batch(self, outcomes: list[Outcome] | None, dataset: str):
+        if not outcomes:
+            raise DefectFillError("generate a batch first, then add it to a dataset.")
+        rows = [self.ws.add_to_dataset(o, dataset) for o in outcomes if dataset not in o.added_to]
+        if not rows:
+            raise DefectFillError("this batch is already in that dataset; generate again for other items.")
+        root = self.ws.dataset_path(dataset)
+        message = f"Added items {rows[0]['index']}–{rows[-1]['index']} ({len(rows)}) to `{root}`."
+        return message, gr.update(choices=self.ws.datasets(), value=str(root.relative_to(self.ws.datasets_root)))
+
+    @_friendly
     def add(self, outcome: Outcome | None, dataset: str):
         if outcome is None:
             raise DefectFillError("generate first, then add the result to a dataset.")
@@ -290,8 +324,8 @@ class Handlers:
         gallery = []
         for it in items:
             score = f" · LFS {max(it['scores']):.4f}" if it.get("scores") else ""
-            gallery.append((str(root / it["image"]), f"#{it['index']} {it['category']}/{it['defect_type']}{score}"
-                            + (" · REJECTED" if it["is_rejected"] else "")))
+            mark = " ✗ rejected" if it["is_rejected"] else " ✓ approved" if it["is_approved"] else ""
+            gallery.append((str(root / it["image"]), f"#{it['index']}{score}{mark}"))
         return gallery, [it["index"] for it in items]
 
     def pick_item(self, shown: list[int], evt: gr.SelectData):
@@ -309,6 +343,31 @@ class Handlers:
         # the source lies in the run's data folder, which is not served: sent as an image
         source = _thumb(files["source"]) if files["source"] else None
         return str(files["image"]), str(files["mask"]), source, candidates, row
+
+    @_friendly
+    def references(self, dataset: str | None, index: float | None):
+        """The real defect images the dataset's run learnt from, of the item's type: to judge it against."""
+        if not dataset or index is None or index < 0:
+            return []
+        run = self.ws.dataset_run(dataset)
+        if run is None:
+            return []
+        row = self.ws.item_files(dataset, int(index))["row"]
+        _, kind = item_kind(row)
+        return [(_thumb(p), p.name) for p in self.ws.references(run, kind or None)[:24]]
+
+    @_friendly
+    def approve(self, dataset: str | None, index: float | None, shown: list[int] | None, every: bool,
+                approved: bool = True):
+        if not dataset:
+            raise DefectFillError("choose a dataset first.")
+        indices = list(shown or []) if every else ([] if index is None or index < 0 else [int(index)])
+        if every:  # the rejected ones among those shown stay as they are
+            rejected = {i["index"] for i in self.ws.dataset_items(dataset, rejected=True) if i["is_rejected"]}
+            indices = [i for i in indices if i not in rejected]
+        rows = self.ws.approve(dataset, indices, approved)
+        what = "approved" if approved else "no longer approved"
+        return f"{len(rows)} item(s) {what}: {', '.join(str(r['index']) for r in rows)} (saved in the manifest)."
 
     @_friendly
     def reject(self, dataset: str | None, index: float | None, reason: str):
@@ -408,6 +467,18 @@ def _layout(ws: Workspace) -> SimpleNamespace:
             dataset_name = gr.Textbox(label="Dataset folder (inside the datasets folder)", elem_id="dataset")
             add_btn = gr.Button("Add to dataset", elem_id="add")
         add_md = gr.Markdown(elem_id="add-status")
+        with gr.Accordion("Batch: N images with this shape", open=False):
+            with gr.Row():
+                batch_images = gr.Dropdown([], multiselect=True, label="Defect-free images (none: all of the "
+                                           "run's, in turn)", elem_id="batch-images", scale=3)
+                batch_count = gr.Slider(1, 64, value=4, step=1, label="How many", elem_id="batch-count")
+                batch_btn = gr.Button("Generate the batch", elem_id="batch-generate")
+            batch_gallery = gr.Gallery(label="Chosen images (mask outlined)", columns=4, height=420, format="png",
+                                       elem_id="batch-results", object_fit="contain")
+            batch_md = gr.Markdown()
+            batch_add_btn = gr.Button("Add the batch to the dataset", elem_id="batch-add")
+            batch_add_md = gr.Markdown()
+        batch_state = gr.State(None)
     with gr.Tab("Dataset"):
         with gr.Row():
             ds_dd = gr.Dropdown(ws.datasets(), label="Dataset", elem_id="ds", allow_custom_value=True)
@@ -424,10 +495,15 @@ def _layout(ws: Workspace) -> SimpleNamespace:
             item_mask = gr.Image(label="Mask", type="filepath", height=220)
             item_source = gr.Image(label="Source", type="filepath", height=220)
         item_cands = gr.Gallery(label="Candidates (saved ones)", columns=8, height=200, allow_preview=False)
+        item_refs = gr.Gallery(label="Real defects the run learnt from (its references), to compare", columns=8,
+                               height=200, allow_preview=False, elem_id="references")
         item_row = gr.JSON(label="Manifest row")
         with gr.Row():
             reason = gr.Textbox(label="Why rejected (optional)")
             reject_btn = gr.Button("Reject (move aside)", variant="stop")
+            approve_btn = gr.Button("Approve", elem_id="approve")
+            approve_all_btn = gr.Button("Approve all shown", elem_id="approve-all")
+            unapprove_btn = gr.Button("Unapprove")
         reject_md = gr.Markdown()
     with gr.Tab("Run"):
         run_md = gr.Markdown()
@@ -438,14 +514,18 @@ def _layout(ws: Workspace) -> SimpleNamespace:
         samples_gallery = gr.Gallery(label="Logged sample inpaintings: source | mask | inpainting", columns=1,
                                      height=300)
 
-    return SimpleNamespace(clear_btn=clear_btn, prompt=prompt, unconditional=unconditional,
+    return SimpleNamespace(batch_images=batch_images, batch_count=batch_count, batch_btn=batch_btn,
+                           batch_gallery=batch_gallery, batch_md=batch_md, batch_add_btn=batch_add_btn,
+                           batch_add_md=batch_add_md, batch_state=batch_state, item_refs=item_refs,
+                           approve_btn=approve_btn, approve_all_btn=approve_all_btn, unapprove_btn=unapprove_btn,
+                           clear_btn=clear_btn, prompt=prompt, unconditional=unconditional,
                            lpips_fallback=lpips_fallback, sampling_md=sampling_md, zoom_img=zoom_img, run_dd=run_dd, run_type_dd=run_type_dd, runs_btn=runs_btn, source_state=source_state, placed_state=placed_state, outcome_state=outcome_state, data_note=data_note, image_dd=image_dd, good_gallery=good_gallery, upload=upload, editor=editor, shape_dd=shape_dd, size=size, place_btn=place_btn, candidates=candidates, steps=steps, guidance=guidance, seed=seed, attention=attention, generate_btn=generate_btn, cand_gallery=cand_gallery, chosen_img=chosen_img, scores_md=scores_md, dataset_name=dataset_name, add_btn=add_btn, add_md=add_md, ds_dd=ds_dd, refresh_btn=refresh_btn, cat_dd=cat_dd, type_dd=type_dd, show_rejected=show_rejected, shown_state=shown_state, items_gallery=items_gallery, item_index=item_index, item_image=item_image, item_mask=item_mask, item_source=item_source, item_cands=item_cands, item_row=item_row, reason=reason, reject_btn=reject_btn, reject_md=reject_md, run_md=run_md, settings_json=settings_json, loss_plot=loss_plot, samples_gallery=samples_gallery)
 
 
 def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
     """Each component's events to their handler; the named ones are the page's API."""
     run_outputs = [c.image_dd, c.good_gallery, c.data_note, c.dataset_name, c.run_type_dd, c.steps, c.guidance,
-                   c.prompt, c.unconditional, c.sampling_md]
+                   c.prompt, c.unconditional, c.sampling_md, c.batch_images]
     sampling_inputs = [c.run_dd, c.prompt, c.steps, c.guidance, c.unconditional]
     for control in (c.prompt, c.steps, c.guidance, c.unconditional):
         control.change(h.sampling_note, sampling_inputs, c.sampling_md, api_visibility="private")
@@ -464,6 +544,12 @@ def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
                                   c.attention, c.run_type_dd, c.prompt, c.unconditional, c.lpips_fallback],
                          [c.cand_gallery, c.chosen_img, c.scores_md, c.outcome_state, c.zoom_img],
                        api_name="generate", concurrency_limit=1, concurrency_id="device")
+    c.batch_btn.click(h.generate_batch, [c.run_dd, c.batch_images, c.batch_count, c.shape_dd, c.size, c.seed,
+                                         c.candidates, c.steps, c.guidance, c.run_type_dd, c.prompt, c.unconditional,
+                                         c.lpips_fallback], [c.batch_gallery, c.batch_md, c.batch_state],
+                      api_name="generate_batch", concurrency_limit=1, concurrency_id="device")
+    c.batch_add_btn.click(h.add_batch, [c.batch_state, c.dataset_name], [c.batch_add_md, c.ds_dd],
+                          api_name="add_batch", concurrency_limit=1, concurrency_id="write")
     c.add_btn.click(h.add, [c.outcome_state, c.dataset_name], [c.add_md, c.ds_dd], api_name="add_to_dataset",
                   concurrency_limit=1, concurrency_id="write")
     browse_inputs = [c.ds_dd, c.cat_dd, c.type_dd, c.show_rejected]
@@ -476,6 +562,14 @@ def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
     c.items_gallery.select(h.pick_item, c.shown_state, c.item_index, api_visibility="private")
     c.item_index.change(h.show_item, [c.ds_dd, c.item_index], [c.item_image, c.item_mask, c.item_source, c.item_cands, c.item_row],
                       api_name="item")
+    c.item_index.change(h.references, [c.ds_dd, c.item_index], c.item_refs, api_name="references")
+    for button, every, approved, name in ((c.approve_btn, False, True, "approve"),
+                                          (c.approve_all_btn, True, True, "approve_shown"),
+                                          (c.unapprove_btn, False, False, "unapprove")):
+        button.click(functools.partial(h.approve, every=every, approved=approved),
+                     [c.ds_dd, c.item_index, c.shown_state], c.reject_md, api_name=name,
+                     concurrency_limit=1, concurrency_id="write").then(
+            h.browse, browse_inputs, [c.items_gallery, c.shown_state], api_visibility="private")
     c.reject_btn.click(h.reject, [c.ds_dd, c.item_index, c.reason], c.reject_md, api_name="reject",
                      concurrency_limit=1, concurrency_id="write").then(
         h.browse, browse_inputs, [c.items_gallery, c.shown_state], api_visibility="private")

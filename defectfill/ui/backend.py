@@ -38,7 +38,7 @@ from defectfill.core.folders import IGNORED, contained, folder_lock
 from defectfill.data.masks import DEFAULT_MASK_SCALE, SHAPES, estimate_foreground, fit_mask, shape_mask
 from defectfill.model.device import resolve_device
 from defectfill.model.lpips import ALEXNET_FILE
-from defectfill.outputs.generated import MANIFEST, REJECTED_DIR, candidate_file
+from defectfill.outputs.generated import MANIFEST, REJECTED_DIR, candidate_file, row_file
 from defectfill.outputs.run_folder import LOGS_DIR, read_metrics
 
 log = logging.getLogger(__name__)
@@ -442,12 +442,13 @@ class Workspace:
                  steps: int | None = None, guidance: float | None = None, seed: int = 0, attention: bool = False,
                  shape: str | None = None, shape_size: float | None = None, progress: ProgressFn | None = None,
                  defect_type: str | None = None, prompt: str | None = None, unconditional: str | None = None,
-                 lpips_fallback: bool = False) -> Outcome:
+                 lpips_fallback: bool = False, item: int = 0) -> Outcome:
         """Candidates for one (source, mask) with their LFS scores; the settings are checked as `generate`'s
         (`SamplingConfig`); those left None are what the run's base recommends. `prompt` is a template with {token}
         (and {object}). `defect_type`: the type to draw from a per-object run (default: the run's first).
         `lpips_fallback`: when the AlexNet weights cannot be fetched (offline), score with the untrained backbone
-        (said in the outcome's notes and recorded with the item) instead of failing."""
+        (said in the outcome's notes and recorded with the item) instead of failing. `item`: draw as that item of
+        `defectfill generate --seed <seed>` (its seed `derived_seed(seed, item)`)."""
         from defectfill.generate.generator import DefectGenerator, run_prompt
 
         candidates, seed = int(candidates), int(seed)
@@ -456,7 +457,7 @@ class Workspace:
 
         if not 0 <= seed <= MAX_SEED:  # the range of generate's --seed, which the dataset's generate.json records
             raise DefectFillError(f"seed {seed}: choose a whole number in [0, {MAX_SEED}].")
-        item_seed = derived_seed(seed, 0)  # the item `defectfill generate --seed <seed>` draws first
+        item_seed = derived_seed(seed, int(item))  # item `item` of `defectfill generate --seed <seed>` (0: its first)
         steps = None if steps is None else int(steps)
         guidance = None if guidance is None else float(guidance)
         prompt = (prompt or "").strip() or None
@@ -642,7 +643,8 @@ class Workspace:
             is_rejected = bool(row.get("rejected"))
             if (category and cat != category) or (defect_type and kind != defect_type) or (is_rejected and not rejected):
                 continue
-            items.append({**row, "index": index, "category": cat, "defect_type": kind, "is_rejected": is_rejected})
+            items.append({**row, "index": index, "category": cat, "defect_type": kind, "is_rejected": is_rejected,
+                          "is_approved": bool(row.get("approved"))})
         return items
 
     def item_files(self, dataset: str, index: int) -> dict[str, Any]:
@@ -671,8 +673,8 @@ class Workspace:
         folder of one of the runs: an edited manifest must not make the page show any file on the machine."""
         if not isinstance(name, str) or not name:
             return None
-        source = Path(name)
-        if not source.is_absolute() or not source.is_file():
+        source = row_file(root, name)  # relative to the dataset (absolute in rows written before)
+        if source is None or not source.is_file():
             return None
 
         def inside(folder: Path) -> bool:
@@ -724,6 +726,89 @@ class Workspace:
             text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
             atomic_write(root / MANIFEST, lambda p: p.write_text(text))
         return row
+
+    def approve(self, dataset: str, indices: list[int], approved: bool = True) -> list[dict[str, Any]]:
+        """Mark (or, with approved=False, unmark) items as approved by a person: `"approved": {"time"}` in their
+        manifest rows, the manifest rewritten atomically under the folder's lock. A rejected item is refused (it
+        was moved aside)."""
+        from defectfill.outputs.generated import OutputFolder
+
+        root = self.dataset_path(dataset)
+        wanted = sorted({int(i) for i in indices})
+        if not wanted:
+            raise DefectFillError("choose an item first (click one in the grid), or show some to approve them all.")
+        with self._writing(root):
+            out = OutputFolder(root, "", "", 1)
+            out.merge_manifest()  # one manifest to edit
+            rows = out.finished()
+            missing = [i for i in wanted if i not in rows]
+            if missing:
+                raise DefectFillError(f"{root}: no item {missing[0]} in its manifest.")
+            rejected = [i for i in wanted if rows[i].get("rejected")]
+            if rejected and approved:
+                raise DefectFillError(f"{root}: item {rejected[0]} is rejected (moved under {REJECTED_DIR}/); "
+                                      "it cannot be approved.")
+            for i in wanted:
+                if approved:
+                    rows[i]["approved"] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                else:
+                    rows[i].pop("approved", None)
+            text = "".join(json.dumps(rows[i]) + "\n" for i in sorted(rows))
+            atomic_write(root / MANIFEST, lambda p: p.write_text(text))
+        return [rows[i] for i in wanted]
+
+    def dataset_run(self, dataset: str) -> str | None:
+        """The name of the finished run (one the app offers) that wrote `dataset` (its generate.json), or None."""
+        from defectfill.outputs.generated import STATE
+
+        try:
+            recorded = json.loads((self.dataset_path(dataset) / STATE).read_text()).get("run")
+        except (OSError, ValueError, AttributeError):
+            return None
+        for name, path in self.runs().items():
+            if isinstance(recorded, str) and str(path.resolve()) in recorded.split(","):
+                return name
+        return None
+
+    def references(self, run: str, defect_type: str | None = None) -> list[Path]:
+        """The real defect images the run learnt from (its split's reference images) for `defect_type` (a
+        per-object run's; default the run's type): what a generated item is judged against."""
+        from defectfill.outputs.run_folder import read_run_split
+
+        config = self.run_config(run)
+        kind = defect_type if config.per_object else None
+        try:
+            split = read_run_split(self.run_dir(run), kind)
+        except (DefectFillError, OSError, ValueError):
+            return []
+        return [s.image for s in split.reference if Path(s.image).is_file()]
+
+    def generate_batch(self, run: str, names: list[str] | None, count: int, shape: str, size: float,
+                       seed: int = 0, progress: ProgressFn | None = None, **sampling: Any) -> list[Outcome]:
+        """`count` generations over the run's defect-free images `names` (all of them when empty), in turn: item
+        i on image i mod len, with its own seed (`derived_seed(seed, i)`, as `defectfill generate --seed <seed>`
+        gives item i) and its own `shape` placed on it with that seed. `sampling`: `generate`'s other settings."""
+        from defectfill.generate.generator import derived_seed
+
+        count = int(count)
+        if not 1 <= count <= 1000:
+            raise DefectFillError(f"count {count}: generate between 1 and 1000 images at a time.")
+        paths = self.good_images(run)
+        chosen = [p for p in paths if p.name in set(names)] if names else paths
+        if names and len(chosen) != len(set(names)):
+            unknown = sorted(set(names) - {p.name for p in chosen})
+            raise DefectFillError(f"image {unknown[0]!r} is not one of the defect-free images of run {run!r}.")
+        if not chosen:
+            raise DefectFillError(f"run {run!r} has no defect-free images to paint on; upload one instead.")
+        outcomes = []
+        for i in range(count):
+            source = self.source(run, chosen[i % len(chosen)].name)
+            if progress:
+                progress(i / count, f"image {i + 1} of {count}: {source.label}")
+            mask = place_shape(source.image, shape, float(size), derived_seed(int(seed), i))
+            outcomes.append(self.generate(run, source, mask, seed=int(seed), item=i, shape=shape, shape_size=size,
+                                          **sampling))
+        return outcomes
 
     # ------------------------------------------------------------------ the run tab
 
