@@ -251,3 +251,21 @@ def test_perceptual_term_trains_the_lora_and_zero_changes_nothing(setup):
     assert not calls and not plain.extras
     torch.testing.assert_close(plain.total, config.lambda_def * plain.defect + config.lambda_obj * plain.object
                                + config.lambda_attn * plain.attention)
+
+
+def test_a_training_with_the_optional_terms_logs_them(demo_root, tiny_model_dir, tmp_path):
+    """A 2-step training with every option on runs end to end, records them in config.json, and logs each
+    optional term beside the three losses in metrics.jsonl; a default run logs only the three and the total."""
+    from defectfill.model.pipeline import load_pipeline
+    from defectfill.outputs.run_folder import read_metrics, read_run_config
+    from defectfill.train.trainer import train
+
+    run = train(tiny_config(demo_root, tmp_path / "on", tiny_model_dir, attn_scales="all",
+                            lambda_attn_consistency=0.1, lambda_perceptual=0.5), pipe=load_pipeline(str(tiny_model_dir)))
+    config = read_run_config(run)
+    assert (config.attn_scales, config.lambda_attn_consistency, config.lambda_perceptual) == ("all", 0.1, 0.5)
+    logged = read_metrics(run)
+    assert logged and all({"attention_consistency", "perceptual"} <= set(r["loss"]) for r in logged)
+    assert all(r["loss"]["perceptual"] > 0 for r in logged)
+    plain = train(tiny_config(demo_root, tmp_path / "off", tiny_model_dir), pipe=load_pipeline(str(tiny_model_dir)))
+    assert all(set(r["loss"]) == {"defect", "object", "attention", "total"} for r in read_metrics(plain))

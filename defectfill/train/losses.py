@@ -107,7 +107,9 @@ class LossTerms:
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the optional terms, each already in `total`
 
     def detached(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k).detach() for k in ("defect", "object", "attention", "total")}
+        """Every term by name, the optional ones that are on included (train.log and metrics.jsonl log them)."""
+        named = {k: getattr(self, k).detach() for k in ("defect", "object", "attention", "total")}
+        return {**named, **{k: v.detach() for k, v in self.extras.items()}}
 
 
 def combine(

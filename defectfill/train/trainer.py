@@ -671,7 +671,12 @@ class TrainingRun:
         return self.accelerator.is_main_process
 
     def zero_sums(self) -> dict[str, torch.Tensor]:
-        return {k: torch.zeros((), device=self.accelerator.device) for k in ("defect", "object", "attention", "total")}
+        """A zero per logged loss: the three losses, the total, and each optional term that is on (its weight > 0,
+        as `losses.combine` keeps it)."""
+        optional = [name for name, weight in (("attention_consistency", self.config.lambda_attn_consistency),
+                                              ("perceptual", self.config.lambda_perceptual)) if weight > 0]
+        return {k: torch.zeros((), device=self.accelerator.device)
+                for k in ("defect", "object", "attention", "total", *optional)}
 
 
 def train(config: TrainConfig, pipe=None) -> Path:
