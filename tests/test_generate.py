@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from defectfill.data.masks import estimate_foreground
 from defectfill.data.split import check_sample
 from defectfill.generate.generator import DefectGenerator, LPIPSScorer, feather_alpha, paste_back, select_low_fidelity
 from defectfill.generate.writer import plan_items, run_generate
-from defectfill.outputs.generated import CAPTION_H, MANIFEST
+from defectfill.outputs.generated import CAPTION_H, MANIFEST, row_file
 
 
 @pytest.fixture(scope="module")
@@ -404,6 +405,48 @@ def test_candidates_one_skips_lpips(run_dir, demo_root):
 # --------------------------------------------------------------------------- dataset writer
 
 
+def test_manifest_rows_say_what_made_them_with_paths_relative_to_the_folder(run_dir, demo_root, tmp_path,
+                                                                            random_lpips):
+    """Each row: the base and the SHA-256 of its weight files, the LoRA file's, the version, a UTC time, device and
+    precision; every path relative to the output folder. A manifest written before (absolute sources, no
+    provenance) still reads."""
+    import hashlib
+    import os
+    from datetime import datetime
+
+    import defectfill
+    from defectfill.model.names import LORA_WEIGHTS_NAME
+    from defectfill.outputs.generated import OutputFolder
+    from defectfill.outputs.run_folder import read_trained_run
+
+    out = tmp_path / "synth"
+    assert run_generate(_args(run_dir, out, "--count", "2")) == 0
+    rows = _manifest(out)
+    base = Path(read_trained_run(run_dir).model)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in base.rglob("*.safetensors")):
+        digest.update(f"{f.relative_to(base).as_posix()} {hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode())
+    goods = {p.resolve() for p in open_layout(demo_root).good_images("disc")}
+    for r in rows:
+        prov = r["provenance"]
+        assert prov["defectfill_version"] == defectfill.__version__ and prov["base_model"] == str(base)
+        assert prov["base_model_sha256"] == digest.hexdigest()
+        assert prov["lora_sha256"] == hashlib.sha256((run_dir / LORA_WEIGHTS_NAME).read_bytes()).hexdigest()
+        assert (prov["device"], prov["precision"]) == ("cpu", "no")
+        assert datetime.fromisoformat(prov["created_utc"]).utcoffset().total_seconds() == 0
+        for key in ("image", "mask", "source_image", "mask_source"):
+            parts = Path(r[key]).parts
+            inner = parts[next((i for i, x in enumerate(parts) if x != ".."), len(parts)):]
+            assert not os.path.isabs(r[key]) and ".." not in inner, (key, r[key])  # relative and normalised
+        assert row_file(out, r["source_image"]).resolve() in goods and row_file(out, r["mask_source"]).is_file()
+    # an older manifest: absolute source paths, no provenance; its sources are still found and linked
+    shutil.rmtree(out / "disc" / "train" / "good")
+    old = [{k: v for k, v in r.items() if k != "provenance"} | {"source_image": str(row_file(out, r["source_image"]))}
+           for r in rows]
+    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert OutputFolder(out, "disc", "scratch", 2).link_good_images() == 2
+
+
 def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, random_lpips):
     out = tmp_path / "synth"
     assert run_generate(_args(run_dir, out, "--count", "3", "--save-candidates", "--save-attention")) == 0
@@ -413,7 +456,7 @@ def test_writer_mvtec_layout_manifest_preview(run_dir, demo_root, tmp_path, rand
         assert len(r["scores"]) == 2 and r["chosen"] == int(np.argmax(r["scores"]))
         assert r["settings"]["steps"] == 2 and r["mask_source"].endswith("_mask.png")
         assert r["prompt"] == "A disc with sks"
-        saved, src = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
+        saved, src = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(row_file(out, r["source_image"])))
         mask = load_mask(out / r["mask"])
         assert mask.any() and np.array_equal(saved[~mask], src[~mask])
     assert (out / "preview.png").is_file() and Image.open(out / "preview.png").size == (128 * 4, (128 + CAPTION_H) * 3)
@@ -443,7 +486,7 @@ def test_writer_shapes_on_foreground(run_dir, demo_root, tmp_path):
                                                            ["ellipse", "square", "star", "line", "blob"])
     for r in rows:
         mask = load_mask(out / r["mask"])
-        source = load_rgb(r["source_image"])
+        source = load_rgb(row_file(out, r["source_image"]))
         fg = estimate_foreground(source)
         assert mask.any() and not (mask & ~fg).any() and 0.01 <= mask.mean() <= 0.05
         saved = np.asarray(load_rgb(out / r["image"]))

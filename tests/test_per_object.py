@@ -22,7 +22,7 @@ from defectfill.data.split import make_object_split
 from defectfill.generate.generator import DefectGenerator
 from defectfill.generate.writer import run_generate
 from defectfill.model.pipeline import load_pipeline
-from defectfill.outputs.generated import MANIFEST
+from defectfill.outputs.generated import MANIFEST, row_file
 from defectfill.train.trainer import (
     build_models,
     defectfill_losses,
@@ -251,7 +251,7 @@ def _check_several(out, types):
         own = [load_mask(out / d["mask"]) for d in r["defects"]]
         assert all(m.any() for m in own)
         assert np.array_equal(union, np.logical_or.reduce(own)), "the union mask is not every defect's mask"
-        image, source = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
+        image, source = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(row_file(out, r["source_image"])))
         assert np.array_equal(image[~union], source[~union])
         assert all((image[m] != source[m]).any() for m in own), "a defect was not painted"
         for d, t in zip(r["defects"], types, strict=True):
@@ -288,7 +288,7 @@ def test_several_defects_from_per_type_runs_and_unknown_types(tmp_path, tiny_mod
     out = tmp_path / "both"
     assert _generate(",".join(map(str, runs)), out, "--count", "1", "--defect-types", "scratch,spot") == 0
     rows = _check_several(out, TYPES)
-    assert [d["run"] for d in rows[0]["defects"]] == [str(r) for r in runs]
+    assert [row_file(out, d["run"]) for d in rows[0]["defects"]] == runs  # each run, relative to the folder
     code = main(["generate", "--run", ",".join(map(str, runs)), "--output", str(tmp_path / "x"), "--count", "1",
                  "--defect-types", "scratch,dent"])
     err = capsys.readouterr().err

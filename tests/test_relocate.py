@@ -12,6 +12,7 @@ import pytest
 
 from defectfill.cli import main
 from defectfill.data import read_split
+from defectfill.outputs.generated import row_file
 from defectfill.outputs.run_folder import read_trained_run
 
 TRAIN = ["--category", "disc", "--defect-type", "spot", "--resolution", "64", "--steps", "1", "--batch-size", "1",
@@ -56,7 +57,7 @@ def test_a_run_works_after_it_and_its_data_moved_together(project, tmp_path, mon
     assert all(s.image.is_file() and s.mask.is_file() for s in split.reference + split.held_out)
     assert _generate(run, tmp_path / "gen") == 0
     rows = [json.loads(line) for line in (tmp_path / "gen" / "manifest.jsonl").read_text().splitlines()]
-    assert all(os.path.realpath(r["source_image"]).startswith(str(moved)) for r in rows)
+    assert all(os.path.realpath(row_file(tmp_path / "gen", r["source_image"])).startswith(str(moved)) for r in rows)
     # the data moved away from the run: named, with the way out
     shutil.move(str(moved / "data"), str(tmp_path / "gone"))
     assert _generate(run, tmp_path / "gen2") == 2

@@ -19,6 +19,7 @@ from defectfill.generate.steering import (
 from defectfill.model.attention import ExplicitAttnProcessor
 from defectfill.model.canvas import prepare_canvas
 from defectfill.model.pipeline import token_positions, vae_scale_factor
+from defectfill.outputs.generated import row_file
 
 
 class _Scores:
@@ -241,7 +242,7 @@ def test_generate_multi_defect_joint_writes_one_pass_per_image(object_run, tmp_p
         own = [load_mask(out / d["mask"]) for d in r["defects"]]
         union = load_mask(out / r["mask"])
         assert all(m.any() for m in own) and np.array_equal(union, np.logical_or.reduce(own))
-        image, source = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(r["source_image"]))
+        image, source = np.asarray(load_rgb(out / r["image"])), np.asarray(load_rgb(row_file(out, r["source_image"])))
         assert np.array_equal(image[~union], source[~union])
     state = json.loads((out / STATE).read_text())
     assert '"multi_defect": "joint"' in json.dumps(state)  # the output's identity: a sequential rerun is refused

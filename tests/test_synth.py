@@ -9,6 +9,7 @@ from pathlib import Path
 from helpers import run_with_stand_ins, tiny_run_config
 
 from defectfill.data import open_layout
+from defectfill.outputs.generated import row_file
 from defectfill.run.runner import synth_good_split
 
 
@@ -22,9 +23,10 @@ def test_synth_good_folders_leave_the_painted_sources_out(demo_root, tiny_model_
     results = run_with_stand_ins(config)
     assert all(r.status == "done" for r in results)
     synth = tmp_path / "work" / "synth" / "disc"
-    rows = [json.loads(line) for t in ("scratch", "spot")
-            for line in (tmp_path / "work" / "generated" / f"disc-{t}" / "manifest.jsonl").read_text().splitlines()]
-    painted = {_file(r["source_image"]) for r in rows}  # the sources the test images were painted on
+    folders = [tmp_path / "work" / "generated" / f"disc-{t}" for t in ("scratch", "spot")]
+    rows = [(f, json.loads(line)) for f in folders for line in (f / "manifest.jsonl").read_text().splitlines()]
+    # the sources the test images were painted on (rows name them relative to their folder)
+    painted = {_file(row_file(f, r["source_image"])) for f, r in rows}
     assert painted
     train_good = {_file(p) for p in (synth / "train" / "good").iterdir()}  # hard links: the same files
     test_good = {_file(p) for p in (synth / "test" / "good").iterdir()}

@@ -42,13 +42,17 @@ from defectfill.outputs.generated import (
     Item,
     OutputFolder,
     finish_output,
+    folder_relative,
+    generation_provenance,
     items_problem,
     output_identity,
     output_problem,
     prepare_output,
+    row_mask_source,
     save_candidates_and_attention,
     save_mask,
     save_png,
+    stamped,
     thumb,
     write_item,
 )
@@ -247,7 +251,8 @@ def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters:
         own_masks.append(result.mask.copy())
         taken |= result.mask
         attention = save_candidates_and_attention(out, item.index, result, settings.save_candidates, defect=i)
-        defect = {"defect_type": painter.defect_type, "run": str(painter.run_dir), "mask_source": mask_source,
+        defect = {"defect_type": painter.defect_type, "run": folder_relative(out.root, painter.run_dir),
+                  "mask_source": row_mask_source(out.root, mask_source),
                   "prompt": drawer.prompt, "seed": seed, "candidate_seeds": result.seeds, "scores": result.scores,
                   "chosen": result.chosen}
         if attention is not None:
@@ -266,7 +271,7 @@ def _paint_several(out: OutputFolder, item: Item, source: Image.Image, painters:
         save_png(_several_preview_strip(source, taken, steps), out.root / PREVIEW_DIR / f"{item.index:06d}.png")
     return {
         "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
-        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": folder_relative(out.root, item.image),
         "seed": item.seed, "defect_type": out.defect_type, "defects": defects,
     }
 
@@ -298,7 +303,8 @@ def _paint_jointly(out: OutputFolder, item: Item, source: Image.Image, painters:
     for i, (painter, own, mask_source) in enumerate(zip(painters, own_masks, mask_sources, strict=True)):
         path = out.defect_mask_path(item.index, i, painter.defect_type)
         save_mask(own, path)
-        defects.append({"defect_type": painter.defect_type, "run": str(painter.run_dir), "mask_source": mask_source,
+        defects.append({"defect_type": painter.defect_type, "run": folder_relative(out.root, painter.run_dir),
+                  "mask_source": row_mask_source(out.root, mask_source),
                         "mask": str(path.relative_to(out.root)), "prompt": prompt, "seed": item.seed,
                         "candidate_seeds": result.seeds, "scores": result.scores, "chosen": result.chosen})
     save_png(result.image, out.image_path(item.index))
@@ -308,7 +314,7 @@ def _paint_jointly(out: OutputFolder, item: Item, source: Image.Image, painters:
         save_png(_several_preview_strip(source, result.mask, [step]), out.root / PREVIEW_DIR / f"{item.index:06d}.png")
     return {
         "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
-        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
+        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": folder_relative(out.root, item.image),
         "seed": item.seed, "defect_type": out.defect_type, "defects": defects, "multi_defect": "joint",
     }
 
@@ -473,6 +479,7 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                     if settings.candidates > 1:
                         generators[painter.run_dir].scorer  # noqa: B018 - load LPIPS now: a missing download fails before any sampling
             drawers = [generators[p.run_dir].for_type(p.defect_type) for p in painters]
+            provenance = generation_provenance(config.model, run_dirs, device, precision)  # once: hashes the weights
             part = out.part_path(rank)
             todo = mine if stop_after is None else mine[:stop_after]
             bar = tqdm(total=len(todo), desc=f"generate [{rank}/{world}]" if world > 1 else "generate", unit="img",
@@ -483,11 +490,13 @@ def run_generate(settings: GenerateConfig, stop_after: int | None = None, rank: 
                     paint = _paint_jointly if settings.multi_defect == "joint" else _paint_several
                     row = paint(out, item, source, painters, drawers, len(images), scale, settings, part)
                     row["settings"] = identity["settings"]
+                    row["provenance"] = stamped(provenance)
                     out.add_row(part, row)
                     bar.update(1)
             else:
                 drawer = drawers[0]
                 written = {"save_candidates": settings.save_candidates, "preview_rows": settings.preview_rows,
+                           "provenance": provenance,
                            "defect_type": drawer.defect_type if settings.painted_types() else None}
                 with BackgroundWriter(settings.background_writes) as writer:
                     for start in range(0, len(todo), settings.batch_images):

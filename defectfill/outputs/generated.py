@@ -17,6 +17,10 @@ layout with a manifest of the finished items.
       rejected/<the item's own paths>                items rejected in the browser UI (kept by --overwrite)
 
 A manifest row is appended only once the item's image and mask exist, so a row always means a finished item.
+Every path a row names is relative to the output folder (`../data/...` for a source outside it; rows written
+before that name sources by absolute paths, and `row_file` reads both), and a row from `defectfill generate`
+says what made it (`provenance`: the base model and the SHA-256 of its weights, of the LoRA file, the defectfill
+version, the UTC time, the device and precision).
 Only files a row (or a `.writing` row) of this folder names are ours: an item is never written over, and
 --overwrite never deletes, any other file (the user's notes, rejected items, a real dataset's images).
 """
@@ -95,6 +99,46 @@ def selection_network(root: Path) -> str | None:
     if not isinstance(config, dict) or "lpips_random_backbone" not in config:
         return None
     return "untrained AlexNet" if config["lpips_random_backbone"] else "AlexNet"
+
+
+def folder_relative(root: Path, path: str | Path) -> str:
+    """How a row names a file: relative to the output folder, normalised (`../../data/x.png` for one outside it),
+    so the folder and its sources can move together."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
+
+
+def row_file(root: Path, value: str | None) -> Path | None:
+    """The file a row's path names: relative to the output folder, or absolute as rows written before were."""
+    if not value or value.startswith("shape:"):
+        return None
+    return Path(os.path.normpath(Path(root) / value))
+
+
+def generation_provenance(base_model: str, run_dirs: list[Path], device: str, precision: str) -> dict[str, Any]:
+    """What a job's rows were made with (`write_item` adds each row's UTC time): the base model as named and the
+    SHA-256 of its weights (None where the weights are not on this machine), the LoRA file's, the version."""
+    import defectfill
+    from defectfill.model.names import LORA_WEIGHTS_NAME
+    from defectfill.model.provenance import file_sha256, weights_sha256
+
+    loras = [Path(d) / LORA_WEIGHTS_NAME for d in run_dirs]
+    return {"defectfill_version": defectfill.__version__, "base_model": base_model,
+            "base_model_sha256": weights_sha256(base_model),
+            "lora_sha256": [file_sha256(f) if f.is_file() else None for f in loras] if len(loras) > 1
+            else (file_sha256(loras[0]) if loras[0].is_file() else None),
+            "device": str(device), "precision": precision}
+
+
+def row_mask_source(root: Path, mask_source: str) -> str:
+    """A row's mask source: a mask file relative to the output folder, or a drawn shape (`shape:<name>`) as is."""
+    return mask_source if mask_source.startswith("shape:") or mask_source == "drawn" else folder_relative(root, mask_source)
+
+
+def stamped(provenance: dict[str, Any]) -> dict[str, Any]:
+    """A job's provenance with this row's UTC time."""
+    from datetime import datetime, timezone
+
+    return {**provenance, "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def preview_path(root: Path) -> Path:
@@ -186,9 +230,9 @@ class OutputFolder:
         linked = 0
         for row in self.finished().values():
             good = self.good_path(row.get("source_image"))
-            if good is None or not Path(row["source_image"]).is_file():
+            source = row_file(self.root, row.get("source_image"))
+            if good is None or source is None or not source.is_file():
                 continue
-            source = Path(row["source_image"])
             if not good.exists():
                 good.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -493,7 +537,8 @@ def append_row(part: Path, row: dict[str, Any]) -> None:
 
 def write_item(out: OutputFolder, item: Item, source: Image.Image, result: GenerationResult, prompt: str,
                settings_identity: dict[str, Any], part: Path, save_candidates: bool = False,
-               preview_rows: int = 0, defect_type: str | None = None) -> dict[str, Any]:
+               preview_rows: int = 0, defect_type: str | None = None,
+               provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write one generated item (image, mask, candidates, attention map, preview strip), then append its
     manifest row to `part`; returns the row. `defect_type` goes in the row when the output holds drawn types
     (a per-object run). `defectfill generate` and the browser UI (`defectfill ui`) both write through here."""
@@ -505,8 +550,9 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
         save_png(preview_strip(source, result), out.root / PREVIEW_DIR / f"{item.index:06d}.png")
     row = {
         "index": item.index, "image": str(out.image_path(item.index).relative_to(out.root)),
-        "mask": str(out.mask_path(item.index).relative_to(out.root)), "source_image": str(item.image),
-        "mask_source": item.mask_source, "prompt": prompt, "seed": item.seed,
+        "mask": str(out.mask_path(item.index).relative_to(out.root)),
+        "source_image": folder_relative(out.root, item.image), "mask_source": row_mask_source(out.root, item.mask_source),
+        "prompt": prompt, "seed": item.seed,
         "candidate_seeds": result.seeds, "scores": result.scores, "chosen": result.chosen,
     }
     if defect_type is not None:
@@ -514,6 +560,8 @@ def write_item(out: OutputFolder, item: Item, source: Image.Image, result: Gener
     if attention is not None:
         row["attention"] = attention
     row["settings"] = settings_identity
+    if provenance is not None:
+        row["provenance"] = stamped(provenance)
     out.add_row(part, row)
     return row
 

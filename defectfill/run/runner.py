@@ -36,6 +36,7 @@ from defectfill.outputs.generated import (
     preview_path,
     read_manifest,
     selection_network,
+    row_file,
     type_folders,
 )
 from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
@@ -108,7 +109,7 @@ def _assemble_synth(config: RunConfig, output: Path, results: list[TypeResult]) 
             for r in results:
                 if r.category == cat:
                     gen = job.type_folders(r.category, r.defect_type).generated
-                    painted |= {str(Path(row["source_image"]).resolve()) for row in read_manifest(gen)
+                    painted |= {str(row_file(gen, row["source_image"]).resolve()) for row in read_manifest(gen)
                                 if row.get("source_image")}
             split[cat] = synth_good_split(layout.good_images(cat), layout.good_test_images(cat), painted)
             for sub, names in (("train", split[cat]["train_good"]), ("test", split[cat]["test_good"])):
