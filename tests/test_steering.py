@@ -258,3 +258,19 @@ def test_generate_multi_defect_joint_refusals(object_run, run_dir, tmp_path, cap
         _generate(f"{run_dir},{write_run(tmp_path / 'spot', tiny_model_dir, demo_root, defect_type='spot')}",
                   tmp_path / "b", "--count", "1", "--defect-types", "scratch,spot",
                   "--multi-defect", "joint")
+
+
+def test_latent_blend_in_a_call_of_several_images_keeps_each_rows_source(run_dir, demo_root):
+    """With --batch-images, one pipeline call holds the candidates of several images: each row is blended with
+    its own image's latents, so every image comes out as in a call of its own (within a level or two)."""
+    gen = DefectGenerator.from_run(run_dir, steps=3, candidates=2, scorer=_Scores())
+    gen.latent_blend = True
+    goods = sorted((demo_root / "disc" / "train" / "good").glob("*.png"))[:2]
+    _, mask = _disc_and_mask(demo_root)
+    requests = [(load_rgb(g), mask, 5 + i) for i, g in enumerate(goods)]
+    together = gen.generate_many(requests, images_per_call=2)
+    for (image, m, seed), joint in zip(requests, together, strict=True):
+        alone = np.asarray(gen(image, m, seed).image, dtype=np.int16)
+        assert np.abs(np.asarray(joint.image, dtype=np.int16) - alone).max() <= 2
+    swapped = gen.generate_many([(requests[1][0], mask, 5), (requests[0][0], mask, 6)], images_per_call=2)
+    assert not np.array_equal(np.asarray(swapped[0].image), np.asarray(together[0].image))
