@@ -323,3 +323,44 @@ def test_a_batch_on_chosen_images_then_review_against_the_references(served):
     expected = read_run_split(ws.run_dir(RUN)).reference
     assert len(references) == len(expected) > 0
     assert sorted(r["caption"] for r in references) == sorted(s.image.name for s in expected)
+
+
+def test_a_real_browser_shows_the_loss_legend_and_no_item_as_none(served):
+    """The Run tab's loss plot shows its legend (the legend's symbols are in the screenshot, below the curves, not
+    clipped away), and the Dataset tab says 'none' rather than an index of -1 when no item is chosen."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from defectfill.outputs.run_folder import append_metrics
+    from defectfill.ui.app import LOSS_COLOURS
+
+    url, ws, _ = served
+    run = ws.run_dir(RUN)
+    if not (run / "metrics.jsonl").exists():
+        for step in range(1, 6):
+            append_metrics(run, {"step": step, "loss": {"total": 1 / step, "defect": 0.6 / step,
+                                                        "object": 0.4 / step, "attention": 0.2 / step}})
+    browser = _browser()
+    try:
+        wait = WebDriverWait(browser, 120)
+        browser.get(url)
+        wait.until(lambda b: "defect-free image(s) of" in b.page_source)
+        next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Run").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "#losses .role-legend-label text"))
+        time.sleep(1.0)
+        plot = browser.find_element(By.ID, "losses")
+        box = plot.rect
+        labels = browser.find_elements(By.CSS_SELECTOR, "#losses .role-legend-label text")
+        assert sorted(e.text for e in labels) == sorted(LOSS_COLOURS)
+        for label in labels:  # inside the plot's block, so not clipped by it
+            r = label.rect
+            assert box["y"] <= r["y"] and r["y"] + r["height"] <= box["y"] + box["height"], (r, box)
+        shot = _shot(plot)
+        legend_band = shot[int(labels[0].rect["y"] - box["y"]) - 4:int(labels[0].rect["y"] - box["y"]) + 16]
+        red = tuple(int(LOSS_COLOURS["defect"][i:i + 2], 16) for i in (1, 3, 5))
+        assert (np.abs(legend_band - np.array(red)).sum(axis=2) < 60).sum() >= 5  # the defect curve's symbol
+        next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if t.text.strip() == "Dataset").click()
+        wait.until(lambda b: "none chosen" in browser.find_element(By.ID, "item-index").text)
+        assert "-1" not in browser.find_element(By.ID, "item-index").text
+    finally:
+        browser.quit()

@@ -49,6 +49,9 @@ from defectfill.ui.backend import (  # noqa: E402
 
 _THUMB = 256  # px: the run's defect-free images are shown as thumbnails, not served from its data folder
 LOSS_NAMES = ("total", "defect", "object", "attention")  # the curves training logs (the plot's legend)
+LOSS_COLOURS = {"total": "#222222", "defect": "#d62728", "object": "#1f77b4", "attention": "#2ca02c"}
+# gradio sizes the plot's SVG to its height without the legend vega puts below it, and clips it: room is made
+PAGE_CSS = "#losses svg.marks { overflow: visible; } #losses { overflow: visible; padding-bottom: 3em; }"
 
 
 def _friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -328,6 +331,11 @@ class Handlers:
             gallery.append((str(root / it["image"]), f"#{it['index']}{score}{mark}"))
         return gallery, [it["index"] for it in items]
 
+    def item_label(self, dataset: str | None, index: float | None) -> str:
+        if not dataset or index is None or index < 0:
+            return "**Item:** none chosen (click one in the grid)"
+        return f"**Item {int(index)}** of `{dataset}`"
+
     def pick_item(self, shown: list[int], evt: gr.SelectData):
         return shown[evt.index] if shown and evt.index is not None and evt.index < len(shown) else gr.update()
 
@@ -488,8 +496,10 @@ def _layout(ws: Workspace) -> SimpleNamespace:
             show_rejected = gr.Checkbox(False, label="Show rejected")
         shown_state = gr.State([])
         items_gallery = gr.Gallery(label="Items", columns=6, height=300, allow_preview=False)
-        item_index = gr.Number(None, precision=0, label="Item index", placeholder="none (click an item)",
-                               elem_id="item-index")
+        # the chosen item's index, for the handlers and the API; a Number shows an empty value as 0, so the page
+        # shows a sentence instead
+        item_index = gr.Number(None, precision=0, label="Item index", visible="hidden")
+        item_md = gr.Markdown("**Item:** none chosen (click one in the grid)", elem_id="item-index")
         with gr.Row():
             item_image = gr.Image(label="Image", type="filepath", height=220)
             item_mask = gr.Image(label="Mask", type="filepath", height=220)
@@ -509,7 +519,7 @@ def _layout(ws: Workspace) -> SimpleNamespace:
         run_md = gr.Markdown()
         settings_json = gr.JSON(label="Settings (config.json)")
         loss_plot = gr.LinePlot(x="step", y="value", color="loss", label="Losses (metrics.jsonl)", height=300,
-                                color_title="loss", colors_in_legend=list(LOSS_NAMES), x_title="step",
+                                color_title="loss", color_map=LOSS_COLOURS, x_title="step",
                                 y_title="loss value", elem_id="losses")
         samples_gallery = gr.Gallery(label="Logged sample inpaintings: source | mask | inpainting", columns=1,
                                      height=300)
@@ -518,7 +528,7 @@ def _layout(ws: Workspace) -> SimpleNamespace:
                            batch_gallery=batch_gallery, batch_md=batch_md, batch_add_btn=batch_add_btn,
                            batch_add_md=batch_add_md, batch_state=batch_state, item_refs=item_refs,
                            approve_btn=approve_btn, approve_all_btn=approve_all_btn, unapprove_btn=unapprove_btn,
-                           clear_btn=clear_btn, prompt=prompt, unconditional=unconditional,
+                           clear_btn=clear_btn, item_md=item_md, prompt=prompt, unconditional=unconditional,
                            lpips_fallback=lpips_fallback, sampling_md=sampling_md, zoom_img=zoom_img, run_dd=run_dd, run_type_dd=run_type_dd, runs_btn=runs_btn, source_state=source_state, placed_state=placed_state, outcome_state=outcome_state, data_note=data_note, image_dd=image_dd, good_gallery=good_gallery, upload=upload, editor=editor, shape_dd=shape_dd, size=size, place_btn=place_btn, candidates=candidates, steps=steps, guidance=guidance, seed=seed, attention=attention, generate_btn=generate_btn, cand_gallery=cand_gallery, chosen_img=chosen_img, scores_md=scores_md, dataset_name=dataset_name, add_btn=add_btn, add_md=add_md, ds_dd=ds_dd, refresh_btn=refresh_btn, cat_dd=cat_dd, type_dd=type_dd, show_rejected=show_rejected, shown_state=shown_state, items_gallery=items_gallery, item_index=item_index, item_image=item_image, item_mask=item_mask, item_source=item_source, item_cands=item_cands, item_row=item_row, reason=reason, reject_btn=reject_btn, reject_md=reject_md, run_md=run_md, settings_json=settings_json, loss_plot=loss_plot, samples_gallery=samples_gallery)
 
 
@@ -563,6 +573,7 @@ def _wire(demo: gr.Blocks, h: Handlers, c: SimpleNamespace) -> None:
     c.item_index.change(h.show_item, [c.ds_dd, c.item_index], [c.item_image, c.item_mask, c.item_source, c.item_cands, c.item_row],
                       api_name="item")
     c.item_index.change(h.references, [c.ds_dd, c.item_index], c.item_refs, api_name="references")
+    c.item_index.change(h.item_label, [c.ds_dd, c.item_index], c.item_md, api_visibility="private")
     for button, every, approved, name in ((c.approve_btn, False, True, "approve"),
                                           (c.approve_all_btn, True, True, "approve_shown"),
                                           (c.unapprove_btn, False, False, "unapprove")):
@@ -583,4 +594,4 @@ def launch(demo: gr.Blocks, ws: Workspace, host: str = "127.0.0.1", port: int = 
     demo.queue(default_concurrency_limit=4)  # light events in parallel; generate and writes have their own limit
     allowed = [str(ws.datasets_root.resolve())] + [str(r.resolve()) for r in ws.run_roots]
     return demo.launch(server_name=host, server_port=port, auth=logins, allowed_paths=allowed, share=False,
-                       inbrowser=False, show_error=True, prevent_thread_lock=not block, quiet=not block)
+                       inbrowser=False, show_error=True, prevent_thread_lock=not block, quiet=not block, css=PAGE_CSS)
