@@ -364,3 +364,20 @@ def test_a_real_browser_shows_the_loss_legend_and_no_item_as_none(served):
         assert "-1" not in browser.find_element(By.ID, "item-index").text
     finally:
         browser.quit()
+
+
+def test_the_api_generates_from_a_plain_image_and_black_and_white_mask(served, demo_root, tmp_path):
+    """A fresh client (no image chosen in its session) sends the picture and a black-and-white mask file."""
+    from gradio_client import handle_file
+
+    url, _, _ = served
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[20:30, 35:47] = 255
+    Image.fromarray(mask, mode="L").save(tmp_path / "mask.png")
+    client = gradio_client.Client(url, verbose=False)
+    editor = {"background": handle_file(str(demo_root / "disc" / "train" / "good" / "000.png")),
+              "layers": [handle_file(str(tmp_path / "mask.png"))], "composite": None}
+    gallery, chosen, scores_md, _ = client.predict(RUN, editor, 1, 1, 7.5, 0, False, None, api_name="/generate")
+    assert len(gallery) == 1 and f"({int((mask > 0).sum())} px" in scores_md and "`drawn`" in scores_md
+    with pytest.raises(gradio_client.exceptions.AppError, match="choose or upload a defect-free image first"):
+        client.predict(RUN, None, 1, 1, 7.5, 0, False, None, api_name="/generate")
