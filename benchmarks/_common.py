@@ -33,7 +33,11 @@ def build_pipeline(size: str, seed: int = 0):
         return build_tiny_pipeline(seed)
     if size == "sd2":
         return build_sd2_pipeline(seed)
-    raise SystemExit(f"--size {size!r}: tiny or sd2")
+    if size == "mini":  # the built-in base, its trained weights
+        from defectfill.model.pipeline import load_pipeline
+
+        return load_pipeline("defectfill-mini")
+    raise SystemExit(f"--size {size!r}: tiny, mini or sd2")
 
 
 def synthetic_references(n: int, resolution: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_pipeline, gib, header, measured, median, synthetic_image_and_mask, table  # noqa: E402
 
 from defectfill.config.settings import compile_module  # noqa: E402
-from defectfill.generate.generator import DefectGenerator, LPIPSScorer, merge_lora_weights  # noqa: E402
-from defectfill.generate.writer import _save_png  # noqa: E402
+from defectfill.generate.generator import DefectGenerator, LPIPSScorer, _scheduler, merge_lora_weights  # noqa: E402
 from defectfill.model.lpips import load_lpips  # noqa: E402
 from defectfill.model.pipeline import LORA_WEIGHTS_NAME, add_lora, save_lora_weights  # noqa: E402
+from defectfill.outputs.generated import save_png as _save_png  # noqa: E402
 
 PARTS = ("unet", "vae", "text", "lpips", "save")
 
@@ -76,6 +76,7 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
     pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS_NAME)
     if args.merge_lora:
         merge_lora_weights(pipe)
+    pipe.scheduler = _scheduler(pipe, args.scheduler)  # from the base's scheduler config, as `from_run` builds it
     pipe = pipe.to(device) if dtype == torch.float32 else pipe.to(device, dtype)
     if args.compile == "yes":
         pipe.unet = compile_module(pipe.unet)
@@ -91,19 +92,23 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
     image, mask = synthetic_image_and_mask(resolution)
     out_dir = Path(tempfile.mkdtemp(prefix="defectfill-bench-gen-"))
 
+    k = args.batch_images
+
     def one(batch_size: int, steps: int, seed: int) -> tuple[dict, dict]:
+        """K selected images (`generate_many`, K images per call); seconds and parts are per selected image."""
         gen = DefectGenerator(pipe, "A metal nut with sks", "sks", resolution, candidates=args.candidates,
-                              steps=steps, guidance=args.guidance, batch_size=batch_size, scorer=scorer_timed,
-                              device=device)
+                              steps=steps, guidance=args.guidance, batch_size=batch_size, batch_images=k,
+                              scorer=scorer_timed, device=device)
         timers.reset()
         with measured(device) as m:
-            result = gen(image, mask, seed)
-            save = timers.wrap("save", lambda: (
-                _save_png(result.image, out_dir / f"{seed:03d}.png"),
-                _save_png(Image.fromarray(result.mask.astype(np.uint8) * 255, mode="L"),
-                          out_dir / f"{seed:03d}_mask.png")))
-            save()
-        return m, dict(timers.seconds)
+            results = gen.generate_many([(image, mask, seed * k + i) for i in range(k)])
+            for i, result in enumerate(results):
+                name = f"{seed * k + i:04d}"
+                timers.wrap("save", lambda r=result, n=name: (
+                    _save_png(r.image, out_dir / f"{n}.png"),
+                    _save_png(Image.fromarray(r.mask.astype(np.uint8) * 255, mode="L"), out_dir / f"{n}_mask.png")))()
+        m["seconds"] /= k
+        return m, {part: t / k for part, t in timers.seconds.items()}
 
     # warm-up: first calls allocate and pick kernels (and compile, with --compile yes)
     warm_up_seconds = one(args.candidates, 1, 999)[0]["seconds"]
@@ -120,7 +125,8 @@ def bench_resolution(args: argparse.Namespace, resolution: int) -> list[dict]:
             "size": args.size, "px": resolution, "device": args.device, "dtype": args.dtype,
             "LoRA": "merged" if args.merge_lora else "layers", "compile": args.compile,
             "warm-up s": f"{warm_up_seconds:.1f}",
-            "steps": args.steps, "N": args.candidates, "candidates": label,
+            "scheduler": args.scheduler, "steps": args.steps, "N": args.candidates, "candidates": label,
+            "images per call": k,
             "s/selected image": f"{total:.3f}",
             **{f"{p} %": f"{100 * parts[p] / total:.1f}" for p in PARTS},
             "rest %": f"{100 * (total - sum(parts.values())) / total:.1f}",
@@ -139,8 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", choices=["tiny", "sd2"], default="tiny")
     p.add_argument("--resolution", type=int, nargs="+", default=None, help="default: tiny 64 128, sd2 256")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default tiny 20, sd2 2; the method uses 50)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default tiny 20, sd2 2; the method uses 50)")
     p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--batch-images", type=int, default=1,
+                   help="images whose candidates share each pipeline call (a timed repeat is that many images)")
+    p.add_argument("--scheduler", default="ddim", help="ddim, dpm++, unipc, ... (SamplingConfig's choices)")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=None, help="timed images per setting (default tiny 3, sd2 1)")
     p.add_argument("--ways", nargs="+", choices=["batched", "one"], default=["batched", "one"],
@@ -162,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for res in args.resolution:
         rows += bench_resolution(args, res)
-    cols = ["size", "px", "device", "dtype", "LoRA", "compile", "warm-up s", "steps", "N", "candidates", "s/selected image",
+    cols = ["size", "px", "device", "dtype", "LoRA", "compile", "warm-up s", "scheduler", "steps", "N", "images per call", "candidates",
+            "s/selected image",
             *(f"{p} %" for p in PARTS), "rest %", "outside UNet %", "peak RSS GiB", "peak GPU alloc GiB",
             "one-at-a-time/batched"]
     print(header(f"generate --size {args.size}  (warm-up 1 image at 1 step, {args.repeats} timed image(s) each)"))

@@ -157,7 +157,7 @@ def bench_modes(args: argparse.Namespace, models, config: TrainConfig, device: t
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=["tiny", "sd2"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "mini", "sd2"], default="tiny", help="mini: the built-in base defectfill-mini")
     p.add_argument("--resolution", type=int, nargs="+", default=None, help="default: tiny 64 128, sd2 256")
     p.add_argument("--batch-size", type=int, default=None, help="reference images B (UNet batch 2B); default tiny 4, sd2 1")
     p.add_argument("--device", default="cpu")
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tiny = args.size == "tiny"
-    args.resolution = args.resolution or ([64, 128] if tiny else [256])
+    tiny = args.size in ("tiny", "mini")
+    args.resolution = args.resolution or ([64, 128] if args.size == "tiny" else [64] if tiny else [256])
     args.batch_size = args.batch_size or (4 if tiny else 1)
     args.warmup = args.warmup if args.warmup is not None else (3 if tiny else 1)
     args.iters = args.iters if args.iters is not None else (10 if tiny else 3)

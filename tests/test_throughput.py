@@ -285,3 +285,46 @@ def test_multistep_solvers_from_the_base_config(run_dir, demo_root, name, cls):
     src = np.asarray(image)
     assert np.array_equal(np.asarray(result.image)[~mask], src[~mask])
     assert (np.asarray(result.image)[mask] != src[mask]).any()
+
+
+# --------------------------------------------------------------------------- the protocol estimate
+
+
+def test_protocol_estimate_from_the_h200_figures():
+    """MVTec AD's 73 types, 2000 steps of batch 4 and 1000 images of 8 candidates x 50 DDIM steps each, at 512 px
+    on CUDA with SD2: 73 x (2000 x 0.390 s + 1000 x 3.51 s) = 3.6 days, from the issue's H200 figures."""
+    from defectfill.run.figures import protocol_estimate
+
+    text = protocol_estimate("cuda:0", "sd2", 73, 73 * 2000, 4, 512, 73, 73 * 1000, 8, 50)
+    assert "146000 steps x 0.39 s = 15.8 h" in text and "73000 images x 3.51 s = 71.2 h" in text, text
+    assert "in all 3.6 days" in text and "H200" in text and "2026-11-29" in text
+    # half the sampling steps halve the UNet's share only; batch 8 doubles the step
+    fewer = protocol_estimate("cuda", "sd2", 1, 2000, 8, 512, 1, 1000, 8, 25)
+    assert "2000 steps x 0.78 s" in fewer and f"1000 images x {0.50 + 3.01 / 2:.3g} s" in fewer, fewer
+    assert "no figure for this device" in protocol_estimate("mps", "sd2", 1, 10, 4, 512, 1, 10, 8, 50)
+    assert "no figure for this device" in protocol_estimate("cuda", None, 1, 10, 4, 512, 1, 10, 8, 50)
+
+
+def test_base_architecture_is_read_from_the_unet_config(tiny_model_dir, tmp_path):
+    from defectfill.run.figures import base_architecture
+
+    assert base_architecture("defectfill-mini") == "mini"
+    assert base_architecture(str(tiny_model_dir)) == "tiny"
+    assert base_architecture(str(tmp_path / "nothing-here")) is None
+    assert base_architecture("stabilityai/stable-diffusion-2-inpainting") == "sd2"  # not cached: by its name
+
+
+def test_dry_run_prints_the_protocol_estimate(demo_root, tmp_path, capsys):
+    from defectfill.cli import main
+    from defectfill.run.figures import FIGURES
+
+    code = main(["run", "--data", str(demo_root), "--categories", "all", "--output", str(tmp_path / "work"),
+                 "--steps", "30", "--count", "10", "--dry-run", "--device", "cpu",
+                 "--model", "defectfill-mini", "--no-kid", "--no-ic-lpips", "--lpips-random-backbone"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("protocol estimate (cpu, base mini)"))
+    if any(f.device == "cpu" and f.base == "mini" for f in FIGURES):
+        assert "3 training(s), 90 steps x" in line and "3 type(s), 30 images x" in line, line
+    else:
+        assert "no figure for this device" in line

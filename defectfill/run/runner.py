@@ -29,18 +29,20 @@ from defectfill.core.atomic import write_json
 from defectfill.core.errors import DefectFillError
 from defectfill.core.folders import claim_folder, folder_lock
 from defectfill.data import make_split, open_layout
+from defectfill.model.device import resolve_device
 from defectfill.outputs.checkpoints import list_checkpoints
 from defectfill.outputs.export import export, parse_formats
 from defectfill.outputs.generated import (
     manifest_count,
     preview_path,
     read_manifest,
-    selection_network,
     row_file,
+    selection_network,
     type_folders,
 )
 from defectfill.outputs.job_folder import RUN_SETTINGS, JobFolder, job_folder
 from defectfill.outputs.report import KID_RELIABLE_N, UNTRAINED_LFS, sample_grid_name, write_run_report
+from defectfill.run.figures import base_architecture, protocol_estimate
 from defectfill.run.preflight import preflight
 from defectfill.run.process import (
     TypeResult,
@@ -153,7 +155,7 @@ def print_plan(layout, pairs: list[tuple[str, str]], config: RunConfig) -> None:
     print(f"plan for {config.output} (dataset {layout.root}, layout {layout.name})")
     header = f"{'category/type':28} {'refs':>4} {'held-out':>8} {'good':>5} {'train steps':>12} {'to generate':>12}"
     print(header)
-    total_steps = 0
+    total_steps = total_images = 0
     counted: set[Path] = set()  # one model per object: a category's run trains once
     for cat, t in pairs:
         folders = job_folder(config).type_folders(cat, t)
@@ -166,11 +168,16 @@ def print_plan(layout, pairs: list[tuple[str, str]], config: RunConfig) -> None:
         counted.add(folders.run)
         total_steps += steps_left
         to_generate = max(0, config.generate.count - manifest_count(folders.generated))
+        total_images += to_generate
         print(f"{cat + '/' + t:28} {len(split.reference):>4} {len(split.held_out):>8} "
               f"{len(layout.good_images(cat)):>5} {steps_left:>12} {to_generate:>12}")
     models = f" in {len(counted)} model(s), one per object" if config.one_model_per_object else ""
     print(f"{len(pairs)} defect type(s){models}, {total_steps} training steps in all, batch {config.train.batch_size}, "
           f"{config.generate.candidates} candidates per image; downstream: {config.downstream}")
+    sampling = config.generate.sampling_for(config.train.model)  # the steps the base recommends, if unset
+    print(protocol_estimate(resolve_device(config.generate.device), base_architecture(config.train.model),
+                            len(counted), total_steps, config.train.batch_size, config.train.resolution, len(pairs),
+                            total_images, sampling.candidates, sampling.steps))
 
 
 def run_all(config: RunConfig, feature_extractor: nn.Module | None = None, distance: Any = None,
