@@ -108,8 +108,10 @@ def test_generate_add_reject_through_the_api_writes_what_generate_writes(served,
     ui_row, cli_row = (json.loads((r / MANIFEST).read_text()) for r in (ui_root, cli_root))
     assert ui_row["seed"] == derived_seed(0, 0) and ui_row["settings"]["seed"] == 0  # generate --seed 0's item 0
     assert ui_row.keys() == cli_row.keys() and ui_row["settings"].keys() == cli_row["settings"].keys()
-    for key in ui_row.keys() - {"source_image", "mask_source", "settings"}:
+    for key in ui_row.keys() - {"source_image", "mask_source", "settings", "provenance"}:
         assert ui_row[key] == cli_row[key], key
+    # the same base, LoRA, version, device and precision; only the time each row was written differs
+    assert {**ui_row["provenance"], "created_utc": None} == {**cli_row["provenance"], "created_utc": None}
     assert ui_row["mask_source"] == "shape:ellipse" and ui_row["settings"]["masks"] == "shapes"
     for name in ("disc/test/scratch/000.png", "disc/ground_truth/scratch/000_mask.png",
                  "candidates/disc/scratch/000_0.png", "candidates/disc/scratch/000_1.png"):

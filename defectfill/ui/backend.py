@@ -339,6 +339,7 @@ class Workspace:
         self.scheduler = scheduler
         self._loaded: tuple[tuple[Path, bool], Any] | None = None  # ((run folder, LoRA unmerged), DefectGenerator)
         self._scorer: Any = None
+        self._provenances: dict[tuple[Path, str], dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ runs
@@ -621,10 +622,20 @@ class Workspace:
             item = Item(index, source_path, outcome.mask_source, s["item_seed"])
             row = write_item(out, item, outcome.source.image, outcome.result, outcome.prompt, identity["settings"],
                              out.part_path(0), save_candidates=True, preview_rows=settings.preview_rows,
-                             defect_type=drawn)
+                             defect_type=drawn, provenance=self._provenance(outcome.run_dir, config.model))
             finish_output(out, with_good=True)
         outcome.added_to.append(dataset)
         return row
+
+    def _provenance(self, run_dir: Path, model: str) -> dict[str, Any]:
+        """What the rows this app writes for a run were made with, as `defectfill generate` records it; hashed
+        once per run (the base's weights are large)."""
+        from defectfill.outputs.generated import generation_provenance
+
+        key = (run_dir.resolve(), model)
+        if key not in self._provenances:
+            self._provenances[key] = generation_provenance(model, [run_dir], str(self.device), self.precision)
+        return self._provenances[key]
 
     def dataset_rows(self, dataset: str) -> dict[int, dict[str, Any]]:
         from defectfill.outputs.generated import OutputFolder
