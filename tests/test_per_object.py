@@ -327,6 +327,10 @@ def test_run_one_model_per_object_trains_once_and_draws_every_type(demo_root, ti
         rows = _manifest(work / "generated" / f"disc-{t}")
         assert rows[0]["prompt"] == f"A disc with <{t}>"
         assert (work / "eval" / f"disc-{t}" / "report.html").is_file()
+        # the token self-check probes each type's own token and masks
+        check = json.loads((work / "runs" / "disc" / f"token_check-{t}.json").read_text())
+        assert check["defect_type"] == t and check["verdict"]
+        assert all(f"<{t}>" in row["text"] for row in check["distances"] if "without" not in row["prompt"])
     assert json.loads((work / "run.json").read_text())["one_model_per_object"] is True
 
 

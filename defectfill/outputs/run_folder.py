@@ -9,6 +9,7 @@
       checkpoint-N/                        resumable state (see checkpoints.py)
       metrics.jsonl                        the curves: one JSON object per logged step (`append_metrics`)
       token_check.json                     the token self-check after training (`defectfill.run.token_check`)
+      token_check-<type>.json              one model per object: each type's token self-check
       logs/, train.log                     TensorBoard scalars, logs/samples/step-NNNNNN.png, the text log
       README.md                            the model card: base, token, prompts, steps, losses, how to load it
 
@@ -48,9 +49,15 @@ def type_token_file(defect_type: str) -> str:
     return f"learned_embeds-{defect_type}.safetensors"
 
 
+def token_check_file(defect_type: str | None = None) -> str:
+    """The token self-check's record: one per run, or one per defect type in a per-object run."""
+    return TOKEN_CHECK_NAME if defect_type is None else f"token_check-{defect_type}.json"
+
+
 def is_run_file(name: str) -> bool:
     """Whether a name in a folder is one `defectfill train` writes."""
-    return name in RUN_FILES or (name.startswith("learned_embeds-") and name.endswith(".safetensors"))
+    return (name in RUN_FILES or (name.startswith("learned_embeds-") and name.endswith(".safetensors"))
+            or (name.startswith("token_check-") and name.endswith(".json")))
 
 
 def write_run_config(run_dir: str | Path, config: TrainConfig) -> None:
@@ -200,10 +207,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_token_check(run_dir: str | Path) -> dict[str, Any] | None:
-    """The run's token self-check record (token_check.json), or None when it has none or it cannot be read."""
+def read_token_check(run_dir: str | Path, defect_type: str | None = None) -> dict[str, Any] | None:
+    """The run's token self-check record (of `defect_type` in a per-object run), or None when it has none or
+    it cannot be read."""
     try:
-        record = json.loads((Path(run_dir) / TOKEN_CHECK_NAME).read_text())
+        record = json.loads((Path(run_dir) / token_check_file(defect_type)).read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) and "verdict" in record else None

@@ -31,7 +31,7 @@ from defectfill.data.split import DefectSample
 from defectfill.evaluate.metrics.mask_stats import feature_distance, mask_region_features
 from defectfill.model.names import LORA_WEIGHTS_NAME
 from defectfill.outputs.report import token_check_summary
-from defectfill.outputs.run_folder import TOKEN_CHECK_NAME, read_run_split, read_token_check, read_trained_run
+from defectfill.outputs.run_folder import read_run_split, read_token_check, read_trained_run, token_check_file
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,11 @@ class _Target:
     real: np.ndarray  # the real defect's region features
 
 
-def _targets(run_dir: Path, count: int) -> tuple[list[_Target], str]:
-    """Up to `count` (defect-free image, mask, real defect features), and where the masks came from."""
+def _targets(run_dir: Path, count: int, defect_type: str | None) -> tuple[list[_Target], str]:
+    """Up to `count` (defect-free image, mask, real defect features) of `defect_type` (per-object runs; None
+    otherwise), and where the masks came from."""
     config = read_trained_run(run_dir)
-    types = list(config.type_tokens())
-    split = read_run_split(run_dir, types[0] if config.per_object else None)
+    split = read_run_split(run_dir, defect_type)
     samples: list[DefectSample] = split.held_out[:count]
     origin = "held-out"
     if not samples:
@@ -146,24 +146,32 @@ def probe(painter: Painter, targets: list[_Target], object_prompt: str | None = 
 
 
 def check_token(run_dir: str | Path, masks: int = 4, steps: int = 10, device: str = "cpu",
-                mixed_precision: str = "no", painter: Painter | None = None) -> dict[str, Any]:
+                mixed_precision: str = "no", painter: Painter | None = None,
+                defect_type: str | None = None) -> dict[str, Any]:
     """Run the token self-check on a trained run and write `<run>/token_check.json` (atomic); return the record.
+    A per-object run is checked one `defect_type` at a time (`token_check-<type>.json`).
 
     `masks` probe masks, `steps` sampling steps each, one candidate (no Low-Fidelity Selection: it would pick
     the least normal-looking whatever the prompt). `painter`: a DefectGenerator-like object (tests); default one
     from the run."""
     run_dir = Path(run_dir).expanduser()
     config = read_trained_run(run_dir)
-    targets, origin = _targets(run_dir, masks)
+    if config.per_object and defect_type is None:
+        raise DefectFillError(f"{run_dir}: a run with one model per object is checked one defect type at a time; "
+                              f"name one of {', '.join(config.defect_types())}.")
+    defect_type = defect_type if config.per_object else None
+    targets, origin = _targets(run_dir, masks, defect_type)
     if painter is None:
         from defectfill.generate.generator import DefectGenerator
 
         painter = DefectGenerator.from_run(run_dir, device=device, mixed_precision=mixed_precision, candidates=1,
-                                           steps=steps)
+                                           steps=steps, defect_type=defect_type)
     token = painter.token
     record = probe(painter, targets, config.prompt(config.object_prompt, token))
     record.update(masks=len(targets), requested_masks=masks, origin=origin, steps=steps)
-    write_json(run_dir / TOKEN_CHECK_NAME, record)
+    if defect_type is not None:
+        record["defect_type"] = defect_type
+    write_json(run_dir / token_check_file(defect_type), record)
     log.info("token self-check: %s (distance to the real defects %.4f with the token, %.4f without, %.4f untouched)",
              record["verdict"], record["with_token"], record["without_token"], record["untouched"])
     return record
@@ -175,30 +183,37 @@ def evaluation_probe(run: Path, config: Any) -> dict[str, Any]:
     new probe (written there)."""
     from defectfill.model.device import resolve_device
 
-    record = read_token_check(run)
+    defect_type = config.defect_type if read_trained_run(run).per_object else None
+    record = read_token_check(run, defect_type)
     lora = Path(run) / LORA_WEIGHTS_NAME
-    if (record and lora.is_file() and (Path(run) / TOKEN_CHECK_NAME).stat().st_mtime >= lora.stat().st_mtime
+    if (record and lora.is_file()
+            and (Path(run) / token_check_file(defect_type)).stat().st_mtime >= lora.stat().st_mtime
             and (record.get("steps"), record.get("requested_masks"))
             == (config.token_check_steps, config.token_check_masks)):
         return record
     return check_token(run, config.token_check_masks, config.token_check_steps,
-                       device=resolve_device(config.device))
+                       device=resolve_device(config.device), defect_type=defect_type)
 
 
-def after_training(run_dir: str | Path, config: Any) -> dict[str, Any] | None:
-    """The token self-check after `defectfill train` and `run`'s training (`TrainConfig.token_check`); a probe
-    that cannot run (no masks) is said in the log, never fails the finished training."""
+def after_training(run_dir: str | Path, config: Any) -> list[dict[str, Any]]:
+    """The token self-check after `defectfill train` and `run`'s training (`TrainConfig.token_check`), of each
+    defect type in a per-object run; a probe that cannot run (no masks) is said in the log, never fails the
+    finished training. -> the records made."""
     if not config.token_check:
-        return None
+        return []
     from defectfill.model.device import resolve_device
 
-    try:
-        record = check_token(run_dir, config.token_check_masks, config.token_check_steps, device=resolve_device())
-    except DefectFillError as exc:
-        log.warning("token self-check skipped: %s", exc)
-        return None
-    print(token_check_summary(record))
-    return record
+    records = []
+    for defect_type in (config.defect_types() if config.per_object else [None]):
+        try:
+            record = check_token(run_dir, config.token_check_masks, config.token_check_steps,
+                                 device=resolve_device(), defect_type=defect_type)
+        except DefectFillError as exc:
+            log.warning("token self-check skipped: %s", exc)
+            continue
+        print(token_check_summary(record))
+        records.append(record)
+    return records
 
 
 def evaluate_command(args: Any) -> int:
