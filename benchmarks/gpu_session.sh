@@ -3,17 +3,20 @@
 # hangs or fails still leaves time and output for the rest.
 #
 #   bash benchmarks/gpu_session.sh                  # on a CUDA machine; output in ./gpu-out (or $OUT)
-#   PARTS="floor_compiled ckpt_compiled" bash benchmarks/gpu_session.sh   # what does not fit in the first call
+#   PARTS="train_compiled train_warm floor_compiled" bash benchmarks/gpu_session.sh   # the second call: training
+#   PARTS="ckpt_compiled" bash benchmarks/gpu_session.sh                   # what does not fit in the first two
 #   PARTS="train_eager generate_eager" bash benchmarks/gpu_session.sh     # the eager step and LoRA layers
 #   CHECK_ON_CPU=1 bash benchmarks/gpu_session.sh   # the same parts on a CPU with the tiny pipeline and
 #                                                   # small sizes (minutes): checks the script first
 #
-# The default parts fit one call of 9 minutes, in order of priority: a CUDA smoke run of the real trainer
-# and generator (tiny pipeline, bf16, checkpointing, resume, compiled, merged LoRA); the compiled 512 px
-# batch 4 bf16 training step ("first s" is the step that compiles); the same in a new process with the
-# compile cache warm (what a second defect type pays); generation at 512 px with 50 DDIM steps and 8
-# candidates, LoRA merged and UNet compiled. Results: $OUT/session.log (everything) and one JSON table per
-# part in $OUT (benchmarks/README.md explains the columns).
+# The default parts fit one call of 9 minutes (about 8 with the set-up), in order of priority: a CUDA smoke
+# run of the real trainer and generator (tiny pipeline, bf16, checkpointing, resume, compiled, merged LoRA,
+# 2 images per call); generation at 512 px with 8 candidates, LoRA merged and UNet compiled: one image per call
+# with 50 DDIM steps (today's path), 4 images per call with 50 DDIM steps (cross-image batching), 4 images per
+# call with 20 DPM-Solver++ steps (the solver at fewer steps; its compile cache is the part before's). The
+# training parts (the compiled 512 px batch 4 bf16 step, and again with the compile cache warm) are the second
+# call: PARTS="train_compiled train_warm floor_compiled". Results: $OUT/session.log (everything) and one JSON
+# table per part in $OUT (benchmarks/README.md explains the columns).
 #
 # The machine's python3, torch and accelerate are used. On a GPU machine without network access that
 # lacks diffusers, transformers, peft, lpips or open_clip_torch, run benchmarks/gpu_wheels.sh first on
@@ -22,10 +25,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "${CHECK_ON_CPU:-0}" = 1 ]; then
-    DEV=cpu SIZE=tiny RES=64 STEPS=2 WARMUP=1 ITERS=1 REPEATS=1 PY=.venv/bin/python
+    DEV=cpu SIZE=tiny RES=64 STEPS=2 SOLVER_STEPS=2 WARMUP=1 ITERS=1 REPEATS=1 PY=.venv/bin/python
     export DEFECTFILL_COMPILE_BACKEND=aot_eager  # compiles in seconds on a CPU; inductor would take minutes
 else
-    DEV=cuda SIZE=sd2 RES=512 STEPS=50 WARMUP=2 ITERS=5 REPEATS=3 PY=python3
+    DEV=cuda SIZE=sd2 RES=512 STEPS=50 SOLVER_STEPS=20 WARMUP=2 ITERS=5 REPEATS=3 PY=python3
 fi
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -69,17 +72,17 @@ make_demo_dataset('$w/data'); save_tiny_pipeline('$w/model')" || return 1
                   --sample-every 0 --log-every 2 --compile yes)
     "$PY" -m defectfill train "${common[@]}" --steps 4 || return 1
     "$PY" -m defectfill train "${common[@]}" --steps 8 --resume latest || return 1
-    "$PY" -m defectfill generate --run "$w/run" --output "$w/gen" --count 2 --steps 5 --candidates 4 \
-        --lpips-random-backbone --device "$DEV" --mixed-precision bf16 --compile yes || return 1
+    "$PY" -m defectfill generate --run "$w/run" --output "$w/gen" --count 4 --steps 5 --candidates 4 \
+        --lpips-random-backbone --device "$DEV" --mixed-precision bf16 --compile yes --batch-images 2 || return 1
     find "$w/run" "$w/gen" -maxdepth 2 | sort | head -40
     tail -3 "$w/run/train.log"
 }
 
 export -f smoke
 export PY DEV
-# Parts, each with its own limit. The default set fits one call of 9 minutes; the second set measures what
-# does not fit in it: PARTS="floor_compiled ckpt_compiled" bash benchmarks/gpu_session.sh
-PARTS=${PARTS:-"smoke train_compiled train_warm generate_merged"}
+# Parts, each with its own limit. The default set fits one call of 9 minutes; the second set measures the
+# training step: PARTS="train_compiled train_warm floor_compiled" bash benchmarks/gpu_session.sh
+PARTS=${PARTS:-"smoke generate_merged generate_images generate_solver"}
 for name in $PARTS; do
     case $name in
     smoke)  # 140 s: trainer (compiled, bf16, checkpointing, resume) and generator (merged LoRA, compiled) on CUDA
@@ -92,10 +95,18 @@ for name in $PARTS; do
         part train_warm 100 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
             --resolution "$RES" --batch-size 4 --compile yes --modes ours --warmup 1 --iters 2 \
             --json "$OUT/train_warm.json" ;;
-    generate_merged)  # 120 s: 8 candidates, 50 DDIM steps, 512 px, merged LoRA, UNet compiled
-        part generate_merged 120 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 \
+    generate_merged)  # 110 s: 8 candidates, 50 DDIM steps, 512 px, merged LoRA, UNet compiled, one image per call
+        part generate_merged 110 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 \
             --resolution "$RES" --steps "$STEPS" --repeats "$REPEATS" --ways batched --merge-lora --compile yes \
             --json "$OUT/generate_merged.json" ;;
+    generate_images)  # 150 s: the same with 4 images per call (64-row guided UNet calls; compiles that shape)
+        part generate_images 150 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 \
+            --resolution "$RES" --steps "$STEPS" --repeats "$REPEATS" --ways batched --merge-lora --compile yes \
+            --batch-images 4 --json "$OUT/generate_images.json" ;;
+    generate_solver)  # 100 s: 4 images per call, DPM-Solver++ at 20 steps (the shapes above: compile cache warm)
+        part generate_solver 100 "$PY" benchmarks/generate.py --size "$SIZE" --device "$DEV" --dtype bf16 \
+            --resolution "$RES" --steps "$SOLVER_STEPS" --repeats "$REPEATS" --ways batched --merge-lora \
+            --compile yes --batch-images 4 --scheduler dpm++ --json "$OUT/generate_solver.json" ;;
     floor_compiled)  # 240 s: the floor compiled the same way (ours/floor), and its eager-cache-warm ours
         part floor_compiled 240 "$PY" benchmarks/train_step.py --size "$SIZE" --device "$DEV" --mixed-precision bf16 \
             --resolution "$RES" --batch-size 4 --compile yes --modes ours floor --warmup "$WARMUP" --iters "$ITERS" \
