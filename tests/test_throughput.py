@@ -328,3 +328,19 @@ def test_dry_run_prints_the_protocol_estimate(demo_root, tmp_path, capsys):
         assert "3 training(s), 90 steps x" in line and "3 type(s), 30 images x" in line, line
     else:
         assert "no figure for this device" in line
+
+
+def test_several_images_per_call_with_the_base_unconditional_and_attention_maps(run_dir, demo_root, lpips_scorer):
+    """unconditional='base' (LoRA on the conditional rows only) and save_attention with 2 images per call: each
+    image's candidates and its chosen candidate's token map equal its own call's."""
+    gen = DefectGenerator.from_run(run_dir, steps=2, candidates=2, scorer=lpips_scorer, unconditional="base",
+                                   guidance=3.0, save_attention=True)
+    requests = _requests(demo_root)[:2]
+    alone = [gen(*r) for r in requests]
+    together = gen.generate_many(requests, images_per_call=2)
+    for a, b in zip(alone, together, strict=True):
+        assert a.chosen == b.chosen and a.seeds == b.seeds
+        for x, y in zip(a.candidates, b.candidates, strict=True):
+            assert np.abs(np.asarray(x, dtype=int) - np.asarray(y, dtype=int)).max() <= 1
+        assert a.attention is not None and np.abs(a.attention - b.attention).max() < 1e-4
+    assert np.abs(alone[0].attention - alone[1].attention).max() > 1e-3  # the maps are each image's own
