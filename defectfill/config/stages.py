@@ -37,8 +37,6 @@ from defectfill.model.names import DEFAULT_MODEL
 # bounds shared by several settings (declared on each field): what numpy and torch seeds accept, and sizes past
 # which a job would exhaust memory or run for years before its first result
 MAX_SEED = 2**32 - 1
-# generate's seed: the UI records an item's own seed there, and item seeds (`derived_seed`) span torch's range
-MAX_ITEM_SEED = 2**63 - 1
 MAX_SIDE = 4096
 MAX_BATCH = 4096
 MAX_STEPS = 10_000_000
@@ -230,7 +228,7 @@ class GenerateConfig(Settings):
     feather: int = sampling_field("feather")
     latent_blend: bool = sampling_field("latent_blend")
     multi_defect: str = field(default="sequential", metadata={"help": "with --defect-types: 'sequential' paints each defect into the result of the one before (its own prompt, its own LFS); 'joint' paints them all in one pass from one run trained on every type (one model per object), one prompt with every token, each token's cross-attention steered to its own mask", "choices": MULTI_DEFECT})
-    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index", "min": 0, "max": MAX_ITEM_SEED})
+    seed: int = field(default=0, metadata={"help": "base seed; each item's seed derives from it and its index", "min": 0, "max": MAX_SEED})
     batch_size: int | None = sampling_field("batch_size")
     batch_images: int = sampling_field("batch_images")
     background_writes: bool = field(default=True, metadata={"help": "encode and write each item's PNG files on a writer thread while the next images sample (--no-background-writes: on the sampling thread); the same files either way", "identity": False})
