@@ -258,3 +258,33 @@ def test_offline_lpips_falls_back_to_the_untrained_backbone_when_asked(runs_root
     row = ws.add_to_dataset(outcome, "ds")
     state = json.loads((tmp_path / "datasets" / "ds" / "generate.json").read_text())
     assert state["config"]["lpips_random_backbone"] is True and row["settings"]["candidates"] == 2
+
+
+def test_the_run_tab_says_the_token_self_check_of_each_type(runs_root, tmp_path):
+    """The Run tab shows the verdict and numbers of the run's token_check.json, and of every type's own file
+    in a per-object run (one type's record never stands for another's)."""
+    pytest.importorskip("gradio")
+    import shutil
+
+    from defectfill.core.atomic import write_json
+    from defectfill.ui.app import Handlers
+
+    record = {"verdict": "the token carries the defect", "guidance": 5.0, "with_token": 0.1, "without_token": 0.3,
+              "untouched": 0.5}
+    runs = tmp_path / "runs"
+    shutil.copytree(runs_root / "disc-scratch", runs / "disc-scratch")
+    handlers = Handlers(Workspace([runs], tmp_path / "datasets", device="cpu"))
+    assert "none recorded" in handlers.show_run("disc-scratch")[3]
+    write_json(runs / "disc-scratch" / "token_check.json", record)
+    text = handlers.show_run("disc-scratch")[3]
+    assert "the token carries the defect" in text and "0.1000 with the token, 0.3000 without" in text
+
+    per_object = runs / "disc"
+    shutil.copytree(runs_root / "disc-scratch", per_object)
+    config = json.loads((per_object / "config.json").read_text())
+    config["defect_type"] = "scratch,spot"
+    (per_object / "config.json").write_text(json.dumps(config))
+    write_json(per_object / "token_check-spot.json", dict(record, verdict="nothing was learned"))
+    text = handlers.show_run("disc")[3]
+    assert "Token self-check (spot):** nothing was learned" in text
+    assert "scratch" not in text.split("Run folder")[1].split("\n", 1)[1]

@@ -32,6 +32,7 @@ from defectfill.config.sampling import PAPER_SAMPLING  # noqa: E402
 from defectfill.config.stages import MAX_SEED  # noqa: E402
 from defectfill.core.errors import DefectFillError  # noqa: E402
 from defectfill.data.masks import SHAPES  # noqa: E402
+from defectfill.outputs.report import token_check_summary  # noqa: E402
 from defectfill.ui.backend import (  # noqa: E402
     Outcome,
     Source,
@@ -393,7 +394,13 @@ class Handlers:
         info = self.ws.run_info(run)
         losses = pd.DataFrame(info["losses"] or [], columns=["step", "loss", "value"])
         samples = [(str(p), p.stem) for p in info["samples"]]
-        return info["settings"], losses, samples, f"Run folder: `{info['folder']}`"
+        lines = [f"Run folder: `{info['folder']}`", ""]
+        for defect_type, record in info["token_checks"].items():
+            lines.append(f"**Token self-check{f' ({defect_type})' if defect_type else ''}:** "
+                         f"{token_check_summary(record)}")
+        if not info["token_checks"]:
+            lines.append("**Token self-check:** none recorded (trained with --no-token-check, or before it existed).")
+        return info["settings"], losses, samples, "\n".join(lines)
 
 
     @_friendly

@@ -825,12 +825,16 @@ class Workspace:
 
     def run_info(self, run: str) -> dict[str, Any]:
         """A run's settings (config.json), loss curves (metrics.jsonl) and logged sample inpaintings."""
-        from defectfill.outputs.run_folder import logged_samples, read_recorded_config
+        from defectfill.outputs.run_folder import logged_samples, read_recorded_config, read_token_check
 
         run_dir = self.run_dir(run)
         samples = logged_samples(run_dir)
-        return {"settings": read_recorded_config(run_dir) or {}, "losses": read_losses(run_dir),
-                "samples": samples, "folder": run_dir}
+        settings = read_recorded_config(run_dir) or {}
+        types = str(settings.get("defect_type") or "").split(",")
+        checks = {None: read_token_check(run_dir)} if len(types) < 2 else {
+            t: read_token_check(run_dir, t) for t in types}
+        return {"settings": settings, "losses": read_losses(run_dir), "samples": samples, "folder": run_dir,
+                "token_checks": {t: r for t, r in checks.items() if r}}
 
 
 def item_kind(row: dict[str, Any]) -> tuple[str, str]:
