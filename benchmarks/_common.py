@@ -150,3 +150,13 @@ def table(rows: list[dict], columns: list[str]) -> str:
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
     line = lambda xs: "| " + " | ".join(x.ljust(w) for x, w in zip(xs, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(x) for x in cells])
+
+
+def write_rows(path: str | None, rows: list[dict]) -> None:
+    """With `--json PATH`: the command line and every row (with its timed samples) as JSON."""
+    if path:
+        import json
+        import sys
+        from pathlib import Path
+
+        Path(path).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1, default=str))

@@ -16,7 +16,6 @@ resizing, paste-back, PIL conversions).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_pipeline, gib, header, measured, median, synthetic_image_and_mask, table  # noqa: E402
+from _common import build_pipeline, gib, header, measured, median, synthetic_image_and_mask, table, write_rows  # noqa: E402
 
 from defectfill.config.settings import compile_module  # noqa: E402
 from defectfill.generate.generator import DefectGenerator, LPIPSScorer, _scheduler, merge_lora_weights  # noqa: E402
@@ -177,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
             "one-at-a-time/batched"]
     print(header(f"generate --size {args.size}  (warm-up 1 image at 1 step, {args.repeats} timed image(s) each)"))
     print(table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1, default=str))
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

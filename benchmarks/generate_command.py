@@ -17,7 +17,6 @@ sampling" the command less its load.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import header, median, table  # noqa: E402
+from _common import header, median, table, write_rows  # noqa: E402
 
 from defectfill.config.stages import GenerateConfig, TrainConfig  # noqa: E402
 from defectfill.data import make_split, open_layout  # noqa: E402
@@ -123,8 +122,7 @@ def main(argv: list[str] | None = None) -> None:
             "load s", "images/s", "images/s sampling", "x today"]
     print(header(f"defectfill generate, {args.count} images per command ({args.repeats} rounds)"))
     print(table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

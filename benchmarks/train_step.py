@@ -21,7 +21,6 @@ With --compile yes, ours and floor run the UNet and VAE encoder compiled the sam
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_pipeline, gib, header, measured, median, synthetic_references, table  # noqa: E402
+from _common import build_pipeline, gib, header, measured, median, synthetic_references, table, write_rows  # noqa: E402
 
 from defectfill.config.stages import TrainConfig  # noqa: E402
 from defectfill.model.pipeline import encode_inpaint_condition, unet_input  # noqa: E402
@@ -194,8 +193,7 @@ def main(argv: list[str] | None = None) -> None:
             "peak RSS GiB", "RSS rise GiB", "peak GPU alloc GiB", "ours/mode"]
     print(header(f"train_step --size {args.size}  (warm-up {args.warmup}, timed {args.iters} rounds)"))
     print(table(rows, cols))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"argv": sys.argv, "rows": rows}, indent=1))
+    write_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,27 @@ def take_grads(models) -> dict[str, torch.Tensor]:
     return out
 
 
+def generate_config(run, out, *flags: str, candidates: int = 1):
+    """`defectfill generate --run RUN --output OUT` at 1 step and `candidates` candidates, plus `flags`, as its
+    parser reads them."""
+    import argparse
+
+    from defectfill.config.stages import GenerateConfig
+
+    parser = argparse.ArgumentParser()
+    GenerateConfig.add_arguments(parser)
+    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", str(candidates),
+                              *flags])
+    return GenerateConfig.from_args(args)
+
+
+def run_quick_generate(run, out, *flags: str) -> int:
+    """`defectfill generate` at 1 step, 2 candidates, the untrained LPIPS backbone, plus `flags`; its exit code."""
+    from defectfill.generate.writer import run_generate
+
+    return run_generate(generate_config(run, out, "--lpips-random-backbone", *flags, candidates=2))
+
+
 def write_run(run, model_dir, data_root, seed=0, defect_type="scratch"):
     """A run folder as `defectfill train` writes it, with a perturbed (non-zero) LoRA."""
     from defectfill.data import make_split, open_layout

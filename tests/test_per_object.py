@@ -4,23 +4,21 @@ One per-object run (disc: scratch and spot) is trained once for the module and s
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline
-from helpers import take_grads, tiny_config, write_run
+from helpers import run_quick_generate, take_grads, tiny_config, write_run
 from safetensors.torch import load_file
 
 from defectfill.cli import main
-from defectfill.config.stages import GenerateConfig, TrainConfig
+from defectfill.config.stages import TrainConfig
 from defectfill.core.errors import DefectFillError
 from defectfill.data import load_mask, load_rgb, open_layout
 from defectfill.data.split import make_object_split
 from defectfill.generate.generator import DefectGenerator
-from defectfill.generate.writer import run_generate
 from defectfill.model.pipeline import load_pipeline
 from defectfill.outputs.generated import MANIFEST, row_file
 from defectfill.train.trainer import (
@@ -43,14 +41,6 @@ def object_run(tmp_path_factory, demo_root, tiny_model_dir):
     run = train(tiny_config(demo_root, out, tiny_model_dir, defect_type="all", steps=2, warmup_steps=0,
                             lr_unet=5e-2, lr_text=5e-2, sample_every=2, sample_steps=1), pipe=pipe)
     return run, pipe
-
-
-def _generate(run, out, *extra) -> int:
-    parser = argparse.ArgumentParser()
-    GenerateConfig.add_arguments(parser)
-    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", "2",
-                              "--lpips-random-backbone", *extra])
-    return run_generate(GenerateConfig.from_args(args))
 
 
 def _manifest(out):
@@ -224,7 +214,7 @@ def test_generate_draws_each_type_from_the_object_run(object_run, tmp_path, caps
     run, _ = object_run
     gen = DefectGenerator.from_run(run, steps=1, candidates=1, defect_type="spot")
     assert gen.prompt == "A disc with <spot>" and gen.for_type("scratch").prompt == "A disc with <scratch>"
-    assert _generate(run, tmp_path / "spot", "--count", "2", "--defect-type", "spot") == 0
+    assert run_quick_generate(run, tmp_path / "spot", "--count", "2", "--defect-type", "spot") == 0
     rows = _manifest(tmp_path / "spot")
     assert [r["image"] for r in rows] == ["disc/test/spot/000.png", "disc/test/spot/001.png"]
     assert all(r["prompt"] == "A disc with <spot>" and r["defect_type"] == "spot" for r in rows)
@@ -272,7 +262,7 @@ def test_several_defects_from_one_object_run(object_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(DefectGenerator, "__call__", spy)
     out = tmp_path / "both"
-    assert _generate(run, out, "--count", "2", "--defect-types", "spot,scratch") == 0
+    assert run_quick_generate(run, out, "--count", "2", "--defect-types", "spot,scratch") == 0
     rows = _check_several(out, ["spot", "scratch"])
     assert [c[0] for c in calls] == ["A disc with <spot>", "A disc with <scratch>"] * 2
     # one after the other: the second defect is painted into the first one's result
@@ -286,7 +276,7 @@ def test_several_defects_from_per_type_runs_and_unknown_types(tmp_path, tiny_mod
     runs = [write_run(tmp_path / f"disc-{t}", tiny_model_dir, demo_root, seed=i, defect_type=t)
             for i, t in enumerate(TYPES)]
     out = tmp_path / "both"
-    assert _generate(",".join(map(str, runs)), out, "--count", "1", "--defect-types", "scratch,spot") == 0
+    assert run_quick_generate(",".join(map(str, runs)), out, "--count", "1", "--defect-types", "scratch,spot") == 0
     rows = _check_several(out, TYPES)
     assert [row_file(out, d["run"]) for d in rows[0]["defects"]] == runs  # each run, relative to the folder
     code = main(["generate", "--run", ",".join(map(str, runs)), "--output", str(tmp_path / "x"), "--count", "1",

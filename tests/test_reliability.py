@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import os
@@ -11,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import abs_distance, tiny_config, write_run
+from helpers import abs_distance, generate_config, tiny_config, write_run
 from PIL import Image
 
 from defectfill.cli import main
@@ -24,13 +23,6 @@ from defectfill.generate.writer import run_generate
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, demo_root):
     return write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
-
-
-def _generate(run, out, *extra) -> GenerateConfig:
-    parser = argparse.ArgumentParser()
-    GenerateConfig.add_arguments(parser)
-    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", "1", *extra])
-    return GenerateConfig.from_args(args)
 
 
 def _run_cli(capsys, *argv) -> tuple[int, str]:
@@ -46,7 +38,7 @@ def _run_cli(capsys, *argv) -> tuple[int, str]:
 @pytest.mark.parametrize("escape", ["../victim.png", "ABSOLUTE"])
 def test_overwrite_never_deletes_what_an_edited_manifest_names_outside_the_folder(run_dir, tmp_path, escape):
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "1"))
+    run_generate(generate_config(run_dir, out, "--count", "1"))
     victim = tmp_path / "victim.png"
     victim.write_text("precious")
     manifest = out / "manifest.jsonl"
@@ -54,7 +46,7 @@ def test_overwrite_never_deletes_what_an_edited_manifest_names_outside_the_folde
     row["image"] = str(victim) if escape == "ABSOLUTE" else escape
     manifest.write_text(json.dumps(row) + "\n")
     with pytest.raises(DefectFillError, match="outside"):
-        run_generate(_generate(run_dir, out, "--count", "1", "--overwrite"))
+        run_generate(generate_config(run_dir, out, "--count", "1", "--overwrite"))
     assert victim.read_text() == "precious"
 
 
@@ -67,7 +59,7 @@ def test_a_run_config_naming_paths_cannot_make_generate_write_outside(run_dir, t
     config[field] = str(tmp_path / "abs") if value == "ABSOLUTE" else value
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(DefectFillError, match=r"config.json.*must be one plain name"):
-        run_generate(_generate(run, tmp_path / "out", "--count", "1"))
+        run_generate(generate_config(run, tmp_path / "out", "--count", "1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -197,7 +189,7 @@ def test_a_run_config_of_the_wrong_type_names_the_file(run_dir, tmp_path):
     config["resolution"] = "abc"
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(DefectFillError, match=r"config.json: setting resolution: expected a whole number"):
-        run_generate(_generate(run, tmp_path / "out", "--count", "1"))
+        run_generate(generate_config(run, tmp_path / "out", "--count", "1"))
 
 
 def test_a_decompression_bomb_gives_a_message(tmp_path, monkeypatch):
@@ -244,11 +236,11 @@ def test_make_demo_data_size_zero(capsys, tmp_path):
 
 def test_a_second_generate_on_the_same_folder_is_refused(run_dir, tmp_path):
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "1"))
+    run_generate(generate_config(run_dir, out, "--count", "1"))
     before = (out / "disc" / "test" / "scratch" / "000.png").read_bytes()
     with folder_lock(out, "generate"):  # as if another process were still writing here
         with pytest.raises(DefectFillError, match=r"another defectfill job is writing here \(defectfill generate"):
-            run_generate(_generate(run_dir, out, "--count", "1", "--seed", "5", "--overwrite"))
+            run_generate(generate_config(run_dir, out, "--count", "1", "--seed", "5", "--overwrite"))
     assert (out / "disc" / "test" / "scratch" / "000.png").read_bytes() == before
 
 
@@ -285,7 +277,7 @@ def test_written_files_follow_the_umask(run_dir, tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "out"
-        run_generate(_generate(run_dir, out, "--count", "1"))
+        run_generate(generate_config(run_dir, out, "--count", "1"))
     finally:
         os.umask(old)
     for path in (out / "generate.json", out / "manifest.jsonl", out / "disc" / "test" / "scratch" / "000.png",
@@ -297,7 +289,7 @@ def test_generated_dataset_links_its_good_sources_for_anomalib(run_dir, demo_roo
     from defectfill.data import open_layout
 
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "3"))
+    run_generate(generate_config(run_dir, out, "--count", "3"))
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     layout = open_layout(out, "mvtec")
     goods = layout.good_images("disc")
@@ -307,7 +299,7 @@ def test_generated_dataset_links_its_good_sources_for_anomalib(run_dir, demo_roo
     assert np.array_equal(np.asarray(Image.open(goods[0])),
                           np.asarray(Image.open(demo_root / "disc" / "train" / "good" / goods[0].name)))
     bare = tmp_path / "bare"
-    run_generate(_generate(run_dir, bare, "--count", "1", "--no-with-good"))
+    run_generate(generate_config(run_dir, bare, "--count", "1", "--no-with-good"))
     assert not (bare / "disc" / "train").exists()
 
 
@@ -358,7 +350,7 @@ def test_generate_never_writes_into_a_real_dataset_with_overwrite_or_resume(run_
         (root / "disc" / sub / "scratch").mkdir(parents=True)
         (root / "disc" / sub / "scratch" / name).write_text("precious")
     with pytest.raises(DefectFillError, match="not written by `defectfill generate`") as caught:
-        run_generate(_generate(run_dir, root, "--count", "2", flag))
+        run_generate(generate_config(run_dir, root, "--count", "2", flag))
     assert "--overwrite" not in str(caught.value)
     assert (root / "disc" / "test" / "scratch" / "000.png").read_text() == "precious"
     assert sorted(p.name for p in root.iterdir()) == ["disc"]
@@ -366,19 +358,19 @@ def test_generate_never_writes_into_a_real_dataset_with_overwrite_or_resume(run_
 
 def test_generate_never_writes_an_item_over_a_file_its_manifest_does_not_name(run_dir, tmp_path):
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "1"))
+    run_generate(generate_config(run_dir, out, "--count", "1"))
     user = out / "disc" / "test" / "scratch" / "001.png"
     user.write_text("the user's own")
     for flag in ("--resume", "--overwrite"):
         with pytest.raises(DefectFillError, match=r"001\.png is not a file this folder's manifest names"):
-            run_generate(_generate(run_dir, out, "--count", "2", flag))
+            run_generate(generate_config(run_dir, out, "--count", "2", flag))
         assert user.read_text() == "the user's own"
     assert (out / "disc" / "test" / "scratch" / "000.png").is_file()  # refused before anything was removed
 
 
 def test_overwrite_removes_only_its_own_files(run_dir, tmp_path):
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "2", "--save-candidates"))
+    run_generate(generate_config(run_dir, out, "--count", "2", "--save-candidates"))
     kept = [out / "notes.txt", out / "rejected" / "001.png", out / "candidates" / "notes.txt",
             out / "candidates" / "disc" / "scratch" / "keep-me.png", out / "disc" / "test" / "scratch" / "notes.txt"]
     for path in kept:
@@ -388,7 +380,7 @@ def test_overwrite_removes_only_its_own_files(run_dir, tmp_path):
     manifest = out / "manifest.jsonl"
     manifest.write_text(manifest.read_text().splitlines()[0] + "\n")
     (out / "disc" / "test" / "scratch" / "001.png").unlink()
-    run_generate(_generate(run_dir, out, "--count", "1", "--overwrite", "--seed", "9"))
+    run_generate(generate_config(run_dir, out, "--count", "1", "--overwrite", "--seed", "9"))
     for path in kept:
         assert path.read_text() == "mine", path
     assert not (out / "candidates" / "disc" / "scratch" / "001_0.png").exists()  # our own candidate went
@@ -599,7 +591,7 @@ def test_a_checkpoint_state_read_back_is_checked(tmp_path, state):
 
 def test_overwrite_keeps_the_items_rejected_in_the_ui(run_dir, tmp_path):
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "2"))
+    run_generate(generate_config(run_dir, out, "--count", "2"))
     manifest = out / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     for key in ("image", "mask"):  # as the UI's reject moves them: rejected/<the same relative path>
@@ -609,6 +601,6 @@ def test_overwrite_keeps_the_items_rejected_in_the_ui(run_dir, tmp_path):
         rows[1][key] = str(moved.relative_to(out))
     rows[1]["rejected"] = {"reason": "blurry"}
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_generate(_generate(run_dir, out, "--count", "1", "--overwrite", "--seed", "4"))
+    run_generate(generate_config(run_dir, out, "--count", "1", "--overwrite", "--seed", "4"))
     assert (out / rows[1]["image"]).is_file() and (out / rows[1]["mask"]).is_file()
     assert [json.loads(line)["index"] for line in manifest.read_text().splitlines()] == [0]

@@ -3,13 +3,12 @@ generate's journal; 1cls split CSVs; seeds; and a battery of bad inputs and faul
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
 
 import pytest
-from helpers import write_run
+from helpers import generate_config, write_run
 
 from defectfill.cli import main
 from defectfill.config.settings import _kind
@@ -35,13 +34,6 @@ def _tiny(output, **overrides) -> PretrainSettings:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, demo_root):
     return write_run(tmp_path_factory.mktemp("run") / "disc-scratch", tiny_model_dir, demo_root)
-
-
-def _generate(run, out, *extra) -> GenerateConfig:
-    parser = argparse.ArgumentParser()
-    GenerateConfig.add_arguments(parser)
-    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", "1", *extra])
-    return GenerateConfig.from_args(args)
 
 
 # --------------------------------------------------------------------------- pretrain-base: settings
@@ -159,7 +151,7 @@ def test_the_writing_journal_is_pruned_and_a_killed_jobs_journal_cleaned_on_resu
     from defectfill.outputs.generated import WRITING_GLOB
 
     out = tmp_path / "out"
-    run_generate(_generate(run_dir, out, "--count", "4"), stop_after=2)
+    run_generate(generate_config(run_dir, out, "--count", "4"), stop_after=2)
     assert not list(out.glob(WRITING_GLOB))  # each finished item took its journal entry with it
     # killed mid-item: item 2's files journalled and half written, no row; and a journal of an item
     # this resume will not draw (index 7 of a longer job)
@@ -171,7 +163,7 @@ def test_the_writing_journal_is_pruned_and_a_killed_jobs_journal_cleaned_on_resu
     (out / "notes.txt").write_text("mine")  # journals name item files only; anything else stays
     (out / ".writing.part2.jsonl").write_text(json.dumps({"files": ["notes.txt", "../outside.png"]}) + "\n")
     (tmp_path / "outside.png").write_text("not ours")
-    run_generate(_generate(run_dir, out, "--count", "4", "--resume"))
+    run_generate(generate_config(run_dir, out, "--count", "4", "--resume"))
     assert not list(out.glob(WRITING_GLOB))
     assert not (out / names[2]).exists()  # the half-written item nobody redraws is gone with its journal
     assert (out / "notes.txt").read_text() == "mine" and (tmp_path / "outside.png").read_text() == "not ours"

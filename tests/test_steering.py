@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config, write_run
+from helpers import run_quick_generate, tiny_config, write_run
 
 from defectfill.core.errors import DefectFillError
 from defectfill.data import load_rgb
@@ -196,19 +196,6 @@ def test_joint_painting_refuses_what_it_cannot_do(object_run, run_dir, demo_root
         paint_jointly(single, image, [mask, mask], ["scratch", "spot"])
 
 
-def _generate(run, out, *extra) -> int:
-    import argparse
-
-    from defectfill.config.stages import GenerateConfig
-    from defectfill.generate.writer import run_generate
-
-    parser = argparse.ArgumentParser()
-    GenerateConfig.add_arguments(parser)
-    args = parser.parse_args(["--run", str(run), "--output", str(out), "--steps", "1", "--candidates", "2",
-                              "--lpips-random-backbone", *extra])
-    return run_generate(GenerateConfig.from_args(args))
-
-
 def test_generate_multi_defect_joint_writes_one_pass_per_image(object_run, tmp_path, monkeypatch):
     """`generate --defect-types scratch,spot --multi-defect joint`: one pipeline call per image with the joint
     prompt; each defect's own mask written, the union mask their OR, the source kept outside it."""
@@ -232,7 +219,7 @@ def test_generate_multi_defect_joint_writes_one_pass_per_image(object_run, tmp_p
 
     monkeypatch.setattr(DefectGenerator, "__init__", track)
     out = tmp_path / "joint"
-    assert _generate(object_run, out, "--count", "2", "--defect-types", "scratch,spot", "--multi-defect",
+    assert run_quick_generate(object_run, out, "--count", "2", "--defect-types", "scratch,spot", "--multi-defect",
                      "joint") == 0
     assert prompts == ["A disc with <scratch> and <spot>"] * 2
     rows = [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
@@ -255,7 +242,7 @@ def test_generate_multi_defect_joint_refusals(object_run, run_dir, tmp_path, cap
                  "--multi-defect", "joint"]) == 2
     assert "--defect-types A,B" in capsys.readouterr().err
     with pytest.raises(DefectFillError, match="one run trained on every type"):
-        _generate(f"{run_dir},{write_run(tmp_path / 'spot', tiny_model_dir, demo_root, defect_type='spot')}",
+        run_quick_generate(f"{run_dir},{write_run(tmp_path / 'spot', tiny_model_dir, demo_root, defect_type='spot')}",
                   tmp_path / "b", "--count", "1", "--defect-types", "scratch,spot",
                   "--multi-defect", "joint")
 
