@@ -825,14 +825,15 @@ class Workspace:
 
     def run_info(self, run: str) -> dict[str, Any]:
         """A run's settings (config.json), loss curves (metrics.jsonl) and logged sample inpaintings."""
+        from defectfill.config.stages import per_object_types, split_types
         from defectfill.outputs.run_folder import logged_samples, read_recorded_config, read_token_check
 
         run_dir = self.run_dir(run)
         samples = logged_samples(run_dir)
         settings = read_recorded_config(run_dir) or {}
-        types = str(settings.get("defect_type") or "").split(",")
-        checks = {None: read_token_check(run_dir)} if len(types) < 2 else {
-            t: read_token_check(run_dir, t) for t in types}
+        types = settings.get("defect_type") if isinstance(settings.get("defect_type"), str) else None
+        checks = ({t: read_token_check(run_dir, t) for t in split_types(types)} if per_object_types(types)
+                  else {None: read_token_check(run_dir)})
         return {"settings": settings, "losses": read_losses(run_dir), "samples": samples, "folder": run_dir,
                 "token_checks": {t: r for t, r in checks.items() if r}}
 
